@@ -1,0 +1,141 @@
+"""The ``Avatar``: everything a built head is, saved, loaded, posed, rendered, exported.
+
+Canonical head frame everywhere: metres, +Z up, face towards -Y, subject's left at +X.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from protocol.arkit import NUM_SHAPES
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BoundGaussians:
+    """N Gaussians bound to the triangles of the avatar's mesh.
+
+    A Gaussian sits at barycentric ``bary`` on triangle ``triangle``, pushed ``offset``
+    metres along the triangle's normal; its rotation is ``rotation`` in the triangle's
+    frame (edge, bitangent, normal). So posing the mesh poses the Gaussians.
+
+    Attributes:
+        triangle: ``[N]`` int32 triangle index.
+        bary: ``[N, 3]`` float32 barycentric coordinates (sum 1).
+        offset: ``[N]`` float32 metres along the normal.
+        rotation: ``[N, 4]`` float32 unit quaternion (w, x, y, z), triangle-local.
+        log_scale: ``[N, 3]`` float32 log of metres at rest.
+        opacity_logit: ``[N]`` float32 logit of opacity.
+        sh: ``[N, K, 3]`` float32 SH coefficients, K = (degree + 1)^2, linear colour.
+    """
+
+    triangle: np.ndarray
+    bary: np.ndarray
+    offset: np.ndarray
+    rotation: np.ndarray
+    log_scale: np.ndarray
+    opacity_logit: np.ndarray
+    sh: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.triangle)
+
+
+@dataclass(frozen=True)
+class Avatar:
+    """A built head.
+
+    Attributes:
+        id: store id (12 hex digits).
+        name: user-facing name.
+        vertices: ``[V, 3]`` float32 rest mesh, metres.
+        triangles: ``[T, 3]`` int32.
+        shape_deltas: ``[52, V, 3]`` float32 ARKit shape deltas, metres, protocol order.
+        gaussians: the Gaussians bound to the mesh.
+        photo_intrinsics: ``[4]`` (fx, fy, cx, cy) of the input photo's camera, pixels.
+        photo_world_to_camera: ``[4, 4]`` that camera's pose, OpenCV convention.
+        meta: JSON-able facts about the build (source size, preset, faces found, ...).
+    """
+
+    id: str
+    name: str
+    vertices: np.ndarray
+    triangles: np.ndarray
+    shape_deltas: np.ndarray
+    gaussians: BoundGaussians
+    photo_intrinsics: np.ndarray
+    photo_world_to_camera: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def center(self) -> np.ndarray:
+        """Centre of the rest mesh's bounding box ``[3]``."""
+        return 0.5 * (self.vertices.min(0) + self.vertices.max(0))
+
+    @property
+    def radius(self) -> float:
+        """Radius of the sphere about :attr:`center` that holds the rest mesh."""
+        return float(np.linalg.norm(self.vertices - self.center, axis=1).max())
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out = {
+            "vertices": self.vertices,
+            "triangles": self.triangles,
+            "shape_deltas": self.shape_deltas.astype(np.float16),
+            "photo_intrinsics": self.photo_intrinsics,
+            "photo_world_to_camera": self.photo_world_to_camera,
+        }
+        for f in fields(BoundGaussians):
+            out["g_" + f.name] = getattr(self.gaussians, f.name)
+        return out
+
+    @classmethod
+    def from_arrays(
+        cls, id: str, name: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]
+    ) -> Avatar:
+        """Build and validate; raises ``ValueError`` naming what is inconsistent."""
+        try:
+            g = BoundGaussians(**{f.name: arrays["g_" + f.name] for f in fields(BoundGaussians)})
+            av = cls(
+                id=id,
+                name=name,
+                vertices=arrays["vertices"].astype(np.float32),
+                triangles=arrays["triangles"].astype(np.int32),
+                shape_deltas=arrays["shape_deltas"].astype(np.float32),
+                gaussians=g,
+                photo_intrinsics=arrays["photo_intrinsics"].astype(np.float64),
+                photo_world_to_camera=arrays["photo_world_to_camera"].astype(np.float64),
+                meta=meta,
+            )
+        except KeyError as exc:
+            raise ValueError(f"avatar arrays lack {exc.args[0]!r}") from None
+        av.validate()
+        return av
+
+    def validate(self) -> None:
+        v, t, g = self.vertices, self.triangles, self.gaussians
+        n = len(g.triangle)
+        checks = [
+            (v.ndim == 2 and v.shape[1] == 3, "vertices must be [V, 3]"),
+            (t.ndim == 2 and t.shape[1] == 3, "triangles must be [T, 3]"),
+            (t.size > 0 and t.min() >= 0 and t.max() < len(v), "triangle index out of range"),
+            (self.shape_deltas.shape == (NUM_SHAPES, *v.shape), "shape_deltas must be [52, V, 3]"),
+            (n > 0, "no Gaussians"),
+            (g.triangle.min() >= 0 and g.triangle.max() < len(t), "Gaussian triangle out of range"),
+            (g.bary.shape == (n, 3) and g.offset.shape == (n,), "bad bary/offset shape"),
+            (g.rotation.shape == (n, 4) and g.log_scale.shape == (n, 3), "bad rotation/scale"),
+            (g.opacity_logit.shape == (n,), "bad opacity shape"),
+            (g.sh.ndim == 3 and g.sh.shape[0] == n and g.sh.shape[2] == 3, "bad SH shape"),
+            (self.photo_intrinsics.shape == (4,), "bad photo intrinsics"),
+            (self.photo_world_to_camera.shape == (4, 4), "bad photo camera"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid avatar {self.id}: {message}")
+        for name, arr in self.to_arrays().items():
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise ValueError(f"invalid avatar {self.id}: {name} has NaN or inf")

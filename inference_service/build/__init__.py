@@ -1,0 +1,1 @@
+"""The builder: photo → avatar, in stages (detect → align → gaussians)."""

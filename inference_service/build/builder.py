@@ -1,0 +1,74 @@
+"""Photo bytes → :class:`Avatar`, stage by stage, reporting progress and honouring cancel."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..avatar import FORMAT_VERSION, Avatar
+from ..headmodel import load_head_model
+from ..images import decode_image
+from . import detect
+from .align import align
+from .gaussians import make_gaussians
+
+#: ``progress(stage, fraction, message)``; may raise to cancel the build.
+Progress = Callable[[str, float, str], None]
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What a build request may choose. ``face``: index, 0 = largest; ``face_box``:
+    (x0, y0, x1, y1) pixels of the face to use; both ``None`` → the largest face."""
+
+    name: str = ""
+    preset: str = "default"
+    face: int | None = None
+    face_box: tuple[float, float, float, float] | None = None
+
+
+def build_avatar(image: bytes, options: BuildOptions, avatar_id: str, progress: Progress) -> Avatar:
+    progress("decode", 0.02, "reading the photo")
+    photo = decode_image(image)
+    h, w = photo.shape[:2]
+
+    progress("detect", 0.10, f"looking for faces in the {w}x{h} photo")
+    faces = detect.detect_faces(photo)
+    face = detect.choose_face(faces, options.face, options.face_box, (w, h))
+    progress("landmarks", 0.30, f"{len(faces)} face(s) found; finding landmarks")
+    landmarks = detect.face_landmarks(photo, face)
+
+    progress("align", 0.50, "placing the head model")
+    model = load_head_model()
+    fit = align(model, landmarks, (w, h))
+
+    progress("gaussians", 0.60, f"placing Gaussians ({options.preset} preset)")
+    gaussians = make_gaussians(model, photo, fit.intrinsics, fit.world_to_camera, options.preset)
+
+    progress("finish", 0.95, f"{len(gaussians)} Gaussians")
+    name = options.name or f"avatar-{avatar_id[:6]}"
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "builder": "skeleton-1",
+        "preset": options.preset,
+        "source": {"width": w, "height": h},
+        "faces": [f.to_dict() for f in faces],
+        "face": faces.index(face),
+        "landmark_rms": round(fit.rms, 4),
+        "gaussians": len(gaussians),
+    }
+    return Avatar(
+        id=avatar_id,
+        name=name,
+        vertices=model.neutral.astype(np.float32),
+        triangles=model.triangles,
+        shape_deltas=model.arkit_deltas,
+        gaussians=gaussians,
+        photo_intrinsics=fit.intrinsics,
+        photo_world_to_camera=fit.world_to_camera,
+        meta=meta,
+    )

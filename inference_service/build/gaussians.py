@@ -1,0 +1,151 @@
+"""Gaussians on the head's surface, coloured from the photo where it saw them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels.sh import rgb_to_sh0
+from protocol.camera import project
+
+from ..avatar import BoundGaussians
+from ..geometry import triangle_frames
+from ..headmodel import HeadModel
+from ..images import srgb_to_linear
+
+COUNTS = {"fast": 12_000, "default": 30_000, "high": 60_000}
+#: Relative density per region (Gaussians per m², before normalising to the preset).
+DENSITY = {
+    "face": 2.0, "head_neck": 1.0, "mouth_socket": 0.3, "eye_sockets": 0.0,
+    "gums_tongue": 0.3, "teeth": 0.6, "eyeball_left": 3.0, "eyeball_right": 3.0,
+}  # fmt: skip
+#: sRGB colour of parts the photo cannot show (inside the mouth, back of the eyes).
+FILL = {
+    "mouth_socket": (0.32, 0.10, 0.10), "gums_tongue": (0.70, 0.33, 0.33),
+    "teeth": (0.90, 0.87, 0.80), "eyeball_left": (0.88, 0.85, 0.82),
+    "eyeball_right": (0.88, 0.85, 0.82), "eye_sockets": (0.5, 0.3, 0.3),
+}  # fmt: skip
+OPACITY = 0.98
+TANGENT_SIGMA = 0.6  # times the mean spacing of the region's Gaussians
+THICKNESS = 0.15  # normal-axis sigma as a fraction of the tangent sigma
+ZBUFFER_CELL = 2.0  # photo pixels
+OCCLUSION_TOLERANCE = 0.01  # metres
+
+
+def sample_surface(
+    model: HeadModel, count: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stratified area sampling: (triangle ``[N]``, bary ``[N, 3]``, tangent sigma ``[N]``)."""
+    _, area = triangle_frames(model.neutral, model.triangles)
+    region = model.triangle_region
+    weight = np.array([DENSITY[n] for n in model.region_names])[region] * area
+    expected = count * weight / weight.sum()
+    per_tri = np.floor(expected).astype(np.int64)
+    per_tri += rng.random(len(expected)) < (expected - per_tri)
+    tri = np.repeat(np.arange(len(per_tri)), per_tri)
+    u, v = rng.random(len(tri)), rng.random(len(tri))
+    flip = u + v > 1
+    u, v = np.where(flip, 1 - u, u), np.where(flip, 1 - v, v)
+    bary = np.stack([1 - u - v, u, v], axis=1)
+    # mean spacing in each region: sqrt(region area / Gaussians there)
+    region_area = np.bincount(region, weights=area, minlength=len(model.region_names))
+    region_n = np.bincount(region[tri], minlength=len(model.region_names))
+    spacing = np.sqrt(region_area / np.maximum(region_n, 1))
+    return tri.astype(np.int32), bary.astype(np.float32), spacing[region[tri]]
+
+
+def _visible(points, normals, intrinsics, w2c, size) -> tuple[np.ndarray, np.ndarray]:
+    """Which points the photo saw (facing it, first along their ray), and where."""
+    uv, z = project(points, intrinsics, w2c)
+    cam = -w2c[:3, :3].T @ w2c[:3, 3]
+    to_cam = cam - points
+    facing = np.sum(normals * to_cam, axis=1) > 0.15 * np.linalg.norm(to_cam, axis=1)
+    w, h = size
+    inside = (z > 0) & (uv[:, 0] >= 0) & (uv[:, 0] < w) & (uv[:, 1] >= 0) & (uv[:, 1] < h)
+    cells = np.floor(np.nan_to_num(uv) / ZBUFFER_CELL).astype(np.int64)
+    gw = int(np.ceil(w / ZBUFFER_CELL)) + 1
+    key = cells[:, 1] * gw + cells[:, 0]
+    zbuf = np.full(gw * (int(np.ceil(h / ZBUFFER_CELL)) + 1), np.inf)
+    sel = inside & facing
+    np.minimum.at(zbuf, key[sel], z[sel])
+    seen = sel & (z <= zbuf[np.where(inside, key, 0)] + OCCLUSION_TOLERANCE)
+    return seen, uv
+
+
+def _sample_photo(photo: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    h, w = photo.shape[:2]
+    j = np.clip(np.floor(uv[:, 0]).astype(np.int64), 0, w - 1)
+    i = np.clip(np.floor(uv[:, 1]).astype(np.int64), 0, h - 1)
+    return srgb_to_linear(photo[i, j] / 255.0)
+
+
+def make_gaussians(
+    model: HeadModel,
+    photo: np.ndarray,
+    intrinsics: np.ndarray,
+    world_to_camera: np.ndarray,
+    preset: str,
+    seed: int = 0,
+) -> BoundGaussians:
+    """Gaussians bound to the neutral mesh, coloured by projecting ``photo`` (sRGB uint8).
+
+    Seen surface takes the photo's colour; unseen face and head take the colour of their
+    mirror image across the face's symmetry plane (x = 0) when that was seen, else the
+    median colour of what was seen in their region; mouth and eyes take fixed colours.
+    """
+    rng = np.random.default_rng(seed)
+    tri, bary, spacing = sample_surface(model, COUNTS[preset], rng)
+    frames, _ = triangle_frames(model.neutral, model.triangles)
+    corners = model.neutral[model.triangles[tri]].astype(np.float64)
+    points = np.einsum("nk,nkc->nc", bary, corners)
+    normals = frames[tri, :, 2]
+    size = (photo.shape[1], photo.shape[0])
+
+    seen, uv = _visible(points, normals, intrinsics, world_to_camera, size)
+    mirror = np.array([-1.0, 1.0, 1.0])
+    seen_m, uv_m = _visible(points * mirror, normals * mirror, intrinsics, world_to_camera, size)
+    colour = np.zeros((len(tri), 3))
+    colour[seen] = _sample_photo(photo, uv[seen])
+    use_m = ~seen & seen_m
+    colour[use_m] = _sample_photo(photo, uv_m[use_m])
+    known = seen | use_m
+
+    region = model.triangle_region[tri]
+    face_median = (
+        np.median(colour[known & (region == model.region("face"))], axis=0)
+        if np.any(known & (region == model.region("face")))
+        else srgb_to_linear(np.array([0.75, 0.6, 0.5]))
+    )
+    for r, name in enumerate(model.region_names):
+        in_r = region == r
+        if name in FILL:
+            fill = srgb_to_linear(np.array(FILL[name]))
+            if name.startswith("eyeball"):
+                colour[in_r & ~seen] = fill
+            else:
+                colour[in_r] = fill
+            continue
+        if name == "head_neck":
+            # scalp above the eyes takes the hair colour seen there; the neck, skin
+            eye_z = model.neutral[model.landmarks68[[36, 45]], 2].mean()
+            high = points[:, 2] > eye_z
+            parts = ((in_r & high), (in_r & ~high))
+            fills = (None, face_median)
+        else:
+            parts, fills = (in_r,), (None,)
+        for part, default in zip(parts, fills, strict=True):
+            seen_p = known & part
+            fill = np.median(colour[seen_p], axis=0) if seen_p.sum() > 20 else face_median
+            colour[part & ~known] = fill if default is None else default
+
+    n = len(tri)
+    sigma_t = TANGENT_SIGMA * spacing
+    log_scale = np.log(np.stack([sigma_t, sigma_t, THICKNESS * sigma_t], axis=1))
+    return BoundGaussians(
+        triangle=tri,
+        bary=bary,
+        offset=np.zeros(n, np.float32),
+        rotation=np.tile(np.array([1.0, 0, 0, 0], np.float32), (n, 1)),
+        log_scale=log_scale.astype(np.float32),
+        opacity_logit=np.full(n, np.log(OPACITY / (1 - OPACITY)), np.float32),
+        sh=rgb_to_sh0(colour)[:, None, :].astype(np.float32),
+    )

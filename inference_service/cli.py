@@ -1,0 +1,604 @@
+"""``splatface``: the command line pipelines script against.
+
+Every command but ``serve`` and ``keys`` talks to a service: the one at ``--endpoint``,
+or, without it, a private service started on a free loopback port for the command and
+stopped afterwards (the same code path Blender uses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protocol import Client, CurveKeys, ProtocolError
+from protocol.camera import framing_distance, intrinsics_from_fov, orbit
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+READY_PREFIX = "splatface service listening on "
+RENDER_CHUNK = 8  # frames per render request
+
+
+def default_store() -> Path:
+    """``$SPLATFACE_STORE``, else ``$XDG_DATA_HOME/splatface/avatars`` (~/.local/share)."""
+    if os.environ.get("SPLATFACE_STORE"):
+        return Path(os.environ["SPLATFACE_STORE"]).expanduser()
+    base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return base / "splatface" / "avatars"
+
+
+# -- talking to a service -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def private_service(store: Path, device: str = "auto") -> Iterator[str]:
+    """Start ``splatface serve`` on a free loopback port; yield its endpoint; stop it."""
+    cmd = [sys.executable, "-m", "inference_service", "serve", "--endpoint",
+           "tcp://127.0.0.1:0", "--store", str(store), "--device", device,
+           "--log-level", "warning"]  # fmt: skip
+    store.mkdir(parents=True, exist_ok=True)
+    log_path = store / "service.log"
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True)
+    try:
+        endpoint = _wait_ready(proc, timeout=120, log_path=log_path)
+        yield endpoint
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_ready(proc: subprocess.Popen, timeout: float, log_path: Path) -> str:
+    found: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if line.startswith(READY_PREFIX):
+                found.append(line[len(READY_PREFIX) :].strip())
+                return
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(timeout)
+    if not found:
+        proc.kill()
+        tail = log_path.read_text(errors="replace").splitlines()[-15:]
+        raise SystemExit(
+            f"splatface: the private service did not start within {timeout:.0f} s; "
+            f"its log ({log_path}) ends with:\n" + "\n".join(tail)
+        )
+    return found[0]
+
+
+@contextlib.contextmanager
+def connect(args: argparse.Namespace) -> Iterator[Client]:
+    curve = CurveKeys.from_dir(args.curve_keys) if args.curve_keys else None
+    if args.endpoint:
+        with Client(args.endpoint, timeout=args.timeout, curve=curve) as c:
+            yield c
+        return
+    with private_service(Path(args.store or default_store()), args.device) as endpoint:
+        with Client(endpoint, timeout=args.timeout) as c:
+            yield c
+
+
+# -- output helpers -------------------------------------------------------------------
+
+
+class Progress:
+    """A tqdm bar on stderr in a terminal; silent under ``--json`` or when piped."""
+
+    def __init__(self, total: float, desc: str, enabled: bool) -> None:
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total,
+                desc=desc,
+                file=sys.stderr,
+                leave=False,
+                bar_format="{desc} {bar} {percentage:3.0f}% {postfix}",
+            )
+
+    def update_to(self, value: float, note: str = "") -> None:
+        if self.bar is not None:
+            self.bar.n = value
+            self.bar.set_postfix_str(note)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def emit(args: argparse.Namespace, record: dict[str, Any], text: str) -> None:
+    print(json.dumps(record) if args.json else text, flush=True)
+
+
+def linear_to_srgb8(c: np.ndarray) -> np.ndarray:
+    from inference_service.images import linear_to_srgb
+
+    return (linear_to_srgb(c) * 255 + 0.5).astype(np.uint8)
+
+
+def save_png(path: Path, img: np.ndarray) -> None:
+    import io
+
+    from PIL import Image
+
+    from inference_service.store import atomic_write
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    atomic_write(path, buf.getvalue())
+
+
+def save_npy(path: Path, arr: np.ndarray) -> None:
+    import io
+
+    from inference_service.store import atomic_write
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    atomic_write(path, buf.getvalue())
+
+
+def write_passes(out: Path, start: int, passes: dict[str, np.ndarray]) -> list[str]:
+    """Frames ``start..`` as ``rgb_NNNN.png`` (RGBA, sRGB, straight alpha),
+    ``alpha_NNNN.png``, ``depth_NNNN.npy`` (metres, inf = empty), ``normal_NNNN.npy``."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    n = len(next(iter(passes.values())))
+    for k in range(n):
+        i = start + k
+        if "rgb" in passes:
+            rgb = passes["rgb"][k]
+            a = passes["alpha"][k] if "alpha" in passes else np.ones(rgb.shape[:2], np.float32)
+            straight = np.where(a[..., None] > 1e-6, rgb / np.maximum(a[..., None], 1e-6), 0)
+            rgba = np.concatenate(
+                [linear_to_srgb8(straight), (a[..., None] * 255 + 0.5).astype(np.uint8)], -1
+            )
+            save_png(out / f"rgb_{i:04d}.png", rgba)
+            files.append(str(out / f"rgb_{i:04d}.png"))
+        if "alpha" in passes:
+            save_png(out / f"alpha_{i:04d}.png", (passes["alpha"][k] * 255 + 0.5).astype(np.uint8))
+            files.append(str(out / f"alpha_{i:04d}.png"))
+        for name in ("depth", "normal"):
+            if name in passes:
+                save_npy(out / f"{name}_{i:04d}.npy", passes[name][k])
+                files.append(str(out / f"{name}_{i:04d}.npy"))
+    return files
+
+
+def read_curves(path: str | None) -> np.ndarray | None:
+    if path is None:
+        return None
+    from inference_service.curves import load_curves
+
+    try:
+        return load_curves(path)
+    except ValueError as exc:
+        raise SystemExit(f"splatface: {exc}") from None
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"range must be A:B (inclusive frame numbers), got {text!r}"
+        ) from None
+    if not 0 <= a <= b:
+        raise argparse.ArgumentTypeError(f"range must have 0 <= A <= B, got {text!r}")
+    return a, b
+
+
+def orbit_camera(info: dict[str, Any], size: int, yaw: float, pitch: float, fov: float):
+    center = np.asarray(info["center"], np.float64)
+    distance = framing_distance(float(info["radius"]), fov, fill=0.9)
+    return intrinsics_from_fov(size, size, fov), orbit(center, distance, yaw, pitch)
+
+
+def avatar_info(client: Client, ref: str) -> dict[str, Any]:
+    return client.get(ref, mesh=False, rig=False).header["avatar"]
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import Service
+
+    try:
+        service = Service(
+            store=args.store or default_store(),
+            endpoint=args.endpoint or DEFAULT_ENDPOINT,
+            device=args.device,
+            curve_keys=args.curve_keys,
+            exports=args.exports,
+        )
+    except ValueError as exc:
+        print(f"splatface serve: {exc}", file=sys.stderr)
+        return 2
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: service.stop())
+    service.serve(ready=lambda ep: print(READY_PREFIX + ep, flush=True))
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    import shutil
+
+    import zmq.auth
+
+    folder = Path(args.folder)
+    (folder / "authorized_clients").mkdir(parents=True, exist_ok=True)
+    for name in ("server", "client"):
+        if (folder / f"{name}.key_secret").exists() and not args.force:
+            print(
+                f"splatface keys: {folder / (name + '.key_secret')} exists (use --force)",
+                file=sys.stderr,
+            )
+            return 2
+        zmq.auth.create_certificates(folder, name)
+    shutil.copy(folder / "client.key", folder / "authorized_clients" / "client.key")
+    emit(
+        args,
+        {"folder": str(folder)},
+        f"keys written to {folder}:\n  service: --curve-keys {folder} (server.key_secret, "
+        f"authorized_clients/)\n  clients: copy server.key and client.key_secret into a "
+        f"folder and pass it as --curve-keys",
+    )
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    photo = Path(args.photo)
+    try:
+        data = photo.read_bytes()
+    except OSError as exc:
+        raise SystemExit(f"splatface build: cannot read {photo}: {exc}") from None
+    box = None
+    if args.face_box:
+        box = [float(v) for v in args.face_box.split(",")]
+    t0 = time.monotonic()
+    with connect(args) as client:
+        job = client.build(
+            data, name=args.name or photo.stem, preset=args.preset, face=args.face, face_box=box
+        )
+        bar = Progress(1.0, "building", not args.json)
+        try:
+            st = client.wait(job, progress=lambda ev: bar.update_to(ev["fraction"], ev["message"]))
+        finally:
+            bar.close()
+        avatar_id = st["avatar_id"]
+        info = avatar_info(client, avatar_id)
+    record = {
+        "avatar_id": avatar_id,
+        "name": info["name"],
+        "job": job,
+        "gaussians": info.get("gaussians"),
+        "seconds": round(time.monotonic() - t0, 2),
+    }
+    emit(
+        args,
+        record,
+        f"built avatar {avatar_id} ({info['name']}): {info.get('gaussians')} "
+        f"Gaussians in {record['seconds']} s",
+    )
+    return 0
+
+
+def render_to_folder(
+    client: Client,
+    ref: str,
+    out: Path,
+    curves: np.ndarray | None,
+    cameras: list[tuple[np.ndarray, np.ndarray]],
+    size: int,
+    passes: tuple[str, ...],
+    show: bool,
+) -> list[str]:
+    """Render len(cameras) frames (curves row i or the rest pose) in chunks; write files."""
+    n = len(cameras)
+    files: list[str] = []
+    bar = Progress(n, "rendering", show)
+    try:
+        for start in range(0, n, RENDER_CHUNK):
+            stop = min(n, start + RENDER_CHUNK)
+            intr = np.stack([c[0] for c in cameras[start:stop]])
+            w2c = np.stack([c[1] for c in cameras[start:stop]])
+            chunk = None if curves is None else curves[start:stop] if len(curves) > 1 else curves
+            result = client.render(
+                ref, intr, w2c, size, size, curves=chunk, passes=passes, timeout=600
+            )
+            files += write_passes(out, start, result)
+            bar.update_to(stop, f"{stop}/{n} frames")
+    finally:
+        bar.close()
+    return files
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    curves = read_curves(args.curves)
+    passes = tuple(p.strip() for p in args.passes.split(",") if p.strip())
+    out = Path(args.out)
+    with connect(args) as client:
+        info = avatar_info(client, args.avatar)
+        cam = orbit_camera(info, args.size, args.yaw, args.pitch, args.fov)
+        n = 1 if curves is None else len(curves)
+        files = render_to_folder(
+            client, info["id"], out, curves, [cam] * n, args.size, passes, not args.json
+        )
+    emit(
+        args,
+        {"avatar_id": info["id"], "out": str(out), "frames": n, "files": files},
+        f"rendered {n} frame(s) of {info['name']} into {out}",
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from inference_service.store import atomic_write
+
+    curves = read_curves(args.curves)
+    out = Path(args.out)
+    with connect(args) as client:
+        info = avatar_info(client, args.avatar)
+        if args.range:
+            a, b = args.range
+            if curves is not None and b >= len(curves):
+                raise SystemExit(
+                    f"splatface export: frame {b} asked for, the curves have {len(curves)}"
+                )
+            frames = list(range(a, b + 1))
+            paths = [out / f"frame_{i:05d}.ply" for i in frames]
+        else:
+            frames, paths = [args.frame], [out]
+        bar = Progress(len(frames), "exporting", not args.json)
+        try:
+            for k, (i, path) in enumerate(zip(frames, paths, strict=True)):
+                reply = client.export(info["id"], curves=None if curves is None else curves[[i]])
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(path, reply.arrays["file"].tobytes())
+                bar.update_to(k + 1)
+        finally:
+            bar.close()
+    files = [str(p) for p in paths]
+    emit(
+        args,
+        {"avatar_id": info["id"], "files": files},
+        f"wrote {len(files)} .ply file(s): {files[0]}" + (" ..." if len(files) > 1 else ""),
+    )
+    return 0
+
+
+def cmd_avatars(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        avatars = client.avatars()
+    if args.json:
+        print(json.dumps({"avatars": avatars}))
+    elif not avatars:
+        print("no avatars yet: splatface build PHOTO")
+    else:
+        for a in avatars:
+            print(
+                f"{a['id']}  {a['name']:<24} {a.get('gaussians', '?'):>7} Gaussians  "
+                f"{a.get('created', '')}"
+            )
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        deleted = client.delete(args.avatar)["deleted"]
+    emit(args, {"deleted": deleted}, f"deleted avatar {deleted}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    out = Path(args.out)
+    if not args.endpoint and not args.store:
+        args.store = str(out / "store")
+    with connect(args) as client:
+        record = run_demo(client, out, preset=args.preset, size=args.size, show=not args.json)
+    emit(args, record, record["summary"])
+    return 0
+
+
+# -- argument parsing ---------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="splatface",
+        description="One portrait photo to an animatable 3D Gaussian-splat head.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        g = sp.add_argument_group("service")
+        g.add_argument(
+            "--endpoint",
+            help="service to use, e.g. tcp://127.0.0.1:5555; without it "
+            "a private service is started for this command and stopped after",
+        )
+        g.add_argument(
+            "--store",
+            help="avatar folder of the private service (default: "
+            "$SPLATFACE_STORE or ~/.local/share/splatface/avatars)",
+        )
+        g.add_argument(
+            "--device",
+            default="auto",
+            choices=("auto", "cpu", "cuda"),
+            help="device of the private service (default: auto)",
+        )
+        g.add_argument(
+            "--curve-keys",
+            metavar="DIR",
+            help="folder with server.key and client.key_secret for a CurveZMQ service",
+        )
+        g.add_argument(
+            "--timeout",
+            type=float,
+            default=30.0,
+            help="seconds to wait for each reply (default: 30)",
+        )
+        sp.add_argument(
+            "--json",
+            action="store_true",
+            help="print one JSON object on the last line instead of text",
+        )
+
+    sp = sub.add_parser(
+        "serve",
+        help="run the service in the foreground",
+        description="Run the service until SIGINT/SIGTERM.",
+    )
+    sp.add_argument(
+        "--endpoint",
+        help=f"where to listen (default: {DEFAULT_ENDPOINT}); "
+        "non-loopback addresses need --curve-keys",
+    )
+    sp.add_argument(
+        "--store",
+        help="avatar folder (default: $SPLATFACE_STORE or ~/.local/share/splatface/avatars)",
+    )
+    sp.add_argument(
+        "--exports", help="folder for exports written by the service (default: STORE/exports)"
+    )
+    sp.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="cuda when available with auto (default)",
+    )
+    sp.add_argument(
+        "--curve-keys",
+        metavar="DIR",
+        help="require CurveZMQ: DIR holds server.key_secret and authorized_clients/",
+    )
+    sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("keys", help="make CurveZMQ keys for a service and a client")
+    sp.add_argument("folder", help="folder to write the keys into")
+    sp.add_argument("--force", action="store_true", help="overwrite existing keys")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=cmd_keys)
+
+    sp = sub.add_parser("build", help="build an avatar from a portrait photo")
+    sp.add_argument("photo", help="image file: JPEG, PNG, WebP, TIFF, BMP...")
+    sp.add_argument(
+        "--face", type=int, help="which face when there are several (0 = largest, default)"
+    )
+    sp.add_argument(
+        "--face-box", metavar="X0,Y0,X1,Y1", help="use the face overlapping this pixel box"
+    )
+    sp.add_argument(
+        "--preset",
+        default="default",
+        choices=("fast", "default", "high"),
+        help="quality/speed trade-off (default: default)",
+    )
+    sp.add_argument("--name", help="avatar name (default: the photo's file name)")
+    common(sp)
+    sp.set_defaults(func=cmd_build)
+
+    sp = sub.add_parser("render", help="render passes of an avatar into a folder")
+    sp.add_argument("avatar", help="avatar id or name")
+    sp.add_argument(
+        "--curves",
+        help="ARKit curves: .npy [frames, 52] or CSV with named "
+        "columns (Live Link Face); one frame per row. Default: rest pose",
+    )
+    sp.add_argument(
+        "--yaw",
+        type=float,
+        default=0.0,
+        help="degrees; positive turns the camera to the subject's left (default: 0, front)",
+    )
+    sp.add_argument("--pitch", type=float, default=0.0, help="degrees; positive looks from above")
+    sp.add_argument(
+        "--fov", type=float, default=30.0, help="field of view in degrees (default: 30)"
+    )
+    sp.add_argument("--size", type=int, default=512, help="image width and height (default: 512)")
+    sp.add_argument(
+        "--passes",
+        default="rgb,alpha,depth",
+        help="comma-separated from rgb,alpha,depth,normal (default: rgb,alpha,depth)",
+    )
+    sp.add_argument(
+        "--out",
+        required=True,
+        help="folder for rgb_NNNN.png, alpha_NNNN.png, depth_NNNN.npy, normal_NNNN.npy",
+    )
+    common(sp)
+    sp.set_defaults(func=cmd_render)
+
+    sp = sub.add_parser("export", help="export world-space Gaussians as INRIA .ply")
+    sp.add_argument("avatar", help="avatar id or name")
+    sp.add_argument("--out", required=True, help="FILE.ply, or a folder with --range")
+    sp.add_argument("--curves", help="ARKit curves file (.npy or CSV) to pose with")
+    sp.add_argument("--frame", type=int, default=0, help="row of --curves to export (default: 0)")
+    sp.add_argument(
+        "--range",
+        type=parse_range,
+        metavar="A:B",
+        help="rows A to B inclusive, one frame_NNNNN.ply each, into the folder --out",
+    )
+    common(sp)
+    sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("avatars", help="list stored avatars")
+    common(sp)
+    sp.set_defaults(func=cmd_avatars)
+
+    sp = sub.add_parser("rm", help="delete an avatar")
+    sp.add_argument("avatar", help="avatar id or name")
+    common(sp)
+    sp.set_defaults(func=cmd_rm)
+
+    sp = sub.add_parser("demo", help="build, animate, render and export a sample portrait")
+    sp.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
+    sp.add_argument("--preset", default="default", choices=("fast", "default", "high"))
+    sp.add_argument("--size", type=int, default=384, help="frame size in pixels (default: 384)")
+    common(sp)
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = getattr(args, "log_level", "warning").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ProtocolError as exc:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": {"code": exc.code, "message": exc.message}}))
+        print(f"splatface {args.command}: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

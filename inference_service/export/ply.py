@@ -1,0 +1,53 @@
+"""INRIA 3D Gaussian Splatting ``.ply``: what SuperSplat, splat-transform and Blender's
+splat importers read.
+
+Binary little-endian, one ``vertex`` element with float properties, in this order:
+``x y z nx ny nz f_dc_0..2 f_rest_0..M opacity scale_0..2 rot_0..3``, where f_rest is
+channel-major (all red coefficients, then green, then blue), opacity is a logit, scale a
+log and rot a (w, x, y, z) quaternion. Normals are written as zeros, as 3DGS does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..posing import PosedGaussians
+from ..store import atomic_write
+
+
+def property_names(num_bases: int) -> list[str]:
+    rest = 3 * (num_bases - 1)
+    return (
+        ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+        + [f"f_rest_{i}" for i in range(rest)]
+        + ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    )
+
+
+def ply_bytes(g: PosedGaussians) -> bytes:
+    n, k = g.sh.shape[:2]
+    names = property_names(k)
+    rows = np.zeros((n, len(names)), "<f4")
+    rows[:, 0:3] = g.means
+    rows[:, 6:9] = g.sh[:, 0, :]
+    rows[:, 9 : 9 + 3 * (k - 1)] = g.sh[:, 1:, :].transpose(0, 2, 1).reshape(n, -1)
+    op = np.clip(g.opacities, 1e-7, 1 - 1e-7)
+    rows[:, -8] = np.log(op / (1 - op))
+    rows[:, -7:-4] = np.log(np.maximum(g.scales, 1e-12))
+    rows[:, -4:] = g.quats / np.linalg.norm(g.quats, axis=1, keepdims=True)
+    header = "\n".join(
+        ["ply", "format binary_little_endian 1.0", f"element vertex {n}"]
+        + [f"property float {p}" for p in names]
+        + ["end_header"]
+    )
+    return header.encode("ascii") + b"\n" + rows.tobytes()
+
+
+def write_ply(path: str | Path, g: PosedGaussians) -> Path:
+    """Write atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, ply_bytes(g))
+    return path

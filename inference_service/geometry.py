@@ -1,0 +1,41 @@
+"""Small vectorised rotation helpers (numpy). Quaternions are (w, x, y, z)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels.reference import quat_to_rotmat
+
+__all__ = ["quat_to_rotmat", "rotmat_to_quat", "triangle_frames"]
+
+
+def rotmat_to_quat(r: np.ndarray) -> np.ndarray:
+    """Rotations ``[N, 3, 3]`` → unit quaternions ``[N, 4]`` with w >= 0."""
+    r = np.asarray(r, np.float64)
+    m00, m11, m22 = r[:, 0, 0], r[:, 1, 1], r[:, 2, 2]
+    q = np.stack(
+        [
+            np.sqrt(np.maximum(0.0, 1 + m00 + m11 + m22)) / 2,
+            np.sqrt(np.maximum(0.0, 1 + m00 - m11 - m22)) / 2,
+            np.sqrt(np.maximum(0.0, 1 - m00 + m11 - m22)) / 2,
+            np.sqrt(np.maximum(0.0, 1 - m00 - m11 + m22)) / 2,
+        ],
+        axis=1,
+    )
+    q[:, 1] = np.copysign(q[:, 1], r[:, 2, 1] - r[:, 1, 2])
+    q[:, 2] = np.copysign(q[:, 2], r[:, 0, 2] - r[:, 2, 0])
+    q[:, 3] = np.copysign(q[:, 3], r[:, 1, 0] - r[:, 0, 1])
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def triangle_frames(vertices: np.ndarray, triangles: np.ndarray):
+    """Per-triangle orthonormal frames ``[T, 3, 3]`` (columns: edge, bitangent, normal)
+    and areas ``[T]``. Degenerate triangles get an arbitrary frame and area 0."""
+    v0, v1, v2 = (vertices[triangles[:, k]].astype(np.float64) for k in range(3))
+    e1, e2 = v1 - v0, v2 - v0
+    n = np.cross(e1, e2)
+    area2 = np.linalg.norm(n, axis=1)
+    t = e1 / np.maximum(np.linalg.norm(e1, axis=1, keepdims=True), 1e-20)
+    n = n / np.maximum(area2[:, None], 1e-20)
+    b = np.cross(n, t)
+    return np.stack([t, b, n], axis=2), 0.5 * area2

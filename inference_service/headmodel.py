@@ -1,0 +1,88 @@
+"""The ICT-FaceKit head model the project carries (see ``assets/``), loaded once.
+
+Canonical head frame: metres, right-handed, +Z up, face towards -Y, subject's left at +X.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+
+from protocol.arkit import ARKIT_NAMES
+
+#: ARKit names ICT splits into halves; each drives both.
+_SPLIT = {"browInnerUp": ("browInnerUp_L", "browInnerUp_R"),
+          "cheekPuff": ("cheekPuff_L", "cheekPuff_R")}  # fmt: skip
+
+#: MediaPipe face-mesh landmark → ICT 68-point landmark index (Multi-PIE numbering).
+#: Chosen points lie on the face, not on its silhouette, so they correspond in 3-D.
+MEDIAPIPE_TO_68 = {
+    33: 36, 133: 39, 362: 42, 263: 45,  # eye corners (subject's right outer/inner, left)
+    168: 27, 4: 30, 2: 33, 98: 31, 327: 35,  # nose bridge, tip, base, alae
+    61: 48, 291: 54, 0: 51, 17: 57, 13: 62, 14: 66,  # mouth corners, lips
+    152: 8,  # chin
+}  # fmt: skip
+
+
+def ict_to_arkit_name(ict: str) -> str:
+    """``eyeBlink_L`` → ``eyeBlinkLeft``; names without a side stay as they are."""
+    if ict.endswith("_L"):
+        return ict[:-2] + "Left"
+    if ict.endswith("_R"):
+        return ict[:-2] + "Right"
+    return ict
+
+
+@dataclass(frozen=True)
+class HeadModel:
+    """ICT geometry in the canonical frame.
+
+    Attributes:
+        neutral: ``[V, 3]`` float32 metres.
+        triangles: ``[T, 3]`` int32, counter-clockwise seen from outside.
+        triangle_region: ``[T]`` uint8 index into ``region_names``.
+        region_names: names such as ``face``, ``teeth``, ``eyeball_left``.
+        landmarks68: ``[68]`` int32 vertex of each Multi-PIE landmark.
+        identity_deltas: ``[100, V, 3]`` float16 metres.
+        arkit_deltas: ``[52, V, 3]`` float32 metres in ``ARKIT_NAMES`` order
+            (``tongueOut`` is zero: ICT has no tongue shape).
+    """
+
+    neutral: np.ndarray
+    triangles: np.ndarray
+    triangle_region: np.ndarray
+    region_names: tuple[str, ...]
+    landmarks68: np.ndarray
+    identity_deltas: np.ndarray
+    arkit_deltas: np.ndarray
+
+    def region(self, name: str) -> int:
+        return self.region_names.index(name)
+
+
+@functools.cache
+def load_head_model() -> HeadModel:
+    path = resources.files("inference_service") / "assets" / "ict_head.npz"
+    with resources.as_file(path) as p, np.load(p, allow_pickle=False) as d:
+        names = [str(n) for n in d["expression_names"]]
+        deltas = d["expression_deltas"]
+        by_name = {ict_to_arkit_name(n): deltas[i] for i, n in enumerate(names)}
+        by_ict = {n: deltas[i] for i, n in enumerate(names)}
+        arkit = np.zeros((len(ARKIT_NAMES), *deltas.shape[1:]), np.float32)
+        for i, name in enumerate(ARKIT_NAMES):
+            if name in _SPLIT:
+                arkit[i] = sum(by_ict[h].astype(np.float32) for h in _SPLIT[name])
+            elif name in by_name:
+                arkit[i] = by_name[name]
+        return HeadModel(
+            neutral=d["neutral"],
+            triangles=d["triangles"],
+            triangle_region=d["triangle_region"],
+            region_names=tuple(str(n) for n in d["region_names"]),
+            landmarks68=d["landmarks68"],
+            identity_deltas=d["identity_deltas"],
+            arkit_deltas=arkit,
+        )

@@ -1,0 +1,462 @@
+"""The ZeroMQ service: a ROUTER socket answering protocol requests.
+
+Threads: the socket loop (owns the ROUTER, answers quick ops inline), one build worker
+(``jobs.py``), and a small pool for renders, exports and mesh fetches. Pool threads hand
+replies back through an ``inproc`` PUSH/PULL pair, since a ZeroMQ socket belongs to
+one thread. So queries and renders are answered while a build runs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import traceback
+import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import zmq
+
+import kernels
+from protocol import errors, messages
+from protocol.arkit import ARKIT_NAMES, check_curves, reorder
+from protocol.codec import PROTOCOL_VERSION, decode, encode
+from protocol.errors import ProtocolError
+
+from . import __version__
+from .avatar import Avatar
+from .build.builder import BuildOptions
+from .export.ply import ply_bytes, write_ply
+from .jobs import JobManager
+from .posing import pose, split_transform
+from .render import frame_count, render_frames
+from .store import Store, summary
+
+log = logging.getLogger(__name__)
+MAX_PENDING = 64
+CACHE_SIZE = 4
+POOL_OPS = ("get", "render", "export")
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """True for ``ipc://``/``inproc://`` and ``tcp://`` on a loopback address."""
+    scheme = endpoint.split("://", 1)[0]
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    host = urlsplit(endpoint).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_address(endpoint: str) -> str:
+    """``tcp://127.0.0.1:0`` means any free port (ZeroMQ spells it ``*``)."""
+    return (
+        endpoint[:-2] + ":*"
+        if endpoint.startswith("tcp://") and endpoint.endswith(":0")
+        else endpoint
+    )
+
+
+class Service:
+    """Serve until :meth:`stop`. ``device``: auto, cpu or cuda."""
+
+    def __init__(
+        self,
+        store: str | Path,
+        endpoint: str = "tcp://127.0.0.1:5555",
+        device: str = "auto",
+        curve_keys: str | Path | None = None,
+        exports: str | Path | None = None,
+        workers: int = 2,
+    ) -> None:
+        if not is_loopback_endpoint(endpoint) and curve_keys is None:
+            raise ValueError(
+                f"refusing to listen on {endpoint}: it is reachable from other machines. "
+                "Give --curve-keys DIR (made by 'splatface keys DIR') to require CurveZMQ "
+                "encryption and client keys, or bind to tcp://127.0.0.1:PORT"
+            )
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+        has_cuda = kernels.has_cuda()
+        if device == "cuda" and not has_cuda:
+            raise ValueError("--device cuda asked for, but no CUDA device is available")
+        self.device = "cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu"
+        self.endpoint = endpoint
+        self.curve_keys = Path(curve_keys) if curve_keys else None
+        self.store = Store(store)
+        self.exports = Path(exports) if exports else self.store.root / "exports"
+        self.jobs = JobManager(self.store)
+        self.bound: str | None = None
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splatface-work")
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._cache: OrderedDict[str, Avatar] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ctx = zmq.Context()
+        self._reply_addr = f"inproc://replies-{uuid.uuid4().hex}"
+        self._local = threading.local()
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve(self, ready=None) -> None:
+        """Bind and answer requests until :meth:`stop`; ``ready(endpoint)`` once bound."""
+        router = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, 1 << 30)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        auth = None
+        if self.curve_keys is not None:
+            auth = self._setup_curve(router)
+        router.bind(bind_address(self.endpoint))
+        self.bound = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        replies = self._ctx.socket(zmq.PULL)
+        replies.bind(self._reply_addr)
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(replies, zmq.POLLIN)
+        log.info("listening on %s (device %s, store %s)", self.bound, self.device, self.store.root)
+        if ready is not None:
+            ready(self.bound)
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(200))
+                if replies in events:
+                    while True:
+                        try:
+                            frames = replies.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        router.send_multipart(frames, copy=False)
+                if router in events:
+                    for _ in range(100):
+                        try:
+                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        reply = self._dispatch(frames)
+                        if reply is not None:
+                            router.send_multipart(reply, copy=False)
+        finally:
+            log.info("stopping")
+            self.jobs.shutdown()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            router.close(0)
+            replies.close(0)
+            if auth is not None:
+                auth.stop()
+            self._ctx.term()
+
+    def _setup_curve(self, router: zmq.Socket):
+        import zmq.auth
+        from zmq.auth.thread import ThreadAuthenticator
+
+        secret_file = self.curve_keys / "server.key_secret"
+        clients = self.curve_keys / "authorized_clients"
+        if not secret_file.is_file() or not clients.is_dir():
+            raise ValueError(
+                f"{self.curve_keys} must hold server.key_secret and authorized_clients/ "
+                "(run 'splatface keys DIR')"
+            )
+        public, secret = zmq.auth.load_certificate(secret_file)
+        auth = ThreadAuthenticator(self._ctx)
+        auth.start()
+        auth.configure_curve(domain="*", location=str(clients))
+        router.curve_secretkey = secret
+        router.curve_publickey = public
+        router.curve_server = True
+        return auth
+
+    # -- dispatch -------------------------------------------------------------------
+
+    def _dispatch(self, frames: list[Any]) -> list[Any] | None:
+        identity, body = frames[0], frames[1:]
+        op, req_id = None, None
+        try:
+            msg = decode(body)
+            op, req_id = msg.header.get("op"), msg.header.get("id")
+            if not isinstance(req_id, str | None) or (req_id and len(req_id) > 64):
+                req_id = None
+                raise ProtocolError(errors.BAD_REQUEST, "'id' must be a string of at most 64")
+            version = msg.header.get("protocol")
+            if version != PROTOCOL_VERSION:
+                raise ProtocolError(
+                    errors.UNSUPPORTED_VERSION,
+                    f"protocol version {version!r} is not supported; this service speaks "
+                    f"version {PROTOCOL_VERSION}",
+                    {"supported": [PROTOCOL_VERSION]},
+                )
+            fields, arrays = messages.validate(msg)
+            if op in POOL_OPS:
+                self._submit(identity, op, req_id, fields, arrays)
+                return None
+            header, out = getattr(self, "_op_" + op)(fields, arrays)
+        except ProtocolError as exc:
+            return [identity, *self._error(op, req_id, exc)]
+        except Exception as exc:  # a bug: answer, log, keep serving
+            log.exception("internal error in %s", op)
+            err = ProtocolError(errors.INTERNAL, str(exc), remote_traceback=traceback.format_exc())
+            return [identity, *self._error(op, req_id, err)]
+        return [identity, *self._ok(op, req_id, header, out)]
+
+    @staticmethod
+    def _ok(op, req_id, header: dict[str, Any], arrays=None) -> list[Any]:
+        return encode(
+            {"protocol": PROTOCOL_VERSION, "op": op, "id": req_id, "ok": True, **header}, arrays
+        )
+
+    @staticmethod
+    def _error(op, req_id, exc: ProtocolError) -> list[Any]:
+        return encode(
+            {
+                "protocol": PROTOCOL_VERSION,
+                "op": op if isinstance(op, str) else None,
+                "id": req_id,
+                "ok": False,
+                "error": exc.to_dict(),
+            }
+        )
+
+    def _submit(self, identity, op, req_id, fields, arrays) -> None:
+        with self._pending_lock:
+            if self._pending >= MAX_PENDING:
+                raise ProtocolError(errors.BUSY, f"{self._pending} requests in progress; try later")
+            self._pending += 1
+        self._pool.submit(self._work, identity, op, req_id, fields, arrays)
+
+    def _work(self, identity, op, req_id, fields, arrays) -> None:
+        try:
+            header, out = getattr(self, "_op_" + op)(fields, arrays)
+            reply = self._ok(op, req_id, header, out)
+        except ProtocolError as exc:
+            reply = self._error(op, req_id, exc)
+        except Exception as exc:
+            log.exception("internal error in %s", op)
+            err = ProtocolError(errors.INTERNAL, str(exc), remote_traceback=traceback.format_exc())
+            reply = self._error(op, req_id, err)
+        finally:
+            with self._pending_lock:
+                self._pending -= 1
+        sock = getattr(self._local, "push", None)
+        if sock is None:
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self._reply_addr)
+            self._local.push = sock
+        sock.send_multipart([identity, *reply], copy=False)
+
+    def _avatar(self, ref: str) -> Avatar:
+        avatar_id = self.store.resolve(ref)
+        with self._cache_lock:
+            if avatar_id in self._cache:
+                self._cache.move_to_end(avatar_id)
+                return self._cache[avatar_id]
+        avatar = self.store.load(avatar_id)
+        with self._cache_lock:
+            self._cache[avatar_id] = avatar
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return avatar
+
+    # -- ops ------------------------------------------------------------------------
+
+    def _op_hello(self, fields, arrays):
+        return {
+            "service": "splatface",
+            "service_version": __version__,
+            "protocol_versions": [PROTOCOL_VERSION],
+            "backend": self.device,
+            "rasterizer": "reference",
+            "capabilities": {
+                "ops": list(messages.OPS),
+                "passes": list(messages.PASSES),
+                "presets": list(messages.PRESETS),
+                "export_formats": list(messages.EXPORT_FORMATS),
+                "max_frames": messages.MAX_FRAMES,
+                "max_size": messages.MAX_SIZE,
+                "max_image_bytes": messages.MAX_IMAGE_BYTES,
+                "shape_names": list(ARKIT_NAMES),
+            },
+        }, None
+
+    def _op_build(self, fields, arrays):
+        box = fields["face_box"]
+        if box is not None and not (box[0] < box[2] and box[1] < box[3]):
+            raise ProtocolError(
+                errors.BAD_REQUEST, "face_box must be [x0, y0, x1, y1], x0<x1, y0<y1"
+            )
+        options = BuildOptions(
+            name=fields["name"],
+            preset=fields["preset"],
+            face=fields["face"],
+            face_box=None if box is None else tuple(box),
+        )
+        job = self.jobs.submit(arrays["image"].tobytes(), options)
+        return {"job": job.id, "state": job.state}, None
+
+    def _op_status(self, fields, arrays):
+        return self.jobs.get(fields["job"]).status(fields["since"]), None
+
+    def _op_cancel(self, fields, arrays):
+        job = self.jobs.cancel(fields["job"])
+        return {"job": job.id, "state": job.state}, None
+
+    def _op_list(self, fields, arrays):
+        return {"avatars": self.store.list(), "jobs": self.jobs.active()}, None
+
+    def _op_delete(self, fields, arrays):
+        avatar_id = self.store.resolve(fields["avatar"])
+        self.store.delete(avatar_id)
+        with self._cache_lock:
+            self._cache.pop(avatar_id, None)
+        return {"deleted": avatar_id}, None
+
+    def _op_get(self, fields, arrays):
+        avatar = self._avatar(fields["avatar"])
+        out = {}
+        if fields["mesh"]:
+            out["vertices"] = avatar.vertices
+            out["triangles"] = avatar.triangles
+        if fields["rig"]:
+            out["shape_deltas"] = avatar.shape_deltas
+        header = {
+            "avatar": summary(avatar.meta),
+            "meta": avatar.meta,
+            "shape_names": list(ARKIT_NAMES),
+        }
+        return header, out
+
+    @staticmethod
+    def _curves(fields, arrays) -> np.ndarray | None:
+        curves = arrays.get("curves")
+        if curves is None:
+            return None
+        try:
+            if fields["curve_names"]:
+                curves = reorder(curves, fields["curve_names"])
+            elif curves.shape[1] != len(ARKIT_NAMES):
+                raise ValueError(
+                    f"curves have {curves.shape[1]} columns; send 52 in protocol order or "
+                    "name the columns with 'curve_names'"
+                )
+            return check_curves(curves)
+        except ValueError as exc:
+            raise ProtocolError(errors.BAD_REQUEST, str(exc)) from None
+
+    @staticmethod
+    def _heads(arrays) -> np.ndarray | None:
+        heads = arrays.get("head")
+        if heads is not None:
+            for i, m in enumerate(heads):
+                try:
+                    split_transform(m)
+                except ValueError as exc:
+                    raise ProtocolError(errors.BAD_REQUEST, f"head[{i}]: {exc}") from None
+        return heads
+
+    def _op_render(self, fields, arrays):
+        avatar = self._avatar(fields["avatar"])
+        curves, heads = self._curves(fields, arrays), self._heads(arrays)
+        intr, w2c = arrays["intrinsics"], arrays["world_to_camera"]
+        try:
+            f = frame_count(intr, w2c, curves, heads)
+        except ValueError as exc:
+            raise ProtocolError(errors.BAD_REQUEST, str(exc)) from None
+        if np.any(intr[:, :2] <= 0):
+            raise ProtocolError(errors.BAD_REQUEST, "intrinsics fx and fy must be positive")
+        if not np.allclose(w2c[:, 3], (0, 0, 0, 1)):
+            raise ProtocolError(errors.BAD_REQUEST, "world_to_camera's last row must be (0,0,0,1)")
+        if fields["near"] >= fields["far"]:
+            raise ProtocolError(errors.BAD_REQUEST, "near must be less than far")
+        w, h, passes = fields["width"], fields["height"], tuple(dict.fromkeys(fields["passes"]))
+        channels = sum({"rgb": 3, "alpha": 1, "depth": 1, "normal": 3}[p] for p in passes)
+        nbytes = f * w * h * channels * 4
+        if nbytes > messages.MAX_RENDER_BYTES:
+            raise ProtocolError(
+                errors.TOO_LARGE,
+                f"{f} frames of {w}x{h} with {', '.join(passes)} is {nbytes >> 20} MiB; "
+                f"limit {messages.MAX_RENDER_BYTES >> 20} MiB per request: send fewer frames",
+            )
+        out = render_frames(
+            avatar,
+            intr,
+            w2c,
+            w,
+            h,
+            curves,
+            heads,
+            passes,
+            np.asarray(fields["background"]),
+            fields["near"],
+            fields["far"],
+            check=lambda i, n: self._check_stop(),
+        )
+        return {"frames": f, "width": w, "height": h, "passes": list(passes)}, out
+
+    def _check_stop(self) -> None:
+        if self._stop.is_set():
+            raise ProtocolError(errors.CANCELLED, "the service is shutting down")
+
+    def _op_export(self, fields, arrays):
+        avatar = self._avatar(fields["avatar"])
+        curves, heads = self._curves(fields, arrays), self._heads(arrays)
+        available = frame_count(curves, heads) if (curves is not None or heads is not None) else 1
+
+        def posed(i: int):
+            pick = lambda a: None if a is None else a[0 if len(a) == 1 else i]  # noqa: E731
+            return pose(avatar, pick(curves), pick(heads))
+
+        def check_frame(i: int) -> None:
+            if available > 1 and i >= available:
+                raise ProtocolError(
+                    errors.BAD_REQUEST,
+                    f"frame {i} asked for but the curves have {available} frames",
+                )
+
+        if fields["frames"] is None:
+            i = fields["frame"]
+            check_frame(i)
+            data = ply_bytes(posed(i))
+            if fields["to"] == "reply":
+                return {"format": "ply", "frame": i, "bytes": len(data)}, {
+                    "file": np.frombuffer(data, np.uint8)
+                }
+            frames = [i]
+        else:
+            a, b = fields["frames"]
+            if not 0 <= a <= b:
+                raise ProtocolError(
+                    errors.BAD_REQUEST, f"frames must be [a, b] with 0 <= a <= b, got {[a, b]}"
+                )
+            if b - a + 1 > messages.MAX_FRAMES:
+                raise ProtocolError(
+                    errors.TOO_LARGE, f"at most {messages.MAX_FRAMES} frames per export"
+                )
+            if fields["to"] == "reply":
+                raise ProtocolError(
+                    errors.BAD_REQUEST,
+                    "a frame range is written to the service's export folder (to='folder'); "
+                    "for the bytes, ask one frame per request",
+                )
+            check_frame(b)
+            frames = list(range(a, b + 1))
+        folder = self.exports / f"{avatar.id}"
+        written = []
+        for i in frames:
+            self._check_stop()
+            written.append(str(write_ply(folder / f"frame_{i:05d}.ply", posed(i))))
+        return {"format": "ply", "folder": str(folder), "files": written}, None

@@ -1,0 +1,181 @@
+"""Avatars on disk: one folder per avatar, appearing only when complete.
+
+Layout: ``ROOT/<id>/avatar.npz`` and ``ROOT/<id>/meta.json``. A save writes a hidden
+``.tmp-*`` folder, fsyncs every file and the folder, then renames it to ``<id>`` (atomic
+on POSIX and NTFS); a process killed mid-save leaves only a ``.tmp-*`` folder, which the
+next start removes. ``meta.json`` records the npz's SHA-256, checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protocol import errors
+from protocol.errors import ProtocolError
+
+from .avatar import FORMAT_VERSION, Avatar
+
+log = logging.getLogger(__name__)
+ID_RE = re.compile(r"^[0-9a-f]{12}$")
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name == "nt":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+class Store:
+    """The avatar folder. Thread-safe for the service's use: saves and deletes are
+    atomic renames, reads never see partial avatars."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".tmp-*"):
+            log.warning("removing unfinished avatar %s left by an interrupted save", stale.name)
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in self.root.glob(".trash-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    @staticmethod
+    def new_id() -> str:
+        return secrets.token_hex(6)
+
+    def _dir(self, avatar_id: str) -> Path:
+        if not ID_RE.match(avatar_id):
+            raise ProtocolError(
+                errors.NOT_FOUND, f"no avatar {avatar_id!r} (ids are 12 hex digits)"
+            )
+        return self.root / avatar_id
+
+    def save(self, avatar: Avatar) -> None:
+        avatar.validate()
+        final = self._dir(avatar.id)
+        tmp = self.root / f".tmp-{avatar.id}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            with open(tmp / "avatar.npz", "wb") as f:
+                np.savez_compressed(f, **avatar.to_arrays())
+                f.flush()
+                os.fsync(f.fileno())
+            meta = dict(avatar.meta)
+            meta.update(
+                id=avatar.id,
+                name=avatar.name,
+                format_version=FORMAT_VERSION,
+                center=[round(float(c), 5) for c in avatar.center],
+                radius=round(avatar.radius, 5),
+                sha256=hashlib.sha256((tmp / "avatar.npz").read_bytes()).hexdigest(),
+            )
+            with open(tmp / "meta.json", "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(self.root)
+
+    def meta(self, avatar_id: str) -> dict[str, Any]:
+        path = self._dir(avatar_id) / "meta.json"
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ProtocolError(errors.NOT_FOUND, f"no avatar {avatar_id!r}") from None
+        except (OSError, ValueError) as exc:
+            raise ProtocolError(errors.INTERNAL, f"avatar {avatar_id} is damaged: {exc}") from None
+        if not isinstance(meta, dict) or meta.get("id") != avatar_id:
+            raise ProtocolError(errors.INTERNAL, f"avatar {avatar_id} has a damaged meta.json")
+        return meta
+
+    def load(self, avatar_id: str) -> Avatar:
+        meta = self.meta(avatar_id)
+        path = self._dir(avatar_id) / "avatar.npz"
+        try:
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+                raise ValueError("checksum mismatch")
+            import io
+
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            return Avatar.from_arrays(avatar_id, str(meta.get("name", "")), arrays, meta)
+        except (OSError, ValueError) as exc:
+            raise ProtocolError(
+                errors.INTERNAL, f"avatar {avatar_id} is damaged and cannot be loaded: {exc}"
+            ) from None
+
+    def list(self) -> list[dict[str, Any]]:
+        """Summaries of every valid avatar, oldest first; damaged ones are logged."""
+        out = []
+        for d in sorted(self.root.iterdir()):
+            if not (d.is_dir() and ID_RE.match(d.name)):
+                continue
+            try:
+                meta = self.meta(d.name)
+            except ProtocolError as exc:
+                log.warning("%s", exc.message)
+                continue
+            out.append(summary(meta))
+        return sorted(out, key=lambda m: m.get("created", ""))
+
+    def resolve(self, ref: str) -> str:
+        """An avatar id from an id or a unique name."""
+        if ID_RE.match(ref) and (self.root / ref).is_dir():
+            return ref
+        matches = [m["id"] for m in self.list() if m["name"] == ref]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise ProtocolError(
+                errors.BAD_REQUEST,
+                f"{len(matches)} avatars are named {ref!r}; use an id: {', '.join(matches)}",
+            )
+        raise ProtocolError(errors.NOT_FOUND, f"no avatar with id or name {ref!r}")
+
+    def delete(self, avatar_id: str) -> None:
+        src = self._dir(avatar_id)
+        if not src.is_dir():
+            raise ProtocolError(errors.NOT_FOUND, f"no avatar {avatar_id!r}")
+        trash = self.root / f".trash-{avatar_id}-{secrets.token_hex(4)}"
+        os.rename(src, trash)
+        _fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def summary(meta: dict[str, Any]) -> dict[str, Any]:
+    keys = ("id", "name", "created", "preset", "gaussians", "center", "radius", "builder")
+    return {k: meta[k] for k in keys if k in meta}

@@ -1,0 +1,28 @@
+"""The splatface wire protocol: the only code both the service and Blender import.
+
+Depends on numpy, pyzmq and msgpack only. See ``SPEC.md`` beside this file.
+"""
+
+from .arkit import ARKIT_NAMES, NUM_SHAPES, check_curves, reorder
+from .client import Client, CurveKeys
+from .codec import PROTOCOL_VERSION, Limits, Message, decode, encode
+from .errors import ProtocolError
+from .messages import OPS, PASSES, PRESETS
+
+__all__ = [
+    "ARKIT_NAMES",
+    "NUM_SHAPES",
+    "OPS",
+    "PASSES",
+    "PRESETS",
+    "PROTOCOL_VERSION",
+    "Client",
+    "CurveKeys",
+    "Limits",
+    "Message",
+    "ProtocolError",
+    "check_curves",
+    "decode",
+    "encode",
+    "reorder",
+]

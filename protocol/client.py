@@ -1,0 +1,277 @@
+"""Blocking client for the splatface service (Lazy Pirate: poll, time out, reopen, retry).
+
+Usable unchanged from Blender's Python: it needs numpy, pyzmq and msgpack only. One
+``Client`` may be shared between threads; calls are serialised by a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from . import errors
+from .codec import PROTOCOL_VERSION, REPLY_LIMITS, Message, decode, encode
+from .errors import ProtocolError
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """CurveZMQ keys a client needs: the server's public key and its own key pair (Z85)."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def from_dir(cls, folder: str | Path) -> CurveKeys:
+        """Load ``server.key`` and ``client.key_secret`` written by ``splatface keys``."""
+        import zmq.auth
+
+        folder = Path(folder)
+        server_public, _ = zmq.auth.load_certificate(folder / "server.key")
+        public, secret = zmq.auth.load_certificate(folder / "client.key_secret")
+        if secret is None:
+            raise ValueError(f"{folder / 'client.key_secret'} holds no secret key")
+        return cls(server_public, public, secret)
+
+
+class Client:
+    """Talks to one service endpoint.
+
+    Args:
+        endpoint: e.g. ``tcp://127.0.0.1:5555``.
+        timeout: seconds to wait for each reply before giving up on that attempt.
+        retries: further attempts after a timeout (socket closed and reopened each time),
+            so a service that restarts is picked up again. ``build`` is never retried:
+            a retry could start the same build twice.
+        curve: keys for a CurveZMQ-secured service.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        timeout: float = 30.0,
+        retries: int = 2,
+        curve: CurveKeys | None = None,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.retries = retries
+        self.curve = curve
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self._lock = threading.RLock()
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            s = self._ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            if self.curve is not None:
+                s.curve_serverkey = self.curve.server_public
+                s.curve_publickey = self.curve.public
+                s.curve_secretkey = self.curve.secret
+            s.connect(self.endpoint)
+            self._sock = s
+        return self._sock
+
+    def _reset(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._reset()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(
+        self,
+        op: str,
+        fields: Mapping[str, Any] | None = None,
+        arrays: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+    ) -> Message:
+        """Send one request and wait for its reply; raise :class:`ProtocolError` on error."""
+        timeout = self.timeout if timeout is None else timeout
+        retries = self.retries if retries is None else retries
+        req_id = uuid.uuid4().hex
+        header = {"protocol": PROTOCOL_VERSION, "op": op, "id": req_id}
+        header.update({k: v for k, v in (fields or {}).items() if v is not None})
+        frames = encode(header, {k: v for k, v in (arrays or {}).items() if v is not None})
+        with self._lock:
+            for _ in range(retries + 1):
+                sock = self._socket()
+                sock.send_multipart(frames, copy=False)
+                deadline = time.monotonic() + timeout
+                while (remaining := deadline - time.monotonic()) > 0:
+                    if not sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                        continue
+                    reply = decode(sock.recv_multipart(copy=False), REPLY_LIMITS)
+                    if reply.header.get("id") != req_id:
+                        continue  # a late reply to an attempt we gave up on
+                    if not reply.header.get("ok", False):
+                        raise ProtocolError.from_dict(reply.header.get("error"))
+                    return reply
+                self._reset()
+        raise ProtocolError(
+            errors.TIMEOUT,
+            f"no reply to {op!r} from {self.endpoint} within {timeout:g} s "
+            f"({retries + 1} attempt(s)); is the service running?",
+        )
+
+    # -- ops ------------------------------------------------------------------------
+
+    def hello(self, client: str = "protocol.Client") -> dict[str, Any]:
+        return self.request("hello", {"client": client}).header
+
+    def build(
+        self,
+        image: bytes | np.ndarray,
+        name: str = "",
+        preset: str = "default",
+        face: int | None = None,
+        face_box: list[float] | None = None,
+    ) -> str:
+        """Start a build from encoded image bytes (PNG, JPEG, ...); returns the job id."""
+        data = np.frombuffer(image, np.uint8) if isinstance(image, bytes | bytearray) else image
+        reply = self.request(
+            "build",
+            {"name": name, "preset": preset, "face": face, "face_box": face_box},
+            {"image": data},
+            retries=0,
+        )
+        return reply.header["job"]
+
+    def status(self, job: str, since: int = 0) -> dict[str, Any]:
+        return self.request("status", {"job": job, "since": since}).header
+
+    def cancel(self, job: str) -> dict[str, Any]:
+        return self.request("cancel", {"job": job}).header
+
+    def wait(
+        self,
+        job: str,
+        progress: Progress | None = None,
+        poll: float = 0.1,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Wait for a job to end, calling ``progress(event)`` for each progress event.
+
+        Returns the final status when the job is done; raises :class:`ProtocolError`
+        with the job's error (``cancelled``, ``no_face``...) when it is not.
+        """
+        since = 0
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            st = self.status(job, since)
+            for ev in st.get("events", []):
+                if progress is not None:
+                    progress(ev)
+            since = st.get("next", since)
+            if st["state"] == "done":
+                return st
+            if st["state"] in ("failed", "cancelled"):
+                raise ProtocolError.from_dict(st.get("error"))
+            if deadline is not None and time.monotonic() > deadline:
+                raise ProtocolError(
+                    errors.TIMEOUT, f"job {job} still {st['state']} after {timeout} s"
+                )
+            time.sleep(poll)
+
+    def avatars(self) -> list[dict[str, Any]]:
+        return self.request("list").header["avatars"]
+
+    def get(self, avatar: str, mesh: bool = True, rig: bool = True) -> Message:
+        return self.request("get", {"avatar": avatar, "mesh": mesh, "rig": rig})
+
+    def render(
+        self,
+        avatar: str,
+        intrinsics: np.ndarray,
+        world_to_camera: np.ndarray,
+        width: int,
+        height: int,
+        curves: np.ndarray | None = None,
+        head: np.ndarray | None = None,
+        passes: tuple[str, ...] = ("rgb", "alpha"),
+        curve_names: list[str] | None = None,
+        background: tuple[float, float, float] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Render frames; camera arrays are ``[F, 4]``/``[F, 4, 4]`` or one camera for all.
+
+        Returns the passes as arrays ``[F, H, W, ...]``.
+        """
+        intrinsics = np.asarray(intrinsics, np.float64)
+        world_to_camera = np.asarray(world_to_camera, np.float64)
+        reply = self.request(
+            "render",
+            {
+                "avatar": avatar,
+                "width": int(width),
+                "height": int(height),
+                "passes": list(passes),
+                "curve_names": curve_names,
+                "background": None if background is None else [float(b) for b in background],
+            },
+            {
+                "intrinsics": intrinsics.reshape(-1, 4),
+                "world_to_camera": world_to_camera.reshape(-1, 4, 4),
+                "curves": None if curves is None else np.asarray(curves, np.float32),
+                "head": None if head is None else np.asarray(head, np.float64).reshape(-1, 4, 4),
+            },
+            timeout=timeout,
+            retries=0,
+        )
+        return dict(reply.arrays)
+
+    def export(
+        self,
+        avatar: str,
+        curves: np.ndarray | None = None,
+        head: np.ndarray | None = None,
+        frame: int = 0,
+        frames: tuple[int, int] | None = None,
+        to: str = "reply",
+        curve_names: list[str] | None = None,
+        timeout: float | None = None,
+    ) -> Message:
+        """Export posed Gaussians as ``.ply``: the bytes (``to='reply'``) or files the
+        service writes into its export folder (``to='folder'``, names in the reply)."""
+        return self.request(
+            "export",
+            {
+                "avatar": avatar,
+                "frame": frame,
+                "frames": None if frames is None else [int(frames[0]), int(frames[1])],
+                "to": to,
+                "curve_names": curve_names,
+            },
+            {
+                "curves": None if curves is None else np.asarray(curves, np.float32),
+                "head": None if head is None else np.asarray(head, np.float64).reshape(-1, 4, 4),
+            },
+            timeout=timeout,
+        )
+
+    def delete(self, avatar: str) -> dict[str, Any]:
+        return self.request("delete", {"avatar": avatar}).header
