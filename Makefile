@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	@for b in benchmarks/*.py; do echo "# $$b"; $(PY) $$b || exit 1; done
+	@for b in benchmarks/[!_]*.py; do echo "# $$b"; $(PY) $$b || exit 1; done
 
 addon: $(STAMP)
 	@echo "make addon: the Blender add-on package is not built yet (issue: Blender add-on)"; exit 1

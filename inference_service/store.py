@@ -82,6 +82,8 @@ class Store:
     def save(self, avatar: Avatar) -> None:
         avatar.validate()
         final = self._dir(avatar.id)
+        if final.exists():
+            raise ProtocolError(errors.INTERNAL, f"avatar {avatar.id} already exists")
         tmp = self.root / f".tmp-{avatar.id}-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:

@@ -1,0 +1,88 @@
+"""ARKit names and the ICT mapping; camera conventions (axes, yaw, pixel centres)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference_service.headmodel import load_head_model
+from protocol.arkit import ARKIT_NAMES, check_curves, index_of, reorder
+from protocol.camera import intrinsics_from_fov, look_at, orbit, project
+
+
+def test_52_unique_apple_names_in_grouped_order():
+    assert len(ARKIT_NAMES) == len(set(ARKIT_NAMES)) == 52
+    assert ARKIT_NAMES[0] == "eyeBlinkLeft" and ARKIT_NAMES[-1] == "tongueOut"
+    assert ARKIT_NAMES.index("jawOpen") < ARKIT_NAMES.index("mouthClose")
+    assert ARKIT_NAMES.index("browInnerUp") < ARKIT_NAMES.index("cheekPuff")
+
+
+def test_reorder_by_name_any_case_and_order():
+    names = ["JawOpen", "eyeblinkleft", "tongueOut"]
+    out = reorder(np.array([[0.5, 0.25, 1.0]]), names)
+    assert out[0, index_of("jawOpen")] == 0.5 and out[0, index_of("eyeBlinkLeft")] == 0.25
+    assert out[0].sum() == pytest.approx(1.75)
+
+
+def test_reorder_rejects_unknown_and_repeated_names():
+    with pytest.raises(ValueError, match="valid names: eyeBlinkLeft"):
+        reorder(np.zeros((1, 1)), ["eyeBlinkMiddle"])
+    with pytest.raises(ValueError, match="twice"):
+        reorder(np.zeros((1, 2)), ["jawOpen", "JAWOPEN"])
+
+
+def test_check_curves_clamps_and_rejects_nan():
+    c = np.zeros((2, 52), np.float32)
+    c[0, 0], c[1, 1] = 1.5, -0.2
+    out = check_curves(c)
+    assert out[0, 0] == 1 and out[1, 1] == 0
+    c[1, 5] = np.nan
+    with pytest.raises(ValueError, match="frame 1, shape eyeSquintLeft"):
+        check_curves(c)
+    with pytest.raises(ValueError, match=r"\[frames, 52\]"):
+        check_curves(np.zeros((3, 51)))
+
+
+def test_ict_expressions_map_to_arkit_with_subject_left_at_plus_x():
+    model = load_head_model()
+    d = model.arkit_deltas
+    moved = np.abs(d).max(axis=(1, 2)) > 1e-4
+    assert moved.sum() == 51 and not moved[index_of("tongueOut")]
+    # eyeBlinkLeft moves the subject's left eyelid: vertices at +X move, -X do not
+    blink = np.linalg.norm(d[index_of("eyeBlinkLeft")], axis=1)
+    x = model.neutral[:, 0]
+    assert blink[x > 0.02].max() > 0.005
+    assert blink[x > 0.02].max() > 20 * blink[x < -0.02].max()  # artist shapes leak a little
+    # jawOpen moves the chin down (-Z)
+    chin = model.landmarks68[8]
+    assert d[index_of("jawOpen")][chin, 2] < -0.01
+    # browInnerUp drives both halves
+    brow = d[index_of("browInnerUp")]
+    assert np.abs(brow[x > 0.01]).max() > 1e-3 and np.abs(brow[x < -0.01]).max() > 1e-3
+
+
+def test_front_camera_sees_subject_left_on_image_right_and_up_as_up():
+    w2c = orbit((0, 0, 0), 1.0)
+    intr = intrinsics_from_fov(100, 100, 40)
+    uv, z = project(np.array([[0.1, 0, 0], [0, 0, 0.1], [0, 0, 0]]), intr, w2c)
+    assert np.all(z > 0)
+    assert uv[0, 0] > 50  # subject's left (+X) on the image's right
+    assert uv[1, 1] < 50  # +Z up is up in the image
+    np.testing.assert_allclose(uv[2], [50, 50])  # the centre projects to cx, cy
+    cam = -w2c[:3, :3].T @ w2c[:3, 3]
+    np.testing.assert_allclose(cam, [0, -1, 0], atol=1e-12)  # in front of a -Y-facing head
+
+
+def test_yaw_and_pitch_directions():
+    for yaw, pitch, expect in ((90, 0, [1, 0, 0]), (-90, 0, [-1, 0, 0]), (0, 90, [0, 0, 1])):
+        w2c = orbit((0, 0, 0), 2.0, yaw, pitch)
+        cam = -w2c[:3, :3].T @ w2c[:3, 3]
+        np.testing.assert_allclose(cam, 2 * np.array(expect, float), atol=1e-9)
+        r = w2c[:3, :3]
+        np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-12)
+        assert np.linalg.det(r) == pytest.approx(1)
+
+
+def test_look_at_rejects_coincident_points():
+    with pytest.raises(ValueError):
+        look_at((1, 1, 1), (1, 1, 1))

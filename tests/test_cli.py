@@ -1,0 +1,135 @@
+"""The ``splatface`` command line, as pipelines call it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from plyfile import PlyData
+
+from inference_service.cli import build_parser
+from inference_service.curves import load_curves, save_curves_csv
+from protocol.arkit import ARKIT_NAMES, index_of
+
+from .conftest import REPO
+
+
+def run(*args, check=True, timeout=600):
+    r = subprocess.run([sys.executable, "-m", "inference_service", *map(str, args)],
+                       cwd=REPO, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    if check and r.returncode != 0:
+        raise AssertionError(f"splatface {args} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return r
+
+
+def last_json(r) -> dict:
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_private_service_build_then_list_and_remove(tmp_path, astronaut_png, env_store):
+    photo = tmp_path / "portrait.png"
+    photo.write_bytes(astronaut_png)
+    built = last_json(run("build", photo, "--preset", "fast", "--json"))
+    assert built["name"] == "portrait" and len(built["avatar_id"]) == 12
+    # a second command starts another private service on the same default store
+    listed = last_json(run("avatars", "--json"))["avatars"]
+    assert [a["id"] for a in listed] == [built["avatar_id"]]
+    assert last_json(run("rm", "portrait", "--json")) == {"deleted": built["avatar_id"]}
+    assert last_json(run("avatars", "--json"))["avatars"] == []
+    assert (env_store / "service.log").exists()
+
+
+def test_render_with_curves_csv(tmp_path, service, astronaut_id):
+    curves = np.zeros((3, 52), np.float32)
+    curves[:, index_of("jawOpen")] = [0, 0.5, 1]
+    csv = tmp_path / "curves.csv"
+    save_curves_csv(csv, curves)
+    out = tmp_path / "frames"
+    r = last_json(run("render", astronaut_id, "--endpoint", service.endpoint, "--curves", csv,
+                      "--size", 64, "--yaw", 20, "--passes", "rgb,alpha,depth,normal",
+                      "--out", out, "--json"))  # fmt: skip
+    assert r["frames"] == 3
+    for i in range(3):
+        rgba = np.asarray(Image.open(out / f"rgb_{i:04d}.png"))
+        assert rgba.shape == (64, 64, 4) and rgba[..., 3].max() == 255
+        assert np.asarray(Image.open(out / f"alpha_{i:04d}.png")).shape == (64, 64)
+        assert np.load(out / f"depth_{i:04d}.npy").shape == (64, 64)
+        assert np.load(out / f"normal_{i:04d}.npy").shape == (64, 64, 3)
+    a, b = (np.asarray(Image.open(out / f"rgb_{i:04d}.png")) for i in (0, 2))
+    assert np.abs(a.astype(int) - b).sum() > 0  # the jaw moved
+
+
+def test_export_frame_and_range(tmp_path, service, astronaut_id):
+    curves = np.zeros((4, 52), np.float32)
+    curves[:, index_of("mouthSmileLeft")] = np.linspace(0, 1, 4)
+    npy = tmp_path / "curves.npy"
+    np.save(npy, curves)
+    one = tmp_path / "one.ply"
+    run("export", astronaut_id, "--endpoint", service.endpoint, "--out", one,
+        "--curves", npy, "--frame", 3)  # fmt: skip
+    assert PlyData.read(one)["vertex"].count > 1000
+    folder = tmp_path / "seq"
+    r = last_json(run("export", astronaut_id, "--endpoint", service.endpoint, "--out", folder,
+                      "--curves", npy, "--range", "1:3", "--json"))  # fmt: skip
+    assert [Path(f).name for f in r["files"]] == ["frame_00001.ply", "frame_00002.ply", "frame_00003.ply"]
+    a, b = (PlyData.read(folder / f"frame_0000{i}.ply")["vertex"] for i in (1, 3))
+    assert not np.allclose(a["x"], b["x"])
+    bad = run("export", astronaut_id, "--endpoint", service.endpoint, "--out", folder,
+              "--curves", npy, "--range", "2:9", check=False)  # fmt: skip
+    assert bad.returncode != 0 and "4" in bad.stderr
+
+
+def test_errors_are_clear_and_typed(tmp_path, service):
+    r = run("render", "nobody", "--endpoint", service.endpoint, "--out", tmp_path, check=False)
+    assert r.returncode == 1 and "not_found" in r.stderr
+    r = run("render", "nobody", "--endpoint", service.endpoint, "--out", tmp_path, "--json",
+            check=False)  # fmt: skip
+    assert last_json(r)["error"]["code"] == "not_found"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("jawOpen,smileHarder\n0.1,0.2\n")
+    r = run("render", "nobody", "--endpoint", service.endpoint, "--curves", bad, "--out", tmp_path,
+            check=False)  # fmt: skip
+    assert r.returncode != 0 and "smileHarder" in r.stderr and "eyeBlinkLeft" in r.stderr
+    r = run("build", tmp_path / "missing.jpg", "--endpoint", service.endpoint, check=False)
+    assert r.returncode != 0 and "cannot read" in r.stderr
+
+
+def test_demo_writes_what_it_names(tmp_path):
+    out = tmp_path / "demo"
+    r = last_json(run("demo", "--out", out, "--preset", "fast", "--size", 64, "--json"))
+    for key in ("input", "turntable", "animation"):
+        assert Path(r[key]).exists()
+    assert len(list(Path(r["turntable"]).glob("rgb_*.png"))) == 12
+    assert len(list(Path(r["animation"]).glob("depth_*.npy"))) == 24
+    assert len(r["ply"]) == 2 and all(PlyData.read(p)["vertex"].count > 1000 for p in r["ply"])
+    assert all(Path(p).stat().st_size > 0 for p in r["preview"])
+    assert str(out) in r["summary"]
+
+
+def test_every_option_is_documented():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    expected = {"serve", "keys", "build", "render", "export", "avatars", "rm", "demo"}
+    assert set(sub.choices) == expected
+    for name, sp in sub.choices.items():
+        for action in sp._actions:
+            if action.dest != "help":
+                assert action.help, f"splatface {name}: {action.dest} has no help text"
+    assert "--range" in run("export", "--help").stdout
+
+
+def test_live_link_face_style_csv(tmp_path):
+    header = ["Timecode", "BlendShapeCount"] + [n[0].upper() + n[1:] for n in ARKIT_NAMES] + [
+        "HeadYaw", "HeadPitch", "HeadRoll"]
+    row = ["00:00:00:01.0", "61"] + ["0"] * 52 + ["0.1", "0", "0"]
+    row[2 + index_of("jawOpen")] = "0.75"
+    f = tmp_path / "llf.csv"
+    f.write_text(",".join(header) + "\n" + ",".join(row) + "\n")
+    curves = load_curves(f)
+    assert curves.shape == (1, 52) and curves[0, index_of("jawOpen")] == pytest.approx(0.75)
+    assert curves.sum() == pytest.approx(0.75)

@@ -1,0 +1,104 @@
+"""Photo decoding: every awkward format converts, every bad file gets a typed error."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from inference_service.images import decode_image, linear_to_srgb, srgb_to_linear
+from protocol import errors
+from protocol.errors import ProtocolError
+
+
+def save(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+RGB = (np.arange(40 * 30 * 3) % 251).astype(np.uint8).reshape(30, 40, 3)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        save(Image.fromarray(RGB), "PNG"),
+        save(Image.fromarray(RGB), "JPEG", quality=95),
+        save(Image.fromarray(RGB), "WEBP", lossless=True),
+        save(Image.fromarray(RGB), "TIFF"),
+        save(Image.fromarray(RGB), "BMP"),
+    ],
+    ids=["png", "jpeg", "webp", "tiff", "bmp"],
+)
+def test_common_formats(data):
+    out = decode_image(data)
+    assert out.shape == (30, 40, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - RGB).mean() < 3
+
+
+def test_grayscale_and_16bit_become_grey_rgb():
+    g = np.tile(np.linspace(0, 255, 40).astype(np.uint8), (30, 1))
+    out = decode_image(save(Image.fromarray(g, "L"), "PNG"))
+    assert out.shape == (30, 40, 3) and np.array_equal(out[..., 0], out[..., 2])
+    g16 = (g.astype(np.uint16) * 257)
+    out16 = decode_image(save(Image.fromarray(g16), "PNG"))
+    assert out16.shape == (30, 40, 3)
+    assert np.abs(out16[..., 0].astype(int) - g).max() <= 1
+
+
+def test_rgba_is_composited_on_grey():
+    rgba = np.zeros((30, 40, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:, :20, 3] = 255  # left half opaque red, right half transparent
+    out = decode_image(save(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert tuple(out[0, 0]) == (255, 0, 0) and tuple(out[0, 39]) == (128, 128, 128)
+
+
+def test_cmyk_and_palette():
+    cmyk = Image.fromarray(RGB).convert("CMYK")
+    out = decode_image(save(cmyk, "JPEG", quality=95))
+    assert out.shape == (30, 40, 3) and np.abs(out.astype(int) - RGB).mean() < 12
+    pal = Image.fromarray(RGB).convert("P")
+    assert decode_image(save(pal, "PNG")).shape == (30, 40, 3)
+
+
+def test_exif_orientation_is_applied():
+    im = Image.fromarray(RGB)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    out = decode_image(save(im, "JPEG", exif=exif, quality=95))
+    assert out.shape == (40, 30, 3)
+    expect = np.rot90(RGB, k=-1)
+    assert np.abs(out.astype(int) - expect).mean() < 3
+
+
+@pytest.mark.parametrize(
+    "data, code, words",
+    [
+        (b"", errors.BAD_IMAGE, "empty"),
+        (b"hello, I am not a picture", errors.BAD_IMAGE, "not a readable image"),
+        (save(Image.fromarray(RGB), "PNG")[:200], errors.BAD_IMAGE, "truncated"),
+        (save(Image.fromarray(RGB[:8, :8]), "PNG"), errors.BAD_IMAGE, "smaller than"),
+    ],
+    ids=["empty", "text", "truncated", "tiny"],
+)
+def test_bad_files(data, code, words):
+    with pytest.raises(ProtocolError) as e:
+        decode_image(data)
+    assert e.value.code == code and words in e.value.message
+
+
+def test_decompression_bomb_refused_before_decoding():
+    bomb = save(Image.new("1", (9000, 9000)), "PNG")  # 81 MP in a few kB
+    assert len(bomb) < 100_000
+    with pytest.raises(ProtocolError) as e:
+        decode_image(bomb)
+    assert e.value.code == errors.TOO_LARGE and "81 MP" in e.value.message
+
+
+def test_srgb_round_trip():
+    c = np.linspace(0, 1, 50)
+    np.testing.assert_allclose(linear_to_srgb(srgb_to_linear(c)), c, atol=1e-12)

@@ -1,0 +1,413 @@
+"""A real service process on a real loopback socket, end to end."""
+
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from PIL import Image
+from plyfile import PlyData
+
+from inference_service.posing import pose
+from inference_service.render import render_frames
+from inference_service.store import Store
+from protocol import Client, CurveKeys, ProtocolError, errors
+from protocol.arkit import index_of
+from protocol.camera import framing_distance, intrinsics_from_fov, orbit
+from protocol.codec import REPLY_LIMITS, decode, encode
+
+from .conftest import REPO, ServiceProcess, encode_png
+
+SIZE = 96
+
+
+def front_camera(info, size=SIZE, yaw=0.0):
+    d = framing_distance(info["radius"], 30.0)
+    return intrinsics_from_fov(size, size, 30.0), orbit(info["center"], d, yaw, 0.0)
+
+
+def info_of(client, ref):
+    return client.get(ref, mesh=False, rig=False).header["avatar"]
+
+
+def raw(endpoint: str, frames, timeout: float = 20.0):
+    """Send frames as they are on a fresh DEALER; return the decoded reply."""
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    try:
+        s.send_multipart(frames)
+        assert s.poll(int(timeout * 1000)), "no reply"
+        return decode(s.recv_multipart(), REPLY_LIMITS)
+    finally:
+        s.close()
+
+
+def assert_serving(client: Client) -> None:
+    assert client.hello()["service"] == "splatface"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- the main path --------------------------------------------------------------------
+
+
+def test_hello(client):
+    h = client.hello()
+    assert h["backend"] == "cpu" and h["protocol_versions"] == [1]
+    assert "render" in h["capabilities"]["ops"] and len(h["capabilities"]["shape_names"]) == 52
+
+
+def test_build_get_list(client, astronaut_id):
+    assert any(a["id"] == astronaut_id for a in client.avatars())
+    reply = client.get(astronaut_id)
+    v, t, d = reply.arrays["vertices"], reply.arrays["triangles"], reply.arrays["shape_deltas"]
+    assert v.shape[1] == 3 and t.shape[1] == 3 and d.shape == (52, len(v), 3)
+    assert t.max() < len(v) and reply.header["shape_names"][17] == "jawOpen"
+    assert reply.header["avatar"]["name"] == "astronaut"
+    assert client.get("astronaut", mesh=False, rig=False).header["avatar"]["id"] == astronaut_id
+
+
+def test_render_passes_match_in_process_render(client, service, astronaut_id):
+    info = info_of(client, astronaut_id)
+    intr, w2c = front_camera(info)
+    curves = np.zeros((2, 52), np.float32)
+    curves[1, index_of("jawOpen")] = 1.0
+    out = client.render(astronaut_id, intr, w2c, SIZE, SIZE, curves=curves,
+                        passes=("rgb", "alpha", "depth", "normal"))  # fmt: skip
+    assert out["rgb"].shape == (2, SIZE, SIZE, 3) and out["rgb"].dtype == np.float32
+    assert out["alpha"].shape == (2, SIZE, SIZE) and out["normal"].shape == (2, SIZE, SIZE, 3)
+    a, d = out["alpha"], out["depth"]
+    assert a[:, SIZE // 2, SIZE // 2].min() > 0.99  # the face covers the centre
+    assert np.all(np.isinf(d[a == 0])) and np.all(np.isfinite(d[a > 0]))
+    dist = framing_distance(info["radius"], 30.0)
+    assert dist - info["radius"] < d[a > 0.5].min() and d[a > 0.5].max() < dist + info["radius"]
+    assert not np.allclose(out["rgb"][0], out["rgb"][1])  # the jaw opened
+    # the service renders exactly what the library renders in process
+    avatar = Store(service.store).load(astronaut_id)
+    local = render_frames(avatar, intr[None], w2c[None], SIZE, SIZE, curves, None, ("rgb", "depth"))
+    np.testing.assert_allclose(out["rgb"], local["rgb"], atol=1e-6)
+    np.testing.assert_array_equal(np.isinf(out["depth"]), np.isinf(local["depth"]))
+
+
+def test_export_ply_in_world_space(client, service, astronaut_id):
+    head = np.eye(4)
+    head[:3, 3] = [1.0, 2.0, 3.0]
+    curves = np.zeros((3, 52), np.float32)
+    curves[2, index_of("jawOpen")] = 1.0
+    reply = client.export(astronaut_id, curves=curves, head=head, frame=2)
+    ply = PlyData.read(io.BytesIO(reply.arrays["file"].tobytes()))
+    v = ply["vertex"]
+    avatar = Store(service.store).load(astronaut_id)
+    expect = pose(avatar, curves[2], head)
+    xyz = np.stack([v["x"], v["y"], v["z"]], 1)
+    np.testing.assert_allclose(xyz, expect.means, atol=1e-5)
+    assert {"f_dc_0", "opacity", "scale_2", "rot_3"} <= {p.name for p in v.properties}
+    rest = pose(avatar)
+    assert np.abs(xyz - rest.means - [1, 2, 3]).max() > 1e-3  # posed, not rest + offset only
+
+
+def test_export_range_to_service_folder(client, astronaut_id):
+    curves = np.zeros((5, 52), np.float32)
+    curves[:, index_of("jawOpen")] = np.linspace(0, 1, 5)
+    reply = client.export(astronaut_id, curves=curves, frames=(1, 3), to="folder")
+    files = reply.header["files"]
+    assert [f.rsplit("/", 1)[-1] for f in files] == [f"frame_{i:05d}.ply" for i in (1, 2, 3)]
+    sizes = {PlyData.read(f)["vertex"].count for f in files}
+    assert len(sizes) == 1
+    with pytest.raises(ProtocolError) as e:
+        client.export(astronaut_id, curves=curves, frames=(1, 9), to="folder")
+    assert e.value.code == errors.BAD_REQUEST and "5 frames" in e.value.message
+
+
+def test_progress_events(client, astronaut_png):
+    events = []
+    job = client.build(astronaut_png, name="progress", preset="fast")
+    st = client.wait(job, progress=events.append, timeout=300)
+    stages = [e["stage"] for e in events]
+    assert stages[0] == "decode" and stages[-1] == "done" and "gaussians" in stages
+    fractions = [e["fraction"] for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    client.delete(st["avatar_id"])
+
+
+# -- concurrency, cancel ------------------------------------------------------------
+
+
+def test_queries_and_renders_answered_while_a_build_runs(service, client, astronaut_id, astronaut_png):
+    info = info_of(client, astronaut_id)
+    intr, w2c = front_camera(info, 48)
+    job = client.build(astronaut_png, name="busy", preset="high")
+    proven = False
+    with service.client() as other:
+        while not proven:
+            before = other.status(job)["state"]
+            if before in ("done", "failed", "cancelled"):
+                break
+            other.render(astronaut_id, intr, w2c, 48, 48)
+            other.hello()
+            proven = before == "running" and other.status(job)["state"] == "running"
+    assert proven, "no render finished while the build was running"
+    client.wait(job, timeout=300)
+
+
+def test_several_clients_at_once(service, client, astronaut_id):
+    info = info_of(client, astronaut_id)
+    yaws = [-30.0, 0.0, 30.0, 60.0]
+    expected = {y: client.render(astronaut_id, *front_camera(info, 48, y), 48, 48)["rgb"] for y in yaws}
+    results, failures = {}, []
+
+    def work(yaw):
+        try:
+            with service.client() as c:
+                for _ in range(3):
+                    results[yaw] = c.render(astronaut_id, *front_camera(info, 48, yaw), 48, 48)["rgb"]
+                    assert c.avatars()
+        except Exception as exc:  # collected and asserted below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(y,)) for y in yaws]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures
+    for y in yaws:
+        np.testing.assert_array_equal(results[y], expected[y])
+
+
+def test_cancel_queued_and_running(client, astronaut_png):
+    before = {a["id"] for a in client.avatars()}
+    running = client.build(astronaut_png, name="cancel-running", preset="high")
+    queued = client.build(astronaut_png, name="cancel-queued", preset="fast")
+    assert client.cancel(queued)["state"] == "cancelled"
+    client.cancel(running)
+    for job in (running, queued):
+        with pytest.raises(ProtocolError) as e:
+            client.wait(job, timeout=120)
+        assert e.value.code == errors.CANCELLED
+        assert client.status(job)["state"] == "cancelled"
+    assert {a["id"] for a in client.avatars()} == before
+    with pytest.raises(ProtocolError) as e:
+        client.cancel("nosuchjob")
+    assert e.value.code == errors.NOT_FOUND
+
+
+# -- bad input: a typed error, then the service still answers ---------------------------------
+
+
+def _hdr(**kw):
+    return msgpack.packb({"protocol": 1, "id": "r", **kw})
+
+
+def _render_frames(avatar, **over):
+    fields = {"op": "render", "avatar": avatar, "width": 8, "height": 8, **over.pop("fields", {})}
+    arrays = {"intrinsics": np.array([[10.0, 10, 4, 4]]), "world_to_camera": np.eye(4)[None]}
+    arrays.update(over)
+    return encode(fields, {k: v for k, v in arrays.items() if v is not None})
+
+
+BAD_MESSAGES = {
+    "malformed msgpack": ([b"\xc1\x00\xff"], errors.BAD_REQUEST),
+    "header not a map": ([msgpack.packb("hello")], errors.BAD_REQUEST),
+    "missing frames": ([_hdr(op="build", arrays=[{"name": "image", "dtype": "uint8", "shape": [4]}])],
+                       errors.BAD_REQUEST),
+    "extra frames": ([_hdr(op="hello"), b"x", b"y"], errors.BAD_REQUEST),
+    "wrong byte count": ([_hdr(op="build", arrays=[{"name": "image", "dtype": "uint8", "shape": [4]}]),
+                          b"abc"], errors.BAD_REQUEST),
+    "unknown op": ([_hdr(op="explode")], errors.UNKNOWN_OP),
+    "wrong version": ([msgpack.packb({"protocol": 99, "op": "hello", "id": "r"})],
+                      errors.UNSUPPORTED_VERSION),
+    "no version": ([msgpack.packb({"op": "hello", "id": "r"})], errors.UNSUPPORTED_VERSION),
+    "oversize header": ([_hdr(op="hello", pad="x" * (2 << 20))], errors.TOO_LARGE),
+    "oversize image": (encode({"op": "build"}, {"image": np.zeros(65 << 20, np.uint8)}),
+                       errors.TOO_LARGE),
+    "zero-size image": (encode({"op": "build"}, {"image": np.zeros(0, np.uint8)}), errors.BAD_REQUEST),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(BAD_MESSAGES))
+def test_bad_messages(service, client, name):
+    frames, code = BAD_MESSAGES[name]
+    reply = raw(service.endpoint, frames)
+    assert reply.header["ok"] is False and reply.header["error"]["code"] == code
+    assert reply.header["error"]["message"]
+    assert_serving(client)
+
+
+BAD_RENDERS = {
+    "NaN curves": ({"curves": np.full((1, 52), np.nan, np.float32)}, errors.BAD_REQUEST, "NaN"),
+    "wrong curve count": ({"curves": np.zeros((1, 51), np.float32)}, errors.BAD_REQUEST, "52"),
+    "wrong dtype": ({"intrinsics": np.array([[10, 10, 4, 4]], np.int32)}, errors.BAD_REQUEST, "float"),
+    "wrong shape": ({"world_to_camera": np.eye(3)[None]}, errors.BAD_REQUEST, "shape"),
+    "frame counts disagree": ({"curves": np.zeros((3, 52), np.float32),
+                               "world_to_camera": np.tile(np.eye(4), (2, 1, 1))},
+                              errors.BAD_REQUEST, "disagree"),
+    "mirrored head": ({"head": np.diag([-1.0, 1, 1, 1])[None]}, errors.BAD_REQUEST, "mirror"),
+    "unknown curve name": ({"curves": np.zeros((1, 1), np.float32),
+                            "fields": {"curve_names": ["jawOpenWide"]}},
+                           errors.BAD_REQUEST, "valid names"),
+    "too many pixels": ({"fields": {"width": 4096, "height": 4096},
+                         "intrinsics": np.tile([[10.0, 10, 4, 4]], (20, 1))}, errors.TOO_LARGE, "MiB"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(BAD_RENDERS))
+def test_bad_render_requests(service, client, astronaut_id, name):
+    over, code, words = BAD_RENDERS[name]
+    reply = raw(service.endpoint, _render_frames(astronaut_id, **dict(over)))
+    assert reply.header["error"]["code"] == code, reply.header
+    assert words in reply.header["error"]["message"]
+    assert_serving(client)
+
+
+def test_unknown_avatar(client):
+    for call in (lambda: client.get("nobody"), lambda: client.delete("ffffffffffff"),
+                 lambda: client.render("../../etc", np.ones(4), np.eye(4), 8, 8)):  # fmt: skip
+        with pytest.raises(ProtocolError) as e:
+            call()
+        assert e.value.code == errors.NOT_FOUND
+    assert_serving(client)
+
+
+def _image_variants(astronaut):
+    def save(im, fmt, **kw):
+        buf = io.BytesIO()
+        im.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    im = Image.fromarray(astronaut)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated; EXIF says turn 90° clockwise to view
+    rgba = np.dstack([astronaut, np.full(astronaut.shape[:2], 255, np.uint8)])
+    gray16 = (np.asarray(im.convert("L")).astype(np.uint16) * 257)
+    bomb = save(Image.new("1", (9000, 9000)), "PNG")
+    noise = (np.random.default_rng(1).random((200, 200, 3)) * 255).astype(np.uint8)
+    return {
+        "grayscale": (save(im.convert("L"), "PNG"), None),
+        "rgba": (save(Image.fromarray(rgba, "RGBA"), "PNG"), None),
+        "16-bit": (save(Image.fromarray(gray16), "PNG"), None),
+        "cmyk": (save(im.convert("CMYK"), "JPEG", quality=92), None),
+        "exif-rotated": (save(im.rotate(90, expand=True), "JPEG", exif=exif, quality=92), None),
+        "not an image": (b"GIF89a but not really", errors.BAD_IMAGE),
+        "truncated": (save(im, "JPEG")[:3000], errors.BAD_IMAGE),
+        "decompression bomb": (bomb, errors.TOO_LARGE),
+        "no face": (encode_png(noise), errors.NO_FACE),
+    }
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["grayscale", "rgba", "16-bit", "cmyk", "exif-rotated", "not an image", "truncated",
+     "decompression bomb", "no face"],
+)  # fmt: skip
+def test_photo_variants_build_or_fail_clearly(client, astronaut, variant):
+    data, code = _image_variants(astronaut)[variant]
+    job = client.build(data, name=f"variant-{variant}", preset="fast")
+    if code is None:
+        st = client.wait(job, timeout=300)
+        meta = client.get(st["avatar_id"], mesh=False, rig=False).header["meta"]
+        assert meta["source"] == {"width": 512, "height": 512}  # EXIF turned it upright
+        client.delete(st["avatar_id"])
+    else:
+        with pytest.raises(ProtocolError) as e:
+            client.wait(job, timeout=300)
+        assert e.value.code == code and e.value.message
+        assert client.status(job)["state"] == "failed"
+    assert_serving(client)
+
+
+# -- process life: kill -9, restart, SIGTERM, clients that outlive services ----------------
+
+
+def test_kill9_mid_build_keeps_the_store_whole(tmp_path, astronaut_png):
+    store = tmp_path / "store"
+    svc = ServiceProcess(store)
+    with svc.client() as c:
+        done = c.wait(c.build(astronaut_png, name="first", preset="fast"), timeout=300)["avatar_id"]
+        job = c.build(astronaut_png, name="second", preset="high")
+        deadline = time.monotonic() + 120
+        while c.status(job)["stage"] not in ("finish", "save") and time.monotonic() < deadline:
+            time.sleep(0.005)
+    svc.kill()  # in the middle of (or right before) writing the second avatar
+    svc = ServiceProcess(store)
+    try:
+        with svc.client() as c:
+            listed = c.avatars()
+            ids = [a["id"] for a in listed]
+            assert done in ids and set(ids) <= {done} | {a["id"] for a in listed if a["name"] == "second"}
+            for a in listed:  # whatever is listed is whole
+                assert c.get(a["id"]).arrays["vertices"].shape[1] == 3
+        assert not [p for p in store.iterdir() if p.name.startswith(".tmp-")]
+    finally:
+        svc.stop()
+
+
+def test_sigterm_stops_cleanly_during_a_build(tmp_path, astronaut_png):
+    svc = ServiceProcess(tmp_path / "store")
+    with svc.client() as c:
+        c.build(astronaut_png, preset="high")
+    t = time.monotonic()
+    assert svc.stop(timeout=60) == 0
+    assert time.monotonic() - t < 30
+
+
+def test_client_recovers_when_the_service_restarts(tmp_path):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    svc = ServiceProcess(tmp_path / "store", endpoint)
+    with Client(endpoint, timeout=2, retries=1) as c:
+        assert_serving(c)
+        svc.stop()
+        t = time.monotonic()
+        with pytest.raises(ProtocolError) as e:
+            c.hello()
+        assert e.value.code == errors.TIMEOUT and "is the service running" in e.value.message
+        assert time.monotonic() - t < 10  # two bounded attempts, no hang
+        svc = ServiceProcess(tmp_path / "store", endpoint)
+        try:
+            c.retries = 5
+            assert_serving(c)
+        finally:
+            svc.stop()
+
+
+def test_curve_security(tmp_path):
+    keys, stranger = tmp_path / "keys", tmp_path / "stranger"
+    for folder in (keys, stranger):
+        subprocess.run([sys.executable, "-m", "inference_service", "keys", str(folder)],
+                       check=True, cwd=REPO, capture_output=True)  # fmt: skip
+    svc = ServiceProcess(tmp_path / "store", extra=("--curve-keys", str(keys)))
+    try:
+        with Client(svc.endpoint, timeout=10, curve=CurveKeys.from_dir(keys)) as c:
+            assert_serving(c)
+        wrong = CurveKeys.from_dir(stranger)
+        impostor = CurveKeys(CurveKeys.from_dir(keys).server_public, wrong.public, wrong.secret)
+        for curve in (impostor, None):
+            with Client(svc.endpoint, timeout=1.5, retries=0, curve=curve) as c:
+                with pytest.raises(ProtocolError) as e:
+                    c.hello()
+                assert e.value.code == errors.TIMEOUT
+    finally:
+        svc.stop()
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://0.0.0.0:0", "tcp://*:0"])
+def test_non_loopback_needs_curve_keys(tmp_path, endpoint):
+    r = subprocess.run(
+        [sys.executable, "-m", "inference_service", "serve", "--endpoint", endpoint,
+         "--store", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2 and "--curve-keys" in r.stderr

@@ -1,0 +1,192 @@
+"""The avatar store (atomic, validated, confined), the .ply layout, and posing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from plyfile import PlyData
+
+from inference_service.avatar import Avatar, BoundGaussians
+from inference_service.export.ply import ply_bytes, property_names
+from inference_service.geometry import quat_to_rotmat, rotmat_to_quat
+from inference_service.posing import pose, split_transform
+from inference_service.store import Store
+from protocol import errors
+from protocol.arkit import index_of
+from protocol.errors import ProtocolError
+
+
+def tiny_avatar(avatar_id="0123456789ab", sh_degree=0, n=5, seed=0) -> Avatar:
+    rng = np.random.default_rng(seed)
+    verts = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32) * 0.1
+    tris = np.array([[0, 1, 2], [0, 3, 1]], np.int32)
+    deltas = np.zeros((52, 4, 3), np.float32)
+    deltas[index_of("jawOpen"), 3] = [0, 0, -0.05]  # moves vertex 3 down
+    bary = rng.dirichlet(np.ones(3), n).astype(np.float32)
+    g = BoundGaussians(
+        triangle=(np.arange(n) % 2).astype(np.int32),
+        bary=bary,
+        offset=np.zeros(n, np.float32),
+        rotation=np.tile(np.array([1, 0, 0, 0], np.float32), (n, 1)),
+        log_scale=np.full((n, 3), np.log(0.01), np.float32),
+        opacity_logit=np.zeros(n, np.float32),
+        sh=rng.normal(size=(n, (sh_degree + 1) ** 2, 3)).astype(np.float32),
+    )
+    return Avatar(avatar_id, "tiny", verts, tris, deltas, g, np.array([100.0, 100, 32, 32]),
+                  np.eye(4), {"created": "2026-01-01T00:00:00"})  # fmt: skip
+
+
+def test_store_round_trip_and_listing(tmp_path):
+    store = Store(tmp_path)
+    av = tiny_avatar()
+    store.save(av)
+    back = store.load(av.id)
+    np.testing.assert_array_equal(back.gaussians.sh, av.gaussians.sh)
+    np.testing.assert_array_equal(back.vertices, av.vertices)
+    (entry,) = store.list()
+    assert entry["id"] == av.id and entry["name"] == "tiny" and len(entry["center"]) == 3
+    assert store.resolve("tiny") == av.id and store.resolve(av.id) == av.id
+    with pytest.raises(ProtocolError):
+        store.save(av)  # an id is never overwritten
+    store.delete(av.id)
+    assert store.list() == []
+    with pytest.raises(ProtocolError) as e:
+        store.load(av.id)
+    assert e.value.code == errors.NOT_FOUND
+
+
+@pytest.mark.parametrize("ref", ["../etc", "/etc/passwd", "..", "0123456789ab/../../x", ".tmp-x"])
+def test_ids_cannot_escape_the_store(tmp_path, ref):
+    store = Store(tmp_path / "s")
+    for call in (store.load, store.delete, store.resolve, store.meta):
+        with pytest.raises(ProtocolError) as e:
+            call(ref)
+        assert e.value.code == errors.NOT_FOUND
+
+
+def test_damaged_avatars_are_skipped_and_refused(tmp_path):
+    store = Store(tmp_path)
+    good, bad = tiny_avatar("aaaaaaaaaaaa"), tiny_avatar("bbbbbbbbbbbb")
+    store.save(good)
+    store.save(bad)
+    npz = tmp_path / bad.id / "avatar.npz"
+    data = bytearray(npz.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    npz.write_bytes(bytes(data))
+    with pytest.raises(ProtocolError, match="damaged"):
+        store.load(bad.id)
+    (tmp_path / "cccccccccccc").mkdir()  # no meta.json
+    (tmp_path / "dddddddddddd").mkdir()
+    (tmp_path / "dddddddddddd" / "meta.json").write_text("{not json")
+    assert [m["id"] for m in store.list()] == ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]
+
+
+def test_unfinished_saves_are_removed_on_start(tmp_path):
+    (tmp_path / ".tmp-0123456789ab-dead").mkdir()
+    (tmp_path / ".tmp-0123456789ab-dead" / "avatar.npz").write_bytes(b"half")
+    store = Store(tmp_path)
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+    assert store.list() == []
+
+
+def test_invalid_avatar_is_not_saved(tmp_path):
+    av = tiny_avatar()
+    broken = Avatar(av.id, av.name, av.vertices, av.triangles, av.shape_deltas,
+                    BoundGaussians(**{**av.gaussians.__dict__,
+                                      "triangle": np.full(5, 99, np.int32)}),
+                    av.photo_intrinsics, av.photo_world_to_camera, av.meta)  # fmt: skip
+    with pytest.raises(ValueError, match="triangle out of range"):
+        Store(tmp_path).save(broken)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ply_has_inria_layout_and_values():
+    av = tiny_avatar(sh_degree=1)
+    posed = pose(av)
+    ply = PlyData.read(__import__("io").BytesIO(ply_bytes(posed)))
+    v = ply["vertex"]
+    names = [p.name for p in v.properties]
+    assert names == property_names(4)
+    assert names[:9] == ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+    assert names[9:18] == [f"f_rest_{i}" for i in range(9)]
+    assert names[-8:] == ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    assert all(p.val_dtype in ("f4", "float32") for p in v.properties)
+    assert ply.text is False and ply.byte_order == "<"
+    np.testing.assert_allclose(np.stack([v["x"], v["y"], v["z"]], 1), posed.means, atol=1e-6)
+    sh = av.gaussians.sh
+    # f_rest is channel-major: all red coefficients first, then green, then blue
+    np.testing.assert_allclose(v["f_rest_0"], sh[:, 1, 0], atol=1e-6)
+    np.testing.assert_allclose(v["f_rest_2"], sh[:, 3, 0], atol=1e-6)
+    np.testing.assert_allclose(v["f_rest_3"], sh[:, 1, 1], atol=1e-6)
+    np.testing.assert_allclose(v["f_rest_8"], sh[:, 3, 2], atol=1e-6)
+    np.testing.assert_allclose(1 / (1 + np.exp(-v["opacity"])), posed.opacities, atol=1e-6)
+    np.testing.assert_allclose(np.exp(v["scale_0"]), posed.scales[:, 0], rtol=1e-5)
+    q = np.stack([v[f"rot_{i}"] for i in range(4)], 1)
+    np.testing.assert_allclose(np.abs((q * posed.quats).sum(1)), 1, atol=1e-6)
+
+
+def test_quaternion_round_trip():
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(100, 4))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    back = rotmat_to_quat(quat_to_rotmat(q))
+    np.testing.assert_allclose(np.abs((back * q).sum(1)), 1, atol=1e-9)
+
+
+def test_rest_pose_puts_gaussians_on_their_triangles():
+    av = tiny_avatar()
+    p = pose(av)
+    corners = av.vertices[av.triangles[av.gaussians.triangle]]
+    np.testing.assert_allclose(p.means, np.einsum("nk,nkc->nc", av.gaussians.bary, corners), atol=1e-7)
+    np.testing.assert_allclose(p.opacities, 0.5)
+    np.testing.assert_allclose(p.scales, 0.01, rtol=1e-6)
+
+
+def test_shape_weights_move_gaussians_with_their_triangles():
+    av = tiny_avatar(n=40)
+    w = np.zeros(52, np.float32)
+    w[index_of("jawOpen")] = 1.0
+    rest, posed = pose(av), pose(av, w)
+    on_moving = av.gaussians.triangle == 1  # triangle 1 uses vertex 3
+    dz = posed.means[:, 2] - rest.means[:, 2]
+    expect = -0.05 * av.gaussians.bary[:, 1]  # vertex 3 is corner 1 of triangle [0, 3, 1]
+    np.testing.assert_allclose(dz[on_moving], expect[on_moving], atol=1e-7)
+    assert np.all(dz[~on_moving] == 0)
+
+
+def test_head_transform_moves_rotates_and_scales():
+    av = tiny_avatar()
+    rest = pose(av)
+    angle = np.pi / 3
+    r = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    m = np.eye(4)
+    m[:3, :3] = 2.0 * r
+    m[:3, 3] = [1, 2, 3]
+    p = pose(av, None, m)
+    np.testing.assert_allclose(p.means, 2.0 * rest.means @ r.T + [1, 2, 3], atol=1e-9)
+    np.testing.assert_allclose(p.scales, 2.0 * rest.scales, rtol=1e-9)
+    np.testing.assert_allclose(quat_to_rotmat(p.quats), r @ quat_to_rotmat(rest.quats), atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "m, words",
+    [
+        (np.diag([1.0, 1.0, -1.0, 1.0]), "mirror"),
+        (np.diag([1.0, 2.0, 1.0, 1.0]), "uniform scale"),
+        (np.array([[1, 0.5, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]), "uniform scale"),
+        (np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1.0]]), "last row"),
+    ],
+)
+def test_bad_head_transforms(m, words):
+    with pytest.raises(ValueError, match=words):
+        split_transform(m)
+
+
+def test_meta_json_is_plain_json(tmp_path):
+    store = Store(tmp_path)
+    av = tiny_avatar()
+    store.save(av)
+    meta = json.loads((tmp_path / av.id / "meta.json").read_text())
+    assert meta["format_version"] == 1 and len(meta["sha256"]) == 64
