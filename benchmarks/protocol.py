@@ -114,8 +114,16 @@ def service_render(ctx) -> dict:
             sh=np.zeros((1, 1, 3), np.float32),
         )  # fmt: skip
         verts = np.array([[0, 0, 0], [0.1, 0, 0], [0, 0, 0.1]], np.float32)
-        av = Avatar("0000000000aa", "one", verts, np.array([[0, 1, 2]], np.int32),
-                    np.zeros((52, 3, 3), np.float32), g, np.array([1.0, 1, 0, 0]), np.eye(4))
+        av = Avatar(
+            "0000000000aa",
+            "one",
+            verts,
+            np.array([[0, 1, 2]], np.int32),
+            np.zeros((52, 3, 3), np.float32),
+            g,
+            np.array([1.0, 1, 0, 0]),
+            np.eye(4),
+        )
         Store(store).save(av)
         svc = ServiceProcess(store)
         try:
@@ -123,8 +131,12 @@ def service_render(ctx) -> dict:
             w2c = np.eye(4)
             w2c[:3, 3] = [0, 0, 1]
             with Client(svc.endpoint, context=ctx) as c:
-                return timed(lambda: c.render(av.id, intr, w2c, SIZE, SIZE,
-                                              passes=("rgb", "alpha", "depth")), REPEAT)
+                return timed(
+                    lambda: c.render(
+                        av.id, intr, w2c, SIZE, SIZE, passes=("rgb", "alpha", "depth")
+                    ),
+                    REPEAT,
+                )
         finally:
             svc.stop()
 

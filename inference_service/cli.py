@@ -499,8 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="require CurveZMQ: DIR holds server.key_secret and authorized_clients/",
     )
-    sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
-                    help="what the service logs to stderr (default: info)")
+    sp.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="what the service logs to stderr (default: info)",
+    )
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("keys", help="make CurveZMQ keys for a service and a client")
@@ -583,8 +587,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("demo", help="build, animate, render and export a sample portrait")
     sp.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
-    sp.add_argument("--preset", default="default", choices=("fast", "default", "high"),
-                    help="build preset (default: default)")
+    sp.add_argument(
+        "--preset",
+        default="default",
+        choices=("fast", "default", "high"),
+        help="build preset (default: default)",
+    )
     sp.add_argument("--size", type=int, default=384, help="frame size in pixels (default: 384)")
     common(sp)
     sp.set_defaults(func=cmd_demo)

@@ -107,6 +107,7 @@ class Service:
         self._ctx = zmq.Context()
         self._reply_addr = f"inproc://replies-{uuid.uuid4().hex}"
         self._local = threading.local()
+        self._pushes: list[zmq.Socket] = []
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -155,6 +156,8 @@ class Service:
             log.info("stopping")
             self.jobs.shutdown()
             self._pool.shutdown(wait=True, cancel_futures=True)
+            for push in self._pushes:  # pool threads are done with them
+                push.close(0)
             router.close(0)
             replies.close(0)
             if auth is not None:
@@ -257,6 +260,7 @@ class Service:
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(self._reply_addr)
             self._local.push = sock
+            self._pushes.append(sock)
         sock.send_multipart([identity, *reply], copy=False)
 
     def _avatar(self, ref: str) -> Avatar:

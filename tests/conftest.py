@@ -40,7 +40,7 @@ class ServiceProcess:
         def read() -> None:
             for line in self.proc.stdout:
                 if line.startswith(READY):
-                    found.append(line[len(READY):].strip())
+                    found.append(line[len(READY) :].strip())
                     return
 
         t = threading.Thread(target=read, daemon=True)

@@ -76,7 +76,11 @@ def test_export_frame_and_range(tmp_path, service, astronaut_id):
     folder = tmp_path / "seq"
     r = last_json(run("export", astronaut_id, "--endpoint", service.endpoint, "--out", folder,
                       "--curves", npy, "--range", "1:3", "--json"))  # fmt: skip
-    assert [Path(f).name for f in r["files"]] == ["frame_00001.ply", "frame_00002.ply", "frame_00003.ply"]
+    assert [Path(f).name for f in r["files"]] == [
+        "frame_00001.ply",
+        "frame_00002.ply",
+        "frame_00003.ply",
+    ]
     a, b = (PlyData.read(folder / f"frame_0000{i}.ply")["vertex"] for i in (1, 3))
     assert not np.allclose(a["x"], b["x"])
     bad = run("export", astronaut_id, "--endpoint", service.endpoint, "--out", folder,
@@ -124,8 +128,11 @@ def test_every_option_is_documented():
 
 
 def test_live_link_face_style_csv(tmp_path):
-    header = ["Timecode", "BlendShapeCount"] + [n[0].upper() + n[1:] for n in ARKIT_NAMES] + [
-        "HeadYaw", "HeadPitch", "HeadRoll"]
+    header = (
+        ["Timecode", "BlendShapeCount"]
+        + [n[0].upper() + n[1:] for n in ARKIT_NAMES]
+        + ["HeadYaw", "HeadPitch", "HeadRoll"]
+    )
     row = ["00:00:00:01.0", "61"] + ["0"] * 52 + ["0.1", "0", "0"]
     row[2 + index_of("jawOpen")] = "0.75"
     f = tmp_path / "llf.csv"

@@ -59,25 +59,52 @@ def header(**kw):
         ([b"\xc1\xc1\xc1"], errors.BAD_REQUEST, "msgpack"),
         ([msgpack.packb([1, 2])], errors.BAD_REQUEST, "map"),
         ([header(arrays="no")], errors.BAD_REQUEST, "list"),
-        ([header(arrays=[{"name": "a", "dtype": "float32", "shape": [2]}])],
-         errors.BAD_REQUEST, "1 arrays but 0"),
+        (
+            [header(arrays=[{"name": "a", "dtype": "float32", "shape": [2]}])],
+            errors.BAD_REQUEST,
+            "1 arrays but 0",
+        ),
         ([header(), b"extra"], errors.BAD_REQUEST, "0 arrays but 1"),
-        ([header(arrays=[{"name": "a", "dtype": "float32", "shape": [2]}]), b"\0" * 7],
-         errors.BAD_REQUEST, "needs 8 bytes"),
-        ([header(arrays=[{"name": "a", "dtype": "object", "shape": [1]}]), b"\0"],
-         errors.BAD_REQUEST, "dtype"),
-        ([header(arrays=[{"name": "a", "dtype": "uint8", "shape": [-1]}]), b""],
-         errors.BAD_REQUEST, "shape"),
-        ([header(arrays=[{"name": "a", "dtype": "uint8", "shape": [1.5]}]), b""],
-         errors.BAD_REQUEST, "shape"),
-        ([header(arrays=[{"name": "a", "dtype": "uint8", "shape": [1] * 9}]), b"\0"],
-         errors.BAD_REQUEST, "shape"),
-        ([header(arrays=[{"name": "", "dtype": "uint8", "shape": [1]}]), b"\0"],
-         errors.BAD_REQUEST, "name"),
-        ([header(arrays=[{"name": "a", "dtype": "uint8", "shape": [1]}] * 2), b"\0", b"\0"],
-         errors.BAD_REQUEST, "twice"),
-        ([header(arrays=[{"name": "a", "dtype": "float64", "shape": [1 << 28]}]), b""],
-         errors.TOO_LARGE, "limit"),
+        (
+            [header(arrays=[{"name": "a", "dtype": "float32", "shape": [2]}]), b"\0" * 7],
+            errors.BAD_REQUEST,
+            "needs 8 bytes",
+        ),
+        (
+            [header(arrays=[{"name": "a", "dtype": "object", "shape": [1]}]), b"\0"],
+            errors.BAD_REQUEST,
+            "dtype",
+        ),
+        (
+            [header(arrays=[{"name": "a", "dtype": "uint8", "shape": [-1]}]), b""],
+            errors.BAD_REQUEST,
+            "shape",
+        ),
+        (
+            [header(arrays=[{"name": "a", "dtype": "uint8", "shape": [1.5]}]), b""],
+            errors.BAD_REQUEST,
+            "shape",
+        ),
+        (
+            [header(arrays=[{"name": "a", "dtype": "uint8", "shape": [1] * 9}]), b"\0"],
+            errors.BAD_REQUEST,
+            "shape",
+        ),
+        (
+            [header(arrays=[{"name": "", "dtype": "uint8", "shape": [1]}]), b"\0"],
+            errors.BAD_REQUEST,
+            "name",
+        ),
+        (
+            [header(arrays=[{"name": "a", "dtype": "uint8", "shape": [1]}] * 2), b"\0", b"\0"],
+            errors.BAD_REQUEST,
+            "twice",
+        ),
+        (
+            [header(arrays=[{"name": "a", "dtype": "float64", "shape": [1 << 28]}]), b""],
+            errors.TOO_LARGE,
+            "limit",
+        ),
         ([header(pad="x" * (2 << 20))], errors.TOO_LARGE, "header"),
     ],
 )
@@ -105,8 +132,14 @@ def test_fuzz_random_frames_never_crash(frames):
 
 
 _values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 

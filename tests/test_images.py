@@ -43,7 +43,7 @@ def test_grayscale_and_16bit_become_grey_rgb():
     g = np.tile(np.linspace(0, 255, 40).astype(np.uint8), (30, 1))
     out = decode_image(save(Image.fromarray(g, "L"), "PNG"))
     assert out.shape == (30, 40, 3) and np.array_equal(out[..., 0], out[..., 2])
-    g16 = (g.astype(np.uint16) * 257)
+    g16 = g.astype(np.uint16) * 257
     out16 = decode_image(save(Image.fromarray(g16), "PNG"))
     assert out16.shape == (30, 40, 3)
     assert np.abs(out16[..., 0].astype(int) - g).max() <= 1

@@ -147,7 +147,9 @@ def test_progress_events(client, astronaut_png):
 # -- concurrency, cancel ------------------------------------------------------------
 
 
-def test_queries_and_renders_answered_while_a_build_runs(service, client, astronaut_id, astronaut_png):
+def test_queries_and_renders_answered_while_a_build_runs(
+    service, client, astronaut_id, astronaut_png
+):
     info = info_of(client, astronaut_id)
     intr, w2c = front_camera(info, 48)
     job = client.build(astronaut_png, name="busy", preset="high")
@@ -167,14 +169,18 @@ def test_queries_and_renders_answered_while_a_build_runs(service, client, astron
 def test_several_clients_at_once(service, client, astronaut_id):
     info = info_of(client, astronaut_id)
     yaws = [-30.0, 0.0, 30.0, 60.0]
-    expected = {y: client.render(astronaut_id, *front_camera(info, 48, y), 48, 48)["rgb"] for y in yaws}
+    expected = {
+        y: client.render(astronaut_id, *front_camera(info, 48, y), 48, 48)["rgb"] for y in yaws
+    }
     results, failures = {}, []
 
     def work(yaw):
         try:
             with service.client() as c:
                 for _ in range(3):
-                    results[yaw] = c.render(astronaut_id, *front_camera(info, 48, yaw), 48, 48)["rgb"]
+                    results[yaw] = c.render(astronaut_id, *front_camera(info, 48, yaw), 48, 48)[
+                        "rgb"
+                    ]
                     assert c.avatars()
         except Exception as exc:  # collected and asserted below
             failures.append(exc)
@@ -223,20 +229,31 @@ def _render_frames(avatar, **over):
 BAD_MESSAGES = {
     "malformed msgpack": ([b"\xc1\x00\xff"], errors.BAD_REQUEST),
     "header not a map": ([msgpack.packb("hello")], errors.BAD_REQUEST),
-    "missing frames": ([_hdr(op="build", arrays=[{"name": "image", "dtype": "uint8", "shape": [4]}])],
-                       errors.BAD_REQUEST),
+    "missing frames": (
+        [_hdr(op="build", arrays=[{"name": "image", "dtype": "uint8", "shape": [4]}])],
+        errors.BAD_REQUEST,
+    ),
     "extra frames": ([_hdr(op="hello"), b"x", b"y"], errors.BAD_REQUEST),
-    "wrong byte count": ([_hdr(op="build", arrays=[{"name": "image", "dtype": "uint8", "shape": [4]}]),
-                          b"abc"], errors.BAD_REQUEST),
+    "wrong byte count": (
+        [_hdr(op="build", arrays=[{"name": "image", "dtype": "uint8", "shape": [4]}]), b"abc"],
+        errors.BAD_REQUEST,
+    ),
     "unknown op": ([_hdr(op="explode")], errors.UNKNOWN_OP),
-    "wrong version": ([msgpack.packb({"protocol": 99, "op": "hello", "id": "r"})],
-                      errors.UNSUPPORTED_VERSION),
+    "wrong version": (
+        [msgpack.packb({"protocol": 99, "op": "hello", "id": "r"})],
+        errors.UNSUPPORTED_VERSION,
+    ),
     "no version": ([msgpack.packb({"op": "hello", "id": "r"})], errors.UNSUPPORTED_VERSION),
     "oversize header": ([_hdr(op="hello", pad="x" * (2 << 20))], errors.TOO_LARGE),
-    "oversize image": (encode({"op": "build"}, {"image": np.zeros(65 << 20, np.uint8)}),
-                       errors.TOO_LARGE),
-    "zero-size image": (encode({"op": "build"}, {"image": np.zeros(0, np.uint8)}), errors.BAD_REQUEST),
-}  # fmt: skip
+    "oversize image": (
+        encode({"op": "build"}, {"image": np.zeros(65 << 20, np.uint8)}),
+        errors.TOO_LARGE,
+    ),
+    "zero-size image": (
+        encode({"op": "build"}, {"image": np.zeros(0, np.uint8)}),
+        errors.BAD_REQUEST,
+    ),
+}
 
 
 @pytest.mark.parametrize("name", list(BAD_MESSAGES))
@@ -251,18 +268,32 @@ def test_bad_messages(service, client, name):
 BAD_RENDERS = {
     "NaN curves": ({"curves": np.full((1, 52), np.nan, np.float32)}, errors.BAD_REQUEST, "NaN"),
     "wrong curve count": ({"curves": np.zeros((1, 51), np.float32)}, errors.BAD_REQUEST, "52"),
-    "wrong dtype": ({"intrinsics": np.array([[10, 10, 4, 4]], np.int32)}, errors.BAD_REQUEST, "float"),
+    "wrong dtype": (
+        {"intrinsics": np.array([[10, 10, 4, 4]], np.int32)},
+        errors.BAD_REQUEST,
+        "float",
+    ),
     "wrong shape": ({"world_to_camera": np.eye(3)[None]}, errors.BAD_REQUEST, "shape"),
-    "frame counts disagree": ({"curves": np.zeros((3, 52), np.float32),
-                               "world_to_camera": np.tile(np.eye(4), (2, 1, 1))},
-                              errors.BAD_REQUEST, "disagree"),
+    "frame counts disagree": (
+        {"curves": np.zeros((3, 52), np.float32), "world_to_camera": np.tile(np.eye(4), (2, 1, 1))},
+        errors.BAD_REQUEST,
+        "disagree",
+    ),
     "mirrored head": ({"head": np.diag([-1.0, 1, 1, 1])[None]}, errors.BAD_REQUEST, "mirror"),
-    "unknown curve name": ({"curves": np.zeros((1, 1), np.float32),
-                            "fields": {"curve_names": ["jawOpenWide"]}},
-                           errors.BAD_REQUEST, "valid names"),
-    "too many pixels": ({"fields": {"width": 4096, "height": 4096},
-                         "intrinsics": np.tile([[10.0, 10, 4, 4]], (20, 1))}, errors.TOO_LARGE, "MiB"),
-}  # fmt: skip
+    "unknown curve name": (
+        {"curves": np.zeros((1, 1), np.float32), "fields": {"curve_names": ["jawOpenWide"]}},
+        errors.BAD_REQUEST,
+        "valid names",
+    ),
+    "too many pixels": (
+        {
+            "fields": {"width": 4096, "height": 4096},
+            "intrinsics": np.tile([[10.0, 10, 4, 4]], (20, 1)),
+        },
+        errors.TOO_LARGE,
+        "MiB",
+    ),
+}
 
 
 @pytest.mark.parametrize("name", list(BAD_RENDERS))
@@ -293,7 +324,7 @@ def _image_variants(astronaut):
     exif = Image.Exif()
     exif[0x0112] = 6  # stored rotated; EXIF says turn 90° clockwise to view
     rgba = np.dstack([astronaut, np.full(astronaut.shape[:2], 255, np.uint8)])
-    gray16 = (np.asarray(im.convert("L")).astype(np.uint16) * 257)
+    gray16 = np.asarray(im.convert("L")).astype(np.uint16) * 257
     bomb = save(Image.new("1", (9000, 9000)), "PNG")
     noise = (np.random.default_rng(1).random((200, 200, 3)) * 255).astype(np.uint8)
     return {
@@ -348,7 +379,9 @@ def test_kill9_mid_build_keeps_the_store_whole(tmp_path, astronaut_png):
         with svc.client() as c:
             listed = c.avatars()
             ids = [a["id"] for a in listed]
-            assert done in ids and set(ids) <= {done} | {a["id"] for a in listed if a["name"] == "second"}
+            assert done in ids and set(ids) <= {done} | {
+                a["id"] for a in listed if a["name"] == "second"
+            }
             for a in listed:  # whatever is listed is whole
                 assert c.get(a["id"]).arrays["vertices"].shape[1] == 3
         assert not [p for p in store.iterdir() if p.name.startswith(".tmp-")]
@@ -359,6 +392,8 @@ def test_kill9_mid_build_keeps_the_store_whole(tmp_path, astronaut_png):
 def test_sigterm_stops_cleanly_during_a_build(tmp_path, astronaut_png):
     svc = ServiceProcess(tmp_path / "store")
     with svc.client() as c:
+        first = c.wait(c.build(astronaut_png, preset="fast"), timeout=300)["avatar_id"]
+        c.render(first, *front_camera(info_of(c, first), 32), 32, 32)  # pool threads in use
         c.build(astronaut_png, preset="high")
     t = time.monotonic()
     assert svc.stop(timeout=60) == 0

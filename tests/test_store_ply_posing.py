@@ -111,7 +111,16 @@ def test_ply_has_inria_layout_and_values():
     assert names == property_names(4)
     assert names[:9] == ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
     assert names[9:18] == [f"f_rest_{i}" for i in range(9)]
-    assert names[-8:] == ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    assert names[-8:] == [
+        "opacity",
+        "scale_0",
+        "scale_1",
+        "scale_2",
+        "rot_0",
+        "rot_1",
+        "rot_2",
+        "rot_3",
+    ]
     assert all(p.val_dtype in ("f4", "float32") for p in v.properties)
     assert ply.text is False and ply.byte_order == "<"
     np.testing.assert_allclose(np.stack([v["x"], v["y"], v["z"]], 1), posed.means, atol=1e-6)
@@ -139,7 +148,9 @@ def test_rest_pose_puts_gaussians_on_their_triangles():
     av = tiny_avatar()
     p = pose(av)
     corners = av.vertices[av.triangles[av.gaussians.triangle]]
-    np.testing.assert_allclose(p.means, np.einsum("nk,nkc->nc", av.gaussians.bary, corners), atol=1e-7)
+    np.testing.assert_allclose(
+        p.means, np.einsum("nk,nkc->nc", av.gaussians.bary, corners), atol=1e-7
+    )
     np.testing.assert_allclose(p.opacities, 0.5)
     np.testing.assert_allclose(p.scales, 0.01, rtol=1e-6)
 
