@@ -37,6 +37,7 @@ def render_frames(
     near: float = 0.01,
     far: float = 100.0,
     check=lambda i, n: None,
+    backend: str = "auto",
 ) -> dict[str, np.ndarray]:
     """Render every frame; ``check(i, n)`` is called before each (it may raise to stop).
 

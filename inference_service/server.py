@@ -131,6 +131,7 @@ class Service:
         poller.register(router, zmq.POLLIN)
         poller.register(replies, zmq.POLLIN)
         log.info("listening on %s (device %s, store %s)", self.bound, self.device, self.store.root)
+        threading.Thread(target=kernels.warmup, args=(self.device,), daemon=True).start()
         if ready is not None:
             ready(self.bound)
         try:
@@ -284,7 +285,7 @@ class Service:
             "service_version": __version__,
             "protocol_versions": [PROTOCOL_VERSION],
             "backend": self.device,
-            "rasterizer": "reference",
+            "rasterizer": self.device,
             "capabilities": {
                 "ops": list(messages.OPS),
                 "passes": list(messages.PASSES),
@@ -408,6 +409,7 @@ class Service:
             fields["near"],
             fields["far"],
             check=lambda i, n: self._check_stop(),
+            backend=self.device,
         )
         return {"frames": f, "width": w, "height": h, "passes": list(passes)}, out
 

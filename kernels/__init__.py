@@ -1,44 +1,70 @@
 """Gaussian rasterization behind one call, ``rasterize``, whatever the backend.
 
-Backends: ``reference`` (numpy, slow, the ground truth). The fast CPU kernels and the
-CUDA path through gsplat plug in behind the same signature. Importing this package is
-cheap: backends load on first use.
+Backends:
+- ``cpu``: our tiled numba kernels, forward and backward (``cpu.py``);
+- ``cuda``: gsplat's rasterizer, only when CUDA is present (gsplat has no CPU path);
+- ``reference``: numpy, slow, obviously correct: the ground truth tests compare against.
+
+``auto`` picks cuda when available, else cpu. Importing this package is cheap: torch,
+numba and gsplat load on first use.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Any
 
 import numpy as np
 
 from .reference import rasterize_reference
 from .types import Camera, Passes
 
-BACKENDS = ("reference",)
+BACKENDS = ("cpu", "cuda", "reference")
 PASS_NAMES = ("rgb", "alpha", "depth", "normal")
 
 
+@functools.cache
 def has_cuda() -> bool:
-    """True when torch sees a CUDA device (gsplat's rasterizer needs one)."""
+    """True when torch sees a CUDA device and gsplat imports (its rasterizer needs one)."""
     try:
         import torch
     except ImportError:
         return False
-    return bool(torch.cuda.is_available())
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import gsplat  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_backend() -> str:
+    return "cuda" if has_cuda() else "cpu"
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
 
 
 def rasterize(
-    means: np.ndarray,  # [N, 3]
-    quats: np.ndarray,  # [N, 4] wxyz
-    scales: np.ndarray,  # [N, 3]
-    opacities: np.ndarray,  # [N]
-    colors: np.ndarray,  # [N, 3] or SH [N, K, 3]
+    means,  # [N, 3] world metres
+    quats,  # [N, 4] (w, x, y, z), need not be normalised
+    scales,  # [N, 3] metres (not log)
+    opacities,  # [N] in [0, 1]
+    colors,  # [N, 3] linear colour, or SH coefficients [N, K, 3], K = 1, 4, 9 or 16
     camera: Camera,
     width: int,
     height: int,
     passes: tuple[str, ...] = ("rgb", "alpha", "depth"),
-    background: np.ndarray | None = None,  # [3]
+    background=None,  # [3] linear colour behind the Gaussians; None = black
     backend: str = "auto",
 ) -> Passes:
     """Render Gaussians into the requested passes (see :class:`Passes` for units).
+
+    numpy in, numpy out (float32). torch tensors in, torch tensors out: with the cpu and
+    cuda backends ``rgb`` and ``alpha`` are differentiable with respect to every input
+    tensor, so torch optimisers can fit Gaussians; ``depth`` and ``normal`` are not.
 
     Example::
 
@@ -48,11 +74,56 @@ def rasterize(
     unknown = set(passes) - set(PASS_NAMES)
     if unknown:
         raise ValueError(f"unknown passes {sorted(unknown)}; valid: {', '.join(PASS_NAMES)}")
-    if backend not in ("auto", *BACKENDS):
+    if backend == "auto":
+        backend = default_backend()
+    if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
-    return rasterize_reference(
-        means, quats, scales, opacities, colors, camera, width, height, passes, background
-    )
+    if backend == "cuda" and not has_cuda():
+        raise RuntimeError("the cuda backend needs a CUDA device and gsplat")
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+
+    torch_in = _is_torch(means)
+    if backend == "reference":
+        args = [a.detach().cpu().numpy() if _is_torch(a) else a
+                for a in (means, quats, scales, opacities, colors)]  # fmt: skip
+        bg = background.detach().cpu().numpy() if _is_torch(background) else background
+        out = rasterize_reference(*args, camera, width, height, passes, bg)
+        if not torch_in:
+            return out
+        import torch
+
+        return Passes(**{k: None if v is None else torch.from_numpy(v)
+                         for k, v in out.__dict__.items()})  # fmt: skip
+
+    import torch
+
+    if backend == "cuda":
+        from .cuda import rasterize_cuda as run
+    else:
+        from .cpu import rasterize_cpu as run
+    if torch_in:
+        result = run(
+            means, quats, scales, opacities, colors, camera, width, height, background, passes
+        )
+        return Passes(**{k: result[k] if k in passes else None for k in PASS_NAMES})
+    tensors = [torch.from_numpy(np.asarray(a, np.float64))
+               for a in (means, quats, scales, opacities, colors)]  # fmt: skip
+    if backend == "cuda":
+        tensors = [t.cuda() for t in tensors]
+    with torch.no_grad():
+        result = run(*tensors, camera, width, height, background, passes)
+    return Passes(**{k: result[k].cpu().numpy().astype(np.float32) if k in passes else None
+                     for k in PASS_NAMES})  # fmt: skip
 
 
-__all__ = ["BACKENDS", "Camera", "PASS_NAMES", "Passes", "has_cuda", "rasterize"]
+def warmup(backend: str = "auto") -> None:
+    """Load (or, on a cold cache, compile) a backend's kernels with a one-pixel render."""
+    cam = Camera(1.0, 1.0, 0.5, 0.5, np.eye(4))
+    one = np.array([[0.0, 0.0, 1.0]])
+    rasterize(one, np.array([[1.0, 0, 0, 0]]), np.full((1, 3), 0.1), np.ones(1),
+              np.ones((1, 1, 3)), cam, 1, 1, PASS_NAMES, backend=backend)  # fmt: skip
+
+
+__all__ = ["BACKENDS", "Camera", "PASS_NAMES", "Passes", "default_backend", "has_cuda",
+           "rasterize", "warmup"]  # fmt: skip

@@ -97,6 +97,7 @@ def rasterize_reference(
     height: int,
     passes: tuple[str, ...] = ("rgb", "alpha", "depth"),
     background: np.ndarray | None = None,  # [3]
+    out_dtype=np.float32,  # float64 keeps full precision (finite-difference tests)
 ) -> Passes:
     means = np.asarray(means, np.float64)
     n = len(means)
@@ -155,15 +156,15 @@ def rasterize_reference(
     if "rgb" in passes:
         if background is not None:
             rgb = rgb + trans[..., None] * np.asarray(background, np.float64)
-        out["rgb"] = rgb.astype(np.float32)
+        out["rgb"] = rgb.astype(out_dtype)
     if "alpha" in passes:
-        out["alpha"] = alpha_img.astype(np.float32)
+        out["alpha"] = alpha_img.astype(out_dtype)
     if "depth" in passes:
         with np.errstate(divide="ignore", invalid="ignore"):
             d = np.where(alpha_img > 0, depth_acc / alpha_img, np.inf)
-        out["depth"] = d.astype(np.float32)
+        out["depth"] = d.astype(out_dtype)
     if "normal" in passes:
         norm = np.linalg.norm(normal_acc, axis=-1, keepdims=True)
         with np.errstate(divide="ignore", invalid="ignore"):
-            out["normal"] = np.where(norm > 0, normal_acc / norm, 0.0).astype(np.float32)
+            out["normal"] = np.where(norm > 0, normal_acc / norm, 0.0).astype(out_dtype)
     return Passes(**out)

@@ -153,7 +153,7 @@ def _check_spec(spec: Any, limits: Limits) -> tuple[str, np.dtype, tuple[int, ..
     name, dtype, shape = spec.get("name"), spec.get("dtype"), spec.get("shape")
     if not isinstance(name, str) or not 0 < len(name) <= 64:
         raise ProtocolError(errors.BAD_REQUEST, f"array name must be a short string: {name!r}")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ProtocolError(
             errors.BAD_REQUEST,
             f"array {name!r}: dtype {dtype!r} not one of {', '.join(DTYPES)}",

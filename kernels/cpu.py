@@ -1,0 +1,310 @@
+"""The CPU backend: tiled compositing in numba, forward and backward.
+
+Pipeline (per image): torch projects the Gaussians (``projection.py``); here they are
+sorted front to back once, binned into 16x16 tiles by a counting sort (so every tile's
+list stays in depth order), and composited per tile in parallel. Each Gaussian touches
+only the pixels of its 3-sigma box inside the tile, and a pixel stops once its
+transmittance would reach 1e-4; a tile stops when all its pixels have. The backward pass
+walks each tile's list back to front, rebuilding transmittance from the final value, and
+writes one gradient row per (tile, Gaussian) entry, so threads never write the same
+memory; the rows are then summed per Gaussian.
+
+The maths is exactly ``reference.rasterize_reference`` (tests hold them to 1e-4).
+Kernels compile on first use and are cached on disk (``cache=True``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from .reference import ALPHA_MAX, ALPHA_MIN, T_MIN
+
+TILE = 16
+
+
+@njit(cache=True)
+def _pixel_box(mx, my, r, width, height):
+    j0 = max(0, math.ceil(mx - r - 0.5))
+    j1 = min(width - 1, math.floor(mx + r - 0.5))
+    i0 = max(0, math.ceil(my - r - 0.5))
+    i1 = min(height - 1, math.floor(my + r - 0.5))
+    return j0, j1, i0, i1
+
+
+@njit(cache=True)
+def bin_tiles(order, means2d, radii, width, height):
+    """Tile lists in depth order. Returns offsets [n_tiles + 1], entries [E] (Gaussian
+    ids), boxes [N, 4] (inclusive pixel ranges j0, j1, i0, i1)."""
+    tiles_x = (width + TILE - 1) // TILE
+    tiles_y = (height + TILE - 1) // TILE
+    n = means2d.shape[0]
+    boxes = np.full((n, 4), -1, np.int64)
+    counts = np.zeros(tiles_x * tiles_y + 1, np.int64)
+    for g in order:
+        j0, j1, i0, i1 = _pixel_box(means2d[g, 0], means2d[g, 1], radii[g], width, height)
+        boxes[g, 0], boxes[g, 1], boxes[g, 2], boxes[g, 3] = j0, j1, i0, i1
+        if j0 > j1 or i0 > i1:
+            continue
+        for ty in range(i0 // TILE, i1 // TILE + 1):
+            for tx in range(j0 // TILE, j1 // TILE + 1):
+                counts[ty * tiles_x + tx + 1] += 1
+    offsets = np.cumsum(counts)
+    entries = np.empty(offsets[-1], np.int64)
+    fill = offsets[:-1].copy()
+    for g in order:
+        j0, j1, i0, i1 = boxes[g, 0], boxes[g, 1], boxes[g, 2], boxes[g, 3]
+        if j0 > j1 or i0 > i1:
+            continue
+        for ty in range(i0 // TILE, i1 // TILE + 1):
+            for tx in range(j0 // TILE, j1 // TILE + 1):
+                t = ty * tiles_x + tx
+                entries[fill[t]] = g
+                fill[t] += 1
+    return offsets, entries, boxes
+
+
+@njit(cache=True, inline="always", fastmath={"contract", "afn"})
+def _row_span(dy, mx, ca, cb, cc, cutoff, jlo, jhi):
+    """Columns of one pixel row where the Gaussian's power can reach ``cutoff``: the
+    roots of a quadratic in dx, widened by a pixel (the exact test is still made per
+    pixel; this only skips pixels that cannot pass it)."""
+    disc = cb * cb * dy * dy - ca * (cc * dy * dy + 2.0 * cutoff)
+    if disc < 0.0:
+        return 1, 0
+    root = math.sqrt(disc)
+    lo = mx - 0.5 + (-cb * dy - root) / ca
+    hi = mx - 0.5 + (-cb * dy + root) / ca
+    return max(jlo, math.floor(lo) - 1), min(jhi, math.ceil(hi) + 1)
+
+
+@njit(parallel=True, cache=True, fastmath={"contract", "afn"})
+def forward_tiles(offsets, entries, boxes, means2d, conics, colors, opacities, depths,
+                  normals, background, width, height, want_depth, want_normal):  # fmt: skip
+    """Composite every tile. Returns rgb [H,W,3] (premultiplied, plus background times
+    the final transmittance), alpha [H,W], transmittance [H,W], depth [H,W] (expected z
+    over alpha, inf where empty), normal [H,W,3] (unit, 0 where empty), and per pixel the
+    entry index after the last Gaussian blended (for the backward pass)."""
+    tiles_x = (width + TILE - 1) // TILE
+    n_tiles = offsets.shape[0] - 1
+    rgb = np.empty((height, width, 3))
+    alpha_out = np.empty((height, width))
+    trans = np.ones((height, width))
+    depth = np.empty((height, width) if want_depth else (0, 0))
+    normal = np.empty((height, width, 3) if want_normal else (0, 0, 0))
+    last = np.zeros((height, width), np.int64)
+    for t in prange(n_tiles):
+        x0 = (t % tiles_x) * TILE
+        y0 = (t // tiles_x) * TILE
+        x1 = min(x0 + TILE, width)
+        y1 = min(y0 + TILE, height)
+        done = np.zeros((TILE, TILE), np.bool_)
+        acc = np.zeros((TILE, TILE, 7))  # r, g, b, depth, normal x, y, z
+        active = (x1 - x0) * (y1 - y0)
+        for k in range(offsets[t], offsets[t + 1]):
+            g = entries[k]
+            o = opacities[g]
+            if o < ALPHA_MIN:
+                continue
+            cutoff = math.log(ALPHA_MIN / o)
+            jlo, jhi = max(x0, boxes[g, 0]), min(x1 - 1, boxes[g, 1])
+            ilo, ihi = max(y0, boxes[g, 2]), min(y1 - 1, boxes[g, 3])
+            mx, my = means2d[g, 0], means2d[g, 1]
+            ca, cb, cc = conics[g, 0], conics[g, 1], conics[g, 2]
+            for i in range(ilo, ihi + 1):
+                dy = i + 0.5 - my
+                ja, jb = _row_span(dy, mx, ca, cb, cc, cutoff, jlo, jhi)
+                for j in range(ja, jb + 1):
+                    li, lj = i - y0, j - x0
+                    if done[li, lj]:
+                        continue
+                    dx = j + 0.5 - mx
+                    power = -0.5 * (ca * dx * dx + cc * dy * dy) - cb * dx * dy
+                    if power > 0.0:
+                        continue
+                    alpha = min(ALPHA_MAX, o * math.exp(power))
+                    if alpha < ALPHA_MIN:
+                        continue
+                    tc = trans[i, j]
+                    tn = tc * (1.0 - alpha)
+                    if tn <= T_MIN:
+                        done[li, lj] = True
+                        active -= 1
+                        continue
+                    w = alpha * tc
+                    for ch in range(3):
+                        acc[li, lj, ch] += w * colors[g, ch]
+                    if want_depth:
+                        acc[li, lj, 3] += w * depths[g]
+                    if want_normal:
+                        for ch in range(3):
+                            acc[li, lj, 4 + ch] += w * normals[g, ch]
+                    trans[i, j] = tn
+                    last[i, j] = k + 1
+            if active == 0:
+                break
+        for i in range(y0, y1):
+            for j in range(x0, x1):
+                li, lj = i - y0, j - x0
+                tf = trans[i, j]
+                a = 1.0 - tf
+                alpha_out[i, j] = a
+                for ch in range(3):
+                    rgb[i, j, ch] = acc[li, lj, ch] + tf * background[ch]
+                if want_depth:
+                    depth[i, j] = acc[li, lj, 3] / a if a > 0.0 else np.inf
+                if want_normal:
+                    n = math.sqrt(acc[li, lj, 4] ** 2 + acc[li, lj, 5] ** 2 + acc[li, lj, 6] ** 2)
+                    for ch in range(3):
+                        normal[i, j, ch] = acc[li, lj, 4 + ch] / n if n > 0.0 else 0.0
+    return rgb, alpha_out, trans, depth, normal, last
+
+
+@njit(parallel=True, cache=True, fastmath={"contract", "afn"})
+def backward_tiles(offsets, entries, boxes, means2d, conics, colors, opacities, trans_final,
+                   last, background, grad_rgb, grad_alpha, width, height):  # fmt: skip
+    """Gradient rows per entry: [E, 9] = d/d(mean2d x, y), d/d(conic a, b, c),
+    d/d(opacity), d/d(colour r, g, b), for loss gradients on rgb and alpha."""
+    tiles_x = (width + TILE - 1) // TILE
+    n_tiles = offsets.shape[0] - 1
+    out = np.zeros((entries.shape[0], 9))
+    for t in prange(n_tiles):
+        x0 = (t % tiles_x) * TILE
+        y0 = (t // tiles_x) * TILE
+        x1 = min(x0 + TILE, width)
+        y1 = min(y0 + TILE, height)
+        tcur = np.empty((TILE, TILE))
+        behind = np.zeros((TILE, TILE, 3))  # colour of what lies behind, / T after
+        prev_alpha = np.zeros((TILE, TILE))
+        prev_color = np.zeros((TILE, TILE, 3))
+        for i in range(y0, y1):
+            for j in range(x0, x1):
+                tcur[i - y0, j - x0] = trans_final[i, j]
+        for k in range(offsets[t + 1] - 1, offsets[t] - 1, -1):
+            g = entries[k]
+            jlo, jhi = max(x0, boxes[g, 0]), min(x1 - 1, boxes[g, 1])
+            ilo, ihi = max(y0, boxes[g, 2]), min(y1 - 1, boxes[g, 3])
+            mx, my = means2d[g, 0], means2d[g, 1]
+            ca, cb, cc = conics[g, 0], conics[g, 1], conics[g, 2]
+            o = opacities[g]
+            if o < ALPHA_MIN:
+                continue
+            cutoff = math.log(ALPHA_MIN / o)
+            for i in range(ilo, ihi + 1):
+                dy = i + 0.5 - my
+                ja, jb = _row_span(dy, mx, ca, cb, cc, cutoff, jlo, jhi)
+                for j in range(ja, jb + 1):
+                    if k >= last[i, j]:
+                        continue
+                    dx = j + 0.5 - mx
+                    power = -0.5 * (ca * dx * dx + cc * dy * dy) - cb * dx * dy
+                    if power > 0.0:
+                        continue
+                    gauss = math.exp(power)
+                    raw = o * gauss
+                    alpha = min(ALPHA_MAX, raw)
+                    if alpha < ALPHA_MIN:
+                        continue
+                    li, lj = i - y0, j - x0
+                    t_before = tcur[li, lj] / (1.0 - alpha)
+                    tcur[li, lj] = t_before
+                    d_alpha = 0.0
+                    bg_dot = 0.0
+                    for ch in range(3):
+                        gc = grad_rgb[i, j, ch]
+                        out[k, 6 + ch] += alpha * t_before * gc
+                        behind[li, lj, ch] = (
+                            prev_alpha[li, lj] * prev_color[li, lj, ch]
+                            + (1.0 - prev_alpha[li, lj]) * behind[li, lj, ch]
+                        )
+                        d_alpha += (colors[g, ch] - behind[li, lj, ch]) * gc
+                        bg_dot += background[ch] * gc
+                        prev_color[li, lj, ch] = colors[g, ch]
+                    prev_alpha[li, lj] = alpha
+                    d_alpha *= t_before
+                    tail = trans_final[i, j] / (1.0 - alpha)
+                    d_alpha += (grad_alpha[i, j] - bg_dot) * tail
+                    if raw > ALPHA_MAX:
+                        continue  # clamped: no gradient to opacity or shape
+                    out[k, 5] += d_alpha * gauss
+                    d_power = d_alpha * alpha
+                    out[k, 0] += d_power * (ca * dx + cb * dy)
+                    out[k, 1] += d_power * (cc * dy + cb * dx)
+                    out[k, 2] += -0.5 * dx * dx * d_power
+                    out[k, 3] += -dx * dy * d_power
+                    out[k, 4] += -0.5 * dy * dy * d_power
+    return out
+
+
+@njit(cache=True)
+def sum_entries(entries, rows, n):
+    out = np.zeros((n, rows.shape[1]))
+    for k in range(entries.shape[0]):
+        out[entries[k]] += rows[k]
+    return out
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().to(torch.float64).cpu().numpy())
+
+
+class RasterizeTiles(torch.autograd.Function):
+    """(means2d, conics, colors, opacities) → rgb, alpha (differentiable); depth and
+    normal accumulations come out too but carry no gradient."""
+
+    @staticmethod
+    def forward(ctx, means2d, conics, colors, opacities, depths, normals, radii, width, height,
+                background, want_depth, want_normal):  # fmt: skip
+        m2d, con, col, op = _np(means2d), _np(conics), _np(colors), _np(opacities)
+        rad = radii.detach().cpu().numpy().astype(np.int64)
+        z = _np(depths)
+        visible = np.flatnonzero(rad > 0)
+        order = visible[np.argsort(z[visible], kind="stable")]
+        offsets, entries, boxes = bin_tiles(order, m2d, rad, width, height)
+        bg = _np(background)
+        rgb, alpha, trans, depth, normal, last = forward_tiles(
+            offsets, entries, boxes, m2d, con, col, op, z, _np(normals), bg, width, height,
+            want_depth, want_normal,
+        )  # fmt: skip
+        ctx.saved = (offsets, entries, boxes, m2d, con, col, op, trans, last, bg, width, height)
+        ctx.dtypes = (means2d.dtype, conics.dtype, colors.dtype, opacities.dtype)
+        dt = means2d.dtype
+        outs = [torch.from_numpy(a).to(dt) for a in (rgb, alpha, depth, normal)]
+        ctx.mark_non_differentiable(outs[2], outs[3])
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, g_rgb, g_alpha, g_depth, g_normal):
+        offsets, entries, boxes, m2d, con, col, op, trans, last, bg, width, height = ctx.saved
+        h, w = trans.shape
+        g_rgb = np.zeros((h, w, 3)) if g_rgb is None else _np(g_rgb)
+        g_alpha = np.zeros((h, w)) if g_alpha is None else _np(g_alpha)
+        rows = backward_tiles(offsets, entries, boxes, m2d, con, col, op, trans, last, bg,
+                              g_rgb, g_alpha, width, height)  # fmt: skip
+        grads = torch.from_numpy(sum_entries(entries, rows, len(m2d)))
+        d_m, d_c, d_col, d_o = ctx.dtypes
+        return (grads[:, 0:2].to(d_m), grads[:, 2:5].to(d_c), grads[:, 6:9].to(d_col),
+                grads[:, 5].to(d_o), None, None, None, None, None, None, None, None)  # fmt: skip
+
+
+def rasterize_cpu(means, quats, scales, opacities, colors, camera, width, height,
+                  background=None, passes=("rgb", "alpha", "depth", "normal"),
+                  ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Passes as tensors [H,W,...]; rgb and alpha are differentiable with respect to
+    means, quats, scales, opacities and colours/SH. Passes not asked for are skipped."""
+    from .projection import project
+
+    proj = project(means, quats, scales, colors, camera, width, height)
+    bg = (
+        torch.zeros(3, dtype=means.dtype)
+        if background is None
+        else torch.as_tensor(background, dtype=means.dtype)
+    )
+    rgb, alpha, depth, normal = RasterizeTiles.apply(
+        proj.means2d, proj.conics, proj.colors, opacities, proj.depths, proj.normals,
+        proj.radii, width, height, bg, "depth" in passes, "normal" in passes,
+    )  # fmt: skip
+    return {"rgb": rgb, "alpha": alpha, "depth": depth, "normal": normal}

@@ -1,0 +1,186 @@
+"""Rasterizer backends against the reference: forward to 1e-4, gradients against finite
+differences of the reference, and the three implementations against each other."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from kernels import Camera, has_cuda, rasterize
+from kernels.reference import rasterize_reference
+from kernels.torch_dense import rasterize_torch
+
+from .conftest import REPO
+
+PASSES = ("rgb", "alpha", "depth", "normal")
+
+
+def scene(n, seed, sh_degree=0, width=48, height=40):
+    """Random Gaussians in front of a camera at the origin, with the awkward cases mixed in:
+    some behind the camera, some off-screen, degenerate, huge, tiny, opacity ~0 and ~1."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(n, 3)) * [0.6, 0.5, 0.5] + [0, 0, 2.5]
+    quats = rng.normal(size=(n, 4))
+    scales = np.exp(rng.uniform(-5, -2, (n, 3)))
+    opac = rng.uniform(0, 1, n)
+    k = n // 12  # small scenes stay ordinary
+    means[:k, 2] = -rng.uniform(0.1, 2, k)  # behind the camera
+    means[k : 2 * k, 0] = rng.choice([-1, 1], k) * rng.uniform(1.0, 1.6, k)  # partly off-screen
+    scales[2 * k : 3 * k] = 1e-9  # degenerate
+    scales[3 * k : 3 * k + 1] = 0.8  # huge: covers the image
+    scales[4 * k : 5 * k] = 1e-4  # tiny
+    opac[5 * k : 6 * k] = 1e-4  # ~0
+    opac[6 * k : 8 * k] = 0.9999  # ~1
+    colors = rng.normal(size=(n, (sh_degree + 1) ** 2, 3)) * 0.4
+    w2c = np.eye(4)
+    w2c[:3, :3] = np.linalg.qr(rng.normal(size=(3, 3)) * 0.05 + np.eye(3))[0]
+    if np.linalg.det(w2c[:3, :3]) < 0:
+        w2c[:3, 0] *= -1
+    cam = Camera(0.9 * width, 0.95 * width, width / 2 + 0.7, height / 2 - 0.4, w2c)
+    return (means, quats, scales, opac, colors), cam, width, height
+
+
+def compare(a, b, tol=1e-4):
+    for name in PASSES:
+        x, y = getattr(a, name), getattr(b, name)
+        assert np.array_equal(np.isinf(x), np.isinf(y)), name
+        fin = np.isfinite(y)
+        err = np.abs(x[fin] - y[fin]).max() if fin.any() else 0.0
+        assert err <= tol, f"{name}: max error {err}"
+
+
+@pytest.mark.parametrize("n, seed, degree", [(1, 0, 0), (10, 1, 1), (1000, 2, 3), (3000, 3, 2)])
+def test_cpu_forward_matches_reference(n, seed, degree):
+    args, cam, w, h = scene(n, seed, degree)
+    bg = np.array([0.2, 0.3, 0.1])
+    ref = rasterize_reference(*args, cam, w, h, PASSES, bg)
+    out = rasterize(*args, cam, w, h, PASSES, background=bg, backend="cpu")
+    compare(out, ref)
+    assert ref.alpha.max() > 0.5  # not an empty scene
+
+
+def test_cpu_forward_100k_gaussians_and_odd_sizes():
+    args, cam, w, h = scene(100_000, 4, 0, width=37, height=23)
+    compare(rasterize(*args, cam, w, h, PASSES, backend="cpu"),
+            rasterize_reference(*args, cam, w, h, PASSES))  # fmt: skip
+
+
+def test_empty_scene():
+    z = np.zeros((0, 3))
+    out = rasterize(
+        z, np.zeros((0, 4)), z, np.zeros(0), z, scene(1, 0)[1], 8, 8, PASSES, backend="cpu"
+    )
+    assert out.alpha.max() == 0 and np.isinf(out.depth).all() and out.normal.max() == 0
+
+
+def loss_weights(w, h, seed=9):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(h, w, 3)), rng.normal(size=(h, w))
+
+
+@pytest.mark.parametrize("degree", [0, 1, 3])
+def test_cpu_gradients_match_finite_differences_of_reference(degree):
+    rng = np.random.default_rng(degree)
+    n, w, h = 8, 18, 14
+    means = rng.normal(size=(n, 3)) * [0.3, 0.25, 0.3] + [0, 0, 2]
+    quats = rng.normal(size=(n, 4))
+    scales = np.exp(rng.uniform(-3.5, -2, (n, 3)))
+    opac = rng.uniform(0.2, 0.8, n)  # away from the 0.99 cap, where alpha has no gradient
+    sh = rng.normal(size=(n, (degree + 1) ** 2, 3)) * 0.3
+    cam = Camera(24.0, 26.0, 9.3, 7.1, np.eye(4))
+    bg = np.array([0.2, 0.1, 0.4])
+    wr, wa = loss_weights(w, h)
+    base = [means, quats, scales, opac, sh]
+
+    tensors = [torch.tensor(a, requires_grad=True) for a in base]
+    out = rasterize(
+        *tensors, cam, w, h, ("rgb", "alpha"), background=torch.tensor(bg), backend="cpu"
+    )
+    ((out.rgb * torch.tensor(wr)).sum() + (out.alpha * torch.tensor(wa)).sum()).backward()
+
+    def loss(args):
+        o = rasterize_reference(*args, cam, w, h, ("rgb", "alpha"), bg, out_dtype=np.float64)
+        return (o.rgb * wr).sum() + (o.alpha * wa).sum()
+
+    eps = 1e-6
+    for p, name in enumerate(["means", "quats", "scales", "opacities", "colors"]):
+        grad = tensors[p].grad.numpy()
+        fd = np.zeros_like(grad)
+        for idx in np.ndindex(base[p].shape):
+            hi = [b.copy() for b in base]
+            lo = [b.copy() for b in base]
+            hi[p][idx] += eps
+            lo[p][idx] -= eps
+            fd[idx] = (loss(hi) - loss(lo)) / (2 * eps)
+        # central differences in float64: truncation ~eps^2 * f''' and rounding ~1e-16 / eps
+        scale = max(1.0, np.abs(fd).max())
+        np.testing.assert_allclose(grad, fd, atol=2e-6 * scale, err_msg=name)
+        assert np.abs(fd).max() > 1e-3, f"{name}: the scene does not exercise this parameter"
+
+
+def test_cpu_and_plain_torch_agree_forward_and_backward():
+    args, cam, w, h = scene(400, 7, 2, width=45, height=37)
+    bg = torch.tensor([0.3, 0.2, 0.1], dtype=torch.float64)
+    wr, wa = (torch.tensor(x) for x in loss_weights(w, h))
+    results = []
+    for impl in ("cpu", "torch"):
+        ts = [torch.tensor(a, requires_grad=True) for a in args]
+        if impl == "cpu":
+            o = rasterize(*ts, cam, w, h, ("rgb", "alpha"), background=bg, backend="cpu")
+            rgb, alpha = o.rgb, o.alpha
+        else:
+            d = rasterize_torch(*ts, cam, w, h, bg)
+            rgb, alpha = d["rgb"], d["alpha"]
+        ((rgb * wr).sum() + (alpha * wa).sum()).backward()
+        results.append([rgb.detach(), alpha.detach(), *(t.grad for t in ts)])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_float32_in_float32_out_with_gradients():
+    args, cam, w, h = scene(200, 5, 1)
+    ts = [torch.tensor(a, dtype=torch.float32, requires_grad=True) for a in args]
+    out = rasterize(*ts, cam, w, h, ("rgb", "alpha"), backend="cpu")
+    assert out.rgb.dtype == torch.float32 and out.depth is None
+    (out.rgb.sum() + out.alpha.sum()).backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in ts)
+    ref = rasterize_reference(*args, cam, w, h, ("rgb",))
+    np.testing.assert_allclose(out.rgb.detach().numpy(), ref.rgb, atol=1e-4)
+
+
+def test_compiled_kernels_are_cached_on_disk(tmp_path):
+    """A second process loads the kernels from the cache instead of compiling them."""
+    code = (
+        "import numpy as np; from kernels import rasterize, Camera; from kernels import cpu;"
+        "z=np.zeros((1,3)); z[0,2]=2;"
+        "rasterize(z, np.array([[1.,0,0,0]]), np.full((1,3),.1), np.ones(1), np.ones((1,3)),"
+        " Camera(10,10,4,4,np.eye(4)), 8, 8, backend='cpu');"
+        "s=cpu.forward_tiles.stats; print(sum(s.cache_hits.values()), sum(s.cache_misses.values()))"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+
+    def hits_and_misses():
+        r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                           text=True, check=True)  # fmt: skip
+        return [int(v) for v in r.stdout.split()]
+
+    assert hits_and_misses() == [0, 1]  # cold cache: compiled once
+    assert hits_and_misses() == [1, 0]  # warm cache: loaded, not compiled
+
+
+@pytest.mark.skipif(not has_cuda(), reason="needs a CUDA device (gsplat has no CPU rasterizer)")
+def test_cuda_matches_cpu():
+    args, cam, w, h = scene(3000, 11, 3, width=64, height=48)
+    opac = np.minimum(args[3], 0.98)  # gsplat caps alpha at 0.999, the CPU path at 0.99
+    args = (*args[:3], opac, args[4])
+    cpu = rasterize(*args, cam, w, h, PASSES, backend="cpu")
+    gpu = rasterize(*args, cam, w, h, PASSES, backend="cuda")
+    # float32 on the GPU, float64 on the CPU; pixels where the alpha cap binds may differ
+    for name in ("rgb", "alpha"):
+        err = np.abs(getattr(cpu, name) - getattr(gpu, name))
+        assert np.quantile(err, 0.99) < 1e-3 and err.mean() < 1e-4, name
