@@ -53,7 +53,7 @@ def private_service(store: Path, device: str = "auto") -> Iterator[str]:
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True)
     try:
-        endpoint = _wait_ready(proc, timeout=120, log_path=log_path)
+        endpoint = wait_ready(proc, timeout=120, log_path=log_path)
         yield endpoint
     finally:
         if proc.poll() is None:
@@ -65,7 +65,8 @@ def private_service(store: Path, device: str = "auto") -> Iterator[str]:
                 proc.wait()
 
 
-def _wait_ready(proc: subprocess.Popen, timeout: float, log_path: Path) -> str:
+def wait_ready(proc: subprocess.Popen, timeout: float, log_path: Path) -> str:
+    """The endpoint a starting ``splatface serve`` prints, or SystemExit with its log."""
     found: list[str] = []
 
     def read() -> None:

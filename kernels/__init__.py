@@ -107,10 +107,15 @@ def rasterize(
             means, quats, scales, opacities, colors, camera, width, height, background, passes
         )
         return Passes(**{k: result[k] if k in passes else None for k in PASS_NAMES})
-    tensors = [torch.from_numpy(np.asarray(a, np.float64))
+    if backend == "cpu":
+        from .cpu import rasterize_numpy
+
+        result = rasterize_numpy(means, quats, scales, opacities, colors, camera, width, height,
+                                 background, passes)  # fmt: skip
+        return Passes(**{k: result[k].astype(np.float32) if k in passes else None
+                         for k in PASS_NAMES})  # fmt: skip
+    tensors = [torch.from_numpy(np.asarray(a, np.float64)).cuda()
                for a in (means, quats, scales, opacities, colors)]  # fmt: skip
-    if backend == "cuda":
-        tensors = [t.cuda() for t in tensors]
     with torch.no_grad():
         result = run(*tensors, camera, width, height, background, passes)
     return Passes(**{k: result[k].cpu().numpy().astype(np.float32) if k in passes else None

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from .reference import ALPHA_MAX, ALPHA_MIN, T_MIN
 
@@ -83,7 +83,8 @@ def _row_span(dy, mx, ca, cb, cc, cutoff, jlo, jhi):
 
 @njit(parallel=True, cache=True, fastmath={"contract", "afn"})
 def forward_tiles(offsets, entries, boxes, means2d, conics, colors, opacities, depths,
-                  normals, background, width, height, want_depth, want_normal):  # fmt: skip
+                  normals, background, width, height, want_depth, want_normal,
+                  workers):  # fmt: skip
     """Composite every tile. Returns rgb [H,W,3] (premultiplied, plus background times
     the final transmittance), alpha [H,W], transmittance [H,W], depth [H,W] (expected z
     over alpha, inf where empty), normal [H,W,3] (unit, 0 where empty), and per pixel the
@@ -96,13 +97,31 @@ def forward_tiles(offsets, entries, boxes, means2d, conics, colors, opacities, d
     depth = np.empty((height, width) if want_depth else (0, 0))
     normal = np.empty((height, width, 3) if want_normal else (0, 0, 0))
     last = np.zeros((height, width), np.int64)
-    for t in prange(n_tiles):
+    # one scratch buffer per thread, tiles dealt round-robin: allocating inside the
+    # parallel loop costs more than the compositing of a small tile
+    for worker in prange(workers):
+        done = np.empty((TILE, TILE), np.bool_)
+        acc = np.empty((TILE, TILE, 7))  # r, g, b, depth, normal x, y, z
+        for t in range(worker, n_tiles, workers):
+            _forward_tile(
+                t, tiles_x, offsets, entries, boxes, means2d, conics, colors, opacities,
+                depths, normals, background, width, height, want_depth, want_normal, done,
+                acc, rgb, alpha_out, trans, depth, normal, last,
+            )  # fmt: skip
+    return rgb, alpha_out, trans, depth, normal, last
+
+
+@njit(cache=True, fastmath={"contract", "afn"})
+def _forward_tile(t, tiles_x, offsets, entries, boxes, means2d, conics, colors, opacities,
+                  depths, normals, background, width, height, want_depth, want_normal, done,
+                  acc, rgb, alpha_out, trans, depth, normal, last):  # fmt: skip
+    if True:
         x0 = (t % tiles_x) * TILE
         y0 = (t // tiles_x) * TILE
         x1 = min(x0 + TILE, width)
         y1 = min(y0 + TILE, height)
-        done = np.zeros((TILE, TILE), np.bool_)
-        acc = np.zeros((TILE, TILE, 7))  # r, g, b, depth, normal x, y, z
+        done[:] = False
+        acc[:] = 0.0
         active = (x1 - x0) * (y1 - y0)
         for k in range(offsets[t], offsets[t + 1]):
             g = entries[k]
@@ -123,7 +142,7 @@ def forward_tiles(offsets, entries, boxes, means2d, conics, colors, opacities, d
                         continue
                     dx = j + 0.5 - mx
                     power = -0.5 * (ca * dx * dx + cc * dy * dy) - cb * dx * dy
-                    if power > 0.0:
+                    if power > 0.0 or power < cutoff:  # cutoff: o * exp(power) < 1/255
                         continue
                     alpha = min(ALPHA_MAX, o * math.exp(power))
                     if alpha < ALPHA_MIN:
@@ -160,26 +179,40 @@ def forward_tiles(offsets, entries, boxes, means2d, conics, colors, opacities, d
                     n = math.sqrt(acc[li, lj, 4] ** 2 + acc[li, lj, 5] ** 2 + acc[li, lj, 6] ** 2)
                     for ch in range(3):
                         normal[i, j, ch] = acc[li, lj, 4 + ch] / n if n > 0.0 else 0.0
-    return rgb, alpha_out, trans, depth, normal, last
 
 
 @njit(parallel=True, cache=True, fastmath={"contract", "afn"})
 def backward_tiles(offsets, entries, boxes, means2d, conics, colors, opacities, trans_final,
-                   last, background, grad_rgb, grad_alpha, width, height):  # fmt: skip
+                   last, background, grad_rgb, grad_alpha, width, height, workers):  # fmt: skip
     """Gradient rows per entry: [E, 9] = d/d(mean2d x, y), d/d(conic a, b, c),
     d/d(opacity), d/d(colour r, g, b), for loss gradients on rgb and alpha."""
     tiles_x = (width + TILE - 1) // TILE
     n_tiles = offsets.shape[0] - 1
     out = np.zeros((entries.shape[0], 9))
-    for t in prange(n_tiles):
+    for worker in prange(workers):
+        tcur = np.empty((TILE, TILE))
+        behind = np.empty((TILE, TILE, 3))  # colour of what lies behind, / T after
+        prev_alpha = np.empty((TILE, TILE))
+        prev_color = np.empty((TILE, TILE, 3))
+        for t in range(worker, n_tiles, workers):
+            _backward_tile(t, tiles_x, offsets, entries, boxes, means2d, conics, colors,
+                           opacities, trans_final, last, background, grad_rgb, grad_alpha,
+                           width, height, tcur, behind, prev_alpha, prev_color, out)  # fmt: skip
+    return out
+
+
+@njit(cache=True, fastmath={"contract", "afn"})
+def _backward_tile(t, tiles_x, offsets, entries, boxes, means2d, conics, colors, opacities,
+                   trans_final, last, background, grad_rgb, grad_alpha, width, height, tcur,
+                   behind, prev_alpha, prev_color, out):  # fmt: skip
+    if True:
         x0 = (t % tiles_x) * TILE
         y0 = (t // tiles_x) * TILE
         x1 = min(x0 + TILE, width)
         y1 = min(y0 + TILE, height)
-        tcur = np.empty((TILE, TILE))
-        behind = np.zeros((TILE, TILE, 3))  # colour of what lies behind, / T after
-        prev_alpha = np.zeros((TILE, TILE))
-        prev_color = np.zeros((TILE, TILE, 3))
+        behind[:] = 0.0
+        prev_alpha[:] = 0.0
+        prev_color[:] = 0.0
         for i in range(y0, y1):
             for j in range(x0, x1):
                 tcur[i - y0, j - x0] = trans_final[i, j]
@@ -201,7 +234,7 @@ def backward_tiles(offsets, entries, boxes, means2d, conics, colors, opacities, 
                         continue
                     dx = j + 0.5 - mx
                     power = -0.5 * (ca * dx * dx + cc * dy * dy) - cb * dx * dy
-                    if power > 0.0:
+                    if power > 0.0 or power < cutoff:
                         continue
                     gauss = math.exp(power)
                     raw = o * gauss
@@ -236,7 +269,6 @@ def backward_tiles(offsets, entries, boxes, means2d, conics, colors, opacities, 
                     out[k, 2] += -0.5 * dx * dx * d_power
                     out[k, 3] += -dx * dy * d_power
                     out[k, 4] += -0.5 * dy * dy * d_power
-    return out
 
 
 @njit(cache=True)
@@ -245,6 +277,135 @@ def sum_entries(entries, rows, n):
     for k in range(entries.shape[0]):
         out[entries[k]] += rows[k]
     return out
+
+
+@njit(parallel=True, cache=True)
+def project_gaussians(means, quats, scales, w2c, fx, fy, cx, cy, near, far, width, height):
+    """``reference.project`` for the inference path (no gradients), one Gaussian per
+    iteration. Returns means2d [N,2], conics [N,3], depths [N], normals [N,3], radii [N]."""
+    n = means.shape[0]
+    means2d = np.zeros((n, 2))
+    conics = np.zeros((n, 3))
+    depths = np.zeros(n)
+    normals = np.zeros((n, 3))
+    radii = np.zeros(n, np.int64)
+    lim_x_pos = (width - cx) / fx + 0.3 * (0.5 * width / fx)
+    lim_x_neg = cx / fx + 0.3 * (0.5 * width / fx)
+    lim_y_pos = (height - cy) / fy + 0.3 * (0.5 * height / fy)
+    lim_y_neg = cy / fy + 0.3 * (0.5 * height / fy)
+    for g in prange(n):
+        p = np.zeros(3)
+        for r in range(3):
+            p[r] = (
+                w2c[r, 0] * means[g, 0]
+                + w2c[r, 1] * means[g, 1]
+                + w2c[r, 2] * means[g, 2]
+                + w2c[r, 3]
+            )
+        x, y, z = p[0], p[1], p[2]
+        depths[g] = z
+        if not (z > near and z < far):
+            continue
+        qn = math.sqrt(quats[g, 0] ** 2 + quats[g, 1] ** 2 + quats[g, 2] ** 2 + quats[g, 3] ** 2)
+        qw, qx, qy, qz = quats[g, 0] / qn, quats[g, 1] / qn, quats[g, 2] / qn, quats[g, 3] / qn
+        rq = np.empty((3, 3))
+        rq[0, 0], rq[0, 1], rq[0, 2] = (
+            1 - 2 * (qy * qy + qz * qz),
+            2 * (qx * qy - qw * qz),
+            2 * (qx * qz + qw * qy),
+        )
+        rq[1, 0], rq[1, 1], rq[1, 2] = (
+            2 * (qx * qy + qw * qz),
+            1 - 2 * (qx * qx + qz * qz),
+            2 * (qy * qz - qw * qx),
+        )
+        rq[2, 0], rq[2, 1], rq[2, 2] = (
+            2 * (qx * qz - qw * qy),
+            2 * (qy * qz + qw * qx),
+            1 - 2 * (qx * qx + qy * qy),
+        )
+        m = np.empty((3, 3))  # camera-from-local rotation, columns scaled
+        for r in range(3):
+            for c in range(3):
+                m[r, c] = (
+                    w2c[r, 0] * rq[0, c] + w2c[r, 1] * rq[1, c] + w2c[r, 2] * rq[2, c]
+                ) * scales[g, c]
+        cov = np.empty((3, 3))
+        for r in range(3):
+            for c in range(3):
+                cov[r, c] = m[r, 0] * m[c, 0] + m[r, 1] * m[c, 1] + m[r, 2] * m[c, 2]
+        tx = z * min(max(x / z, -lim_x_neg), lim_x_pos)
+        ty = z * min(max(y / z, -lim_y_neg), lim_y_pos)
+        j00, j02 = fx / z, -fx * tx / (z * z)
+        j11, j12 = fy / z, -fy * ty / (z * z)
+        # cov2d = J cov J^T with J = [[j00, 0, j02], [0, j11, j12]]
+        a = (
+            j00 * (j00 * cov[0, 0] + j02 * cov[2, 0])
+            + j02 * (j00 * cov[0, 2] + j02 * cov[2, 2])
+            + 0.3
+        )
+        b = j00 * (j11 * cov[0, 1] + j12 * cov[0, 2]) + j02 * (j11 * cov[2, 1] + j12 * cov[2, 2])
+        c = (
+            j11 * (j11 * cov[1, 1] + j12 * cov[2, 1])
+            + j12 * (j11 * cov[1, 2] + j12 * cov[2, 2])
+            + 0.3
+        )
+        det = a * c - b * b
+        mx, my = fx * x / z + cx, fy * y / z + cy
+        mid = 0.5 * (a + c)
+        lam = mid + math.sqrt(max(mid * mid - det, 0.1))
+        rad = math.ceil(3.0 * math.sqrt(lam))
+        if det <= 0 or mx + rad <= 0 or mx - rad >= width or my + rad <= 0 or my - rad >= height:
+            continue
+        radii[g] = rad
+        means2d[g, 0], means2d[g, 1] = mx, my
+        conics[g, 0], conics[g, 1], conics[g, 2] = c / det, -b / det, a / det
+        k = 0
+        for c2 in range(1, 3):
+            if scales[g, c2] < scales[g, k]:
+                k = c2
+        sign = 1.0
+        nx, ny, nz = m[0, k] / scales[g, k], m[1, k] / scales[g, k], m[2, k] / scales[g, k]
+        if nx * x + ny * y + nz * z > 0:
+            sign = -1.0
+        normals[g, 0], normals[g, 1], normals[g, 2] = sign * nx, sign * ny, sign * nz
+    return means2d, conics, depths, normals, radii
+
+
+def composite(means2d, conics, colors, opacities, depths, normals, radii, width, height,
+              background, want_depth, want_normal):  # fmt: skip
+    """Sort, bin and composite screen-space Gaussians (numpy float64 arrays).
+
+    Returns the forward kernel's outputs and the binning (for the backward pass)."""
+    visible = np.flatnonzero(radii > 0)
+    order = visible[np.argsort(depths[visible], kind="stable")]
+    offsets, entries, boxes = bin_tiles(order, means2d, radii, width, height)
+    outs = forward_tiles(offsets, entries, boxes, means2d, conics, colors, opacities, depths,
+                         normals, background, width, height, want_depth, want_normal,
+                         get_num_threads())  # fmt: skip
+    return outs, (offsets, entries, boxes)
+
+
+def rasterize_numpy(means, quats, scales, opacities, colors, camera, width, height,
+                    background=None, passes=("rgb", "alpha", "depth", "normal"),
+                    ) -> dict[str, np.ndarray]:  # fmt: skip
+    """The inference path: no torch, no gradients. Same results as ``rasterize_cpu``."""
+    from .sh import eval_sh
+
+    f64 = [np.ascontiguousarray(a, np.float64) for a in (means, quats, scales, opacities, colors)]
+    means, quats, scales, opacities, colors = f64
+    m2d, con, z, nrm, rad = project_gaussians(
+        means, quats, scales, np.ascontiguousarray(camera.world_to_camera, np.float64),
+        camera.fx, camera.fy, camera.cx, camera.cy, camera.near, camera.far, width, height,
+    )  # fmt: skip
+    if colors.ndim == 3:
+        colors = eval_sh(colors, means - camera.position)
+    bg = np.zeros(3) if background is None else np.asarray(background, np.float64)
+    (rgb, alpha, _, depth, normal, _), _ = composite(
+        m2d, con, np.ascontiguousarray(colors), opacities, z, nrm, rad, width, height, bg,
+        "depth" in passes, "normal" in passes,
+    )  # fmt: skip
+    return {"rgb": rgb, "alpha": alpha, "depth": depth, "normal": normal}
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -260,14 +421,10 @@ class RasterizeTiles(torch.autograd.Function):
                 background, want_depth, want_normal):  # fmt: skip
         m2d, con, col, op = _np(means2d), _np(conics), _np(colors), _np(opacities)
         rad = radii.detach().cpu().numpy().astype(np.int64)
-        z = _np(depths)
-        visible = np.flatnonzero(rad > 0)
-        order = visible[np.argsort(z[visible], kind="stable")]
-        offsets, entries, boxes = bin_tiles(order, m2d, rad, width, height)
         bg = _np(background)
-        rgb, alpha, trans, depth, normal, last = forward_tiles(
-            offsets, entries, boxes, m2d, con, col, op, z, _np(normals), bg, width, height,
-            want_depth, want_normal,
+        (rgb, alpha, trans, depth, normal, last), (offsets, entries, boxes) = composite(
+            m2d, con, col, op, _np(depths), _np(normals), rad, width, height, bg, want_depth,
+            want_normal,
         )  # fmt: skip
         ctx.saved = (offsets, entries, boxes, m2d, con, col, op, trans, last, bg, width, height)
         ctx.dtypes = (means2d.dtype, conics.dtype, colors.dtype, opacities.dtype)
@@ -283,7 +440,7 @@ class RasterizeTiles(torch.autograd.Function):
         g_rgb = np.zeros((h, w, 3)) if g_rgb is None else _np(g_rgb)
         g_alpha = np.zeros((h, w)) if g_alpha is None else _np(g_alpha)
         rows = backward_tiles(offsets, entries, boxes, m2d, con, col, op, trans, last, bg,
-                              g_rgb, g_alpha, width, height)  # fmt: skip
+                              g_rgb, g_alpha, width, height, get_num_threads())  # fmt: skip
         grads = torch.from_numpy(sum_entries(entries, rows, len(m2d)))
         d_m, d_c, d_col, d_o = ctx.dtypes
         return (grads[:, 0:2].to(d_m), grads[:, 2:5].to(d_c), grads[:, 6:9].to(d_col),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .reference import EPS2D
-from .sh import C0, C1, C2, C3, degree_of
+from .sh import degree_of, sh_basis
 from .types import Camera
 
 
@@ -46,28 +46,9 @@ def quat_to_rotmat(q: torch.Tensor) -> torch.Tensor:
 
 def eval_sh(sh: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
     """Colours [N,3] from SH [N,K,3] and directions [N,3] (camera → Gaussian)."""
-    degree = degree_of(sh.shape[1])
     d = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    x, y, z = d.unbind(1)
-    basis = [torch.full_like(x, C0)]
-    if degree >= 1:
-        basis += [-C1 * y, C1 * z, -C1 * x]
-    if degree >= 2:
-        xx, yy, zz, xy, yz, xz = x * x, y * y, z * z, x * y, y * z, x * z
-        basis += [C2[0] * xy, C2[1] * yz, C2[2] * (2 * zz - xx - yy), C2[3] * xz,
-                  C2[4] * (xx - yy)]  # fmt: skip
-    if degree >= 3:
-        basis += [
-            C3[0] * y * (3 * xx - yy),
-            C3[1] * xy * z,
-            C3[2] * y * (4 * zz - xx - yy),
-            C3[3] * z * (2 * zz - 3 * xx - 3 * yy),
-            C3[4] * x * (4 * zz - xx - yy),
-            C3[5] * z * (xx - yy),
-            C3[6] * x * (xx - 3 * yy),
-        ]
-    b = torch.stack(basis, dim=1)
-    return (torch.einsum("nk,nkc->nc", b, sh) + 0.5).clamp_min(0.0)
+    basis = sh_basis(d, degree_of(sh.shape[1]))
+    return (torch.einsum("nk,nkc->nc", basis, sh) + 0.5).clamp_min(0.0)
 
 
 def project(

@@ -26,10 +26,11 @@ def degree_of(num: int) -> int:
     raise ValueError(f"{num} SH bases is not (degree + 1)^2 for a degree in 0..3")
 
 
-def sh_basis(dirs: np.ndarray, degree: int) -> np.ndarray:
-    """Basis values ``[N, K]`` for unit directions ``[N, 3]``."""
+def sh_basis(dirs, degree: int):
+    """Basis values ``[N, K]`` for unit directions ``[N, 3]``: numpy arrays or torch
+    tensors (the same arithmetic serves the CPU inference path and autograd)."""
     x, y, z = dirs[:, 0], dirs[:, 1], dirs[:, 2]
-    out = [np.full_like(x, C0)]
+    out = [x * 0 + C0]
     if degree >= 1:
         out += [-C1 * y, C1 * z, -C1 * x]
     if degree >= 2:
@@ -46,12 +47,18 @@ def sh_basis(dirs: np.ndarray, degree: int) -> np.ndarray:
             C3[5] * z * (xx - yy),
             C3[6] * x * (xx - 3 * yy),
         ]
-    return np.stack(out, axis=1)
+    if isinstance(dirs, np.ndarray):
+        return np.stack(out, axis=1)
+    import torch
+
+    return torch.stack(out, dim=1)
 
 
 def eval_sh(sh: np.ndarray, dirs: np.ndarray) -> np.ndarray:
     """Colours ``[N, 3]`` from coefficients ``[N, K, 3]`` and directions ``[N, 3]``."""
     degree = degree_of(sh.shape[1])
+    if degree == 0:  # view-independent: no directions needed
+        return np.maximum(C0 * sh[:, 0, :] + 0.5, 0.0)
     d = dirs / np.maximum(np.linalg.norm(dirs, axis=1, keepdims=True), 1e-12)
     basis = sh_basis(d, degree)
     return np.maximum(np.einsum("nk,nkc->nc", basis, sh) + 0.5, 0.0)

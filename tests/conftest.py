@@ -7,16 +7,15 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from inference_service.cli import wait_ready
 from protocol import Client
 
-READY = "splatface service listening on "
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -32,24 +31,7 @@ class ServiceProcess:
             self.proc = subprocess.Popen(
                 cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO
             )
-        self.endpoint = self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 120) -> str:
-        found: list[str] = []
-
-        def read() -> None:
-            for line in self.proc.stdout:
-                if line.startswith(READY):
-                    found.append(line[len(READY) :].strip())
-                    return
-
-        t = threading.Thread(target=read, daemon=True)
-        t.start()
-        t.join(timeout)
-        if not found:
-            self.proc.kill()
-            raise RuntimeError(f"service did not start:\n{self.log.read_text()[-3000:]}")
-        return found[0]
+        self.endpoint = wait_ready(self.proc, timeout=120, log_path=self.log)
 
     def client(self, **kw) -> Client:
         kw.setdefault("timeout", 60)
