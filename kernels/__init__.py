@@ -20,7 +20,7 @@ from .reference import rasterize_reference
 from .types import Camera, Passes
 
 BACKENDS = ("cpu", "cuda", "reference")
-PASS_NAMES = ("rgb", "alpha", "depth", "normal")
+PASS_NAMES = ("rgb", "alpha", "depth", "normal", "segment")
 
 
 @functools.cache
@@ -59,12 +59,14 @@ def rasterize(
     passes: tuple[str, ...] = ("rgb", "alpha", "depth"),
     background=None,  # [3] linear colour behind the Gaussians; None = black
     backend: str = "auto",
+    labels=None,  # [N] int labels 0..L-1, needed for the "segment" pass
 ) -> Passes:
     """Render Gaussians into the requested passes (see :class:`Passes` for units).
 
     numpy in, numpy out (float32). torch tensors in, torch tensors out: with the cpu and
     cuda backends ``rgb`` and ``alpha`` are differentiable with respect to every input
-    tensor, so torch optimisers can fit Gaussians; ``depth`` and ``normal`` are not.
+    tensor, so torch optimisers can fit Gaussians; ``depth``, ``normal`` and ``segment``
+    are not. ``segment`` (int32 [H, W]) needs ``labels``.
 
     Example::
 
@@ -82,6 +84,14 @@ def rasterize(
         raise RuntimeError("the cuda backend needs a CUDA device and gsplat")
     if width < 1 or height < 1:
         raise ValueError(f"image size must be positive, got {width}x{height}")
+    if "segment" in passes:
+        segment = _segment(means, quats, scales, opacities, camera, width, height, backend,
+                           labels)  # fmt: skip
+        rest = tuple(p for p in passes if p != "segment")
+        out = rasterize(means, quats, scales, opacities, colors, camera, width, height,
+                        rest or ("alpha",), background, backend)  # fmt: skip
+        return Passes(**{**{k: getattr(out, k) if k in rest else None for k in PASS_NAMES},
+                         "segment": segment})  # fmt: skip
 
     torch_in = _is_torch(means)
     if backend == "reference":
@@ -120,6 +130,41 @@ def rasterize(
         result = run(*tensors, camera, width, height, background, passes)
     return Passes(**{k: result[k].cpu().numpy().astype(np.float32) if k in passes else None
                      for k in PASS_NAMES})  # fmt: skip
+
+
+def _segment(means, quats, scales, opacities, camera, width, height, backend, labels):
+    """Label per pixel: the one whose one-hot channel composites to the largest weight
+    (ties to the lower label), -1 where nothing was drawn. Three labels per render."""
+    if labels is None:
+        raise ValueError("the segment pass needs labels: [N] integers 0..L-1")
+    torch_in = _is_torch(means)
+    lab = labels.detach().cpu().numpy() if _is_torch(labels) else np.asarray(labels)
+    if lab.shape != (len(means),) or (lab.size and lab.min() < 0):
+        raise ValueError(f"labels must be [N] = [{len(means)}] non-negative integers")
+    count = int(lab.max()) + 1 if lab.size else 1
+    best = np.full((height, width), -1, np.int32)
+    best_w = np.zeros((height, width))
+    for first in range(0, count, 3):
+        onehot = np.zeros((len(lab), 3))
+        for c in range(3):
+            onehot[lab == first + c, c] = 1.0
+        if torch_in:
+            import torch
+
+            onehot = torch.as_tensor(onehot, dtype=means.dtype, device=means.device)
+            args = [a.detach() for a in (means, quats, scales, opacities)]
+        else:
+            args = [means, quats, scales, opacities]
+        rgb = rasterize(*args, onehot, camera, width, height, ("rgb",), None, backend).rgb
+        rgb = rgb.cpu().numpy() if torch_in else rgb
+        for c in range(min(3, count - first)):
+            better = rgb[..., c] > best_w
+            best[better], best_w[better] = first + c, rgb[..., c][better]
+    if torch_in:
+        import torch
+
+        return torch.from_numpy(best)
+    return best
 
 
 def warmup(backend: str = "auto") -> None:

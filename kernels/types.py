@@ -51,9 +51,12 @@ class Passes:
             (sum of weight * z / alpha); +inf where no Gaussian contributed.
         normal: ``[H, W, 3]`` float32, camera-space unit normal (each Gaussian's shortest
             axis, turned towards the camera), zero where empty.
+        segment: ``[H, W]`` int32, the label whose Gaussians contribute most weight to the
+            pixel (labels composited like colour), -1 where empty.
     """
 
     rgb: np.ndarray | None = None
     alpha: np.ndarray | None = None
     depth: np.ndarray | None = None
     normal: np.ndarray | None = None
+    segment: np.ndarray | None = None

@@ -184,3 +184,23 @@ def test_cuda_matches_cpu():
     for name in ("rgb", "alpha"):
         err = np.abs(getattr(cpu, name) - getattr(gpu, name))
         assert np.quantile(err, 0.99) < 1e-3 and err.mean() < 1e-4, name
+
+
+def test_segment_pass_labels_the_front_gaussian():
+    # two big discs, label 4 in front of label 1, and a far-off label-0 Gaussian
+    means = np.array([[0.0, 0, 2.0], [0.0, 0, 3.0], [5.0, 5, 3.0]])
+    quats = np.tile([1.0, 0, 0, 0], (3, 1))
+    scales = np.array([[0.05, 0.05, 0.001], [0.8, 0.8, 0.001], [0.1, 0.1, 0.1]])
+    opac = np.array([0.9, 0.9, 0.9])
+    cam = Camera(20.0, 20.0, 16.0, 16.0, np.eye(4))
+    labels = np.array([4, 1, 0])
+    for backend in ("cpu", "reference"):
+        out = rasterize(means, quats, scales, opac, np.ones((3, 3)), cam, 32, 32,
+                        ("segment", "alpha"), backend=backend, labels=labels)  # fmt: skip
+        assert out.segment.dtype == np.int32 and out.rgb is None
+        assert out.segment[16, 16] == 4  # the front disc
+        assert out.segment[16, 28] == 1  # only the back disc reaches here
+        assert np.all(out.segment[out.alpha == 0] == -1)
+        assert set(np.unique(out.segment)) == {-1, 1, 4}
+    with pytest.raises(ValueError, match="labels"):
+        rasterize(means, quats, scales, opac, np.ones((3, 3)), cam, 8, 8, ("segment",))
