@@ -63,6 +63,29 @@ class HeadModel:
         return self.region_names.index(name)
 
 
+@dataclass(frozen=True)
+class Correspondence:
+    """Where each of MediaPipe's 478 face-mesh landmarks lies on the ICT surface
+    (built by ``tools/make_mediapipe_correspondence.py``).
+
+    Attributes:
+        triangle: ``[478]`` int32 triangle of :class:`HeadModel`.
+        bary: ``[478, 3]`` float32 barycentric coordinates.
+        weight: ``[478]`` float32 in (0, 1]: low where the landmark moved between views.
+    """
+
+    triangle: np.ndarray
+    bary: np.ndarray
+    weight: np.ndarray
+
+
+@functools.cache
+def load_correspondence() -> Correspondence:
+    path = resources.files("inference_service") / "assets" / "mediapipe_ict.npz"
+    with resources.as_file(path) as p, np.load(p, allow_pickle=False) as d:
+        return Correspondence(d["triangle"], d["bary"], d["weight"])
+
+
 @functools.cache
 def load_head_model() -> HeadModel:
     path = resources.files("inference_service") / "assets" / "ict_head.npz"

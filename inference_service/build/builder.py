@@ -8,11 +8,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from protocol.arkit import ARKIT_NAMES
+
 from ..avatar import FORMAT_VERSION, Avatar
-from ..headmodel import load_head_model
+from ..headmodel import load_correspondence, load_head_model
 from ..images import decode_image
 from . import detect
 from .align import align
+from .fit import fit_geometry
 from .gaussians import make_gaussians
 
 #: ``progress(stage, fraction, message)``; may raise to cancel the build.
@@ -41,12 +44,21 @@ def build_avatar(image: bytes, options: BuildOptions, avatar_id: str, progress: 
     progress("landmarks", 0.30, f"{len(faces)} face(s) found; finding landmarks")
     landmarks = detect.face_landmarks(photo, face)
 
-    progress("align", 0.50, "placing the head model")
+    progress("align", 0.45, "placing the head model")
     model = load_head_model()
-    fit = align(model, landmarks, (w, h))
+    start = align(model, landmarks, (w, h))
+    progress("fit", 0.50, "fitting head shape, expression, pose and focal length")
+    fit = fit_geometry(model, load_correspondence(), landmarks, start)
 
     progress("gaussians", 0.60, f"placing Gaussians ({options.preset} preset)")
-    gaussians = make_gaussians(model, photo, fit.intrinsics, fit.world_to_camera, options.preset)
+    gaussians = make_gaussians(
+        model,
+        fit.photo_vertices(model),
+        photo,
+        fit.intrinsics,
+        fit.world_to_camera,
+        options.preset,
+    )
 
     progress("finish", 0.95, f"{len(gaussians)} Gaussians")
     name = options.name or f"avatar-{avatar_id[:6]}"
@@ -59,12 +71,18 @@ def build_avatar(image: bytes, options: BuildOptions, avatar_id: str, progress: 
         "faces": [f.to_dict() for f in faces],
         "face": faces.index(face),
         "landmark_rms": round(fit.rms, 4),
+        "landmark_rms_before_fit": round(fit.rms_initial, 4),
+        "focal_px": round(float(fit.intrinsics[0]), 1),
+        # what the photo showed and the rest pose no longer does
+        "photo_expression": {
+            ARKIT_NAMES[i]: round(float(v), 3) for i, v in enumerate(fit.expression) if v >= 0.05
+        },
         "gaussians": len(gaussians),
     }
     return Avatar(
         id=avatar_id,
         name=name,
-        vertices=model.neutral.astype(np.float32),
+        vertices=fit.rest_vertices(model).astype(np.float32),
         triangles=model.triangles,
         shape_deltas=model.arkit_deltas,
         gaussians=gaussians,

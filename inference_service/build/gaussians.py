@@ -80,13 +80,15 @@ def _sample_photo(photo: np.ndarray, uv: np.ndarray) -> np.ndarray:
 
 def make_gaussians(
     model: HeadModel,
+    vertices: np.ndarray,
     photo: np.ndarray,
     intrinsics: np.ndarray,
     world_to_camera: np.ndarray,
     preset: str,
     seed: int = 0,
 ) -> BoundGaussians:
-    """Gaussians bound to the neutral mesh, coloured by projecting ``photo`` (sRGB uint8).
+    """Gaussians bound to the mesh, coloured by projecting ``photo`` (sRGB uint8) onto
+    ``vertices`` [V, 3] (the head as the photo shows it, in the photo camera's frame).
 
     Seen surface takes the photo's colour; unseen face and head take the colour of their
     mirror image across the face's symmetry plane (x = 0) when that was seen, else the
@@ -94,8 +96,8 @@ def make_gaussians(
     """
     rng = np.random.default_rng(seed)
     tri, bary, spacing = sample_surface(model, COUNTS[preset], rng)
-    frames, _ = triangle_frames(model.neutral, model.triangles)
-    corners = model.neutral[model.triangles[tri]].astype(np.float64)
+    frames, _ = triangle_frames(vertices, model.triangles)
+    corners = vertices[model.triangles[tri]].astype(np.float64)
     points = np.einsum("nk,nkc->nc", bary, corners)
     normals = frames[tri, :, 2]
     size = (photo.shape[1], photo.shape[0])
@@ -126,7 +128,7 @@ def make_gaussians(
             continue
         if name == "head_neck":
             # scalp above the eyes takes the hair colour seen there; the neck, skin
-            eye_z = model.neutral[model.landmarks68[[36, 45]], 2].mean()
+            eye_z = vertices[model.landmarks68[[36, 45]], 2].mean()
             high = points[:, 2] > eye_z
             parts = ((in_r & high), (in_r & ~high))
             fills = (None, face_median)
