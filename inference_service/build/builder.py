@@ -17,6 +17,7 @@ from . import detect
 from .align import align
 from .fit import fit_geometry
 from .gaussians import make_gaussians
+from .photometric import fit_photo
 
 #: ``progress(stage, fraction, message)``; may raise to cancel the build.
 Progress = Callable[[str, float, str], None]
@@ -60,6 +61,19 @@ def build_avatar(image: bytes, options: BuildOptions, avatar_id: str, progress: 
         options.preset,
     )
 
+    rest = fit.rest_vertices(model)
+    gaussians, photo_fit = fit_photo(
+        gaussians,
+        fit.photo_vertices(model),
+        rest,
+        model.triangles,
+        photo,
+        fit.intrinsics,
+        fit.world_to_camera,
+        options.preset,
+        progress=lambda f, m: progress("photo", 0.65 + 0.3 * f, m),
+    )
+
     progress("finish", 0.95, f"{len(gaussians)} Gaussians")
     name = options.name or f"avatar-{avatar_id[:6]}"
     meta = {
@@ -78,11 +92,12 @@ def build_avatar(image: bytes, options: BuildOptions, avatar_id: str, progress: 
             ARKIT_NAMES[i]: round(float(v), 3) for i, v in enumerate(fit.expression) if v >= 0.05
         },
         "gaussians": len(gaussians),
+        "photo_fit": photo_fit,
     }
     return Avatar(
         id=avatar_id,
         name=name,
-        vertices=fit.rest_vertices(model).astype(np.float32),
+        vertices=rest.astype(np.float32),
         triangles=model.triangles,
         shape_deltas=model.arkit_deltas,
         gaussians=gaussians,
