@@ -97,13 +97,10 @@ def main() -> None:
 
 def service_render(ctx) -> dict:
     """Time ``render`` against a real service process holding a one-Gaussian avatar."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import ServiceProcess
 
     from inference_service.avatar import Avatar, BoundGaussians
     from inference_service.store import Store
+    from tests.conftest import ServiceProcess
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
