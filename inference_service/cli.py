@@ -415,6 +415,30 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    from .images import decode_image
+
+    try:
+        photo = decode_image(Path(args.photo).read_bytes())
+    except OSError as exc:
+        raise SystemExit(f"splatface eval: cannot read {args.photo}: {exc}") from None
+    with connect(args) as client:
+        info = avatar_info(client, args.avatar)
+        out = Path(args.out or f"eval-{info['id']}")
+        try:
+            m = evaluate(client, info["id"], photo, out, size=args.size)
+        except ValueError as exc:
+            raise SystemExit(f"splatface eval: {exc}") from None
+    views = m["views"]
+    text = (f"{info['name']}: input view PSNR {m['input_view']['psnr_db']} dB, SSIM "
+            f"{m['input_view']['ssim']}; coverage at ±60° {views['+60']['coverage']}/"
+            f"{views['-60']['coverage']}; face found at ±30°: {views['+30'].get('face_found')}/"
+            f"{views['-30'].get('face_found')}\nwrote {', '.join(m['files'])}")  # fmt: skip
+    emit(args, m, text)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -585,6 +609,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("avatar", help="avatar id or name")
     common(sp)
     sp.set_defaults(func=cmd_rm)
+
+    sp = sub.add_parser("eval", help="measure an avatar against its photo: contact sheet + JSON")
+    sp.add_argument("avatar", help="avatar id or name")
+    sp.add_argument("--photo", required=True, help="the photo the avatar was built from")
+    sp.add_argument("--out", help="folder for contact_sheet.png and metrics.json "
+                    "(default: eval-AVATAR_ID)")  # fmt: skip
+    sp.add_argument("--size", type=int, default=384, help="size of each view (default: 384)")
+    common(sp)
+    sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("demo", help="build, animate, render and export a sample portrait")
     sp.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")

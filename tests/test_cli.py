@@ -118,7 +118,7 @@ def test_demo_writes_what_it_names(tmp_path):
 def test_every_option_is_documented():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    expected = {"serve", "keys", "build", "render", "export", "avatars", "rm", "demo"}
+    expected = {"serve", "keys", "build", "render", "export", "avatars", "rm", "demo", "eval"}
     assert set(sub.choices) == expected
     for name, sp in sub.choices.items():
         for action in sp._actions:
@@ -140,3 +140,23 @@ def test_live_link_face_style_csv(tmp_path):
     curves = load_curves(f)
     assert curves.shape == (1, 52) and curves[0, index_of("jawOpen")] == pytest.approx(0.75)
     assert curves.sum() == pytest.approx(0.75)
+
+
+def test_eval_writes_a_contact_sheet_and_metrics(tmp_path, service, astronaut_id, astronaut_png):
+    photo = tmp_path / "astronaut.png"
+    photo.write_bytes(astronaut_png)
+    out = tmp_path / "eval"
+    m = last_json(run("eval", astronaut_id, "--endpoint", service.endpoint, "--photo", photo,
+                      "--out", out, "--size", 128, "--json"))  # fmt: skip
+    sheet = np.asarray(Image.open(out / "contact_sheet.png"))
+    assert sheet.shape == (256, 640, 3)  # 9 views, 5 per row, 128 px each
+    assert json.loads((out / "metrics.json").read_text())["input_view"] == m["input_view"]
+    assert m["input_view"]["psnr_db"] > 22 and m["input_view"]["mask_pixels"] > 5000
+    assert set(m["views"]) == {"+30", "-30", "+60", "-60", "profile", "back", "top"}
+    for v in m["views"].values():
+        assert 0.5 < v["coverage"] <= 1 and 0 <= v["stray"] < 0.05
+    assert m["views"]["+30"]["face_found"] or m["views"]["-30"]["face_found"]
+    wrong = tmp_path / "small.png"
+    Image.fromarray(np.zeros((100, 120, 3), np.uint8)).save(wrong)
+    r = run("eval", astronaut_id, "--endpoint", service.endpoint, "--photo", wrong, check=False)
+    assert r.returncode != 0 and "built from a 512x512 photo" in r.stderr

@@ -87,6 +87,11 @@ def build_avatar(image: bytes, options: BuildOptions, avatar_id: str, progress: 
         "landmark_rms": round(fit.rms, 4),
         "landmark_rms_before_fit": round(fit.rms_initial, 4),
         "focal_px": round(float(fit.intrinsics[0]), 1),
+        # the photo's camera in the head frame, so clients can render the input view
+        "photo_camera": {
+            "intrinsics": [float(v) for v in fit.intrinsics],
+            "world_to_camera": [[float(v) for v in row] for row in fit.world_to_camera],
+        },
         # what the photo showed and the rest pose no longer does
         "photo_expression": {
             ARKIT_NAMES[i]: round(float(v), 3) for i, v in enumerate(fit.expression) if v >= 0.05

@@ -1,0 +1,167 @@
+"""``splatface eval``: how good is an avatar? A contact sheet and numbers.
+
+Views: the input photo's (posed with the photo's expression), ±30° and ±60° yaw, the
+right profile, the back and the top, rendered by the service. Metrics (JSON):
+- ``input_view``: PSNR and SSIM (sRGB) against the photo inside the head mask (the
+  render's silhouette where MediaPipe's person segmentation sees the person);
+- per novel view, ``coverage`` (share of the silhouette's interior, 3 px in from its
+  edge, with alpha ≥ 0.98: 1.0 means no holes) and ``stray`` (share of pixels more than
+  3 px outside the silhouette with alpha ≥ 0.02: 0 means no floaters); the silhouette
+  is the render's own alpha > 0.5;
+- at ±30°: whether MediaPipe finds the face, and the RMS distance between its landmarks
+  and our posed mesh's (through the stored correspondence), over the inter-ocular
+  distance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protocol import Client
+from protocol.arkit import index_of
+from protocol.camera import framing_distance, intrinsics_from_fov, orbit, project
+
+VIEWS = (("+30", 30, 0), ("-30", -30, 0), ("+60", 60, 0), ("-60", -60, 0), ("profile", -90, 0),
+         ("back", 180, 0), ("top", 0, 70))  # fmt: skip
+FOV = 30.0
+HALO = 3  # pixels in from / out from the silhouette
+
+
+def _srgb8(rgb: np.ndarray, alpha: np.ndarray, bg: float = 0.15) -> np.ndarray:
+    from .images import linear_to_srgb
+
+    return (linear_to_srgb(rgb + (1 - alpha[..., None]) * bg) * 255 + 0.5).astype(np.uint8)
+
+
+def _weights(meta: dict[str, Any]) -> np.ndarray:
+    w = np.zeros(52, np.float32)
+    for name, value in meta.get("photo_expression", {}).items():
+        w[index_of(name)] = value
+    return w
+
+
+def _silhouette_stats(alpha: np.ndarray) -> dict[str, float]:
+    from scipy import ndimage
+
+    sil = alpha > 0.5
+    inner = ndimage.binary_erosion(sil, iterations=HALO)
+    outer = ~ndimage.binary_dilation(sil, iterations=HALO)
+    return {
+        "coverage": round(float((alpha[inner] >= 0.98).mean()) if inner.any() else 0.0, 4),
+        "stray": round(float((alpha[outer] >= 0.02).mean()) if outer.any() else 0.0, 5),
+    }
+
+
+def _landmark_agreement(img: np.ndarray, client: Client, avatar_id: str, intr, w2c):
+    """MediaPipe on a render vs our mesh's landmarks in the same view (rest pose)."""
+    from .build import detect
+    from .headmodel import load_correspondence, load_head_model
+
+    faces = detect.detect_faces(img)
+    if not faces:
+        return {"face_found": False}
+    try:
+        lm = detect.face_landmarks(img, faces[0])
+    except Exception:  # noqa: BLE001 - "not found" is the measurement
+        return {"face_found": False}
+    mesh = client.get(avatar_id, mesh=True, rig=False).arrays
+    verts, tris = mesh["vertices"], mesh["triangles"]
+    corr, model = load_correspondence(), load_head_model()
+    if len(verts) != len(model.neutral):
+        return {"face_found": True}
+    ours = np.einsum("lk,lkc->lc", corr.bary, verts[tris[corr.triangle]])
+    uv, _ = project(ours, intr, w2c)
+    iod = np.linalg.norm(lm[33, :2] - lm[263, :2])
+    rms = float(np.sqrt((((uv - lm[:, :2]) ** 2).sum(1) * corr.weight).sum() / corr.weight.sum()))
+    return {"face_found": True, "landmark_rms": round(rms / iod, 4)}
+
+
+def evaluate(client: Client, avatar_id: str, photo: np.ndarray, out: Path,
+             size: int = 384) -> dict[str, Any]:  # fmt: skip
+    """Render the views, measure, write ``contact_sheet.png`` and ``metrics.json``."""
+    import json
+
+    from skimage.metrics import structural_similarity
+
+    from .build.photometric import person_mask
+    from .store import atomic_write
+
+    header = client.get(avatar_id, mesh=False, rig=False).header
+    meta, info = header["meta"], header["avatar"]
+    cam = meta.get("photo_camera")
+    if cam is None:
+        raise ValueError(f"avatar {avatar_id} has no photo camera (built by an older builder)")
+    h, w = photo.shape[:2]
+    if [w, h] != [meta["source"]["width"], meta["source"]["height"]]:
+        raise ValueError(f"the photo is {w}x{h}; the avatar was built from a "
+                         f"{meta['source']['width']}x{meta['source']['height']} photo")  # fmt: skip
+    intr, w2c = np.array(cam["intrinsics"]), np.array(cam["world_to_camera"])
+    r = client.render(avatar_id, intr, w2c, w, h, curves=_weights(meta)[None],
+                      passes=("rgb", "alpha"), timeout=600)  # fmt: skip
+    rgb, alpha = r["rgb"][0], r["alpha"][0]
+    fit_img = _srgb8(rgb, alpha)
+    mask = (alpha > 0.5) & person_mask(photo)
+    fit_on_photo = np.where(alpha[..., None] > 0.5, fit_img, photo)
+    diff = fit_img[mask].astype(float) - photo[mask].astype(float)
+    psnr = float(10 * np.log10(255**2 / max(np.mean(diff**2), 1e-12)))
+    ssim_map = structural_similarity(photo, fit_img, channel_axis=2, full=True)[1].mean(axis=2)
+    metrics: dict[str, Any] = {
+        "avatar_id": avatar_id,
+        "input_view": {
+            "psnr_db": round(psnr, 2),
+            "ssim": round(float(ssim_map[mask].mean()), 4),
+            "mask_pixels": int(mask.sum()),
+        },  # fmt: skip
+        "views": {},
+    }
+    tiles = [_square(photo, size), _square(fit_on_photo, size)]
+    labels = ["input", "fit"]
+    distance = framing_distance(float(info["radius"]), FOV, fill=0.9)
+    for name, yaw, pitch in VIEWS:
+        vi, vw = intrinsics_from_fov(size, size, FOV), orbit(info["center"], distance, yaw, pitch)
+        rv = client.render(avatar_id, vi, vw, size, size, passes=("rgb", "alpha"), timeout=600)
+        img = _srgb8(rv["rgb"][0], rv["alpha"][0])
+        stats = _silhouette_stats(rv["alpha"][0])
+        if name in ("+30", "-30"):
+            stats.update(_landmark_agreement(img, client, avatar_id, vi, vw))
+        metrics["views"][name] = stats
+        tiles.append(img)
+        labels.append(name)
+    sheet = _sheet(tiles, labels, columns=5)
+    out.mkdir(parents=True, exist_ok=True)
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(sheet).save(buf, format="PNG")
+    atomic_write(out / "contact_sheet.png", buf.getvalue())
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=1).encode())
+    metrics["files"] = [str(out / "contact_sheet.png"), str(out / "metrics.json")]
+    return metrics
+
+
+def _square(img: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    side = min(h, w)
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    return np.asarray(Image.fromarray(img[y0 : y0 + side, x0 : x0 + side]).resize((size, size)))
+
+
+def _sheet(tiles: list[np.ndarray], labels: list[str], columns: int) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    s = tiles[0].shape[0]
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (columns * s, rows * s), (38, 38, 38))
+    draw = ImageDraw.Draw(sheet)
+    for k, (tile, label) in enumerate(zip(tiles, labels, strict=True)):
+        x, y = (k % columns) * s, (k // columns) * s
+        sheet.paste(Image.fromarray(tile), (x, y))
+        draw.text((x + 6, y + 4), label, fill=(255, 255, 255))
+    return np.asarray(sheet)
