@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from _common import REPO, emit, machine, timed
 
-from inference_service.build.gaussians import TANGENT_SIGMA, THICKNESS, sample_surface
+from inference_service.build.gaussians import THICKNESS, sample_surface
 from inference_service.geometry import rotmat_to_quat, triangle_frames
 from inference_service.headmodel import load_head_model
 from kernels import Camera, has_cuda, rasterize
@@ -30,6 +30,7 @@ from kernels.torch_dense import rasterize_torch
 from protocol.camera import framing_distance, intrinsics_from_fov, orbit
 
 COUNTS = (10_000, 50_000, 100_000)
+TANGENT_SIGMA = 0.6  # splat size (x spacing) of the scene: fixed, so runs stay comparable
 SIZES = (512, 1024)
 BUDGET_S = 60.0
 

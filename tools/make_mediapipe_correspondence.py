@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inference_service.build.gaussians import TANGENT_SIGMA, THICKNESS, sample_surface  # noqa: E402
+from inference_service.build.gaussians import THICKNESS, sample_surface  # noqa: E402
 from inference_service.geometry import rotmat_to_quat, triangle_frames  # noqa: E402
 from inference_service.headmodel import load_head_model  # noqa: E402
 from inference_service.images import linear_to_srgb, srgb_to_linear  # noqa: E402
@@ -32,6 +32,7 @@ from protocol.camera import framing_distance, intrinsics_from_fov, orbit  # noqa
 YAWS = (-30.0, -15.0, 0.0, 15.0, 30.0)
 SIZE = 512
 SAMPLES = 150_000
+TANGENT_SIGMA = 0.6  # splat size (x spacing) of the renders the committed asset was made from
 SPREAD_SCALE = 0.008  # metres of spread across views at which a landmark's weight halves
 
 

@@ -25,7 +25,7 @@ FILL = {
     "eyeball_right": (0.88, 0.85, 0.82), "eye_sockets": (0.5, 0.3, 0.3),
 }  # fmt: skip
 OPACITY = 0.98
-TANGENT_SIGMA = 0.6  # times the mean spacing of the region's Gaussians
+TANGENT_SIGMA = 0.8  # x the region's mean spacing: opaque enough that novel views have no holes
 THICKNESS = 0.15  # normal-axis sigma as a fraction of the tangent sigma
 ZBUFFER_CELL = 2.0  # photo pixels
 OCCLUSION_TOLERANCE = 0.01  # metres
