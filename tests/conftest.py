@@ -99,6 +99,18 @@ def astronaut_id(client, astronaut_png) -> str:
     return client.wait(job, timeout=300)["avatar_id"]
 
 
+@pytest.fixture(scope="session")
+def hopper_png(hopper) -> bytes:
+    return encode_png(hopper)
+
+
+@pytest.fixture(scope="session")
+def hopper_id(client, hopper_png) -> str:
+    """Grace Hopper built once (fast preset) on the shared service."""
+    job = client.build(hopper_png, name="grace_hopper", preset="fast")
+    return client.wait(job, timeout=300)["avatar_id"]
+
+
 @pytest.fixture
 def env_store(tmp_path, monkeypatch) -> Path:
     """A private default store for CLI runs."""

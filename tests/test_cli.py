@@ -142,20 +142,32 @@ def test_live_link_face_style_csv(tmp_path):
     assert curves.sum() == pytest.approx(0.75)
 
 
-def test_eval_writes_a_contact_sheet_and_metrics(tmp_path, service, astronaut_id, astronaut_png):
-    photo = tmp_path / "astronaut.png"
-    photo.write_bytes(astronaut_png)
+@pytest.mark.parametrize(
+    "portrait, min_psnr",
+    # whole head mask at the input view, fast preset: measured 24.8 and 20.2 dB
+    [("astronaut", 22.0), ("hopper", 18.0)],
+)
+def test_eval_metrics_of_the_sample_portraits(request, tmp_path, service, portrait, min_psnr):
+    avatar = request.getfixturevalue(f"{portrait}_id")
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(request.getfixturevalue(f"{portrait}_png"))
     out = tmp_path / "eval"
-    m = last_json(run("eval", astronaut_id, "--endpoint", service.endpoint, "--photo", photo,
+    m = last_json(run("eval", avatar, "--endpoint", service.endpoint, "--photo", photo,
                       "--out", out, "--size", 128, "--json"))  # fmt: skip
     sheet = np.asarray(Image.open(out / "contact_sheet.png"))
     assert sheet.shape == (256, 640, 3)  # 9 views, 5 per row, 128 px each
     assert json.loads((out / "metrics.json").read_text())["input_view"] == m["input_view"]
-    assert m["input_view"]["psnr_db"] > 22 and m["input_view"]["mask_pixels"] > 5000
+    assert m["input_view"]["psnr_db"] > min_psnr and m["input_view"]["mask_pixels"] > 5000
     assert set(m["views"]) == {"+30", "-30", "+60", "-60", "profile", "back", "top"}
-    for v in m["views"].values():
-        assert 0.5 < v["coverage"] <= 1 and 0 <= v["stray"] < 0.05
-    assert m["views"]["+30"]["face_found"] or m["views"]["-30"]["face_found"]
+    for name, v in m["views"].items():
+        # measured 0.988-1.0 and <= 0.0002: no holes, no floaters
+        assert v["coverage"] >= 0.97 and v["stray"] < 0.005, name
+    for side in ("+30", "-30"):
+        view = m["views"][side]
+        assert view["face_found"] and view["landmark_rms"] < 0.1, side  # measured 0.05-0.07
+
+
+def test_eval_refuses_a_different_photo(tmp_path, service, astronaut_id):
     wrong = tmp_path / "small.png"
     Image.fromarray(np.zeros((100, 120, 3), np.uint8)).save(wrong)
     r = run("eval", astronaut_id, "--endpoint", service.endpoint, "--photo", wrong, check=False)
