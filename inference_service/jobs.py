@@ -34,6 +34,7 @@ class Job:
     message: str = ""
     events: list[dict[str, Any]] = field(default_factory=list)
     avatar_id: str | None = None
+    faces: list[dict[str, Any]] | None = None
     error: ProtocolError | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.time)
@@ -52,6 +53,9 @@ class Job:
             }
         )
 
+    def set_faces(self, faces: list[dict[str, Any]]) -> None:
+        self.faces = faces
+
     def status(self, since: int = 0) -> dict[str, Any]:
         out: dict[str, Any] = {
             "job": self.id,
@@ -62,6 +66,8 @@ class Job:
             "events": self.events[since:],
             "next": len(self.events),
         }
+        if self.faces is not None:
+            out["faces"] = self.faces
         if self.avatar_id:
             out["avatar_id"] = self.avatar_id
         if self.error is not None:
@@ -156,7 +162,13 @@ class JobManager:
                 job.state = "running"
             try:
                 avatar_id = self.store.new_id()
-                avatar = build_avatar(job.image or b"", job.options, avatar_id, job.report)
+                avatar = build_avatar(
+                    job.image or b"",
+                    job.options,
+                    avatar_id,
+                    job.report,
+                    on_faces=job.set_faces,
+                )
                 job.report("save", 0.97, "saving")
                 self.store.save(avatar)
                 job.avatar_id = avatar_id

@@ -141,6 +141,8 @@ def test_progress_events(client, astronaut_png):
     assert stages[0] == "decode" and stages[-1] == "done" and "gaussians" in stages
     fractions = [e["fraction"] for e in events]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    (face,) = st["faces"]  # the faces found are in the status, for clients to choose from
+    assert len(face["box"]) == 4 and face["score"] > 0.5
     client.delete(st["avatar_id"])
 
 

@@ -34,13 +34,22 @@ class BuildOptions:
     face_box: tuple[float, float, float, float] | None = None
 
 
-def build_avatar(image: bytes, options: BuildOptions, avatar_id: str, progress: Progress) -> Avatar:
+def build_avatar(
+    image: bytes,
+    options: BuildOptions,
+    avatar_id: str,
+    progress: Progress,
+    on_faces: Callable[[list[dict]], None] = lambda faces: None,
+) -> Avatar:
+    """Build an avatar; ``on_faces`` hears every face found (largest first, with boxes)
+    as soon as detection is done, so a client can offer a choice."""
     progress("decode", 0.02, "reading the photo")
     photo = decode_image(image)
     h, w = photo.shape[:2]
 
     progress("detect", 0.10, f"looking for faces in the {w}x{h} photo")
     faces = detect.detect_faces(photo)
+    on_faces([f.to_dict() for f in faces])
     face = detect.choose_face(faces, options.face, options.face_box, (w, h))
     progress("landmarks", 0.30, f"{len(faces)} face(s) found; finding landmarks")
     landmarks = detect.face_landmarks(photo, face)
