@@ -5,6 +5,7 @@ Canonical head frame everywhere: metres, +Z up, face towards -Y, subject's left 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -70,6 +71,27 @@ class Avatar:
     photo_intrinsics: np.ndarray
     photo_world_to_camera: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @functools.cached_property
+    def bound_triangles(self) -> tuple[np.ndarray, np.ndarray]:
+        """Triangles that carry Gaussians ``[U]`` and each Gaussian's index into them ``[N]``
+        (posing needs frames only for these)."""
+        used, index = np.unique(self.gaussians.triangle, return_inverse=True)
+        return used, index
+
+    @functools.cached_property
+    def rest_area(self) -> np.ndarray:
+        """Rest-pose area ``[U]`` of each triangle in :attr:`bound_triangles`."""
+        from .geometry import triangle_frames
+
+        return triangle_frames(self.vertices, self.triangles[self.bound_triangles[0]])[1]
+
+    @functools.cached_property
+    def local_rotation(self) -> np.ndarray:
+        """Each Gaussian's rotation in its triangle's frame as matrices ``[N, 3, 3]``."""
+        from .geometry import quat_to_rotmat
+
+        return quat_to_rotmat(self.gaussians.rotation.astype(np.float64))
 
     @property
     def center(self) -> np.ndarray:

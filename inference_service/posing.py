@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .avatar import Avatar
-from .geometry import quat_to_rotmat, rotmat_to_quat, triangle_frames
+from .geometry import rotmat_to_quat, triangle_frames
 
 
 @dataclass(frozen=True)
@@ -66,15 +66,14 @@ def pose(
     """Gaussians for ARKit ``weights`` ``[52]`` and head-to-world ``head`` ``[4, 4]``."""
     g = avatar.gaussians
     verts = pose_vertices(avatar, weights)
-    frames, area = triangle_frames(verts, avatar.triangles)
-    _, rest_area = triangle_frames(avatar.vertices, avatar.triangles)
+    used, index = avatar.bound_triangles  # frames only where Gaussians sit
+    frames, area = triangle_frames(verts, avatar.triangles[used])
 
-    tri = avatar.triangles[g.triangle]
-    corners = verts[tri]  # [N, 3, 3]
-    normal = frames[g.triangle, :, 2]
+    corners = verts[avatar.triangles[g.triangle]]  # [N, 3, 3]
+    normal = frames[index, :, 2]
     means = np.einsum("nk,nkc->nc", g.bary, corners) + g.offset[:, None] * normal
-    rot = frames[g.triangle] @ quat_to_rotmat(g.rotation.astype(np.float64))
-    stretch = np.sqrt(area / np.maximum(rest_area, 1e-20))[g.triangle]
+    rot = frames[index] @ avatar.local_rotation
+    stretch = np.sqrt(area / np.maximum(avatar.rest_area, 1e-20))[index]
     scales = np.exp(g.log_scale.astype(np.float64)) * stretch[:, None]
 
     if head is not None:

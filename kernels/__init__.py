@@ -172,7 +172,8 @@ def warmup(backend: str = "auto") -> None:
     cam = Camera(1.0, 1.0, 0.5, 0.5, np.eye(4))
     one = np.array([[0.0, 0.0, 1.0]])
     rasterize(one, np.array([[1.0, 0, 0, 0]]), np.full((1, 3), 0.1), np.ones(1),
-              np.ones((1, 1, 3)), cam, 1, 1, PASS_NAMES, backend=backend)  # fmt: skip
+              np.ones((1, 1, 3)), cam, 1, 1, ("rgb", "alpha", "depth", "normal"),
+              backend=backend)  # fmt: skip
 
 
 __all__ = ["BACKENDS", "Camera", "PASS_NAMES", "Passes", "default_backend", "has_cuda",

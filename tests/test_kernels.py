@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import Camera, has_cuda, rasterize
+from kernels import Camera, has_cuda, rasterize, warmup
 from kernels.reference import rasterize_reference
 from kernels.torch_dense import rasterize_torch
 
@@ -151,6 +151,12 @@ def test_float32_in_float32_out_with_gradients():
     assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in ts)
     ref = rasterize_reference(*args, cam, w, h, ("rgb",))
     np.testing.assert_allclose(out.rgb.detach().numpy(), ref.rgb, atol=1e-4)
+
+
+def test_warmup_runs():
+    """The service warms the kernels in a background thread; an error there is silent."""
+    warmup("cpu")
+    warmup("reference")
 
 
 def test_compiled_kernels_are_cached_on_disk(tmp_path):
