@@ -55,7 +55,7 @@ def _silhouette_stats(alpha: np.ndarray) -> dict[str, float]:
     }
 
 
-def _landmark_agreement(img: np.ndarray, client: Client, avatar_id: str, intr, w2c):
+def _landmark_agreement(img: np.ndarray, verts: np.ndarray, tris: np.ndarray, intr, w2c):
     """MediaPipe on a render vs our mesh's landmarks in the same view (rest pose)."""
     from .build import detect
     from .headmodel import load_correspondence, load_head_model
@@ -67,8 +67,6 @@ def _landmark_agreement(img: np.ndarray, client: Client, avatar_id: str, intr, w
         lm = detect.face_landmarks(img, faces[0])
     except Exception:  # noqa: BLE001 - "not found" is the measurement
         return {"face_found": False}
-    mesh = client.get(avatar_id, mesh=True, rig=False).arrays
-    verts, tris = mesh["vertices"], mesh["triangles"]
     corr, model = load_correspondence(), load_head_model()
     if len(verts) != len(model.neutral):
         return {"face_found": True}
@@ -87,9 +85,11 @@ def evaluate(client: Client, avatar_id: str, photo: np.ndarray, out: Path,
     from skimage.metrics import structural_similarity
 
     from .build.photometric import person_mask
+    from .cli import save_png
     from .store import atomic_write
 
-    header = client.get(avatar_id, mesh=False, rig=False).header
+    reply = client.get(avatar_id, mesh=True, rig=False)
+    header, verts, tris = reply.header, reply.arrays["vertices"], reply.arrays["triangles"]
     meta, info = header["meta"], header["avatar"]
     cam = meta.get("photo_camera")
     if cam is None:
@@ -126,19 +126,13 @@ def evaluate(client: Client, avatar_id: str, photo: np.ndarray, out: Path,
         img = _srgb8(rv["rgb"][0], rv["alpha"][0])
         stats = _silhouette_stats(rv["alpha"][0])
         if name in ("+30", "-30"):
-            stats.update(_landmark_agreement(img, client, avatar_id, vi, vw))
+            stats.update(_landmark_agreement(img, verts, tris, vi, vw))
         metrics["views"][name] = stats
         tiles.append(img)
         labels.append(name)
     sheet = _sheet(tiles, labels, columns=5)
     out.mkdir(parents=True, exist_ok=True)
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(sheet).save(buf, format="PNG")
-    atomic_write(out / "contact_sheet.png", buf.getvalue())
+    save_png(out / "contact_sheet.png", sheet)
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=1).encode())
     metrics["files"] = [str(out / "contact_sheet.png"), str(out / "metrics.json")]
     return metrics

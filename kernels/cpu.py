@@ -115,70 +115,69 @@ def forward_tiles(offsets, entries, boxes, means2d, conics, colors, opacities, d
 def _forward_tile(t, tiles_x, offsets, entries, boxes, means2d, conics, colors, opacities,
                   depths, normals, background, width, height, want_depth, want_normal, done,
                   acc, rgb, alpha_out, trans, depth, normal, last):  # fmt: skip
-    if True:
-        x0 = (t % tiles_x) * TILE
-        y0 = (t // tiles_x) * TILE
-        x1 = min(x0 + TILE, width)
-        y1 = min(y0 + TILE, height)
-        done[:] = False
-        acc[:] = 0.0
-        active = (x1 - x0) * (y1 - y0)
-        for k in range(offsets[t], offsets[t + 1]):
-            g = entries[k]
-            o = opacities[g]
-            if o < ALPHA_MIN:
-                continue
-            cutoff = math.log(ALPHA_MIN / o)
-            jlo, jhi = max(x0, boxes[g, 0]), min(x1 - 1, boxes[g, 1])
-            ilo, ihi = max(y0, boxes[g, 2]), min(y1 - 1, boxes[g, 3])
-            mx, my = means2d[g, 0], means2d[g, 1]
-            ca, cb, cc = conics[g, 0], conics[g, 1], conics[g, 2]
-            for i in range(ilo, ihi + 1):
-                dy = i + 0.5 - my
-                ja, jb = _row_span(dy, mx, ca, cb, cc, cutoff, jlo, jhi)
-                for j in range(ja, jb + 1):
-                    li, lj = i - y0, j - x0
-                    if done[li, lj]:
-                        continue
-                    dx = j + 0.5 - mx
-                    power = -0.5 * (ca * dx * dx + cc * dy * dy) - cb * dx * dy
-                    if power > 0.0 or power < cutoff:  # cutoff: o * exp(power) < 1/255
-                        continue
-                    alpha = min(ALPHA_MAX, o * math.exp(power))
-                    if alpha < ALPHA_MIN:
-                        continue
-                    tc = trans[i, j]
-                    tn = tc * (1.0 - alpha)
-                    if tn <= T_MIN:
-                        done[li, lj] = True
-                        active -= 1
-                        continue
-                    w = alpha * tc
-                    for ch in range(3):
-                        acc[li, lj, ch] += w * colors[g, ch]
-                    if want_depth:
-                        acc[li, lj, 3] += w * depths[g]
-                    if want_normal:
-                        for ch in range(3):
-                            acc[li, lj, 4 + ch] += w * normals[g, ch]
-                    trans[i, j] = tn
-                    last[i, j] = k + 1
-            if active == 0:
-                break
-        for i in range(y0, y1):
-            for j in range(x0, x1):
+    x0 = (t % tiles_x) * TILE
+    y0 = (t // tiles_x) * TILE
+    x1 = min(x0 + TILE, width)
+    y1 = min(y0 + TILE, height)
+    done[:] = False
+    acc[:] = 0.0
+    active = (x1 - x0) * (y1 - y0)
+    for k in range(offsets[t], offsets[t + 1]):
+        g = entries[k]
+        o = opacities[g]
+        if o < ALPHA_MIN:
+            continue
+        cutoff = math.log(ALPHA_MIN / o)
+        jlo, jhi = max(x0, boxes[g, 0]), min(x1 - 1, boxes[g, 1])
+        ilo, ihi = max(y0, boxes[g, 2]), min(y1 - 1, boxes[g, 3])
+        mx, my = means2d[g, 0], means2d[g, 1]
+        ca, cb, cc = conics[g, 0], conics[g, 1], conics[g, 2]
+        for i in range(ilo, ihi + 1):
+            dy = i + 0.5 - my
+            ja, jb = _row_span(dy, mx, ca, cb, cc, cutoff, jlo, jhi)
+            for j in range(ja, jb + 1):
                 li, lj = i - y0, j - x0
-                tf = trans[i, j]
-                a = 1.0 - tf
-                alpha_out[i, j] = a
+                if done[li, lj]:
+                    continue
+                dx = j + 0.5 - mx
+                power = -0.5 * (ca * dx * dx + cc * dy * dy) - cb * dx * dy
+                if power > 0.0 or power < cutoff:  # cutoff: o * exp(power) < 1/255
+                    continue
+                alpha = min(ALPHA_MAX, o * math.exp(power))
+                if alpha < ALPHA_MIN:
+                    continue
+                tc = trans[i, j]
+                tn = tc * (1.0 - alpha)
+                if tn <= T_MIN:
+                    done[li, lj] = True
+                    active -= 1
+                    continue
+                w = alpha * tc
                 for ch in range(3):
-                    rgb[i, j, ch] = acc[li, lj, ch] + tf * background[ch]
+                    acc[li, lj, ch] += w * colors[g, ch]
                 if want_depth:
-                    depth[i, j] = acc[li, lj, 3] / a if a > 0.0 else np.inf
+                    acc[li, lj, 3] += w * depths[g]
                 if want_normal:
-                    n = math.sqrt(acc[li, lj, 4] ** 2 + acc[li, lj, 5] ** 2 + acc[li, lj, 6] ** 2)
                     for ch in range(3):
-                        normal[i, j, ch] = acc[li, lj, 4 + ch] / n if n > 0.0 else 0.0
+                        acc[li, lj, 4 + ch] += w * normals[g, ch]
+                trans[i, j] = tn
+                last[i, j] = k + 1
+        if active == 0:
+            break
+    for i in range(y0, y1):
+        for j in range(x0, x1):
+            li, lj = i - y0, j - x0
+            tf = trans[i, j]
+            a = 1.0 - tf
+            alpha_out[i, j] = a
+            for ch in range(3):
+                rgb[i, j, ch] = acc[li, lj, ch] + tf * background[ch]
+            if want_depth:
+                depth[i, j] = acc[li, lj, 3] / a if a > 0.0 else np.inf
+            if want_normal:
+                n = math.sqrt(acc[li, lj, 4] ** 2 + acc[li, lj, 5] ** 2 + acc[li, lj, 6] ** 2)
+                for ch in range(3):
+                    normal[i, j, ch] = acc[li, lj, 4 + ch] / n if n > 0.0 else 0.0
 
 
 @njit(parallel=True, cache=True, fastmath={"contract", "afn"})
@@ -205,70 +204,69 @@ def backward_tiles(offsets, entries, boxes, means2d, conics, colors, opacities, 
 def _backward_tile(t, tiles_x, offsets, entries, boxes, means2d, conics, colors, opacities,
                    trans_final, last, background, grad_rgb, grad_alpha, width, height, tcur,
                    behind, prev_alpha, prev_color, out):  # fmt: skip
-    if True:
-        x0 = (t % tiles_x) * TILE
-        y0 = (t // tiles_x) * TILE
-        x1 = min(x0 + TILE, width)
-        y1 = min(y0 + TILE, height)
-        behind[:] = 0.0
-        prev_alpha[:] = 0.0
-        prev_color[:] = 0.0
-        for i in range(y0, y1):
-            for j in range(x0, x1):
-                tcur[i - y0, j - x0] = trans_final[i, j]
-        for k in range(offsets[t + 1] - 1, offsets[t] - 1, -1):
-            g = entries[k]
-            jlo, jhi = max(x0, boxes[g, 0]), min(x1 - 1, boxes[g, 1])
-            ilo, ihi = max(y0, boxes[g, 2]), min(y1 - 1, boxes[g, 3])
-            mx, my = means2d[g, 0], means2d[g, 1]
-            ca, cb, cc = conics[g, 0], conics[g, 1], conics[g, 2]
-            o = opacities[g]
-            if o < ALPHA_MIN:
-                continue
-            cutoff = math.log(ALPHA_MIN / o)
-            for i in range(ilo, ihi + 1):
-                dy = i + 0.5 - my
-                ja, jb = _row_span(dy, mx, ca, cb, cc, cutoff, jlo, jhi)
-                for j in range(ja, jb + 1):
-                    if k >= last[i, j]:
-                        continue
-                    dx = j + 0.5 - mx
-                    power = -0.5 * (ca * dx * dx + cc * dy * dy) - cb * dx * dy
-                    if power > 0.0 or power < cutoff:
-                        continue
-                    gauss = math.exp(power)
-                    raw = o * gauss
-                    alpha = min(ALPHA_MAX, raw)
-                    if alpha < ALPHA_MIN:
-                        continue
-                    li, lj = i - y0, j - x0
-                    t_before = tcur[li, lj] / (1.0 - alpha)
-                    tcur[li, lj] = t_before
-                    d_alpha = 0.0
-                    bg_dot = 0.0
-                    for ch in range(3):
-                        gc = grad_rgb[i, j, ch]
-                        out[k, 6 + ch] += alpha * t_before * gc
-                        behind[li, lj, ch] = (
-                            prev_alpha[li, lj] * prev_color[li, lj, ch]
-                            + (1.0 - prev_alpha[li, lj]) * behind[li, lj, ch]
-                        )
-                        d_alpha += (colors[g, ch] - behind[li, lj, ch]) * gc
-                        bg_dot += background[ch] * gc
-                        prev_color[li, lj, ch] = colors[g, ch]
-                    prev_alpha[li, lj] = alpha
-                    d_alpha *= t_before
-                    tail = trans_final[i, j] / (1.0 - alpha)
-                    d_alpha += (grad_alpha[i, j] - bg_dot) * tail
-                    if raw > ALPHA_MAX:
-                        continue  # clamped: no gradient to opacity or shape
-                    out[k, 5] += d_alpha * gauss
-                    d_power = d_alpha * alpha
-                    out[k, 0] += d_power * (ca * dx + cb * dy)
-                    out[k, 1] += d_power * (cc * dy + cb * dx)
-                    out[k, 2] += -0.5 * dx * dx * d_power
-                    out[k, 3] += -dx * dy * d_power
-                    out[k, 4] += -0.5 * dy * dy * d_power
+    x0 = (t % tiles_x) * TILE
+    y0 = (t // tiles_x) * TILE
+    x1 = min(x0 + TILE, width)
+    y1 = min(y0 + TILE, height)
+    behind[:] = 0.0
+    prev_alpha[:] = 0.0
+    prev_color[:] = 0.0
+    for i in range(y0, y1):
+        for j in range(x0, x1):
+            tcur[i - y0, j - x0] = trans_final[i, j]
+    for k in range(offsets[t + 1] - 1, offsets[t] - 1, -1):
+        g = entries[k]
+        jlo, jhi = max(x0, boxes[g, 0]), min(x1 - 1, boxes[g, 1])
+        ilo, ihi = max(y0, boxes[g, 2]), min(y1 - 1, boxes[g, 3])
+        mx, my = means2d[g, 0], means2d[g, 1]
+        ca, cb, cc = conics[g, 0], conics[g, 1], conics[g, 2]
+        o = opacities[g]
+        if o < ALPHA_MIN:
+            continue
+        cutoff = math.log(ALPHA_MIN / o)
+        for i in range(ilo, ihi + 1):
+            dy = i + 0.5 - my
+            ja, jb = _row_span(dy, mx, ca, cb, cc, cutoff, jlo, jhi)
+            for j in range(ja, jb + 1):
+                if k >= last[i, j]:
+                    continue
+                dx = j + 0.5 - mx
+                power = -0.5 * (ca * dx * dx + cc * dy * dy) - cb * dx * dy
+                if power > 0.0 or power < cutoff:
+                    continue
+                gauss = math.exp(power)
+                raw = o * gauss
+                alpha = min(ALPHA_MAX, raw)
+                if alpha < ALPHA_MIN:
+                    continue
+                li, lj = i - y0, j - x0
+                t_before = tcur[li, lj] / (1.0 - alpha)
+                tcur[li, lj] = t_before
+                d_alpha = 0.0
+                bg_dot = 0.0
+                for ch in range(3):
+                    gc = grad_rgb[i, j, ch]
+                    out[k, 6 + ch] += alpha * t_before * gc
+                    behind[li, lj, ch] = (
+                        prev_alpha[li, lj] * prev_color[li, lj, ch]
+                        + (1.0 - prev_alpha[li, lj]) * behind[li, lj, ch]
+                    )
+                    d_alpha += (colors[g, ch] - behind[li, lj, ch]) * gc
+                    bg_dot += background[ch] * gc
+                    prev_color[li, lj, ch] = colors[g, ch]
+                prev_alpha[li, lj] = alpha
+                d_alpha *= t_before
+                tail = trans_final[i, j] / (1.0 - alpha)
+                d_alpha += (grad_alpha[i, j] - bg_dot) * tail
+                if raw > ALPHA_MAX:
+                    continue  # clamped: no gradient to opacity or shape
+                out[k, 5] += d_alpha * gauss
+                d_power = d_alpha * alpha
+                out[k, 0] += d_power * (ca * dx + cb * dy)
+                out[k, 1] += d_power * (cc * dy + cb * dx)
+                out[k, 2] += -0.5 * dx * dx * d_power
+                out[k, 3] += -dx * dy * d_power
+                out[k, 4] += -0.5 * dy * dy * d_power
 
 
 @njit(cache=True)

@@ -81,7 +81,6 @@ def fit_geometry(
     dt = torch.float64
     k = IDENTITY_COMPONENTS
     tri = model.triangles[corr.triangle]  # [L, 3] vertex ids
-    bary = torch.tensor(corr.bary, dtype=dt)
     base = torch.tensor(np.einsum("lk,lkc->lc", corr.bary, model.neutral[tri]), dtype=dt)
     ident = torch.tensor(
         np.einsum("lk,ilkc->ilc", corr.bary, model.identity_deltas[:k][:, tri].astype(np.float64)),
@@ -91,7 +90,6 @@ def fit_geometry(
         np.einsum("lk,elkc->elc", corr.bary, model.arkit_deltas[:, tri].astype(np.float64)),
         dtype=dt,
     )  # [52, L, 3]
-    del bary
     target = torch.tensor(landmarks[:, :2], dtype=dt)
     weight = torch.tensor(corr.weight, dtype=dt)
     iod = float(np.linalg.norm(landmarks[33, :2] - landmarks[263, :2]))
