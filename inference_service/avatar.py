@@ -60,6 +60,8 @@ class Avatar:
         photo_intrinsics: ``[4]`` (fx, fy, cx, cy) of the input photo's camera, pixels.
         photo_world_to_camera: ``[4, 4]`` that camera's pose, OpenCV convention.
         meta: JSON-able facts about the build (source size, preset, faces found, ...).
+        vertex_part: ``[V]`` uint8 ``headmodel.PART_*`` (eyeballs turn with gaze), or None
+            for a mesh without eyes.
     """
 
     id: str
@@ -71,6 +73,7 @@ class Avatar:
     photo_intrinsics: np.ndarray
     photo_world_to_camera: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    vertex_part: np.ndarray | None = None
 
     @functools.cached_property
     def bound_triangles(self) -> tuple[np.ndarray, np.ndarray]:
@@ -93,6 +96,22 @@ class Avatar:
 
         return quat_to_rotmat(self.gaussians.rotation.astype(np.float64))
 
+    @functools.cached_property
+    def eyes(self) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+        """Per eye (subject's left, right): its vertex ids and the centre of the sphere
+        that fits them at rest; empty when the mesh has no eyeballs."""
+        from .headmodel import PART_EYE_LEFT, PART_EYE_RIGHT
+
+        if self.vertex_part is None:
+            return ()
+        out = []
+        for part in (PART_EYE_LEFT, PART_EYE_RIGHT):
+            ids = np.flatnonzero(self.vertex_part == part)
+            if len(ids) < 4:
+                return ()
+            out.append((ids, sphere_center(self.vertices[ids].astype(np.float64))))
+        return tuple(out)
+
     @property
     def center(self) -> np.ndarray:
         """Centre of the rest mesh's bounding box ``[3]``."""
@@ -111,6 +130,8 @@ class Avatar:
             "photo_intrinsics": self.photo_intrinsics,
             "photo_world_to_camera": self.photo_world_to_camera,
         }
+        if self.vertex_part is not None:
+            out["vertex_part"] = self.vertex_part
         for f in fields(BoundGaussians):
             out["g_" + f.name] = getattr(self.gaussians, f.name)
         return out
@@ -132,6 +153,7 @@ class Avatar:
                 photo_intrinsics=arrays["photo_intrinsics"].astype(np.float64),
                 photo_world_to_camera=arrays["photo_world_to_camera"].astype(np.float64),
                 meta=meta,
+                vertex_part=arrays.get("vertex_part"),
             )
         except KeyError as exc:
             raise ValueError(f"avatar arrays lack {exc.args[0]!r}") from None
@@ -154,6 +176,7 @@ class Avatar:
             (g.sh.ndim == 3 and g.sh.shape[0] == n and g.sh.shape[2] == 3, "bad SH shape"),
             (self.photo_intrinsics.shape == (4,), "bad photo intrinsics"),
             (self.photo_world_to_camera.shape == (4, 4), "bad photo camera"),
+            (self.vertex_part is None or self.vertex_part.shape == (len(v),), "bad vertex_part"),
         ]
         for ok, message in checks:
             if not ok:
@@ -161,3 +184,10 @@ class Avatar:
         for name, arr in self.to_arrays().items():
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise ValueError(f"invalid avatar {self.id}: {name} has NaN or inf")
+
+
+def sphere_center(points: np.ndarray) -> np.ndarray:
+    """Centre ``[3]`` of the least-squares sphere through ``points`` ``[P, 3]``."""
+    a = np.concatenate([2 * points, np.ones((len(points), 1))], axis=1)
+    b = (points**2).sum(axis=1)
+    return np.linalg.lstsq(a, b, rcond=None)[0][:3]

@@ -17,6 +17,17 @@ from protocol.arkit import ARKIT_NAMES
 _SPLIT = {"browInnerUp": ("browInnerUp_L", "browInnerUp_R"),
           "cheekPuff": ("cheekPuff_L", "cheekPuff_R")}  # fmt: skip
 
+#: Points on the tongue's upper and lower surfaces: the ICT UV islands nearest them are the
+#: tongue (ICT keeps gums and tongue in one material; its UV islands separate them).
+TONGUE_SEEDS = ((0.0, -0.075, -0.03), (0.0, -0.075, -0.05))
+#: ``tongueOut`` at weight 1: the tip moves this far forward (-Y) and down (-Z), metres,
+#: and the jaw opens by this fraction of ``jawOpen`` so the tongue clears the teeth.
+TONGUE_OUT = (0.04, 0.008)
+TONGUE_OUT_JAW = 0.3
+
+#: Vertex parts (``HeadModel.vertex_part``) that posing treats specially.
+PART_OTHER, PART_EYE_LEFT, PART_EYE_RIGHT, PART_TONGUE = 0, 1, 2, 3
+
 #: MediaPipe face-mesh landmark → ICT 68-point landmark index (Multi-PIE numbering).
 #: Chosen points lie on the face, not on its silhouette, so they correspond in 3-D.
 MEDIAPIPE_TO_68 = {
@@ -48,7 +59,10 @@ class HeadModel:
         landmarks68: ``[68]`` int32 vertex of each Multi-PIE landmark.
         identity_deltas: ``[100, V, 3]`` float16 metres.
         arkit_deltas: ``[52, V, 3]`` float32 metres in ``ARKIT_NAMES`` order
-            (``tongueOut`` is zero: ICT has no tongue shape).
+            (``tongueOut`` is made here: ICT has no tongue shape).
+        vertex_part: ``[V]`` uint8, ``PART_*``: eyeballs (gaze rotates them), tongue.
+        triangle_uvs: ``[T, 3]`` int32 index into ``uvs`` per triangle corner.
+        uvs: ``[UV, 2]`` float32 texture coordinates.
     """
 
     neutral: np.ndarray
@@ -58,6 +72,9 @@ class HeadModel:
     landmarks68: np.ndarray
     identity_deltas: np.ndarray
     arkit_deltas: np.ndarray
+    vertex_part: np.ndarray
+    triangle_uvs: np.ndarray
+    uvs: np.ndarray
 
     def region(self, name: str) -> int:
         return self.region_names.index(name)
@@ -100,12 +117,62 @@ def load_head_model() -> HeadModel:
                 arkit[i] = sum(by_ict[h].astype(np.float32) for h in _SPLIT[name])
             elif name in by_name:
                 arkit[i] = by_name[name]
+        regions = tuple(str(n) for n in d["region_names"])
+        neutral, triangles, region = d["neutral"], d["triangles"], d["triangle_region"]
+        part = np.zeros(len(neutral), np.uint8)
+        for name, value in (("eyeball_left", PART_EYE_LEFT), ("eyeball_right", PART_EYE_RIGHT)):
+            part[np.unique(triangles[region == regions.index(name)])] = value
+        gums = region == regions.index("gums_tongue")
+        tongue, root = _tongue_vertices(neutral, triangles[gums], d["triangle_uvs"][gums])
+        part[tongue] = PART_TONGUE
+        arkit[ARKIT_NAMES.index("tongueOut")] = (
+            _tongue_out(neutral, tongue, root)
+            + TONGUE_OUT_JAW * arkit[ARKIT_NAMES.index("jawOpen")]
+        )
         return HeadModel(
-            neutral=d["neutral"],
-            triangles=d["triangles"],
-            triangle_region=d["triangle_region"],
-            region_names=tuple(str(n) for n in d["region_names"]),
+            neutral=neutral,
+            triangles=triangles,
+            triangle_region=region,
+            region_names=regions,
             landmarks68=d["landmarks68"],
             identity_deltas=d["identity_deltas"],
             arkit_deltas=arkit,
+            vertex_part=part,
+            triangle_uvs=d["triangle_uvs"],
+            uvs=d["uvs"],
         )
+
+
+def _tongue_vertices(
+    neutral: np.ndarray, triangles: np.ndarray, triangle_uvs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tongue vertices, and those of them it shares with the gums (its root)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = int(triangle_uvs.max()) + 1
+    a, b = triangle_uvs.ravel(), triangle_uvs[:, [1, 2, 0]].ravel()
+    _, label = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)))
+    island = label[triangle_uvs[:, 0]]
+    picked = set()
+    for seed in TONGUE_SEEDS:
+        dist = np.linalg.norm(neutral[triangles] - np.asarray(seed), axis=2).min(axis=1)
+        picked.add(island[np.argmin(dist)])
+    is_tongue = np.isin(island, list(picked))
+    tongue = np.unique(triangles[is_tongue])
+    root = np.intersect1d(tongue, np.unique(triangles[~is_tongue]))
+    return tongue, root
+
+
+def _tongue_out(neutral: np.ndarray, tongue: np.ndarray, root: np.ndarray) -> np.ndarray:
+    """``tongueOut`` deltas ``[V, 3]``: the tongue slides forward and tips down, more
+    towards its tip (smoothstep along its length); the root stays attached."""
+    y = neutral[tongue, 1]
+    back, tip = float(y.max()), float(y.min())
+    t = np.clip((back - y) / (back - tip), 0.0, 1.0)
+    w = t * t * (3 - 2 * t)
+    w[np.isin(tongue, root)] = 0.0
+    delta = np.zeros(neutral.shape, np.float32)
+    delta[tongue, 1] = -TONGUE_OUT[0] * w
+    delta[tongue, 2] = -TONGUE_OUT[1] * w**2
+    return delta

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 
+from protocol.arkit import index_of
+
 from .avatar import Avatar
 from .geometry import rotmat_to_quat, triangle_frames
+
+#: Eye turn at weight 1 of an ``eyeLook*`` shape, radians (ARKit does not state one; these
+#: are about the comfortable range of human gaze).
+GAZE_YAW = np.radians(30.0)
+GAZE_PITCH = np.radians(25.0)
+_GAZE_NAMES = tuple(
+    f"eyeLook{d}{side}" for side in ("Left", "Right") for d in ("Out", "In", "Up", "Down")
+)
+_GAZE_INDEX = [index_of(n) for n in _GAZE_NAMES]
 
 
 @dataclass(frozen=True)
@@ -50,20 +62,115 @@ def split_transform(m: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
     return r, float(s), m[:3, 3]
 
 
+def gaze_rotations(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eyeball rotations ``[3, 3]`` (subject's left eye, right eye) for ARKit weights.
+
+    ``eyeLookOut``/``In`` turn an eye about the up axis by up to ``GAZE_YAW`` (out is
+    towards the subject's own side: +X for the left eye), ``eyeLookUp``/``Down`` about
+    the left-right axis by up to ``GAZE_PITCH``.
+    """
+    w = {name: float(weights[index_of(name)]) for name in _GAZE_NAMES}
+    out = []
+    for side, outward in (("Left", 1.0), ("Right", -1.0)):
+        yaw = GAZE_YAW * outward * (w[f"eyeLookOut{side}"] - w[f"eyeLookIn{side}"])
+        pitch = GAZE_PITCH * (w[f"eyeLookUp{side}"] - w[f"eyeLookDown{side}"])
+        cy, sy, cp, sp = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch)
+        turn = np.array([[cy, -sy, 0.0], [sy, cy, 0.0], [0.0, 0.0, 1.0]])  # about +Z
+        # The eye looks along -Y: looking up is a negative turn about +X.
+        lift = np.array([[1.0, 0.0, 0.0], [0.0, cp, sp], [0.0, -sp, cp]])
+        out.append(turn @ lift)
+    return out[0], out[1]
+
+
 def pose_vertices(avatar: Avatar, weights: np.ndarray | None) -> np.ndarray:
-    """Rest mesh plus weighted ARKit deltas ``[V, 3]`` (head frame)."""
+    """Rest mesh plus weighted ARKit deltas ``[V, 3]`` (head frame), eyeballs turned
+    rigidly about their centres for gaze (a linear delta would smear the iris)."""
     if weights is None or not np.any(weights):
         return avatar.vertices.astype(np.float64)
     active = np.flatnonzero(weights)
-    return avatar.vertices + np.tensordot(
-        weights[active].astype(np.float64), avatar.shape_deltas[active], axes=1
-    )
+    if len(active) > 8:  # one float32 BLAS product beats gathering many shapes
+        flat = avatar.shape_deltas.reshape(len(weights), -1)
+        delta = (weights.astype(np.float32) @ flat).reshape(-1, 3)
+    else:
+        delta = np.tensordot(weights[active].astype(np.float64), avatar.shape_deltas[active], 1)
+    verts = avatar.vertices.astype(np.float64) + delta
+    if avatar.eyes and np.any(weights[_GAZE_INDEX]):
+        for (ids, center), rot in zip(avatar.eyes, gaze_rotations(weights), strict=True):
+            verts[ids] = (verts[ids] - center) @ rot.T + center
+    return verts
 
 
 def pose(
     avatar: Avatar, weights: np.ndarray | None = None, head: np.ndarray | None = None
 ) -> PosedGaussians:
-    """Gaussians for ARKit ``weights`` ``[52]`` and head-to-world ``head`` ``[4, 4]``."""
+    """Gaussians for ARKit ``weights`` ``[52]`` and head-to-world ``head`` ``[4, 4]``.
+
+    The fast path: :func:`pose_vertices`, then one numba call
+    (``posing_kernels.pose_gaussians``); :func:`pose_reference` is the same maths in numpy.
+    """
+    from .posing_kernels import pose_gaussians
+
+    g = avatar.gaussians
+    st = _static(avatar)
+    verts = np.ascontiguousarray(pose_vertices(avatar, weights), np.float64)
+    r, s, t = (np.eye(3), 1.0, np.zeros(3)) if head is None else split_transform(head)
+    means, quats, scales = pose_gaussians(
+        verts, st.tri_corners, st.rest_area, st.index, st.corners, st.bary, st.offset,
+        st.rotation, st.base_scale, np.ascontiguousarray(r), s, np.ascontiguousarray(t, np.float64),
+    )  # fmt: skip
+    return PosedGaussians(means, quats, scales, st.opacities.copy(), g.sh)
+
+
+@dataclass(frozen=True)
+class _Static:
+    """What the fast path needs of an avatar that does not change from frame to frame."""
+
+    tri_corners: np.ndarray  # [U, 3] int32 vertex ids of the triangles carrying Gaussians
+    rest_area: np.ndarray  # [U] float64
+    index: np.ndarray  # [N] int64 row in tri_corners
+    corners: np.ndarray  # [N, 3] int32 vertex ids of each Gaussian's triangle
+    bary: np.ndarray  # [N, 3] float32 (float64 if the avatar's is)
+    offset: np.ndarray  # [N] float32 (ditto)
+    rotation: np.ndarray  # [N, 4] float32 (ditto)
+    base_scale: np.ndarray  # [N, 3] float64 exp(log_scale)
+    opacities: np.ndarray  # [N] float64 sigmoid(opacity_logit)
+
+
+#: id(avatar) → (weak reference to it, its _Static); entries go when the avatar does.
+_STATIC: dict[int, tuple[weakref.ref, _Static]] = {}
+
+
+def _static(avatar: Avatar) -> _Static:
+    hit = _STATIC.get(id(avatar))
+    if hit is not None and hit[0]() is avatar:
+        return hit[1]
+    g = avatar.gaussians
+
+    def exact(a: np.ndarray) -> type:  # float32 as stored (one compiled kernel), or float64
+        return np.float64 if a.dtype == np.float64 else np.float32
+
+    used, index = avatar.bound_triangles
+    tris = np.ascontiguousarray(avatar.triangles, np.int32)
+    st = _Static(
+        tri_corners=tris[used],
+        rest_area=np.ascontiguousarray(avatar.rest_area, np.float64),
+        index=np.ascontiguousarray(index, np.int64),
+        corners=tris[g.triangle],
+        bary=np.ascontiguousarray(g.bary, exact(g.bary)),
+        offset=np.ascontiguousarray(g.offset, exact(g.offset)),
+        rotation=np.ascontiguousarray(g.rotation, exact(g.rotation)),
+        base_scale=np.exp(g.log_scale.astype(np.float64)),
+        opacities=1.0 / (1.0 + np.exp(-g.opacity_logit.astype(np.float64))),
+    )
+    key = id(avatar)
+    _STATIC[key] = (weakref.ref(avatar, lambda _ref: _STATIC.pop(key, None)), st)
+    return st
+
+
+def pose_reference(
+    avatar: Avatar, weights: np.ndarray | None = None, head: np.ndarray | None = None
+) -> PosedGaussians:
+    """:func:`pose` in plain numpy: slow (``[N, 3, 3]`` temporaries), obviously right."""
     g = avatar.gaussians
     verts = pose_vertices(avatar, weights)
     used, index = avatar.bound_triangles  # frames only where Gaussians sit

@@ -6,6 +6,7 @@ Usable unchanged from Blender's Python: it needs numpy, pyzmq and msgpack only. 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -18,10 +19,24 @@ import numpy as np
 import zmq
 
 from . import errors
+from .animation import load_animation
 from .codec import PROTOCOL_VERSION, REPLY_LIMITS, Message, decode, encode
 from .errors import ProtocolError
 
 Progress = Callable[[dict[str, Any]], None]
+Curves = np.ndarray | str | os.PathLike
+
+
+def _curves_array(curves: Curves | None, curve_names: list[str] | None) -> np.ndarray | None:
+    """Curves as sent: an array as given, or a curves file (Live Link Face or splatface CSV,
+    ``.npy``) loaded with :func:`protocol.animation.load_animation` (its curves only)."""
+    if curves is None:
+        return None
+    if isinstance(curves, str | os.PathLike):
+        if curve_names is not None:
+            raise ValueError("curve_names cannot be given with a curves file (it names its own)")
+        return load_animation(curves).curves
+    return np.asarray(curves, np.float32)
 
 
 @dataclass(frozen=True)
@@ -210,7 +225,7 @@ class Client:
         world_to_camera: np.ndarray,
         width: int,
         height: int,
-        curves: np.ndarray | None = None,
+        curves: Curves | None = None,
         head: np.ndarray | None = None,
         passes: tuple[str, ...] = ("rgb", "alpha"),
         curve_names: list[str] | None = None,
@@ -219,8 +234,10 @@ class Client:
     ) -> dict[str, np.ndarray]:
         """Render frames; camera arrays are ``[F, 4]``/``[F, 4, 4]`` or one camera for all.
 
-        Returns the passes as arrays ``[F, H, W, ...]``.
+        ``curves``: an array, or the path of a curves file (see ``SPEC.md``); the head
+        pose is ``head`` in either case. Returns the passes as arrays ``[F, H, W, ...]``.
         """
+        curves = _curves_array(curves, curve_names)
         intrinsics = np.asarray(intrinsics, np.float64)
         world_to_camera = np.asarray(world_to_camera, np.float64)
         reply = self.request(
@@ -236,7 +253,7 @@ class Client:
             {
                 "intrinsics": intrinsics.reshape(-1, 4),
                 "world_to_camera": world_to_camera.reshape(-1, 4, 4),
-                "curves": None if curves is None else np.asarray(curves, np.float32),
+                "curves": curves,
                 "head": None if head is None else np.asarray(head, np.float64).reshape(-1, 4, 4),
             },
             timeout=timeout,
@@ -247,7 +264,7 @@ class Client:
     def export(
         self,
         avatar: str,
-        curves: np.ndarray | None = None,
+        curves: Curves | None = None,
         head: np.ndarray | None = None,
         frame: int = 0,
         frames: tuple[int, int] | None = None,
@@ -256,7 +273,9 @@ class Client:
         timeout: float | None = None,
     ) -> Message:
         """Export posed Gaussians as ``.ply``: the bytes (``to='reply'``) or files the
-        service writes into its export folder (``to='folder'``, names in the reply)."""
+        service writes into its export folder (``to='folder'``, names in the reply).
+        ``curves`` as for :meth:`render`."""
+        curves = _curves_array(curves, curve_names)
         return self.request(
             "export",
             {
@@ -267,7 +286,7 @@ class Client:
                 "curve_names": curve_names,
             },
             {
-                "curves": None if curves is None else np.asarray(curves, np.float32),
+                "curves": curves,
                 "head": None if head is None else np.asarray(head, np.float64).reshape(-1, 4, 4),
             },
             timeout=timeout,

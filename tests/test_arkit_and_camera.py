@@ -47,7 +47,7 @@ def test_ict_expressions_map_to_arkit_with_subject_left_at_plus_x():
     model = load_head_model()
     d = model.arkit_deltas
     moved = np.abs(d).max(axis=(1, 2)) > 1e-4
-    assert moved.sum() == 51 and not moved[index_of("tongueOut")]
+    assert moved.all()  # tongueOut is made by us, the other 51 come from ICT
     # eyeBlinkLeft moves the subject's left eyelid: vertices at +X move, -X do not
     blink = np.linalg.norm(d[index_of("eyeBlinkLeft")], axis=1)
     x = model.neutral[:, 0]
@@ -86,3 +86,20 @@ def test_yaw_and_pitch_directions():
 def test_look_at_rejects_coincident_points():
     with pytest.raises(ValueError):
         look_at((1, 1, 1), (1, 1, 1))
+
+
+def test_tongue_out_pushes_the_tongue_tip_past_the_lips():
+    from inference_service.headmodel import PART_TONGUE
+
+    model = load_head_model()
+    tongue = np.flatnonzero(model.vertex_part == PART_TONGUE)
+    assert 300 < len(tongue) < 2000
+    assert abs(model.neutral[tongue, 0].mean()) < 0.002  # centred in the mouth
+    lips_y = model.neutral[model.landmarks68[[62, 66]], 1].min()  # front of the lips
+    out = model.neutral + model.arkit_deltas[index_of("tongueOut")]
+    assert model.neutral[tongue, 1].min() > lips_y  # inside at rest
+    assert out[tongue, 1].min() < lips_y - 0.01  # a centimetre past the lips
+    others = np.setdiff1d(np.arange(len(out)), tongue)
+    jaw = model.arkit_deltas[index_of("jawOpen")][others]
+    # besides the tongue, only a little jaw opening so it clears the teeth
+    np.testing.assert_allclose(out[others] - model.neutral[others], 0.3 * jaw, atol=1e-6)

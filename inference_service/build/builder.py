@@ -114,6 +114,7 @@ def build_avatar(
         vertices=rest.astype(np.float32),
         triangles=model.triangles,
         shape_deltas=model.arkit_deltas,
+        vertex_part=model.vertex_part,
         gaussians=gaussians,
         photo_intrinsics=fit.intrinsics,
         photo_world_to_camera=fit.world_to_camera,

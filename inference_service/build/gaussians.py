@@ -9,7 +9,7 @@ from protocol.camera import project
 
 from ..avatar import BoundGaussians
 from ..geometry import triangle_frames
-from ..headmodel import HeadModel
+from ..headmodel import PART_TONGUE, HeadModel
 from ..images import srgb_to_linear
 
 COUNTS = {"fast": 12_000, "default": 30_000, "high": 60_000}
@@ -18,6 +18,8 @@ DENSITY = {
     "face": 2.0, "head_neck": 1.0, "mouth_socket": 0.3, "eye_sockets": 0.0,
     "gums_tongue": 0.3, "teeth": 0.6, "eyeball_left": 3.0, "eyeball_right": 3.0,
 }  # fmt: skip
+#: The tongue (inside gums_tongue) shows when it is out: dense like the face.
+TONGUE_DENSITY = 2.0
 #: sRGB colour of parts the photo cannot show (inside the mouth, back of the eyes).
 FILL = {
     "mouth_socket": (0.32, 0.10, 0.10), "gums_tongue": (0.70, 0.33, 0.33),
@@ -36,8 +38,11 @@ def sample_surface(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stratified area sampling: (triangle ``[N]``, bary ``[N, 3]``, tangent sigma ``[N]``)."""
     _, area = triangle_frames(model.neutral, model.triangles)
-    region = model.triangle_region
-    weight = np.array([DENSITY[n] for n in model.region_names])[region] * area
+    # density classes: the regions, and the tongue apart from the gums
+    tongue = np.all(model.vertex_part[model.triangles] == PART_TONGUE, axis=1)
+    region = np.where(tongue, len(model.region_names), model.triangle_region)
+    density = [DENSITY[n] for n in model.region_names] + [TONGUE_DENSITY]
+    weight = np.array(density)[region] * area
     expected = count * weight / weight.sum()
     per_tri = np.floor(expected).astype(np.int64)
     per_tri += rng.random(len(expected)) < (expected - per_tri)
@@ -47,8 +52,8 @@ def sample_surface(
     u, v = np.where(flip, 1 - u, u), np.where(flip, 1 - v, v)
     bary = np.stack([1 - u - v, u, v], axis=1)
     # mean spacing in each region: sqrt(region area / Gaussians there)
-    region_area = np.bincount(region, weights=area, minlength=len(model.region_names))
-    region_n = np.bincount(region[tri], minlength=len(model.region_names))
+    region_area = np.bincount(region, weights=area, minlength=len(density))
+    region_n = np.bincount(region[tri], minlength=len(density))
     spacing = np.sqrt(region_area / np.maximum(region_n, 1))
     return tri.astype(np.int32), bary.astype(np.float32), spacing[region[tri]]
 

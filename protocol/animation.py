@@ -1,0 +1,565 @@
+"""Curves files: one loader for every ``--curves`` file, and a Live Link Face CSV writer.
+
+Accepted files (``load_animation``):
+
+- **Live Link Face CSV** (Epic's iOS app): ``Timecode,BlendShapeCount,`` the 52 shapes in
+  PascalCase (``EyeBlinkLeft``), then ``HeadYaw,HeadPitch,HeadRoll`` and
+  ``LeftEyeYaw,LeftEyePitch,LeftEyeRoll,RightEyeYaw,RightEyePitch,RightEyeRoll``.
+- **splatface's plain CSV**: a header naming ARKit shapes in any order and case, with an
+  optional ``frame`` column (the head and eye columns above are read there too).
+- **.npy**: float ``[F, 52]`` (or ``[52]``, one frame) in the canonical ``ARKIT_NAMES`` order.
+
+Columns are matched by name, case-insensitively; shapes missing from a CSV stay 0 and are
+listed in ``Animation.missing``. Weights are clamped to [0, 1]; NaN, infinities, non-numbers,
+ragged rows, unknown or repeated columns and weights far outside [0, 1] (another scale, such
+as percentages) are errors naming the file, the frame and the column.
+
+What was checked, and what was chosen (sources: Epic's ``LiveLinkFaceImporterFactory.cpp``
+and ``AppleARKitFaceSupport`` in Unreal Engine, Faceit's and other public importers):
+
+- *Timecode* ``HH:MM:SS:FF.mmm``: Epic's importer reads the last field as a fractional frame
+  number (``FF`` frames plus ``.mmm`` thousandths of a frame, a sub-frame), at a rate the file
+  does not state. Epic infers 60 fps when any ``FF`` exceeds 30, else 30. Here: when the
+  seconds field changes within the file, the rate is the largest ``FF`` + 1 rounded up to a
+  common rate (24, 25, 30, 48, 50, 60, 100, 120); in a take shorter than one second, Epic's
+  rule (30, or 60 once ``FF`` reaches 30). Files without timecodes have ``fps`` None.
+- *Column order*: real captures (quoted byte for byte by several importers) follow Unreal's
+  ``EARFaceBlendShape`` order, which is Apple's, except ``JawRight`` before ``JawLeft`` and
+  ``MouthRight`` before ``MouthLeft``; ``save_livelink_csv`` writes that order. Some captures
+  spell the second column ``BlendshapeCount``; names are matched case-insensitively.
+- *BlendShapeCount* is 61 (52 shapes + 9 angles) and written so; on reading it is
+  bookkeeping: any count is accepted since the header names every column, and a row whose
+  count is 0 (the app had no face that frame, as Faceit's importer treats it) keeps its
+  place in time and repeats the nearest tracked frame before it (or the first tracked one).
+- *Angle units*: Faceit's Live Link Face importer reads the angles as radians, and
+  splatface does too. Not confirmed: the UE 4.2x ``AppleARKitFaceSupport`` source streamed
+  degrees / 180 (-1..1), so some app versions may record that scale; angles are kept
+  exactly as recorded in ``head_angles``/``eye_angles``.
+- *Angle signs*: not confirmed from a recording. Unreal negates yaw and roll unless the app
+  mirrors the face, so the recorded signs depend on the app's mirror setting. splatface
+  reads them as right-handed rotations about the subject's own axes, the convention of
+  ARKit's face anchor (x = subject's left, y = up, z = out of the face): see
+  :func:`head_rotation`. ``LeftEye*`` is taken to be the subject's left eye, as ARKit's
+  ``leftEyeTransform`` is.
+
+Only numpy and the standard library: ``protocol.Client`` (and so Blender) loads these files.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .arkit import ARKIT_NAMES, NUM_SHAPES, check_curves
+
+
+def _pascal(name: str) -> str:
+    return name[0].upper() + name[1:]
+
+
+def _llf_shape_order() -> tuple[str, ...]:
+    names = [_pascal(n) for n in ARKIT_NAMES]
+    for a, b in (("JawLeft", "JawRight"), ("MouthLeft", "MouthRight")):
+        i, j = names.index(a), names.index(b)
+        names[i], names[j] = names[j], names[i]
+    return tuple(names)
+
+
+#: The 52 shapes in PascalCase in the column order Live Link Face records.
+LLF_SHAPE_NAMES: tuple[str, ...] = _llf_shape_order()
+HEAD_COLUMNS: tuple[str, ...] = ("HeadYaw", "HeadPitch", "HeadRoll")
+#: Subject's left eye, then right eye; yaw, pitch, roll each.
+EYE_COLUMNS: tuple[str, ...] = (
+    "LeftEyeYaw", "LeftEyePitch", "LeftEyeRoll",
+    "RightEyeYaw", "RightEyePitch", "RightEyeRoll",
+)  # fmt: skip
+#: The full header ``save_livelink_csv`` writes.
+LLF_COLUMNS: tuple[str, ...] = (
+    "Timecode",
+    "BlendShapeCount",
+    *LLF_SHAPE_NAMES,
+    *HEAD_COLUMNS,
+    *EYE_COLUMNS,
+)
+LLF_BLENDSHAPE_COUNT = 61
+COMMON_FPS: tuple[int, ...] = (24, 25, 30, 48, 50, 60, 100, 120)
+#: Bookkeeping columns read past in CSVs (any case).
+IGNORED_COLUMNS: tuple[str, ...] = ("frame", "time", "timestamp")
+#: Weights outside this range are taken for another scale (percentages...) and refused;
+#: inside it they are clamped to [0, 1].
+WEIGHT_LIMITS = (-1.0, 2.0)
+
+assert len(LLF_COLUMNS) == 2 + LLF_BLENDSHAPE_COUNT
+assert sorted(n.lower() for n in LLF_SHAPE_NAMES) == sorted(n.lower() for n in ARKIT_NAMES)
+
+_SHAPE_INDEX = {n.lower(): i for i, n in enumerate(ARKIT_NAMES)}
+_HEAD_INDEX = {n.lower(): i for i, n in enumerate(HEAD_COLUMNS)}
+_EYE_INDEX = {n.lower(): i for i, n in enumerate(EYE_COLUMNS)}
+_EYE_YAW_PITCH = {0, 1, 3, 4}
+
+
+# -- angles --------------------------------------------------------------------------
+
+
+def head_rotation(yaw, pitch, roll) -> np.ndarray:
+    """Rotation matrices ``[..., 3, 3]`` from yaw, pitch, roll (radians, broadcast).
+
+    In splatface's head frame (+Z up, the face looks towards -Y, the subject's left at +X),
+    every angle is a right-handed rotation about the subject's own axis, applied
+    yaw, then pitch, then roll (``R = Rz(yaw) @ Rx(pitch) @ R_forward(roll)``):
+
+    - yaw about +Z (up): positive turns the face towards the subject's own left (the nose,
+      at -Y, moves towards +X);
+    - pitch about +X (the subject's left): positive nods the face down (nose to -Z);
+    - roll about the forward axis (-Y): positive tilts the head towards the subject's
+      right shoulder (the top of the head moves towards -X).
+
+    These are the signs of right-handed rotations about ARKit's face-anchor axes
+    (x = subject's left, y = up, z = out of the face), which map onto these axes with a
+    proper rotation, so Euler angles taken from ARKit's face transform carry over unchanged.
+    """
+    yaw, pitch, roll = np.broadcast_arrays(
+        np.asarray(yaw, np.float64), np.asarray(pitch, np.float64), np.asarray(roll, np.float64)
+    )
+    cy, sy = np.cos(yaw), np.sin(yaw)
+    cp, sp = np.cos(pitch), np.sin(pitch)
+    cr, sr = np.cos(roll), np.sin(roll)
+    one, zero = np.ones_like(yaw), np.zeros_like(yaw)
+    rz = np.stack([cy, -sy, zero, sy, cy, zero, zero, zero, one], -1).reshape(*yaw.shape, 3, 3)
+    rx = np.stack([one, zero, zero, zero, cp, -sp, zero, sp, cp], -1).reshape(*yaw.shape, 3, 3)
+    # about -Y by roll == about +Y by -roll
+    rf = np.stack([cr, zero, -sr, zero, one, zero, sr, zero, cr], -1).reshape(*yaw.shape, 3, 3)
+    return rz @ rx @ rf
+
+
+# -- the animation ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Animation:
+    """Curves and what else a curves file recorded.
+
+    Attributes:
+        curves: float32 ``[F, 52]`` in canonical ``ARKIT_NAMES`` order, clamped to [0, 1].
+        fps: frames per second when the file tells (Live Link Face timecodes), else None.
+        head_angles: float64 ``[F, 3]`` HeadYaw, HeadPitch, HeadRoll as recorded (radians,
+            see the module notes), or None when the file has no head columns.
+        eye_angles: float64 ``[F, 2, 3]`` (subject's left eye, right eye) x (yaw, pitch,
+            roll) as recorded, or None.
+        timecodes: the file's timecode per frame, or None.
+        missing: ARKit names a CSV did not have (those curves are 0), so callers can warn.
+    """
+
+    curves: np.ndarray
+    fps: float | None = None
+    head_angles: np.ndarray | None = None
+    eye_angles: np.ndarray | None = None
+    timecodes: tuple[str, ...] | None = None
+    missing: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        curves = check_curves(self.curves)
+        frames = len(curves)
+        if frames == 0:
+            raise ValueError("an animation needs at least one frame")
+        object.__setattr__(self, "curves", curves)
+        if self.fps is not None:
+            fps = float(self.fps)
+            if not (math.isfinite(fps) and fps > 0):
+                raise ValueError(f"fps must be a positive number, got {self.fps!r}")
+            object.__setattr__(self, "fps", fps)
+        for name, shape in (("head_angles", (frames, 3)), ("eye_angles", (frames, 2, 3))):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            value = np.asarray(value, np.float64)
+            if value.shape != shape:
+                raise ValueError(f"{name} must have shape {list(shape)}, got {list(value.shape)}")
+            if not np.isfinite(value).all():
+                raise ValueError(f"{name} contain NaN or infinite values")
+            object.__setattr__(self, name, value)
+        if self.timecodes is not None:
+            timecodes = tuple(str(t) for t in self.timecodes)
+            if len(timecodes) != frames:
+                raise ValueError(f"{len(timecodes)} timecodes for {frames} frames")
+            object.__setattr__(self, "timecodes", timecodes)
+        missing = tuple(str(m) for m in self.missing)
+        unknown = [m for m in missing if m not in ARKIT_NAMES]
+        if unknown:
+            raise ValueError(f"missing names unknown ARKit shapes: {', '.join(unknown)}")
+        object.__setattr__(self, "missing", missing)
+
+    @property
+    def frames(self) -> int:
+        return len(self.curves)
+
+    def head_transforms(self, pivot: Sequence[float] | np.ndarray) -> np.ndarray:
+        """Head-to-world transforms ``[F, 4, 4]``: the recorded head rotation about ``pivot``.
+
+        ``pivot`` (``[3]``, metres, in the head frame; the neck, say) stays where it is.
+        Angles as in :func:`head_rotation`; identity for every frame without head angles.
+        """
+        pivot = np.asarray(pivot, np.float64).reshape(3)
+        out = np.tile(np.eye(4), (self.frames, 1, 1))
+        if self.head_angles is None:
+            return out
+        rot = head_rotation(*self.head_angles.T)
+        out[:, :3, :3] = rot
+        out[:, :3, 3] = pivot - rot @ pivot
+        return out
+
+
+# -- timecodes -------------------------------------------------------------------------
+
+_TIMECODE = re.compile(r"^\s*(\d{1,3}):(\d{1,2}):(\d{1,2})[:;](\d{1,3})(\.\d+)?\s*$")
+
+
+def parse_timecode(text: str) -> tuple[int, int, int, float]:
+    """``HH:MM:SS:FF.mmm`` → (hours, minutes, seconds, frame), frame with its sub-frame
+    fraction (``FF.mmm`` is frame ``FF`` plus ``.mmm`` of a frame). ``.mmm`` is optional."""
+    m = _TIMECODE.match(str(text))
+    if not m:
+        raise ValueError(f"timecode {text!r} is not HH:MM:SS:FF.mmm")
+    hours, minutes, seconds, frame = (int(g) for g in m.groups()[:4])
+    if minutes >= 60 or seconds >= 60:
+        raise ValueError(f"timecode {text!r} has minutes or seconds over 59")
+    return hours, minutes, seconds, frame + (float("0" + m.group(5)) if m.group(5) else 0.0)
+
+
+def timecode_seconds(text: str, fps: float) -> float:
+    """Seconds since midnight of a timecode at ``fps`` frames per second."""
+    hours, minutes, seconds, frame = parse_timecode(text)
+    return hours * 3600 + minutes * 60 + seconds + frame / fps
+
+
+def format_timecode(seconds: float, fps: float) -> str:
+    """Seconds → ``HH:MM:SS:FF.mmm`` at ``fps`` (``.mmm``: thousandths of a frame)."""
+    if not (math.isfinite(seconds) and seconds >= 0 and fps > 0):
+        raise ValueError(f"cannot format {seconds!r} s at {fps!r} fps as a timecode")
+    whole = math.floor(seconds)
+    thousandths = round((seconds - whole) * fps * 1000)
+    if thousandths >= round(fps * 1000):  # rounding reached the next second
+        whole, thousandths = whole + 1, 0
+    frame, sub = divmod(thousandths, 1000)
+    return f"{whole // 3600:02d}:{whole // 60 % 60:02d}:{whole % 60:02d}:{frame:02d}.{sub:03d}"
+
+
+def infer_fps(timecodes: Sequence[str]) -> float | None:
+    """Frame rate of Live Link Face timecodes (see the module notes), or None."""
+    parsed = [parse_timecode(t) for t in timecodes]
+    if not parsed:
+        return None
+    top = max(int(p[3]) for p in parsed)
+    if len({p[:3] for p in parsed}) > 1:  # FF wrapped at least once
+        return next((float(r) for r in COMMON_FPS if r > top), None)
+    return next((float(r) for r in (30, 60) if r > top), None)
+
+
+# -- loading ---------------------------------------------------------------------------
+
+
+def load_animation(path: str | os.PathLike) -> Animation:
+    """Read a curves file: ``.csv`` (Live Link Face or splatface's) or ``.npy``.
+
+    Raises ``ValueError`` naming the file and what is wrong with it.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".npy"):
+        raise ValueError(
+            f"{path}: curves must be a .csv (Live Link Face, or a header of ARKit names) "
+            "or a .npy [frames, 52] array"
+        )
+    try:
+        return _load_npy(path) if suffix == ".npy" else _load_csv(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (OSError, ValueError, UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def _load_npy(path: Path) -> Animation:
+    curves = np.load(path, allow_pickle=False)
+    if curves.ndim == 1 and curves.shape[0] == NUM_SHAPES:
+        curves = curves[None]
+    if curves.ndim != 2 or curves.shape[1] != NUM_SHAPES:
+        raise ValueError(
+            f"wrong curve count: an array of shape {list(curves.shape)}; a .npy must be "
+            f"[frames, {NUM_SHAPES}] in the canonical order of protocol.ARKIT_NAMES "
+            "(to give curves by name, use a CSV with a header)"
+        )
+    if curves.dtype == bool or not np.issubdtype(curves.dtype, np.number):
+        raise ValueError(f"curves must be numbers, got dtype {curves.dtype}")
+    if np.iscomplexobj(curves):
+        raise ValueError("curves must be real numbers, got complex values")
+    if len(curves) == 0:
+        raise ValueError("the array has no frames")
+    curves = curves.astype(np.float64)
+    bad = ~np.isfinite(curves)
+    if bad.any():
+        frame, shape = np.argwhere(bad)[0]
+        raise ValueError(
+            f"{_describe(curves[frame, shape])} weight at frame {frame}, shape {ARKIT_NAMES[shape]}"
+        )
+    _check_weight_range(curves, lambda f: f"frame {f}")
+    return Animation(curves=curves)
+
+
+def _describe(value: float) -> str:
+    return "NaN" if math.isnan(value) else "infinite"
+
+
+def _check_weight_range(curves: np.ndarray, where) -> None:
+    lo, hi = WEIGHT_LIMITS
+    outside = (curves < lo) | (curves > hi)
+    if outside.any():
+        frame, shape = np.argwhere(outside)[0]
+        raise ValueError(
+            f"weight {curves[frame, shape]:g} for {ARKIT_NAMES[shape]} at {where(frame)} is "
+            f"far outside [0, 1] (another scale, such as percentages?); weights are 0..1, "
+            f"values within [{lo:g}, {hi:g}] are clamped"
+        )
+
+
+def _read_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        text = f.read()
+    first = text.split("\n", 1)[0]
+    delimiter = ","
+    if "," not in first:
+        delimiter = next((d for d in (";", "\t") if d in first), ",")
+    return [[c.strip() for c in row] for row in csv.reader(text.splitlines(), delimiter=delimiter)]
+
+
+def _valid_columns() -> str:
+    return (
+        f"the 52 ARKit shapes in any case ({', '.join(ARKIT_NAMES)}); "
+        f"Timecode, BlendShapeCount, {', '.join(HEAD_COLUMNS)}, {', '.join(EYE_COLUMNS)}; "
+        f"{', '.join(IGNORED_COLUMNS)}"
+    )
+
+
+def _load_csv(path: Path) -> Animation:
+    rows = _read_rows(path)
+    # line numbers as an editor shows them; blank lines skipped
+    numbered = [(n, row) for n, row in enumerate(rows, 1) if any(row)]
+    if not numbered:
+        raise ValueError("the file is empty; it needs a header row and one row per frame")
+    header_line, header = numbered[0]
+    body = numbered[1:]
+    while header and header[-1] == "":  # a trailing comma
+        header.pop()
+
+    if header and all(_is_number(n) for n in header):
+        raise ValueError(
+            f"line {header_line} is numbers, not a header: the first row must name the "
+            "columns (a CSV of bare numbers is ambiguous; use a .npy for arrays in "
+            "canonical order)"
+        )
+
+    # classify the columns by name
+    kinds: list[tuple] = []
+    seen: dict[str, str] = {}
+    unknown: list[str] = []
+    for col, name in enumerate(header):
+        key = name.lower()
+        if key in seen:
+            raise ValueError(f"column {name!r} appears twice (columns {seen[key]} and {col + 1})")
+        seen[key] = str(col + 1)
+        if key == "timecode":
+            kinds.append(("timecode",))
+        elif key == "blendshapecount":
+            kinds.append(("count",))
+        elif key in _SHAPE_INDEX:
+            kinds.append(("shape", _SHAPE_INDEX[key]))
+        elif key in _HEAD_INDEX:
+            kinds.append(("head", _HEAD_INDEX[key]))
+        elif key in _EYE_INDEX:
+            kinds.append(("eye", _EYE_INDEX[key]))
+        elif key in IGNORED_COLUMNS:
+            kinds.append(("ignore",))
+        else:
+            unknown.append(name)
+    if unknown:
+        raise ValueError(
+            f"unknown column(s) {', '.join(repr(u) for u in unknown)}; valid columns: "
+            f"{_valid_columns()}"
+        )
+    shape_cols = [(c, k[1]) for c, k in enumerate(kinds) if k[0] == "shape"]
+    if not shape_cols:
+        raise ValueError(f"no ARKit shape columns in the header; valid columns: {_valid_columns()}")
+    head_cols = {k[1]: c for c, k in enumerate(kinds) if k[0] == "head"}
+    eye_cols = {k[1]: c for c, k in enumerate(kinds) if k[0] == "eye"}
+    if head_cols and len(head_cols) != 3:
+        have = [HEAD_COLUMNS[i] for i in sorted(head_cols)]
+        lack = [n for i, n in enumerate(HEAD_COLUMNS) if i not in head_cols]
+        raise ValueError(
+            f"head angles need all of {', '.join(HEAD_COLUMNS)}: the file has "
+            f"{', '.join(have)} but not {', '.join(lack)}"
+        )
+    if eye_cols and len(eye_cols) != 6 and set(eye_cols) != _EYE_YAW_PITCH:
+        have = [EYE_COLUMNS[i] for i in sorted(eye_cols)]
+        raise ValueError(
+            f"eye angles need {', '.join(EYE_COLUMNS)} (the Roll columns may be left out): "
+            f"the file has only {', '.join(have)}"
+        )
+    tc_col = next((c for c, k in enumerate(kinds) if k[0] == "timecode"), None)
+    count_col = next((c for c, k in enumerate(kinds) if k[0] == "count"), None)
+    if not body:
+        raise ValueError("the file has a header but no frames")
+
+    # rows: right length, numbers where numbers belong
+    width = len(header)
+    numeric = [c for c, k in enumerate(kinds) if k[0] in ("shape", "head", "eye")]
+    timecodes: list[str] = []
+    untracked: list[bool] = []
+    cells: list[list[str]] = []
+    for line, row in body:
+        while len(row) > width and row[-1] == "":
+            row.pop()
+        count = None
+        if count_col is not None and count_col < len(row):
+            count = _number(row[count_col], line, header[count_col])
+            if count < 0 or count != int(count):
+                raise ValueError(
+                    f"line {line}: BlendShapeCount {row[count_col]!r} is not a count of shapes"
+                )
+        empty = count == 0 and len(row) == max(count_col, tc_col or 0) + 1
+        if len(row) != width and not empty:
+            raise ValueError(f"line {line} has {len(row)} values, the header has {width} columns")
+        untracked.append(count == 0)
+        if tc_col is not None:
+            _parse_timecode_at(row[tc_col], line)
+            timecodes.append(row[tc_col])
+        cells.append(["0"] * len(numeric) if empty else [row[c] for c in numeric])
+    try:
+        values = np.array(cells, dtype=np.float64).reshape(len(cells), len(numeric))
+    except ValueError:
+        for (line, _), cell_row in zip(body, cells, strict=True):
+            for c, cell in zip(numeric, cell_row, strict=True):
+                _number(cell, line, header[c])
+        raise
+    bad = ~np.isfinite(values)
+    if bad.any():
+        frame, j = np.argwhere(bad)[0]
+        raise ValueError(
+            f"{_describe(values[frame, j])} value for {header[numeric[j]]} at frame {frame} "
+            f"(line {body[frame][0]})"
+        )
+    if all(untracked):
+        raise ValueError("no frame has tracking data (BlendShapeCount is 0 on every row)")
+    if any(untracked):
+        # hold the nearest tracked frame before (or the first tracked one) so timing stays
+        tracked = np.flatnonzero(~np.asarray(untracked))
+        before = np.searchsorted(tracked, np.arange(len(values)), "right") - 1
+        values = values[tracked[np.maximum(before, 0)]]
+
+    col_of = {c: j for j, c in enumerate(numeric)}
+    frames = len(values)
+    curves = np.zeros((frames, NUM_SHAPES), np.float64)
+    for c, idx in shape_cols:
+        curves[:, idx] = values[:, col_of[c]]
+    _check_weight_range(curves, lambda f: f"frame {f} (line {body[f][0]})")
+    head = None
+    if head_cols:
+        head = np.stack([values[:, col_of[head_cols[i]]] for i in range(3)], axis=1)
+    eyes = None
+    if eye_cols:
+        eyes = np.zeros((frames, 6))
+        for i, c in eye_cols.items():
+            eyes[:, i] = values[:, col_of[c]]
+        eyes = eyes.reshape(frames, 2, 3)
+    present = {idx for _, idx in shape_cols}
+    return Animation(
+        curves=curves,
+        fps=infer_fps(timecodes) if timecodes else None,
+        head_angles=head,
+        eye_angles=eyes,
+        timecodes=tuple(timecodes) if timecodes else None,
+        missing=tuple(n for i, n in enumerate(ARKIT_NAMES) if i not in present),
+    )
+
+
+def _parse_timecode_at(text: str, line: int) -> tuple[int, int, int, float]:
+    try:
+        return parse_timecode(text)
+    except ValueError as exc:
+        raise ValueError(f"line {line}: {exc}") from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _number(text: str, line: int, column: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        what = "is empty" if text == "" else f"{text!r} is not a number"
+        raise ValueError(f"line {line}, column {column}: {what}") from None
+
+
+# -- writing ---------------------------------------------------------------------------
+
+
+def save_livelink_csv(
+    path: str | os.PathLike, animation: Animation | np.ndarray, fps: float | None = None
+) -> None:
+    """Write a Live Link Face CSV (``LLF_COLUMNS``, BlendShapeCount 61), atomically.
+
+    ``animation`` may be an :class:`Animation` or curves ``[F, 52]``. Timecodes are the
+    animation's own, or generated from 00:00:00:00.000 at ``fps`` (else the animation's
+    fps, else 30) when it has none or ``fps`` is given. Missing head or eye angles are
+    written as 0. Weights and angles with 6 decimals.
+    """
+    if not isinstance(animation, Animation):
+        animation = Animation(curves=animation)
+    frames = animation.frames
+    if fps is None and animation.timecodes is not None:
+        timecodes = animation.timecodes
+    else:
+        rate = float(fps or animation.fps or 30.0)
+        timecodes = tuple(format_timecode(i / rate, rate) for i in range(frames))
+    order = [_SHAPE_INDEX[n.lower()] for n in LLF_SHAPE_NAMES]
+    head = animation.head_angles if animation.head_angles is not None else np.zeros((frames, 3))
+    eyes = animation.eye_angles if animation.eye_angles is not None else np.zeros((frames, 2, 3))
+    values = np.concatenate(
+        [animation.curves[:, order].astype(np.float64), head, eyes.reshape(frames, 6)], axis=1
+    )
+    lines = [",".join(LLF_COLUMNS)]
+    for tc, row in zip(timecodes, values, strict=True):
+        lines.append(f"{tc},{LLF_BLENDSHAPE_COUNT}," + ",".join(f"{v:.6f}" for v in row))
+    _atomic_write_text(Path(path), "\n".join(lines) + "\n")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Readers see the old file or the whole new one: a temporary file in the same folder,
+    flushed to disk, then renamed over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if os.name == "posix":  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

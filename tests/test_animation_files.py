@@ -1,0 +1,414 @@
+"""Curves files: Live Link Face CSV read/write, splatface CSV, .npy, and the Client's paths."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference_service.curves import load_curves, save_curves_csv
+from protocol import (
+    ARKIT_NAMES,
+    LLF_COLUMNS,
+    Animation,
+    Client,
+    format_timecode,
+    head_rotation,
+    load_animation,
+    parse_timecode,
+    save_livelink_csv,
+)
+from protocol.animation import EYE_COLUMNS, HEAD_COLUMNS, LLF_SHAPE_NAMES, infer_fps
+from protocol.arkit import index_of
+
+PASCAL = [n[0].upper() + n[1:] for n in ARKIT_NAMES]
+
+
+def random_animation(frames: int, fps: float | None, seed: int = 0) -> Animation:
+    rng = np.random.default_rng(seed)
+    return Animation(
+        curves=rng.random((frames, 52)),
+        fps=fps,
+        head_angles=rng.normal(scale=0.3, size=(frames, 3)),
+        eye_angles=rng.normal(scale=0.2, size=(frames, 2, 3)),
+    )
+
+
+def write(tmp_path: Path, header: list[str], rows: list[list], name: str = "take.csv") -> Path:
+    f = tmp_path / name
+    lines = [",".join(header)] + [",".join(str(v) for v in row) for row in rows]
+    f.write_text("\n".join(lines) + "\n")
+    return f
+
+
+def llf_row(timecode: str, values: dict[str, float] | None = None, count: int = 61) -> list:
+    values = values or {}
+    return [timecode, count, *(values.get(n, 0.0) for n in LLF_COLUMNS[2:])]
+
+
+# -- round trips ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fps", [24, 25, 30, 50, 60])
+def test_livelink_round_trip(tmp_path, fps):
+    src = random_animation(frames=int(fps * 1.5) + 3, fps=fps, seed=fps)
+    f = tmp_path / "take.csv"
+    save_livelink_csv(f, src)
+    got = load_animation(f)
+    assert got.fps == fps
+    np.testing.assert_allclose(got.curves, src.curves, atol=1e-6)
+    np.testing.assert_allclose(got.head_angles, src.head_angles, atol=1e-6)
+    np.testing.assert_allclose(got.eye_angles, src.eye_angles, atol=1e-6)
+    assert got.missing == ()
+    assert got.timecodes[0] == "00:00:00:00.000" and got.timecodes[fps] == "00:00:01:00.000"
+    # and a second round trip keeps the file's own timecodes
+    save_livelink_csv(tmp_path / "again.csv", got)
+    assert (tmp_path / "again.csv").read_text() == f.read_text()
+
+
+def test_written_layout_is_live_link_face(tmp_path):
+    f = tmp_path / "take.csv"
+    save_livelink_csv(f, np.zeros((3, 52), np.float32), fps=60)
+    lines = f.read_text().splitlines()
+    header = lines[0].split(",")
+    assert header[:2] == ["Timecode", "BlendShapeCount"] and len(header) == 63
+    assert header[2:54] == list(LLF_SHAPE_NAMES) and sorted(header[2:54]) == sorted(PASCAL)
+    # Live Link Face's own order: Apple's, but Right before Left for jaw and mouth sideways
+    assert header.index("JawRight") + 1 == header.index("JawLeft")
+    assert header.index("MouthRight") + 1 == header.index("MouthLeft")
+    assert header[54:] == [*HEAD_COLUMNS, *EYE_COLUMNS]
+    assert [line.split(",")[:2] for line in lines[1:]] == [
+        ["00:00:00:00.000", "61"], ["00:00:00:01.000", "61"], ["00:00:00:02.000", "61"]
+    ]  # fmt: skip
+    assert all(len(line.split(",")) == 63 for line in lines)
+    assert list(tmp_path.iterdir()) == [f]  # no temporary file left behind
+
+
+def test_save_curves_csv_writes_livelink_face(tmp_path):
+    curves = np.zeros((40, 52), np.float32)
+    curves[:, index_of("jawOpen")] = np.linspace(0, 1, 40)
+    curves[3, index_of("mouthLeft")] = 0.5
+    f = tmp_path / "curves.csv"
+    save_curves_csv(f, curves, fps=24)
+    assert f.read_text().startswith("Timecode,BlendShapeCount,EyeBlinkLeft,")
+    np.testing.assert_allclose(load_curves(f), curves, atol=1e-6)
+    got = load_animation(f)
+    assert got.fps == 24 and got.missing == ()
+    np.testing.assert_array_equal(got.head_angles, 0)
+    save_curves_csv(f, curves[:2])  # overwrites atomically, default 30 fps
+    assert len(load_curves(f)) == 2
+
+
+def test_npy_files(tmp_path):
+    curves = np.random.default_rng(3).random((5, 52)).astype(np.float32)
+    np.save(tmp_path / "c.npy", curves)
+    got = load_animation(tmp_path / "c.npy")
+    np.testing.assert_array_equal(got.curves, curves)
+    assert got.fps is None and got.head_angles is None and got.timecodes is None
+    np.save(tmp_path / "one.npy", curves[0].astype(np.float64))
+    assert load_animation(tmp_path / "one.npy").curves.shape == (1, 52)
+
+
+# -- reading other writers' files -------------------------------------------------------
+
+
+def test_hand_written_livelink_sample_read_by_name(tmp_path):
+    # A take at 60 fps as the app writes it: wall-clock timecodes with sub-frames, crossing
+    # a second; columns in another order than ours (matched by name).
+    frames = [
+        ("14:03:52:57.207", {"JawOpen": 0.10, "MouthLeft": 0.02, "HeadYaw": 0.05}),
+        ("14:03:52:58.213", {"JawOpen": 0.20, "EyeBlinkLeft": 0.9, "HeadPitch": -0.1}),
+        ("14:03:52:59.198", {"JawOpen": 0.30, "TongueOut": 0.4, "LeftEyeYaw": 0.12}),
+        ("14:03:53:00.204", {"JawOpen": 0.40, "BrowInnerUp": 0.7, "RightEyeRoll": -0.03}),
+        ("14:03:53:01.211", {"JawOpen": 0.50, "MouthSmileRight": 0.6, "HeadRoll": 0.2}),
+    ]
+    columns = list(LLF_COLUMNS)
+    random.Random(7).shuffle(columns)
+    rows = []
+    for tc, values in frames:
+        cells = {"Timecode": tc, "BlendShapeCount": "61"}
+        cells.update({name: f"{v:.8f}" for name, v in values.items()})
+        rows.append([cells.get(c, "0.00000000") for c in columns])
+    got = load_animation(write(tmp_path, columns, rows))
+    assert got.fps == 60
+    assert got.timecodes == tuple(tc for tc, _ in frames)
+    assert got.missing == ()
+    jaw = got.curves[:, index_of("jawOpen")]
+    np.testing.assert_allclose(jaw, [0.1, 0.2, 0.3, 0.4, 0.5], atol=1e-7)
+    assert got.curves[0, index_of("mouthLeft")] == pytest.approx(0.02)
+    assert got.curves[1, index_of("eyeBlinkLeft")] == pytest.approx(0.9)
+    assert got.curves[2, index_of("tongueOut")] == pytest.approx(0.4)
+    assert got.curves[3, index_of("browInnerUp")] == pytest.approx(0.7)
+    assert got.curves[4, index_of("mouthSmileRight")] == pytest.approx(0.6)
+    assert got.curves.sum() == pytest.approx(1.5 + 0.02 + 0.9 + 0.4 + 0.7 + 0.6)
+    np.testing.assert_allclose(got.head_angles[:, 0], [0.05, 0, 0, 0, 0])
+    np.testing.assert_allclose(got.head_angles[:, 1], [0, -0.1, 0, 0, 0])
+    np.testing.assert_allclose(got.head_angles[:, 2], [0, 0, 0, 0, 0.2])
+    assert got.eye_angles[2, 0, 0] == pytest.approx(0.12)  # subject's left eye, yaw
+    assert got.eye_angles[3, 1, 2] == pytest.approx(-0.03)  # right eye, roll
+
+
+def test_splatface_csv_any_order_and_case_with_frame_column(tmp_path):
+    f = write(tmp_path, ["frame", "JAWOPEN", "eyeblinkright", "TongueOut"],
+              [[0, 0.5, 0.25, 1.0], [1, 0.0, 1.3, -0.1]])  # fmt: skip
+    got = load_animation(f)
+    assert got.fps is None and got.timecodes is None and got.head_angles is None
+    assert got.curves[0, index_of("jawOpen")] == pytest.approx(0.5)
+    assert got.curves[0, index_of("eyeBlinkRight")] == pytest.approx(0.25)
+    assert got.curves[1, index_of("eyeBlinkRight")] == 1.0  # clamped
+    assert got.curves[1, index_of("tongueOut")] == 0.0  # clamped
+    assert len(got.missing) == 49 and "jawOpen" not in got.missing
+    assert got.missing[0] == "eyeBlinkLeft"  # canonical order, Apple's spelling
+
+
+def test_older_and_newer_livelink_variants(tmp_path):
+    # older: no eye columns, a different BlendShapeCount, a one-digit sub-frame
+    header = ["Timecode", "BlendShapeCount", *PASCAL, *HEAD_COLUMNS]
+    row = ["00:00:00:01.0", "55"] + ["0"] * 52 + ["0.1", "0", "0"]
+    row[2 + index_of("jawOpen")] = "0.75"
+    got = load_animation(write(tmp_path, header, [row]))
+    assert got.eye_angles is None and got.head_angles[0, 0] == pytest.approx(0.1)
+    assert got.curves[0, index_of("jawOpen")] == pytest.approx(0.75) and got.fps == 30
+    # eyes without roll columns; spelled BlendshapeCount; a trailing comma on every line
+    header = ["Timecode", "BlendshapeCount", *PASCAL, "LeftEyeYaw", "LeftEyePitch",
+              "RightEyeYaw", "RightEyePitch", ""]  # fmt: skip
+    row = ["00:00:00:00.000", "61"] + ["0"] * 52 + ["0.1", "0.2", "0.3", "0.4", ""]
+    got = load_animation(write(tmp_path, header, [row]))
+    np.testing.assert_allclose(got.eye_angles[0], [[0.1, 0.2, 0], [0.3, 0.4, 0]])
+    assert got.head_angles is None
+    # newer: an extra bookkeeping column
+    header = ["Frame", "Timecode", "BlendShapeCount", *PASCAL]
+    got = load_animation(write(tmp_path, header, [["7", "00:00:00:00.000", "61"] + ["0.5"] * 52]))
+    np.testing.assert_allclose(got.curves, 0.5)
+
+
+def test_rows_without_a_face_hold_the_tracked_frame(tmp_path):
+    header = ["Timecode", "BlendShapeCount", "JawOpen", "HeadYaw", "HeadPitch", "HeadRoll"]
+    rows = [
+        ["00:00:00:00.000", 0],  # no face yet: takes the first tracked frame
+        ["00:00:00:01.000", 61, 0.2, 0.1, 0, 0],
+        ["00:00:00:02.000", 0, 0, 0, 0, 0],  # lost the face: holds the frame before
+        ["00:00:00:03.000", 61, 0.6, 0.3, 0, 0],
+    ]
+    got = load_animation(write(tmp_path, header, rows))
+    np.testing.assert_allclose(got.curves[:, index_of("jawOpen")], [0.2, 0.2, 0.2, 0.6])
+    np.testing.assert_allclose(got.head_angles[:, 0], [0.1, 0.1, 0.1, 0.3])
+    assert len(got.timecodes) == 4
+    with pytest.raises(ValueError, match="no frame has tracking data"):
+        load_animation(write(tmp_path, header, [rows[0], rows[2]]))
+
+
+def test_semicolon_delimited_csv(tmp_path):
+    f = tmp_path / "excel.csv"
+    f.write_text("frame;jawOpen\n0;0.5\n")
+    assert load_animation(f).curves[0, index_of("jawOpen")] == pytest.approx(0.5)
+
+
+# -- timecodes and frame rates -----------------------------------------------------------
+
+
+def test_parse_and_format_timecode():
+    assert parse_timecode("14:03:52:28.207") == (14, 3, 52, pytest.approx(28.207))
+    assert parse_timecode("00:00:01:05") == (0, 0, 1, 5.0)
+    assert format_timecode(0.0, 60) == "00:00:00:00.000"
+    assert format_timecode(45 / 60, 60) == "00:00:00:45.000"
+    assert format_timecode(3600 + 61 + 7 / 30, 30) == "01:01:01:07.000"
+    assert format_timecode(1.5 / 30, 30) == "00:00:00:01.500"  # half a frame
+    assert format_timecode(29 / 30 - 1e-12, 30) == "00:00:00:29.000"
+    assert format_timecode(3 - 1e-12, 30) == "00:00:03:00.000"  # rounding carries
+    for bad in ("1:2:3", "00:00:00:aa", "00:61:00:00", "12.5", ""):
+        with pytest.raises(ValueError, match="timecode"):
+            parse_timecode(bad)
+
+
+def test_fps_inferred_from_timecodes():
+    def codes(fps, n, start=0.0):
+        return [format_timecode(start + i / fps, fps) for i in range(n)]
+
+    for fps in (24, 25, 30, 48, 50, 60):
+        assert infer_fps(codes(fps, fps + 5)) == fps  # FF wraps: largest FF + 1
+    assert infer_fps(codes(60, 50)[10:] + []) == 60  # under a second, FF past 30: 60
+    assert infer_fps(codes(60, 20)) == 30  # under a second, FF below 30: Epic's 30
+    assert infer_fps(codes(60, 80)[1::2]) == 60  # dropped frames still wrap at 59
+    assert infer_fps([]) is None
+
+
+# -- errors -----------------------------------------------------------------------------
+
+
+def test_unknown_columns_list_the_valid_names(tmp_path):
+    f = write(tmp_path, ["Timecode", "JawOpen", "JawOpenish"], [["00:00:00:00.000", 0, 0]])
+    with pytest.raises(ValueError, match="take.csv: unknown column.*'JawOpenish'.*valid") as e:
+        load_animation(f)
+    assert "eyeBlinkLeft" in str(e.value) and "tongueOut" in str(e.value)
+    assert "HeadYaw" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "header, rows, message",
+    [
+        (["JawOpen", "jawopen"], [[0, 0]], "'jawopen' appears twice"),
+        (["Timecode", "BlendShapeCount", "JawOpen"], [["00:00:00:00.000", 61, 0.1, 0.2]],
+         "line 2 has 4 values, the header has 3 columns"),
+        (["frame", "JawOpen"], [[0, 0.1], [1]], "line 3 has 1 values"),
+        (["frame", "JawOpen"], [[0, "abc"]], "line 2, column JawOpen: 'abc' is not a number"),
+        (["frame", "JawOpen"], [[0, ""]], "line 2, column JawOpen: is empty"),
+        (["frame", "JawOpen", "MouthLeft"], [[0, 0.1, 0.2], [1, 0.1, "nan"]],
+         "NaN value for MouthLeft at frame 1 \\(line 3\\)"),
+        (["HeadYaw", "HeadPitch", "HeadRoll", "JawOpen"], [[0, 0, "-inf", 0.1]],
+         "infinite value for HeadRoll at frame 0"),
+        (["frame", "JawOpen"], [[0, 0.5], [1, 75.0]],
+         "weight 75 for jawOpen at frame 1 \\(line 3\\) is far outside \\[0, 1\\]"),
+        (["JawOpen", "HeadYaw", "HeadPitch"], [[0, 0, 0]], "not HeadRoll"),
+        (["JawOpen", "LeftEyeYaw", "RightEyeYaw"], [[0, 0, 0]], "eye angles need"),
+        (["Timecode", "BlendShapeCount", "HeadYaw", "HeadPitch", "HeadRoll"],
+         [["00:00:00:00.000", 61, 0, 0, 0]], "no ARKit shape columns"),
+        (["Timecode", "JawOpen"], [["00:00:00", 0.1]], "line 2: timecode '00:00:00'"),
+        (["Timecode", "BlendShapeCount", "JawOpen"], [["00:00:00:00.000", "x", 0.1]],
+         "column BlendShapeCount: 'x' is not a number"),
+        (["Timecode", "BlendShapeCount", "JawOpen"], [["00:00:00:00.000", 60.5, 0.1]],
+         "BlendShapeCount '60.5' is not a count"),
+        (["0.1"] * 52, [[0.1] * 52], "line 1 is numbers, not a header"),
+        (["frame", "JawOpen"], [], "a header but no frames"),
+    ],
+)  # fmt: skip
+def test_csv_errors_name_file_line_and_column(tmp_path, header, rows, message):
+    f = write(tmp_path, header, rows, name="bad.csv")
+    with pytest.raises(ValueError, match=f"bad.csv: .*{message}"):
+        load_animation(f)
+
+
+def test_missing_shapes_are_zero_and_recorded(tmp_path):
+    names = [n for n in PASCAL if n not in ("TongueOut", "CheekPuff")]
+    got = load_animation(write(tmp_path, names, [[0.3] * 50]))
+    assert got.missing == ("cheekPuff", "tongueOut")
+    assert got.curves[0, index_of("tongueOut")] == 0 and got.curves[0, 0] == pytest.approx(0.3)
+
+
+def test_file_level_errors(tmp_path):
+    (tmp_path / "empty.csv").write_text("\n\n")
+    with pytest.raises(ValueError, match="empty.csv: the file is empty"):
+        load_animation(tmp_path / "empty.csv")
+    with pytest.raises(ValueError, match="nope.csv: no such file"):
+        load_animation(tmp_path / "nope.csv")
+    with pytest.raises(ValueError, match="take.json: curves must be a .csv"):
+        load_animation(tmp_path / "take.json")
+    np.save(tmp_path / "c51.npy", np.zeros((4, 51), np.float32))
+    with pytest.raises(ValueError, match="c51.npy: wrong curve count.*\\[4, 51\\]"):
+        load_animation(tmp_path / "c51.npy")
+    nan = np.zeros((3, 52))
+    nan[2, index_of("jawOpen")] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    with pytest.raises(ValueError, match="nan.npy: NaN weight at frame 2, shape jawOpen"):
+        load_animation(tmp_path / "nan.npy")
+    np.save(tmp_path / "pct.npy", np.full((2, 52), 50.0))
+    with pytest.raises(ValueError, match="pct.npy: weight 50 for eyeBlinkLeft at frame 0"):
+        load_animation(tmp_path / "pct.npy")
+    np.save(tmp_path / "txt.npy", np.array([["a"] * 52]))
+    with pytest.raises(ValueError, match="txt.npy: curves must be numbers"):
+        load_animation(tmp_path / "txt.npy")
+    np.save(tmp_path / "none.npy", np.zeros((0, 52)))
+    with pytest.raises(ValueError, match="none.npy: the array has no frames"):
+        load_animation(tmp_path / "none.npy")
+
+
+def test_animation_validates_its_fields():
+    with pytest.raises(ValueError, match="head_angles must have shape \\[2, 3\\]"):
+        Animation(curves=np.zeros((2, 52)), head_angles=np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="1 timecodes for 2 frames"):
+        Animation(curves=np.zeros((2, 52)), timecodes=("00:00:00:00.000",))
+    with pytest.raises(ValueError, match="fps must be a positive number"):
+        Animation(curves=np.zeros((2, 52)), fps=0)
+    with pytest.raises(ValueError, match="shape eyeBlinkLeft"):
+        Animation(curves=np.full((2, 52), np.nan))
+
+
+# -- head transforms --------------------------------------------------------------------
+
+
+def test_head_transforms_identity_at_zero_and_without_angles():
+    anim = Animation(curves=np.zeros((3, 52)), head_angles=np.zeros((3, 3)))
+    np.testing.assert_allclose(anim.head_transforms([0, 0.02, -0.1]), np.tile(np.eye(4), (3, 1, 1)))
+    np.testing.assert_array_equal(Animation(curves=np.zeros((2, 52))).head_transforms([0, 0, 0]),
+                                  np.tile(np.eye(4), (2, 1, 1)))  # fmt: skip
+
+
+def apply(m: np.ndarray, p) -> np.ndarray:
+    return m[:3, :3] @ np.asarray(p, float) + m[:3, 3]
+
+
+def test_head_angle_signs():
+    nose, top = [0, -1.0, 0], [0, 0, 1.0]
+    angles = np.array([[0.3, 0, 0], [0, 0.3, 0], [0, 0, 0.3]])
+    yaw, pitch, roll = Animation(curves=np.zeros((3, 52)), head_angles=angles).head_transforms(
+        [0, 0, 0]
+    )
+    assert apply(yaw, nose)[0] > 0.25  # turns towards the subject's left (+X)
+    assert apply(yaw, top) == pytest.approx(top)
+    assert apply(pitch, nose)[2] < -0.25  # nods down
+    assert apply(pitch, nose)[0] == pytest.approx(0)
+    assert apply(roll, top)[0] < -0.25  # tilts towards the subject's right shoulder (-X)
+    assert apply(roll, nose) == pytest.approx(nose)
+
+
+def test_head_transforms_are_proper_rotations_about_the_pivot():
+    rng = np.random.default_rng(5)
+    angles = rng.uniform(-np.pi, np.pi, size=(50, 3))
+    pivot = np.array([0.0, 0.03, -0.12])
+    m = Animation(curves=np.zeros((50, 52)), head_angles=angles).head_transforms(pivot)
+    r = m[:, :3, :3]
+    np.testing.assert_allclose(r @ r.transpose(0, 2, 1), np.tile(np.eye(3), (50, 1, 1)), atol=1e-12)
+    np.testing.assert_allclose(np.linalg.det(r), 1, atol=1e-12)
+    np.testing.assert_allclose(m[:, 3], np.tile([0, 0, 0, 1.0], (50, 1)))
+    for k in range(50):
+        np.testing.assert_allclose(apply(m[k], pivot), pivot, atol=1e-12)
+    # yaw, then pitch about the turned head's left axis, then roll about its forward axis
+    y, p, rr = angles[0]
+    expected = head_rotation(y, 0, 0) @ head_rotation(0, p, 0) @ head_rotation(0, 0, rr)
+    np.testing.assert_allclose(r[0], expected, atol=1e-12)
+
+
+# -- the Client takes paths ---------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, op, fields=None, arrays=None, **kw):
+        self.calls.append((op, dict(fields or {}), dict(arrays or {})))
+
+        class Reply:
+            arrays = {}
+
+        return Reply()
+
+
+def test_client_accepts_a_curves_file(tmp_path):
+    curves = np.zeros((4, 52), np.float32)
+    curves[:, index_of("jawOpen")] = [0, 0.25, 0.5, 1]
+    f = tmp_path / "take.csv"
+    save_curves_csv(f, curves)
+    np.save(tmp_path / "take.npy", curves)
+    client = Client("tcp://127.0.0.1:9")  # never connected: requests are recorded
+    client.request = rec = Recorder()
+    k, w2c = np.array([100.0, 100, 32, 32]), np.eye(4)
+    head = np.tile(np.eye(4), (4, 1, 1))
+    client.render("a", k, w2c, 64, 64, curves=f, head=head)
+    client.render("a", k, w2c, 64, 64, curves=str(tmp_path / "take.npy"))
+    client.export("a", curves=str(f), frame=2)
+    client.render("a", k, w2c, 64, 64, curves=curves[:, :2], curve_names=["eyeBlinkLeft", "x"])
+    for _, _, arrays in rec.calls[:3]:
+        assert arrays["curves"].dtype == np.float32
+        np.testing.assert_allclose(arrays["curves"], curves, atol=1e-6)
+    np.testing.assert_array_equal(rec.calls[0][2]["head"], head)  # the head is the caller's
+    assert rec.calls[1][2]["head"] is None
+    assert rec.calls[2][1]["frame"] == 2
+    assert rec.calls[3][2]["curves"].shape == (4, 2)  # arrays with names pass unchanged
+    with pytest.raises(ValueError, match="curve_names cannot be given with a curves file"):
+        client.render("a", k, w2c, 64, 64, curves=f, curve_names=["jawOpen"])
+    with pytest.raises(ValueError, match="missing.csv: no such file"):
+        client.export("a", curves=tmp_path / "missing.csv")
+    client.close()
