@@ -189,15 +189,78 @@ def write_passes(out: Path, start: int, passes: dict[str, np.ndarray]) -> list[s
     return files
 
 
-def read_curves(path: str | None) -> np.ndarray | None:
+def read_animation(path: str | None):
+    """The ``--curves`` file as a ``protocol.Animation`` (None without one); bad files end
+    the command with the reader's message. Shapes the file lacks are reported."""
     if path is None:
         return None
-    from inference_service.curves import load_curves
+    from protocol.animation import load_animation
 
     try:
-        return load_curves(path)
+        anim = load_animation(path)
     except ValueError as exc:
         raise SystemExit(f"splatface: {exc}") from None
+    if anim.missing:
+        print(
+            f"splatface: {path} has no column for {len(anim.missing)} shape(s), held at 0: "
+            + ", ".join(anim.missing),
+            file=sys.stderr,
+        )
+    return anim
+
+
+def head_pivot(info: dict[str, Any]) -> np.ndarray:
+    """Where recorded head rotations turn the head about: roughly the top of the neck,
+    behind and below the head's centre (canonical frame: +Z up, face towards -Y)."""
+    center, radius = np.asarray(info["center"], np.float64), float(info["radius"])
+    return center + np.array([0.0, 0.15 * radius, -0.45 * radius])
+
+
+def animation_heads(anim, info: dict[str, Any], enabled: bool) -> np.ndarray | None:
+    """Per-frame head transforms from the file's head angles (Live Link Face), if any."""
+    if anim is None or anim.head_angles is None or not enabled:
+        return None
+    return anim.head_transforms(head_pivot(info))
+
+
+class Mp4Writer:
+    """An H.264 preview built frame by frame with the packaged ffmpeg (imageio-ffmpeg),
+    written next to its final name and renamed when complete (never half a file)."""
+
+    def __init__(self, path: Path, fps: float, background: float = 0.18) -> None:
+        self.path, self.fps, self.background = path, fps, background
+        self.tmp = path.with_name(f".{path.name}.tmp.mp4")
+        self.gen = None
+
+    def add(self, rgb: np.ndarray, alpha: np.ndarray) -> None:
+        """One frame from premultiplied linear ``rgb`` ``[H, W, 3]`` and ``alpha``."""
+        img = linear_to_srgb8(rgb + (1.0 - alpha[..., None]) * self.background)
+        h, w = img.shape[:2]
+        img = np.pad(img, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")  # yuv420p: even
+        if self.gen is None:
+            import imageio_ffmpeg
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.gen = imageio_ffmpeg.write_frames(
+                str(self.tmp), (img.shape[1], img.shape[0]), fps=self.fps, codec="libx264",
+                pix_fmt_out="yuv420p", quality=8, macro_block_size=1,
+                output_params=["-movflags", "+faststart"], ffmpeg_log_level="error",
+            )  # fmt: skip
+            self.gen.send(None)
+        self.gen.send(np.ascontiguousarray(img))
+
+    def close(self) -> Path | None:
+        if self.gen is None:
+            return None
+        self.gen.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if self.gen is not None:
+            with contextlib.suppress(Exception):
+                self.gen.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -317,42 +380,70 @@ def render_to_folder(
     size: int,
     passes: tuple[str, ...],
     show: bool,
+    heads: np.ndarray | None = None,
+    preview: Mp4Writer | None = None,
 ) -> list[str]:
-    """Render len(cameras) frames (curves row i or the rest pose) in chunks; write files."""
+    """Render len(cameras) frames (curves and heads row i, or the rest pose) in chunks;
+    write the passes, and feed ``preview`` (which needs rgb and alpha) as frames arrive."""
     n = len(cameras)
     files: list[str] = []
     bar = Progress(n, "rendering", show)
+
+    def rows(a: np.ndarray | None, start: int, stop: int) -> np.ndarray | None:
+        return None if a is None else a[start:stop] if len(a) > 1 else a
+
     try:
         for start in range(0, n, RENDER_CHUNK):
             stop = min(n, start + RENDER_CHUNK)
             intr = np.stack([c[0] for c in cameras[start:stop]])
             w2c = np.stack([c[1] for c in cameras[start:stop]])
-            chunk = None if curves is None else curves[start:stop] if len(curves) > 1 else curves
             result = client.render(
-                ref, intr, w2c, size, size, curves=chunk, passes=passes, timeout=600
-            )
+                ref, intr, w2c, size, size, curves=rows(curves, start, stop),
+                head=rows(heads, start, stop), passes=passes, timeout=600,
+            )  # fmt: skip
             files += write_passes(out, start, result)
+            if preview is not None:
+                for rgb, alpha in zip(result["rgb"], result["alpha"], strict=True):
+                    preview.add(rgb, alpha)
             bar.update_to(stop, f"{stop}/{n} frames")
+        if preview is not None and (path := preview.close()) is not None:
+            files.append(str(path))
+    except BaseException:
+        if preview is not None:
+            preview.abort()
+        raise
     finally:
         bar.close()
     return files
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    curves = read_curves(args.curves)
+    anim = read_animation(args.curves)
+    curves = None if anim is None else anim.curves
     passes = tuple(p.strip() for p in args.passes.split(",") if p.strip())
     out = Path(args.out)
+    n = 1 if curves is None else len(curves)
+    fps = args.fps or (anim.fps if anim is not None and anim.fps else 30.0)
+    preview = None
+    if n > 1 and not args.no_preview:
+        passes = tuple(dict.fromkeys((*passes, "rgb", "alpha")))
+        preview = Mp4Writer(out / "preview.mp4", fps)
     with connect(args) as client:
         info = avatar_info(client, args.avatar)
         cam = orbit_camera(info, args.size, args.yaw, args.pitch, args.fov)
-        n = 1 if curves is None else len(curves)
+        heads = animation_heads(anim, info, not args.no_head_motion)
         files = render_to_folder(
-            client, info["id"], out, curves, [cam] * n, args.size, passes, not args.json
-        )
+            client, info["id"], out, curves, [cam] * n, args.size, passes, not args.json,
+            heads=heads, preview=preview,
+        )  # fmt: skip
+    record = {"avatar_id": info["id"], "out": str(out), "frames": n, "fps": fps, "files": files}
+    if preview is not None:
+        record["preview"] = str(preview.path)
     emit(
         args,
-        {"avatar_id": info["id"], "out": str(out), "frames": n, "files": files},
-        f"rendered {n} frame(s) of {info['name']} into {out}",
+        record,
+        f"rendered {n} frame(s) of {info['name']} into {out}"
+        + (f" (preview: {preview.path}, {fps:g} fps)" if preview is not None else ""),
     )
     return 0
 
@@ -360,10 +451,14 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from inference_service.store import atomic_write
 
-    curves = read_curves(args.curves)
+    if args.bundle:
+        return export_bundle(args)
+    anim = read_animation(args.curves)
+    curves = None if anim is None else anim.curves
     out = Path(args.out)
     with connect(args) as client:
         info = avatar_info(client, args.avatar)
+        heads = animation_heads(anim, info, not args.no_head_motion)
         if args.range:
             a, b = args.range
             if curves is not None and b >= len(curves):
@@ -377,7 +472,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         bar = Progress(len(frames), "exporting", not args.json)
         try:
             for k, (i, path) in enumerate(zip(frames, paths, strict=True)):
-                reply = client.export(info["id"], curves=None if curves is None else curves[[i]])
+                reply = client.export(
+                    info["id"],
+                    curves=None if curves is None else curves[[i]],
+                    head=None if heads is None else heads[[i]],
+                )
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(path, reply.arrays["file"].tobytes())
                 bar.update_to(k + 1)
@@ -388,6 +487,37 @@ def cmd_export(args: argparse.Namespace) -> int:
         args,
         {"avatar_id": info["id"], "files": files},
         f"wrote {len(files)} .ply file(s): {files[0]}" + (" ..." if len(files) > 1 else ""),
+    )
+    return 0
+
+
+def export_bundle(args: argparse.Namespace) -> int:
+    """``export --bundle``: the rigged bundle, unpacked into the folder ``--out`` (or kept
+    as one zip when ``--out`` ends in .zip). Files appear whole or not at all."""
+    import io
+    import zipfile
+
+    from inference_service.store import atomic_write
+
+    if args.curves or args.range:
+        raise SystemExit("splatface export: --bundle is the rig itself; drop --curves/--range")
+    out = Path(args.out)
+    with connect(args) as client:
+        info = avatar_info(client, args.avatar)
+        data = client.export(info["id"], format="bundle").arrays["file"].tobytes()
+    if out.suffix.lower() == ".zip":
+        atomic_write(out, data)
+        files = [str(out)]
+    else:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            files = []
+            for name in z.namelist():
+                atomic_write(out / name, z.read(name))
+                files.append(str(out / name))
+    emit(
+        args,
+        {"avatar_id": info["id"], "files": files},
+        f"wrote the rigged bundle of {info['name']} ({len(files)} file(s)) to {out}",
     )
     return 0
 
@@ -560,8 +690,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("avatar", help="avatar id or name")
     sp.add_argument(
         "--curves",
-        help="ARKit curves: .npy [frames, 52] or CSV with named "
-        "columns (Live Link Face); one frame per row. Default: rest pose",
+        help="ARKit curves: a Live Link Face CSV (also what `splatface track` writes), a CSV "
+        "with ARKit-named columns, or a .npy [frames, 52]; one frame per row. Default: rest pose",
+    )
+    sp.add_argument(
+        "--no-head-motion",
+        action="store_true",
+        help="ignore the head rotation a Live Link Face CSV records (default: apply it)",
+    )
+    sp.add_argument(
+        "--fps",
+        type=float,
+        help="frame rate of the MP4 preview (default: the curves file's, else 30)",
+    )
+    sp.add_argument(
+        "--no-preview",
+        action="store_true",
+        help="do not write preview.mp4 (written for more than one frame by default)",
     )
     sp.add_argument(
         "--yaw",
@@ -587,10 +732,27 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.set_defaults(func=cmd_render)
 
-    sp = sub.add_parser("export", help="export world-space Gaussians as INRIA .ply")
+    sp = sub.add_parser(
+        "export", help="export world-space Gaussians as INRIA .ply, or the rigged bundle"
+    )
     sp.add_argument("avatar", help="avatar id or name")
-    sp.add_argument("--out", required=True, help="FILE.ply, or a folder with --range")
-    sp.add_argument("--curves", help="ARKit curves file (.npy or CSV) to pose with")
+    sp.add_argument(
+        "--out", required=True, help="FILE.ply; a folder with --range or --bundle (or .zip)"
+    )
+    sp.add_argument(
+        "--curves", help="ARKit curves to pose with (Live Link Face CSV, named CSV or .npy)"
+    )
+    sp.add_argument(
+        "--no-head-motion",
+        action="store_true",
+        help="ignore the head rotation a Live Link Face CSV records (default: apply it)",
+    )
+    sp.add_argument(
+        "--bundle",
+        action="store_true",
+        help="the rigged bundle instead: head.glb (52 ARKit morph targets), gaussians.npz "
+        "(triangle bindings), rest.ply, bundle.json; see docs/rigged-bundle.md",
+    )
     sp.add_argument("--frame", type=int, default=0, help="row of --curves to export (default: 0)")
     sp.add_argument(
         "--range",

@@ -11,11 +11,12 @@ import numpy as np
 from protocol import Client
 from protocol.arkit import index_of
 
-from .cli import Progress, orbit_camera, render_to_folder, save_png
+from .cli import Mp4Writer, Progress, orbit_camera, render_to_folder, save_png
 from .curves import save_curves_csv
 from .store import atomic_write
 
 TURNTABLE_FRAMES = 12
+DEMO_FPS = 24.0  # frame rate of the animation preview and its curves.csv
 
 
 def demo_portrait() -> np.ndarray:
@@ -79,9 +80,10 @@ def run_demo(client: Client, out: Path, preset: str, size: int, show: bool) -> d
     render_to_folder(client, avatar_id, turn_dir, None, cams, size, ("rgb", "alpha"), show)
 
     curves = demo_curves()
-    save_curves_csv(out / "animation" / "curves.csv", curves)
+    save_curves_csv(out / "animation" / "curves.csv", curves, fps=DEMO_FPS)
     anim_dir = out / "animation"
     front = orbit_camera(info, size, 0.0, 0.0, 30.0)
+    mp4 = Mp4Writer(anim_dir / "preview.mp4", DEMO_FPS)
     render_to_folder(
         client,
         avatar_id,
@@ -91,6 +93,7 @@ def run_demo(client: Client, out: Path, preset: str, size: int, show: bool) -> d
         size,
         ("rgb", "alpha", "depth", "normal"),
         show,
+        preview=mp4,
     )
 
     ply_dir = out / "ply"
@@ -100,6 +103,9 @@ def run_demo(client: Client, out: Path, preset: str, size: int, show: bool) -> d
     peak = int(np.argmax(curves[:, index_of("jawOpen")]))
     posed = client.export(avatar_id, curves=curves[[peak]])
     atomic_write(ply_dir / f"astronaut_frame{peak:02d}.ply", posed.arrays["file"].tobytes())
+
+    bundle = client.export(avatar_id, format="bundle").arrays["file"].tobytes()
+    atomic_write(out / "astronaut-rig.zip", bundle)
 
     turn_pngs = sorted(turn_dir.glob("rgb_*.png"))
     anim_pngs = sorted(anim_dir.glob("rgb_*.png"))
@@ -117,7 +123,8 @@ def run_demo(client: Client, out: Path, preset: str, size: int, show: bool) -> d
         "turntable": str(turn_dir),
         "animation": str(anim_dir),
         "ply": sorted(str(p) for p in ply_dir.glob("*.ply")),
-        "preview": [str(out / "preview.png"), str(out / "preview.gif")],
+        "preview": [str(out / "preview.png"), str(out / "preview.gif"), str(mp4.path)],
+        "bundle": str(out / "astronaut-rig.zip"),
         "build_seconds": status["events"][-1]["time"] if status.get("events") else None,
     }
     record["summary"] = "\n".join(
@@ -127,7 +134,9 @@ def run_demo(client: Client, out: Path, preset: str, size: int, show: bool) -> d
             f"  animation ({len(curves)} frames; rgb/alpha PNG, depth/normal .npy; "
             f"curves.csv): {anim_dir}",
             f"  Gaussian splats (.ply, world space): {', '.join(record['ply'])}",
-            f"  preview: {out / 'preview.png'} and {out / 'preview.gif'}",
+            f"  rigged bundle (glTF head with 52 ARKit morph targets + bound Gaussians): "
+            f"{out / 'astronaut-rig.zip'}",
+            f"  preview: {out / 'preview.png'}, {out / 'preview.gif'} and {mp4.path}",
         ]
     )
     return record

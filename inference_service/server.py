@@ -31,11 +31,12 @@ from protocol.errors import ProtocolError
 from . import __version__
 from .avatar import Avatar
 from .build.builder import BuildOptions
+from .export.bundle import bundle_zip
 from .export.ply import ply_bytes, write_ply
 from .jobs import JobManager
 from .posing import pose, split_transform
 from .render import frame_count, render_frames
-from .store import Store, summary
+from .store import Store, atomic_write, summary
 
 log = logging.getLogger(__name__)
 MAX_PENDING = 64
@@ -131,7 +132,7 @@ class Service:
         poller.register(router, zmq.POLLIN)
         poller.register(replies, zmq.POLLIN)
         log.info("listening on %s (device %s, store %s)", self.bound, self.device, self.store.root)
-        threading.Thread(target=kernels.warmup, args=(self.device,), daemon=True).start()
+        threading.Thread(target=self._warmup, daemon=True).start()
         if ready is not None:
             ready(self.bound)
         try:
@@ -279,6 +280,14 @@ class Service:
 
     # -- ops ------------------------------------------------------------------------
 
+    def _warmup(self) -> None:
+        """Compile (or load from numba's cache) the rasterizer and posing kernels in the
+        background, so the first render does not pay for it."""
+        from . import posing_kernels
+
+        kernels.warmup(self.device)
+        posing_kernels.warmup()
+
     def _op_hello(self, fields, arrays):
         return {
             "service": "splatface",
@@ -419,6 +428,8 @@ class Service:
 
     def _op_export(self, fields, arrays):
         avatar = self._avatar(fields["avatar"])
+        if fields["format"] == "bundle":
+            return self._export_bundle(avatar, fields)
         curves, heads = self._curves(fields, arrays), self._heads(arrays)
         available = frame_count(curves, heads) if (curves is not None or heads is not None) else 1
 
@@ -466,3 +477,15 @@ class Service:
             self._check_stop()
             written.append(str(write_ply(folder / f"frame_{i:05d}.ply", posed(i))))
         return {"format": "ply", "folder": str(folder), "files": written}, None
+
+    def _export_bundle(self, avatar, fields):
+        """The rigged bundle (docs/rigged-bundle.md): a zip in the reply or the service's
+        export folder; curves and frames do not apply (it is the rig itself)."""
+        if fields["frames"] is not None:
+            raise ProtocolError(errors.BAD_REQUEST, "a rigged bundle has no frame range")
+        data = bundle_zip(avatar)
+        if fields["to"] == "reply":
+            return {"format": "bundle", "bytes": len(data)}, {"file": np.frombuffer(data, np.uint8)}
+        path = self.exports / avatar.id / f"{avatar.id}-rig.zip"
+        atomic_write(path, data)
+        return {"format": "bundle", "folder": str(path.parent), "files": [str(path)]}, None

@@ -271,15 +271,18 @@ class Client:
         to: str = "reply",
         curve_names: list[str] | None = None,
         timeout: float | None = None,
+        format: str = "ply",
     ) -> Message:
-        """Export posed Gaussians as ``.ply``: the bytes (``to='reply'``) or files the
-        service writes into its export folder (``to='folder'``, names in the reply).
-        ``curves`` as for :meth:`render`."""
+        """Export posed Gaussians as ``.ply``, or with ``format='bundle'`` the rigged
+        bundle (a zip: glTF head with 52 ARKit morph targets plus the bound Gaussians):
+        the bytes (``to='reply'``) or files the service writes into its export folder
+        (``to='folder'``, names in the reply). ``curves`` as for :meth:`render`."""
         curves = _curves_array(curves, curve_names)
         return self.request(
             "export",
             {
                 "avatar": avatar,
+                "format": format,
                 "frame": frame,
                 "frames": None if frames is None else [int(frames[0]), int(frames[1])],
                 "to": to,

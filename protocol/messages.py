@@ -25,7 +25,7 @@ MAX_IMAGE_BYTES = 64 << 20
 MAX_RENDER_BYTES = 1 << 30
 PASSES = ("rgb", "alpha", "depth", "normal")
 PRESETS = ("fast", "default", "high")
-EXPORT_FORMATS = ("ply",)
+EXPORT_FORMATS = ("ply", "bundle")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,63 @@ def test_render_with_curves_csv(tmp_path, service, astronaut_id):
     assert np.abs(a.astype(int) - b).sum() > 0  # the jaw moved
 
 
+def test_render_live_link_face_take_with_head_motion_and_mp4(tmp_path, service, astronaut_id):
+    import imageio_ffmpeg
+
+    from protocol.animation import Animation, save_livelink_csv
+
+    n = 72  # over a second: the file's timecodes tell 60 fps (no LLF field says it)
+    curves = np.zeros((n, 52), np.float32)
+    curves[:, index_of("jawOpen")] = np.linspace(0, 1, n)
+    head = np.zeros((n, 3), np.float32)
+    head[:, 0] = np.radians(np.linspace(0, 25, n))  # yaw
+    take = tmp_path / "take.csv"
+    save_livelink_csv(take, Animation(curves=curves, fps=60.0, head_angles=head))
+    moving, still = tmp_path / "moving", tmp_path / "still"
+    r = last_json(run("render", astronaut_id, "--endpoint", service.endpoint, "--curves", take,
+                      "--size", 64, "--passes", "depth", "--out", moving, "--json"))  # fmt: skip
+    assert r["fps"] == 60 and r["frames"] == n
+    # the preview needs rgb and alpha, so they are rendered and written too
+    assert len(list(moving.glob("rgb_*.png"))) == n and len(list(moving.glob("depth_*.npy"))) == n
+    reader = imageio_ffmpeg.read_frames(r["preview"])
+    meta = next(reader)
+    assert meta["size"] == (64, 64) and meta["fps"] == pytest.approx(60)
+    assert sum(1 for _ in reader) == n
+    assert not list(moving.glob(".*tmp*"))
+    run("render", astronaut_id, "--endpoint", service.endpoint, "--curves", take, "--size", 64,
+        "--no-head-motion", "--no-preview", "--out", still)  # fmt: skip
+    assert not (still / "preview.mp4").exists()
+
+    def alpha(folder, i):
+        return np.asarray(Image.open(folder / f"alpha_{i:04d}.png")).astype(int)
+
+    # frame 0 has no yaw: the same either way; the last one turned the head
+    assert np.abs(alpha(moving, 0) - alpha(still, 0)).max() <= 1
+    assert np.abs(alpha(moving, n - 1) - alpha(still, n - 1)).mean() > 2
+
+
+def test_export_rigged_bundle(tmp_path, service, astronaut_id):
+    import zipfile
+
+    folder = tmp_path / "rig"
+    r = last_json(run("export", astronaut_id, "--endpoint", service.endpoint, "--bundle",
+                      "--out", folder, "--json"))  # fmt: skip
+    names = sorted(Path(f).name for f in r["files"])
+    assert names == ["bundle.json", "gaussians.npz", "head.glb", "rest.ply"]
+    manifest = json.loads((folder / "bundle.json").read_text())
+    assert manifest["arkit_names"] == list(ARKIT_NAMES)
+    assert (folder / "head.glb").read_bytes()[:4] == b"glTF"
+    with np.load(folder / "gaussians.npz", allow_pickle=False) as g:
+        assert len(g["triangle"]) == PlyData.read(folder / "rest.ply")["vertex"].count
+    zipped = tmp_path / "rig.zip"
+    run("export", astronaut_id, "--endpoint", service.endpoint, "--bundle", "--out", zipped)
+    with zipfile.ZipFile(zipped) as z:
+        assert z.read("bundle.json") == (folder / "bundle.json").read_bytes()
+    bad = run("export", astronaut_id, "--endpoint", service.endpoint, "--bundle", "--range",
+              "0:1", "--out", folder, check=False)  # fmt: skip
+    assert bad.returncode != 0 and "--bundle" in bad.stderr
+
+
 def test_export_frame_and_range(tmp_path, service, astronaut_id):
     curves = np.zeros((4, 52), np.float32)
     curves[:, index_of("mouthSmileLeft")] = np.linspace(0, 1, 4)
@@ -112,6 +170,7 @@ def test_demo_writes_what_it_names(tmp_path):
     assert len(list(Path(r["animation"]).glob("depth_*.npy"))) == 24
     assert len(r["ply"]) == 2 and all(PlyData.read(p)["vertex"].count > 1000 for p in r["ply"])
     assert all(Path(p).stat().st_size > 0 for p in r["preview"])
+    assert zipfile.ZipFile(r["bundle"]).namelist()[0] == "bundle.json"
     assert str(out) in r["summary"]
 
 
