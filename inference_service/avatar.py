@@ -45,6 +45,13 @@ class BoundGaussians:
     def __len__(self) -> int:
         return len(self.triangle)
 
+    @classmethod
+    def concat(cls, parts: list[BoundGaussians]) -> BoundGaussians:
+        """One set from several (their SH degrees must match)."""
+        return cls(
+            **{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)}
+        )
+
 
 @dataclass(frozen=True)
 class Avatar:

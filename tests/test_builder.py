@@ -7,6 +7,8 @@ import pytest
 from PIL import Image
 
 from inference_service.build.builder import BuildOptions, build_avatar
+from inference_service.build.hair import MIN_SHELL
+from inference_service.build.photometric import person_mask
 from inference_service.headmodel import load_head_model
 from inference_service.images import linear_to_srgb
 from inference_service.posing import pose
@@ -68,6 +70,7 @@ def test_astronaut(astronaut):
         "landmarks",
         "align",
         "fit",
+        "hair",
         "gaussians",
         "photo",
         "finish",
@@ -85,12 +88,38 @@ def test_astronaut(astronaut):
     smiling = av.vertices + np.tensordot(photo_weights(av), av.shape_deltas, 1)
     lift = (smiling[corners, 2] - av.vertices[corners, 2]).min()
     assert lift > 0.002  # the photo's mouth corners sit > 2 mm higher than the rest pose's
-    assert 10_000 < len(av.gaussians) < 14_000
+    hair = av.gaussians.offset >= MIN_SHELL
+    assert 10_000 < (~hair).sum() < 14_000 and 1_000 < hair.sum() <= 3_000  # fast: 12k + 25 %
     assert av.shape_deltas.shape == (52, len(av.vertices), 3)
     # the head faces the camera: the photo camera sits in front (-Y) of the head
     cam = -av.photo_world_to_camera[:3, :3].T @ av.photo_world_to_camera[:3, 3]
     assert cam[1] < -0.5
     assert face_psnr(av, astronaut) > 25  # 22 dB before the photo fit; 28 after (fast)
+    check_hair_covers_the_silhouette(av, astronaut, hair)
+
+
+def check_hair_covers_the_silhouette(av, photo: np.ndarray, hair: np.ndarray) -> None:
+    """Her hair, above the brows, is covered by the avatar seen from the photo's camera,
+    and the bald head alone (without the hair shell) leaves much of it bare."""
+    h, w = photo.shape[:2]
+    cam = Camera.from_arrays(av.photo_intrinsics, av.photo_world_to_camera)
+
+    def alpha(keep: np.ndarray) -> np.ndarray:
+        p = pose(av)
+        return rasterize(p.means[keep], p.quats[keep], p.scales[keep], p.opacities[keep],
+                         p.sh[keep], cam, w, h, ("alpha",)).alpha  # fmt: skip
+
+    model = load_head_model()
+    brow = project(av.vertices[model.landmarks68[[19, 24]]], av.photo_intrinsics,
+                   av.photo_world_to_camera)[0][:, 1].min()  # fmt: skip
+    person = person_mask(photo)
+    above = person.copy()
+    above[int(brow) :] = False
+    everything, bald = alpha(np.ones(len(hair), bool)), alpha(~hair)
+    # measured (fast): 1.0 with the shell, 0.67 bald; 0.9 % spills outside the person
+    assert (everything[above] > 0.5).mean() > 0.95
+    assert (bald[above] > 0.5).mean() < 0.85
+    assert (everything[~person] > 0.5).mean() < 0.03
 
 
 def test_grace_hopper(hopper):

@@ -10,14 +10,18 @@ import numpy as np
 
 from protocol.arkit import ARKIT_NAMES
 
-from ..avatar import FORMAT_VERSION, Avatar
+from ..avatar import FORMAT_VERSION, Avatar, BoundGaussians
 from ..headmodel import load_correspondence, load_head_model
 from ..images import decode_image
 from . import detect
 from .align import align
 from .fit import fit_geometry
-from .gaussians import make_gaussians
-from .photometric import fit_photo
+from .gaussians import COUNTS, make_gaussians
+from .hair import fit_hair, hair_gaussians
+from .photometric import fit_photo, person_mask
+
+#: Hair Gaussians as a share of the preset's count (fewer where the hair is thin).
+HAIR_SHARE = 0.25
 
 #: ``progress(stage, fraction, message)``; may raise to cancel the build.
 Progress = Callable[[str, float, str], None]
@@ -60,15 +64,19 @@ def build_avatar(
     progress("fit", 0.50, "fitting head shape, expression, pose and focal length")
     fit = fit_geometry(model, load_correspondence(), landmarks, start)
 
+    progress("hair", 0.55, "measuring hair from the person's silhouette")
+    posed = fit.photo_vertices(model)
+    shell = fit_hair(model, posed, photo, person_mask(photo), fit.intrinsics, fit.world_to_camera)
     progress("gaussians", 0.60, f"placing Gaussians ({options.preset} preset)")
     gaussians = make_gaussians(
-        model,
-        fit.photo_vertices(model),
-        photo,
-        fit.intrinsics,
-        fit.world_to_camera,
-        options.preset,
-    )
+        model, posed, photo, fit.intrinsics, fit.world_to_camera, options.preset,
+        hair_colour=shell.colour,
+    )  # fmt: skip
+    hair = hair_gaussians(
+        model, posed, shell, int(HAIR_SHARE * COUNTS[options.preset]), photo,
+        fit.intrinsics, fit.world_to_camera, np.random.default_rng(1),
+    )  # fmt: skip
+    gaussians = BoundGaussians.concat([gaussians, hair])
 
     rest = fit.rest_vertices(model)
     gaussians, photo_fit = fit_photo(

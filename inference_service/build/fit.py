@@ -127,7 +127,12 @@ def fit_geometry(
 
     with torch.no_grad():
         rms0 = float(torch.sqrt((residual() ** 2).sum(1).mean()) / iod)
-    opt.step(closure)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: more threads only spin (10x slower on a busy CPU)
+    try:
+        opt.step(closure)
+    finally:
+        torch.set_num_threads(threads)
     with torch.no_grad():
         beta.clamp_(0.0, 1.0)
         rms = float(torch.sqrt((residual() ** 2).sum(1).mean()) / iod)

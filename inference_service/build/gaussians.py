@@ -91,13 +91,15 @@ def make_gaussians(
     world_to_camera: np.ndarray,
     preset: str,
     seed: int = 0,
+    hair_colour: np.ndarray | None = None,
 ) -> BoundGaussians:
     """Gaussians bound to the mesh, coloured by projecting ``photo`` (sRGB uint8) onto
     ``vertices`` [V, 3] (the head as the photo shows it, in the photo camera's frame).
 
     Seen surface takes the photo's colour; unseen face and head take the colour of their
     mirror image across the face's symmetry plane (x = 0) when that was seen, else the
-    median colour of what was seen in their region; mouth and eyes take fixed colours.
+    median colour of what was seen in their region (``hair_colour``, when known, for
+    the unseen scalp); mouth and eyes take fixed colours.
     """
     rng = np.random.default_rng(seed)
     tri, bary, spacing = sample_surface(model, COUNTS[preset], rng)
@@ -136,7 +138,7 @@ def make_gaussians(
             eye_z = vertices[model.landmarks68[[36, 45]], 2].mean()
             high = points[:, 2] > eye_z
             parts = ((in_r & high), (in_r & ~high))
-            fills = (None, face_median)
+            fills = (hair_colour, face_median)
         else:
             parts, fills = (in_r,), (None,)
         for part, default in zip(parts, fills, strict=True):

@@ -1,0 +1,33 @@
+"""The ``protocol`` package the add-on talks through.
+
+``make addon`` vendors a copy as ``<add-on>/protocol`` (Blender extensions may use relative
+imports only); in a checkout the repository's own package is used, so tests exercise the
+same code the service speaks.
+"""
+
+from __future__ import annotations
+
+try:
+    from . import protocol as _impl  # type: ignore[attr-defined]
+except ImportError:
+    import protocol as _impl
+
+ARKIT_NAMES = _impl.ARKIT_NAMES
+NUM_SHAPES = _impl.NUM_SHAPES
+Client = _impl.Client
+CurveKeys = _impl.CurveKeys
+ProtocolError = _impl.ProtocolError
+load_animation = _impl.load_animation
+Animation = _impl.Animation
+errors = _impl.errors
+
+__all__ = [
+    "ARKIT_NAMES",
+    "NUM_SHAPES",
+    "Animation",
+    "Client",
+    "CurveKeys",
+    "ProtocolError",
+    "errors",
+    "load_animation",
+]

@@ -1,0 +1,145 @@
+"""Avatar objects in the scene: a head empty and a proxy mesh with 52 ARKit shape keys.
+
+The proxy's mesh is in the avatar's canonical frame (metres, +Z up, facing −Y), parented
+to the head empty with a parent inverse that puts the empty at the head's centre, so the
+proxy's world matrix is the head-to-world transform the service takes. Renders read the
+*evaluated* shape-key values and matrices, so keyframes, drivers, NLA and constraints all
+count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import bpy
+import numpy as np
+from mathutils import Matrix
+
+from ._protocol import ARKIT_NAMES, NUM_SHAPES
+
+
+@dataclass(frozen=True)
+class AvatarFrame:
+    """One avatar's state at one frame, as the service takes it.
+
+    Attributes:
+        avatar_id: the service's id.
+        curves: float32 ``[52]`` evaluated shape-key values, canonical order.
+        head: float64 ``[4, 4]`` head-to-world.
+        name: the proxy object's name (for messages).
+    """
+
+    avatar_id: str
+    curves: np.ndarray
+    head: np.ndarray
+    name: str
+
+
+def create_avatar(
+    collection: bpy.types.Collection,
+    summary: dict[str, Any],
+    vertices: np.ndarray,
+    triangles: np.ndarray,
+    shape_deltas: np.ndarray,
+    shape_names: list[str],
+) -> tuple[bpy.types.Object, bpy.types.Object]:
+    """Make the head empty and proxy mesh of an avatar; returns (proxy, head).
+
+    Args:
+        summary: the ``avatar`` map of a ``get`` reply (``id``, ``name``, ``center``...).
+        vertices: float32 ``[V, 3]`` rest mesh, metres.
+        triangles: int32 ``[T, 3]``.
+        shape_deltas: float32 ``[52, V, 3]`` in ``shape_names`` order.
+    """
+    if shape_deltas.shape != (len(shape_names), len(vertices), 3):
+        raise ValueError(f"shape_deltas {shape_deltas.shape} do not match {len(vertices)} vertices")
+    name = summary.get("name") or summary["id"]
+    center = np.asarray(summary.get("center", (0.0, 0.0, 0.0)), np.float64)
+    mesh = bpy.data.meshes.new(name)
+    mesh.vertices.add(len(vertices))
+    mesh.vertices.foreach_set("co", np.ascontiguousarray(vertices, np.float32).ravel())
+    tris = np.ascontiguousarray(triangles, np.int32)
+    mesh.loops.add(tris.size)
+    mesh.loops.foreach_set("vertex_index", tris.ravel())
+    mesh.polygons.add(len(tris))
+    mesh.polygons.foreach_set("loop_start", np.arange(0, tris.size, 3, dtype=np.int32))
+    mesh.update()
+    mesh.validate()
+
+    head = bpy.data.objects.new(f"{name}_head", None)
+    head.empty_display_type = "SPHERE"
+    head.empty_display_size = float(summary.get("radius", 0.15))
+    head.location = center
+    proxy = bpy.data.objects.new(name, mesh)
+    collection.objects.link(head)
+    collection.objects.link(proxy)
+    proxy.parent = head
+    proxy.matrix_parent_inverse = Matrix.Translation(-center)
+    for ob, role in ((proxy, "PROXY"), (head, "HEAD")):
+        ob.splatface.avatar_id = summary["id"]
+        ob.splatface.avatar_name = name
+        ob.splatface.role = role
+        ob.splatface.center = center
+
+    proxy.shape_key_add(name="Basis", from_mix=False)
+    flat = np.ascontiguousarray(vertices, np.float32)
+    for i, shape in enumerate(shape_names):
+        block = proxy.shape_key_add(name=shape, from_mix=False)
+        block.data.foreach_set("co", (flat + shape_deltas[i]).ravel())
+        block.slider_min, block.slider_max = 0.0, 1.0
+        block.value = 0.0  # shape_key_add leaves new keys at 1
+    mesh.shape_keys.name = f"{name}_arkit"
+    return proxy, head
+
+
+def proxies(objects: Any) -> list[bpy.types.Object]:
+    """Avatar proxy meshes among ``objects``."""
+    return [
+        ob
+        for ob in objects
+        if ob.type == "MESH" and ob.splatface.role == "PROXY" and ob.splatface.avatar_id
+    ]
+
+
+def proxy_of(ob: bpy.types.Object | None) -> bpy.types.Object | None:
+    """The proxy of an avatar object (the proxy itself, or a child of its head empty)."""
+    if ob is None:
+        return None
+    if ob.splatface.role == "PROXY":
+        return ob
+    if ob.splatface.role == "HEAD":
+        return next((c for c in ob.children if c.splatface.role == "PROXY"), None)
+    return None
+
+
+def evaluated_curves(ob: bpy.types.Object, depsgraph: bpy.types.Depsgraph) -> np.ndarray:
+    """float32 ``[52]``: the proxy's evaluated shape-key values, canonical order.
+
+    Read from the evaluated Key, so drivers, NLA and keyframes are already applied; a
+    muted or missing block counts as 0.
+    """
+    original = ob.original
+    key = original.data.shape_keys
+    out = np.zeros(NUM_SHAPES, np.float32)
+    if key is None:
+        return out
+    blocks = key.evaluated_get(depsgraph).key_blocks
+    for i, name in enumerate(ARKIT_NAMES):
+        block = blocks.get(name)
+        if block is not None and not block.mute:
+            out[i] = block.value
+    return np.clip(out, 0.0, 1.0)
+
+
+def gather(depsgraph: bpy.types.Depsgraph, final_render: bool) -> list[AvatarFrame]:
+    """Every visible avatar in ``depsgraph`` at its current frame."""
+    out = []
+    for ob in proxies(depsgraph.objects):
+        if final_render and ob.original.hide_render:
+            continue
+        head = np.array(ob.matrix_world, np.float64)
+        out.append(
+            AvatarFrame(ob.splatface.avatar_id, evaluated_curves(ob, depsgraph), head, ob.name)
+        )
+    return out

@@ -1,0 +1,54 @@
+"""Animations → keyframes at the scene's frame rate.
+
+A take recorded at one rate (Live Link Face at 60 fps) is keyed at another (a 24 fps
+scene) by linear interpolation in time, one key per scene frame, so what plays back is
+what was recorded, not a time-stretched copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class KeyframePlan:
+    """Keys to insert.
+
+    Attributes:
+        frames: float64 ``[K]`` scene frame numbers.
+        values: float32 ``[K, 52]`` weights in canonical ARKit order.
+    """
+
+    frames: np.ndarray
+    values: np.ndarray
+
+
+def plan_keyframes(
+    curves: np.ndarray, take_fps: float | None, scene_fps: float, start_frame: float = 1.0
+) -> KeyframePlan:
+    """One key per scene frame covering the take.
+
+    Args:
+        curves: ``[F, 52]`` weights, one row per take frame.
+        take_fps: the take's frame rate; None keys one row per scene frame.
+        scene_fps: ``scene.render.fps / scene.render.fps_base``.
+        start_frame: scene frame of the take's first row.
+    """
+    curves = np.asarray(curves, np.float32)
+    if curves.ndim != 2 or len(curves) == 0:
+        raise ValueError(f"curves must be [frames, shapes] with frames > 0, got {curves.shape}")
+    if not scene_fps > 0 or (take_fps is not None and not take_fps > 0):
+        raise ValueError("frame rates must be positive")
+    if take_fps is None or abs(take_fps - scene_fps) < 1e-9:
+        frames = start_frame + np.arange(len(curves), dtype=np.float64)
+        return KeyframePlan(frames, curves.copy())
+    duration = (len(curves) - 1) / take_fps
+    count = int(np.floor(duration * scene_fps + 1e-9)) + 1
+    t_scene = np.arange(count) / scene_fps
+    t_take = np.arange(len(curves)) / take_fps
+    values = np.stack(
+        [np.interp(t_scene, t_take, curves[:, i]) for i in range(curves.shape[1])], axis=1
+    )
+    return KeyframePlan(start_frame + np.arange(count, dtype=np.float64), values.astype(np.float32))

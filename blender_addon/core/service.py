@@ -1,0 +1,176 @@
+"""Service connection settings, a local service started on demand, and builds that
+report progress; no ``bpy`` here (the operators feed these from preferences).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._protocol import Client, CurveKeys, ProtocolError, errors
+
+#: Overrides the preference, so render-farm workers can point at a shared service.
+ENDPOINT_ENV = "SPLATFACE_ENDPOINT"
+#: A folder holding ``server.key`` and ``client.key_secret`` (``splatface keys``).
+CURVE_KEYS_ENV = "SPLATFACE_CURVE_KEYS"
+READY_PREFIX = "splatface service listening on "
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """How to reach the service.
+
+    Attributes:
+        endpoint: ZeroMQ endpoint, e.g. ``tcp://127.0.0.1:5555``.
+        timeout: seconds to wait for each reply.
+        curve_keys: folder with CurveZMQ client keys for a remote service, or "".
+        auto_start: start a local service with ``service_python`` when none answers.
+        service_python: the Python of an environment with splatface's service installed.
+        store: avatar store for an auto-started service ("" = the service's default).
+    """
+
+    endpoint: str = "tcp://127.0.0.1:5555"
+    timeout: float = 30.0
+    curve_keys: str = ""
+    auto_start: bool = False
+    service_python: str = ""
+    store: str = ""
+
+    def resolved(self, environ: dict[str, str] | None = None) -> ConnectionSettings:
+        """These settings with ``SPLATFACE_ENDPOINT``/``SPLATFACE_CURVE_KEYS`` applied."""
+        env = os.environ if environ is None else environ
+        endpoint = env.get(ENDPOINT_ENV, "").strip() or self.endpoint
+        keys = env.get(CURVE_KEYS_ENV, "").strip() or self.curve_keys
+        return ConnectionSettings(
+            endpoint, self.timeout, keys, self.auto_start, self.service_python, self.store
+        )
+
+    def client(self) -> Client:
+        """A client for these settings (environment applied)."""
+        s = self.resolved()
+        if not s.endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError(f"service endpoint {s.endpoint!r} must start with tcp:// or ipc://")
+        curve = CurveKeys.from_dir(s.curve_keys) if s.curve_keys else None
+        return Client(s.endpoint, timeout=s.timeout, retries=1, curve=curve)
+
+
+@dataclass
+class LocalService:
+    """A service process this add-on started (stopped when Blender quits)."""
+
+    proc: subprocess.Popen
+    endpoint: str
+    log_path: Path
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_local_service(
+    python: str, endpoint: str, store: str = "", log_dir: str | Path = "", timeout: float = 120
+) -> LocalService:
+    """Run ``python -m inference_service serve`` and wait until it listens.
+
+    Raises ``ValueError`` for a bad path and ``RuntimeError`` with the log's tail when the
+    service does not come up.
+    """
+    if not python or not Path(python).is_file():
+        raise ValueError(f"service Python {python!r} is not a file; set it in the preferences")
+    log_path = Path(log_dir or Path.home()) / "splatface-service.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [python, "-m", "inference_service", "serve", "--endpoint", endpoint]
+    if store:
+        cmd += ["--store", store]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True
+        )
+    found: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if line.startswith(READY_PREFIX):
+                found.append(line[len(READY_PREFIX) :].strip())
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not found:
+        proc.kill()
+        proc.wait()
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-10:])
+        raise RuntimeError(f"the local service did not start within {timeout:.0f} s:\n{tail}")
+    return LocalService(proc, found[0], log_path)
+
+
+@dataclass
+class BuildState:
+    """What the panel shows about a build; updated on the main thread only."""
+
+    job: str = ""
+    state: str = ""
+    stage: str = ""
+    fraction: float = 0.0
+    message: str = ""
+    faces: list[dict[str, Any]] = field(default_factory=list)
+    avatar_id: str = ""
+    error: str = ""
+
+
+def run_build(
+    client: Client,
+    image: bytes,
+    name: str = "",
+    preset: str = "fast",
+    face: int | None = None,
+    on_status: Callable[[dict[str, Any]], None] | None = None,
+    cancel: threading.Event | None = None,
+    poll: float = 0.1,
+    timeout: float = 600.0,
+) -> dict[str, Any]:
+    """Build an avatar, calling ``on_status(status)`` after every poll (from this thread).
+
+    Setting ``cancel`` asks the service to cancel the job. Returns the final status when
+    done; raises :class:`ProtocolError` (``cancelled``, ``no_face``, ``timeout``...).
+    """
+    job = client.build(image, name=name, preset=preset, face=face)
+    since = 0
+    asked_cancel = False
+    deadline = time.monotonic() + timeout
+    while True:
+        if cancel is not None and cancel.is_set() and not asked_cancel:
+            client.cancel(job)
+            asked_cancel = True
+        st = client.status(job, since)
+        since = st.get("next", since)
+        if on_status is not None:
+            on_status(st)
+        if st["state"] == "done":
+            return st
+        if st["state"] in ("failed", "cancelled"):
+            raise ProtocolError.from_dict(st.get("error"))
+        if time.monotonic() > deadline:
+            client.cancel(job)
+            raise ProtocolError(errors.TIMEOUT, f"build {job} took longer than {timeout:.0f} s")
+        time.sleep(poll)
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ``ipc://`` and ``tcp://`` on 127.x/localhost/::1 (where we may start one)."""
+    if endpoint.startswith("ipc://"):
+        return True
+    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")

@@ -1,0 +1,260 @@
+"""The ``SPLATFACE`` render engine: F12, animation renders and the Rendered viewport.
+
+Final renders run on Blender's render thread, so they call the service synchronously:
+per frame, every visible avatar's evaluated shape-key values and head matrix with the
+scene camera, one ``render`` request per avatar, composited by depth, written into the
+``Combined``, ``Alpha``, ``Depth`` and ``Normal`` passes. The viewport asks on the worker
+thread (latest request wins) and draws the last frame that came back: a stale frame is
+better than a stalled UI.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import bpy
+import numpy as np
+
+from . import avatar, prefs, runtime
+from ._protocol import Client, ProtocolError
+from .core import camera as cam
+from .core.passes import Layer, composite, to_blender
+
+PASSES = ("rgb", "alpha", "depth", "normal")
+#: Blender pass → service pass; Depth is always asked for (it composites avatars).
+SERVICE_PASS = {"Combined": "rgb", "Alpha": "alpha", "Depth": "depth", "Normal": "normal"}
+
+
+@dataclass
+class FrameTiming:
+    """Where one frame's time went (seconds); ``service`` is only known per request."""
+
+    blender: float = 0.0
+    request: float = 0.0
+    write: float = 0.0
+    requests: int = 0
+
+
+@dataclass
+class LastRender:
+    """The passes (Blender layout) and timing of the last final render in this process,
+    for scripts, benchmarks and tests that cannot read ``Render Result`` pixels."""
+
+    passes: dict[str, np.ndarray] = field(default_factory=dict)
+    width: int = 0
+    height: int = 0
+    timing: FrameTiming = field(default_factory=FrameTiming)
+
+
+last_render = LastRender()
+
+
+def scene_camera(depsgraph: bpy.types.Depsgraph) -> cam.ProtocolCamera:
+    """The protocol camera of the scene's active camera at the evaluated frame."""
+    scene = depsgraph.scene
+    if scene.camera is None:
+        raise ValueError("the scene has no active camera")
+    ob = scene.camera.evaluated_get(depsgraph)
+    data = ob.data
+    if data.type != "PERSP":
+        raise ValueError(f"camera {ob.name!r} is {data.type}; splatface renders perspective only")
+    r = scene.render
+    return cam.convert(
+        cam.BlenderCamera(
+            matrix_world=np.array(ob.matrix_world, np.float64),
+            lens=data.lens,
+            sensor_width=data.sensor_width,
+            sensor_height=data.sensor_height,
+            sensor_fit=data.sensor_fit,
+            shift_x=data.shift_x,
+            shift_y=data.shift_y,
+            resolution_x=r.resolution_x,
+            resolution_y=r.resolution_y,
+            resolution_percentage=r.resolution_percentage,
+            pixel_aspect_x=r.pixel_aspect_x,
+            pixel_aspect_y=r.pixel_aspect_y,
+        )
+    )
+
+
+def render_layers(
+    client: Client,
+    frames: list[avatar.AvatarFrame],
+    camera: cam.ProtocolCamera,
+    timeout: float,
+    passes: tuple[str, ...] = PASSES,
+) -> Layer:
+    """Render every avatar with ``camera`` and composite them (an empty frame without)."""
+    h, w = camera.height, camera.width
+    if not frames:
+        return Layer(
+            np.zeros((h, w, 3), np.float32),
+            np.zeros((h, w), np.float32),
+            np.full((h, w), np.inf, np.float32),
+            np.zeros((h, w, 3), np.float32),
+        )
+    layers = []
+    for f in frames:
+        reply = client.render(
+            f.avatar_id,
+            camera.intrinsics,
+            camera.world_to_camera,
+            w,
+            h,
+            curves=f.curves[None],
+            head=f.head,
+            passes=passes,
+            timeout=timeout,
+        )
+        layers.append(Layer.from_render(reply))
+    return composite(layers)
+
+
+class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
+    """Gaussian-splat avatars rendered by the splatface service."""
+
+    bl_idname = "SPLATFACE"
+    bl_label = "splatface"
+    bl_use_preview = False
+    bl_use_shading_nodes_custom = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._view = ViewportState()
+
+    def __del__(self) -> None:
+        view = getattr(self, "_view", None)
+        if view is not None:
+            view.engine = None
+
+    def update_render_passes(
+        self, scene: bpy.types.Scene | None = None, renderlayer: bpy.types.ViewLayer | None = None
+    ) -> None:
+        self.register_pass(scene, renderlayer, "Combined", 4, "RGBA", "COLOR")
+        self.register_pass(scene, renderlayer, "Alpha", 1, "A", "VALUE")
+        if renderlayer.use_pass_z:
+            self.register_pass(scene, renderlayer, "Depth", 1, "Z", "VALUE")
+        if renderlayer.use_pass_normal:
+            self.register_pass(scene, renderlayer, "Normal", 3, "XYZ", "VECTOR")
+
+    def render(self, depsgraph: bpy.types.Depsgraph) -> None:
+        timing = FrameTiming()
+        t0 = time.perf_counter()
+        try:
+            camera = scene_camera(depsgraph)
+            frames = avatar.gather(depsgraph, final_render=True)
+            settings = prefs.connection_settings().resolved()
+            client = runtime.client()
+        except (ValueError, OSError) as exc:
+            self._fail(str(exc))
+            return
+        result = self.begin_result(0, 0, camera.width, camera.height)
+        names = tuple(p.name for p in result.layers[0].passes if p.name in SERVICE_PASS)
+        wanted = ("rgb", "alpha", "depth") + (("normal",) if "Normal" in names else ())
+        t1 = time.perf_counter()
+        try:
+            layer = render_layers(client, frames, camera, settings.timeout, wanted)
+        except ProtocolError as exc:
+            self.end_result(result, cancel=True)
+            self._fail(f"splatface service ({settings.endpoint}): {exc.message} [{exc.code}]")
+            return
+        t2 = time.perf_counter()
+        c2w = np.linalg.inv(camera.world_to_camera)[:3, :3]
+        buffers = to_blender(layer, c2w, names)
+        for rpass in result.layers[0].passes:
+            data = buffers.get(rpass.name)
+            if data is not None:
+                rpass.rect.foreach_set(data)
+        self.end_result(result)
+        t3 = time.perf_counter()
+        timing.blender, timing.request, timing.write = t1 - t0, t2 - t1, t3 - t2
+        timing.requests = len(frames)
+        last_render.passes, last_render.timing = buffers, timing
+        last_render.width, last_render.height = camera.width, camera.height
+
+    def _fail(self, message: str) -> None:
+        self.report({"ERROR"}, message)
+        if hasattr(self, "error_set"):
+            self.error_set(message)
+
+    # -- viewport -----------------------------------------------------------------
+
+    def view_update(self, context: bpy.types.Context, depsgraph: bpy.types.Depsgraph) -> None:
+        self._view.engine = self
+
+    def view_draw(self, context: bpy.types.Context, depsgraph: bpy.types.Depsgraph) -> None:
+        self._view.engine = self
+        self._view.request(context, depsgraph)
+        self._view.draw(self, context, depsgraph.scene)
+
+
+class ViewportState:
+    """The Rendered viewport's last request and image (only used in an interactive Blender).
+
+    ``request`` sends a new render when the frame's values or the view changed, keyed so
+    only the latest waits; the reply is stored from the main thread and a redraw asked.
+    """
+
+    def __init__(self) -> None:
+        self.engine: SPLATFACE_RenderEngine | None = None
+        self.signature: bytes = b""
+        self.image: np.ndarray | None = None  # [h, w, 4] float32, rows bottom-up
+        self.texture: Any = None
+        self.error: str = ""
+
+    def request(self, context: bpy.types.Context, depsgraph: bpy.types.Depsgraph) -> None:
+        region, rv3d = context.region, context.region_data
+        p = prefs.preferences()
+        scale = p.viewport_scale if p is not None else 0.5
+        w, h = max(1, int(region.width * scale)), max(1, int(region.height * scale))
+        try:
+            camera = cam.from_projection(rv3d.view_matrix, rv3d.window_matrix, w, h)
+        except ValueError as exc:
+            self.error = str(exc)
+            return
+        frames = avatar.gather(depsgraph, final_render=False)
+        parts = [camera.intrinsics, camera.world_to_camera, np.array([w, h], np.float64)]
+        for f in frames:
+            parts += [np.frombuffer(f.avatar_id.encode(), np.uint8), f.curves, f.head]
+        signature = b"".join(np.ascontiguousarray(x).tobytes() for x in parts)
+        if signature == self.signature:
+            return
+        self.signature = signature
+        client = runtime.client()
+        timeout = runtime.settings().timeout
+
+        def work() -> np.ndarray:
+            layer = render_layers(client, frames, camera, timeout, ("rgb", "alpha", "depth"))
+            rgba = np.concatenate([layer.rgb, layer.alpha[..., None]], axis=-1)
+            return np.ascontiguousarray(rgba[::-1], np.float32)
+
+        def done(future: Any) -> None:
+            exc = future.exception()
+            if exc is not None:
+                self.error = str(exc)
+            else:
+                self.image, self.texture, self.error = future.result(), None, ""
+            if self.engine is not None:
+                self.engine.tag_redraw()
+
+        runtime.submit(work, done, key="viewport")
+
+    def draw(
+        self, engine: SPLATFACE_RenderEngine, context: bpy.types.Context, scene: bpy.types.Scene
+    ) -> None:
+        import gpu
+        from gpu_extras.presets import draw_texture_2d
+
+        if self.image is None:
+            return
+        h, w = self.image.shape[:2]
+        if self.texture is None:
+            buf = gpu.types.Buffer("FLOAT", w * h * 4, self.image.ravel())
+            self.texture = gpu.types.GPUTexture((w, h), format="RGBA16F", data=buf)
+        gpu.state.blend_set("ALPHA_PREMULT")
+        engine.bind_display_space_shader(scene)
+        draw_texture_2d(self.texture, (0, 0), context.region.width, context.region.height)
+        engine.unbind_display_space_shader()
+        gpu.state.blend_set("NONE")

@@ -1,0 +1,504 @@
+"""Operators: connect, build (with progress and cancel), import, curves, export.
+
+Socket work runs on the worker thread and reports back through the main-thread queue;
+errors become ``self.report({'ERROR'}, ...)`` there, and in the panel's status line.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import bpy
+import numpy as np
+from bpy_extras.io_utils import ExportHelper, ImportHelper
+
+from . import anim, avatar, prefs, props, runtime
+from ._protocol import ARKIT_NAMES, Client, ProtocolError, load_animation
+from .core.curves import plan_keyframes
+from .core.service import ConnectionSettings, is_loopback, run_build
+
+PRESETS = [
+    ("fast", "Fast", "About 3 s on a laptop CPU"),
+    ("default", "Default", "About 6 s"),
+    ("high", "High", "About 20 s, most detail"),
+]
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, ProtocolError):
+        return f"{exc.message} [{exc.code}]"
+    return str(exc) or type(exc).__name__
+
+
+def _report_error(message: str) -> None:
+    st = props.state()
+    st.error = message
+    st.status = message
+    runtime.tag_redraw()
+
+
+# -- connection --------------------------------------------------------------------
+
+
+def _hello(client: Client, settings: ConnectionSettings) -> dict[str, Any]:
+    """hello, starting a local service first when allowed and none answers."""
+    try:
+        return client.hello("splatface-blender")
+    except ProtocolError as exc:
+        if not (exc.code == "timeout" and settings.auto_start and is_loopback(settings.endpoint)):
+            raise
+    runtime.ensure_local_service(settings)
+    return client.hello("splatface-blender")
+
+
+def _apply_list(avatars: list[dict[str, Any]]) -> None:
+    st = props.state()
+    st.avatars.clear()
+    for a in avatars:
+        item = st.avatars.add()
+        item.name = a.get("name", "")
+        item.avatar_id = a["id"]
+        item.preset = a.get("preset", "")
+        item.gaussians = int(a.get("gaussians", 0))
+    st.avatar_index = min(st.avatar_index, max(0, len(st.avatars) - 1))
+
+
+class SPLATFACE_OT_connect(bpy.types.Operator):
+    """Connect to the service (starting a local one if the preferences allow)"""
+
+    bl_idname = "splatface.connect"
+    bl_label = "Connect"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        try:
+            client, settings = runtime.client(), runtime.settings()
+        except (ValueError, OSError) as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        st = props.state()
+        st.status = f"connecting to {settings.endpoint}…"
+
+        def work() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+            hello = _hello(client, settings)
+            return hello, client.avatars()
+
+        def done(future: Future) -> None:
+            st = props.state()
+            exc = future.exception()
+            if exc is not None:
+                st.connected, st.backend = False, ""
+                _report_error(f"cannot reach {settings.endpoint}: {_error_text(exc)}")
+                return
+            hello, avatars = future.result()
+            st.connected, st.backend, st.error = True, hello.get("backend", ""), ""
+            st.status = f"{hello.get('service', 'splatface')} {hello.get('service_version', '')}"
+            _apply_list(avatars)
+            runtime.tag_redraw()
+
+        runtime.submit(work, done)
+        return {"FINISHED"}
+
+
+class SPLATFACE_OT_refresh(bpy.types.Operator):
+    """List the avatars on the service"""
+
+    bl_idname = "splatface.refresh"
+    bl_label = "Refresh avatars"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        client = runtime.client()
+
+        def done(future: Future) -> None:
+            exc = future.exception()
+            if exc is not None:
+                props.state().connected = False
+                _report_error(f"cannot list avatars: {_error_text(exc)}")
+                return
+            props.state().connected = True
+            _apply_list(future.result())
+            runtime.tag_redraw()
+
+        runtime.submit(client.avatars, done)
+        return {"FINISHED"}
+
+
+# -- avatars -------------------------------------------------------------------------
+
+
+def fetch_and_create(client: Client, avatar_id: str, then: Any = None) -> Future:
+    """Fetch mesh and rig on the worker, make the objects on the main thread."""
+
+    def done(future: Future) -> None:
+        exc = future.exception()
+        if exc is not None:
+            _report_error(f"cannot fetch avatar {avatar_id}: {_error_text(exc)}")
+            return
+        reply = future.result()
+        proxy, _head = avatar.create_avatar(
+            bpy.context.scene.collection,
+            reply.header["avatar"],
+            reply.arrays["vertices"],
+            reply.arrays["triangles"],
+            reply.arrays["shape_deltas"],
+            list(reply.header["shape_names"]),
+        )
+        props.state().status = f"imported {proxy.name}"
+        if then is not None:
+            then(proxy)
+        runtime.tag_redraw()
+
+    return runtime.submit(lambda: client.get(avatar_id, mesh=True, rig=True), done)
+
+
+class SPLATFACE_OT_import_avatar(bpy.types.Operator):
+    """Add the selected service avatar to the scene: proxy mesh with 52 shape keys and a
+    head empty"""
+
+    bl_idname = "splatface.import_avatar"
+    bl_label = "Add to scene"
+
+    avatar_id: bpy.props.StringProperty(name="Avatar id", options={"SKIP_SAVE"})
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        avatar_id = self.avatar_id
+        if not avatar_id:
+            st = props.state()
+            if not (0 <= st.avatar_index < len(st.avatars)):
+                self.report({"ERROR"}, "no avatar selected")
+                return {"CANCELLED"}
+            avatar_id = st.avatars[st.avatar_index].avatar_id
+        fetch_and_create(runtime.client(), avatar_id)
+        return {"FINISHED"}
+
+
+class SPLATFACE_OT_delete_avatar(bpy.types.Operator):
+    """Delete the selected avatar from the service's store"""
+
+    bl_idname = "splatface.delete_avatar"
+    bl_label = "Delete from service"
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        st = props.state()
+        return 0 <= st.avatar_index < len(st.avatars)
+
+    def invoke(self, context: bpy.types.Context, event: Any) -> set[str]:
+        return context.window_manager.invoke_confirm(self, event)
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        st = props.state()
+        avatar_id = st.avatars[st.avatar_index].avatar_id
+        client = runtime.client()
+
+        def work() -> list[dict[str, Any]]:
+            client.delete(avatar_id)
+            return client.avatars()
+
+        def done(future: Future) -> None:
+            exc = future.exception()
+            if exc is not None:
+                _report_error(f"cannot delete {avatar_id}: {_error_text(exc)}")
+                return
+            _apply_list(future.result())
+
+        runtime.submit(work, done)
+        return {"FINISHED"}
+
+
+# -- builds --------------------------------------------------------------------------
+
+
+def start_build(image_path: str, name: str, preset: str, face: int) -> Future:
+    """Start a build on the worker; the panel follows it, the avatar is added when done."""
+    data = Path(image_path).read_bytes()
+    client = runtime.client()
+    st = props.state()
+    st.building, st.build_job, st.build_stage, st.build_fraction = True, "", "queued", 0.0
+    st.build_image, st.build_name, st.build_preset, st.build_face = image_path, name, preset, face
+    st.error = ""
+    runtime.build_cancel.clear()
+
+    def on_status(status: dict[str, Any]) -> None:
+        runtime.main_queue.post(_apply_status, status)
+
+    def work() -> dict[str, Any]:
+        return run_build(
+            client,
+            data,
+            name=name,
+            preset=preset,
+            face=None if face < 0 else face,
+            on_status=on_status,
+            cancel=runtime.build_cancel,
+        )
+
+    def done(future: Future) -> None:
+        st = props.state()
+        st.building = False
+        exc = future.exception()
+        if exc is not None:
+            st.build_stage = "cancelled" if getattr(exc, "code", "") == "cancelled" else "failed"
+            _report_error(f"build failed: {_error_text(exc)}")
+            return
+        status = future.result()
+        st.build_stage, st.build_fraction = "done", 1.0
+        st.status = f"built {status['avatar_id']}"
+        fetch_and_create(client, status["avatar_id"])
+        runtime.submit(client.avatars, lambda f: f.exception() or _apply_list(f.result()))
+
+    return runtime.submit(work, done)
+
+
+def _apply_status(status: dict[str, Any]) -> None:
+    st = props.state()
+    st.build_job = status.get("job", "")
+    st.build_stage = status.get("stage", "") or status.get("state", "")
+    st.build_fraction = float(status.get("fraction", 0.0))
+    faces = status.get("faces")
+    if faces is not None and len(faces) != len(st.faces):
+        st.faces.clear()
+        for f in faces:
+            item = st.faces.add()
+            item.box = [float(v) for v in f["box"]]
+            item.score = float(f.get("score", 0.0))
+    runtime.tag_redraw()
+
+
+class SPLATFACE_OT_build(bpy.types.Operator, ImportHelper):
+    """Build an avatar from a portrait photo on the service"""
+
+    bl_idname = "splatface.build"
+    bl_label = "Build avatar from image…"
+
+    filter_glob: bpy.props.StringProperty(
+        default="*.png;*.jpg;*.jpeg;*.webp;*.tif;*.tiff;*.bmp", options={"HIDDEN"}
+    )
+    avatar_name: bpy.props.StringProperty(name="Name", description="Empty: from the file name")
+    preset: bpy.props.EnumProperty(name="Preset", items=PRESETS, default="default")
+    face: bpy.props.IntProperty(
+        name="Face", description="Which face (0 = largest; -1 = largest)", default=-1, min=-1
+    )
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return not props.state().building
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        path = bpy.path.abspath(self.filepath)
+        if not os.path.isfile(path):
+            self.report({"ERROR"}, f"no such image: {path}")
+            return {"CANCELLED"}
+        props.state().faces.clear()
+        start_build(path, self.avatar_name or Path(path).stem, self.preset, self.face)
+        return {"FINISHED"}
+
+
+class SPLATFACE_OT_build_face(bpy.types.Operator):
+    """Build again from the same photo with another of the faces found"""
+
+    bl_idname = "splatface.build_face"
+    bl_label = "Build this face"
+
+    face: bpy.props.IntProperty(min=0)
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        st = props.state()
+        return not st.building and bool(st.build_image)
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        st = props.state()
+        start_build(st.build_image, f"{st.build_name}-face{self.face}", st.build_preset, self.face)
+        return {"FINISHED"}
+
+
+class SPLATFACE_OT_cancel_build(bpy.types.Operator):
+    """Cancel the running build"""
+
+    bl_idname = "splatface.cancel_build"
+    bl_label = "Cancel build"
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return props.state().building
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        runtime.build_cancel.set()
+        props.state().status = "cancelling…"
+        return {"FINISHED"}
+
+
+# -- curves --------------------------------------------------------------------------
+
+
+def import_curves(proxy: bpy.types.Object, path: str, start_frame: int) -> int:
+    """Key a curves file (Live Link Face CSV, splatface CSV, .npy) onto ``proxy``'s shape
+    keys at the scene frame rate; returns the number of keys per shape."""
+    scene = bpy.context.scene
+    take = load_animation(path)
+    scene_fps = scene.render.fps / scene.render.fps_base
+    plan = plan_keyframes(take.curves, take.fps, scene_fps, start_frame)
+    key = proxy.data.shape_keys
+    if key is None:
+        raise ValueError(f"{proxy.name} has no shape keys")
+    anim.key_shapes(key, plan, ARKIT_NAMES)
+    return len(plan.frames)
+
+
+class SPLATFACE_OT_import_curves(bpy.types.Operator, ImportHelper):
+    """Key a Live Link Face CSV (or splatface's tracked-video output) onto the active
+    avatar's shape keys at the scene frame rate"""
+
+    bl_idname = "splatface.import_curves"
+    bl_label = "Import face curves (.csv)"
+    bl_options = {"REGISTER", "UNDO"}
+
+    filename_ext = ".csv"
+    filter_glob: bpy.props.StringProperty(default="*.csv;*.npy", options={"HIDDEN"})
+    start_frame: bpy.props.IntProperty(
+        name="Start frame", description="-1: the scene's start frame", default=-1
+    )
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return avatar.proxy_of(context.active_object) is not None
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        proxy = avatar.proxy_of(context.active_object)
+        start = context.scene.frame_start if self.start_frame < 0 else self.start_frame
+        try:
+            count = import_curves(proxy, bpy.path.abspath(self.filepath), start)
+        except ValueError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"keyed {count} frames on {proxy.name}")
+        return {"FINISHED"}
+
+
+# -- export --------------------------------------------------------------------------
+
+EXPORT_MODES = [
+    ("CURRENT", "Current frame", "One .ply of the current frame"),
+    ("RANGE", "Frame range", "One .ply per frame: name_NNNN.ply"),
+    ("BUNDLE", "Rigged bundle", "A zip with the glTF head (52 morph targets) and the Gaussians"),
+]
+
+
+def export_frames(
+    proxy: bpy.types.Object, path: str, mode: str, frame_start: int, frame_end: int
+) -> list[str]:
+    """Write ``.ply`` files (world space, posed as evaluated) or the bundle; returns paths."""
+    client = runtime.client()
+    timeout = runtime.settings().timeout
+    scene = bpy.context.scene
+    avatar_id = proxy.splatface.avatar_id
+    out = Path(path)
+    if mode == "BUNDLE":
+        data = client.export(avatar_id, format="bundle", timeout=timeout).arrays["file"]
+        target = out.with_suffix(".zip")
+        target.write_bytes(data.tobytes())
+        return [str(target)]
+    if mode == "CURRENT":
+        frames = [scene.frame_current]
+    else:
+        if frame_end < frame_start:
+            raise ValueError(f"frame range {frame_start}..{frame_end} is empty")
+        frames = list(range(frame_start, frame_end + 1))
+    written = []
+    current = scene.frame_current
+    try:
+        for frame in frames:
+            scene.frame_set(frame)
+            depsgraph = bpy.context.evaluated_depsgraph_get()
+            ob = proxy.evaluated_get(depsgraph)
+            curves = avatar.evaluated_curves(ob, depsgraph)
+            head = np.array(ob.matrix_world, np.float64)
+            reply = client.export(avatar_id, curves=curves[None], head=head, timeout=timeout)
+            target = out if mode == "CURRENT" else out.with_name(f"{out.stem}_{frame:04d}.ply")
+            target.write_bytes(reply.arrays["file"].tobytes())
+            written.append(str(target))
+    finally:
+        scene.frame_set(current)
+    return written
+
+
+class SPLATFACE_OT_export_ply(bpy.types.Operator, ExportHelper):
+    """Export the active avatar as Gaussian splats (.ply, world space, posed as in the
+    scene) for a frame or a range, or as the rigged bundle"""
+
+    bl_idname = "splatface.export_ply"
+    bl_label = "Export Gaussian Splat"
+
+    filename_ext = ".ply"
+    filter_glob: bpy.props.StringProperty(default="*.ply;*.zip", options={"HIDDEN"})
+    mode: bpy.props.EnumProperty(name="Export", items=EXPORT_MODES, default="CURRENT")
+    frame_start: bpy.props.IntProperty(name="Start", default=1)
+    frame_end: bpy.props.IntProperty(name="End", default=250)
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return _export_target(context) is not None
+
+    def invoke(self, context: bpy.types.Context, event: Any) -> set[str]:
+        self.frame_start, self.frame_end = context.scene.frame_start, context.scene.frame_end
+        p = prefs.preferences()
+        proxy = _export_target(context)
+        if p is not None and p.export_folder and proxy is not None:
+            folder = bpy.path.abspath(p.export_folder)
+            self.filepath = os.path.join(folder, bpy.path.clean_name(proxy.name) + ".ply")
+            context.window_manager.fileselect_add(self)
+            return {"RUNNING_MODAL"}
+        return ExportHelper.invoke(self, context, event)
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        proxy = _export_target(context)
+        if proxy is None:
+            self.report({"ERROR"}, "select a splatface avatar to export")
+            return {"CANCELLED"}
+        try:
+            files = export_frames(
+                proxy,
+                bpy.path.abspath(self.filepath),
+                self.mode,
+                self.frame_start,
+                self.frame_end,
+            )
+        except (ProtocolError, ValueError, OSError) as exc:
+            self.report({"ERROR"}, f"export failed: {_error_text(exc)}")
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"wrote {len(files)} file(s), last {files[-1]}")
+        return {"FINISHED"}
+
+
+def _export_target(context: bpy.types.Context) -> bpy.types.Object | None:
+    proxy = avatar.proxy_of(context.active_object)
+    if proxy is not None:
+        return proxy
+    found = avatar.proxies(context.scene.objects)
+    return found[0] if len(found) == 1 else None
+
+
+def menu_export(self: Any, context: bpy.types.Context) -> None:
+    self.layout.operator(SPLATFACE_OT_export_ply.bl_idname, text="Gaussian Splat (.ply)")
+
+
+def menu_import(self: Any, context: bpy.types.Context) -> None:
+    self.layout.operator(
+        SPLATFACE_OT_import_curves.bl_idname, text="Face curves (Live Link Face .csv)"
+    )
+
+
+classes = (
+    SPLATFACE_OT_connect,
+    SPLATFACE_OT_refresh,
+    SPLATFACE_OT_import_avatar,
+    SPLATFACE_OT_delete_avatar,
+    SPLATFACE_OT_build,
+    SPLATFACE_OT_build_face,
+    SPLATFACE_OT_cancel_build,
+    SPLATFACE_OT_import_curves,
+    SPLATFACE_OT_export_ply,
+)

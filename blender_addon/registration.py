@@ -1,0 +1,57 @@
+"""Register everything in order, unregister in reverse; start the queue-draining timer."""
+
+from __future__ import annotations
+
+import bpy
+
+from . import engine, ops, prefs, props, runtime, ui
+
+_classes = (
+    prefs.SPLATFACE_AddonPreferences,
+    *props.classes,
+    *ops.classes,
+    engine.SPLATFACE_RenderEngine,
+    *ui.classes,
+)
+
+# Panels that list the engines they support; ours is added so Output/View Layer show.
+_COMPAT_PANELS = (
+    "RENDER_PT_format",
+    "RENDER_PT_frame_range",
+    "RENDER_PT_output",
+    "RENDER_PT_color_management",
+    "DATA_PT_camera",
+    "DATA_PT_lens",
+    "DATA_PT_camera_display",
+    "DATA_PT_shape_keys",
+    "VIEWLAYER_PT_layer_passes",
+)
+
+
+def register() -> None:
+    for cls in _classes:
+        bpy.utils.register_class(cls)
+    props.register_properties()
+    bpy.types.TOPBAR_MT_file_export.append(ops.menu_export)
+    bpy.types.TOPBAR_MT_file_import.append(ops.menu_import)
+    for name in _COMPAT_PANELS:
+        panel = getattr(bpy.types, name, None)
+        if panel is not None and hasattr(panel, "COMPAT_ENGINES"):
+            panel.COMPAT_ENGINES.add(engine.SPLATFACE_RenderEngine.bl_idname)
+    if not bpy.app.timers.is_registered(runtime.drain):
+        bpy.app.timers.register(runtime.drain, first_interval=0.1, persistent=True)
+
+
+def unregister() -> None:
+    if bpy.app.timers.is_registered(runtime.drain):
+        bpy.app.timers.unregister(runtime.drain)
+    runtime.shutdown()
+    for name in _COMPAT_PANELS:
+        panel = getattr(bpy.types, name, None)
+        if panel is not None and hasattr(panel, "COMPAT_ENGINES"):
+            panel.COMPAT_ENGINES.discard(engine.SPLATFACE_RenderEngine.bl_idname)
+    bpy.types.TOPBAR_MT_file_import.remove(ops.menu_import)
+    bpy.types.TOPBAR_MT_file_export.remove(ops.menu_export)
+    props.unregister_properties()
+    for cls in reversed(_classes):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,243 @@
+"""The add-on's bpy-free core: camera conversion, compositing, keyframe plans, jobs."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from blender_addon.core import camera as cam
+from blender_addon.core.curves import plan_keyframes
+from blender_addon.core.jobs import MainQueue, Worker, on_main_thread
+from blender_addon.core.passes import EMPTY_DEPTH, Layer, composite, to_blender
+from blender_addon.core.service import ConnectionSettings, is_loopback, run_build
+from protocol import ProtocolError
+from protocol.camera import project
+
+# -- camera: hand-computed cases (Blender's view-plane rules, see core/camera.py) ---------
+
+
+def _k(**kw) -> np.ndarray:
+    kw.setdefault("matrix_world", np.eye(4))
+    kw.setdefault("lens", 50.0)
+    return cam.intrinsics(cam.BlenderCamera(**kw))[0]
+
+
+def test_auto_fit_landscape_uses_sensor_width_on_width():
+    fx, fy, cx, cy = _k(resolution_x=1920, resolution_y=1080)
+    assert fx == pytest.approx(50 / 36 * 1920) and fy == pytest.approx(fx)
+    assert (cx, cy) == (960, 540)
+
+
+def test_auto_fit_portrait_puts_sensor_width_on_height():
+    fx, fy, *_ = _k(resolution_x=1080, resolution_y=1920)
+    assert fx == pytest.approx(50 / 36 * 1920) and fy == pytest.approx(fx)
+
+
+def test_vertical_and_horizontal_fit():
+    fx, *_ = _k(resolution_x=1920, resolution_y=1080, sensor_fit="VERTICAL", sensor_height=24)
+    assert fx == pytest.approx(50 / 24 * 1080)
+    fx, *_ = _k(resolution_x=1080, resolution_y=1920, sensor_fit="HORIZONTAL")
+    assert fx == pytest.approx(50 / 36 * 1080)
+
+
+def test_shift_moves_principal_point_by_the_larger_side():
+    _, _, cx, cy = _k(resolution_x=1920, resolution_y=1080, shift_x=0.1, shift_y=0.1)
+    assert cx == pytest.approx(960 - 192) and cy == pytest.approx(540 + 192)
+    _, _, cx, cy = _k(resolution_x=1080, resolution_y=1920, shift_x=0.1, shift_y=-0.1)
+    assert cx == pytest.approx(540 - 192) and cy == pytest.approx(960 - 192)
+
+
+def test_non_square_pixels():
+    # pixels twice as tall as wide: ycor = 2; 1*1000 >= 2*500 → horizontal fit
+    fx, fy, cx, cy = _k(
+        resolution_x=1000, resolution_y=500, pixel_aspect_y=2.0, shift_y=0.1, sensor_width=40
+    )
+    assert fx == pytest.approx(50 / 40 * 1000) and fy == pytest.approx(fx / 2)
+    assert cx == 500 and cy == pytest.approx(250 + 0.1 * 1000 / 2)
+    # 1*1000 < 2*600 → vertical fit: view_px = ycor * height, sensor width still
+    fx, fy, *_ = _k(resolution_x=1000, resolution_y=600, pixel_aspect_y=2.0, sensor_width=40)
+    assert fx == pytest.approx(50 / 40 * 1200) and fy == pytest.approx(fx / 2)
+
+
+def test_resolution_percentage_truncates_like_blender():
+    k, w, h = cam.intrinsics(
+        cam.BlenderCamera(
+            np.eye(4), 50.0, resolution_x=1001, resolution_y=501, resolution_percentage=50
+        )
+    )
+    assert (w, h) == (500, 250)
+    assert k[0] == pytest.approx(50 / 36 * 500) and k[2] == 250
+
+
+def test_axes_blender_minus_z_forward_plus_y_up():
+    c = cam.convert(cam.BlenderCamera(np.eye(4), 50.0, resolution_x=100, resolution_y=100))
+    uv, z = project([[0, 0, -2], [0, 1, -2], [1, 0, -2]], c.intrinsics, c.world_to_camera)
+    assert z == pytest.approx([2, 2, 2])
+    assert uv[0] == pytest.approx([50, 50])
+    assert uv[1][1] < 50 and uv[1][0] == pytest.approx(50)  # up in Blender = up in the image
+    assert uv[2][0] > 50  # +X right
+
+
+def test_camera_scale_is_ignored_and_round_trip():
+    m = np.eye(4)
+    m[:3, :3] *= 3.0
+    m[:3, 3] = (1, 2, 3)
+    w2c = cam.blender_to_opencv_world_to_camera(m)
+    assert np.allclose(w2c[:3, :3] @ w2c[:3, :3].T, np.eye(3))
+    back = cam.opencv_to_blender_matrix_world(w2c)
+    assert np.allclose(back[:3, :3], np.eye(3)) and np.allclose(back[:3, 3], (1, 2, 3))
+
+
+def test_bad_camera_values_are_refused():
+    with pytest.raises(ValueError, match="sensor_fit"):
+        _k(sensor_fit="DIAGONAL")
+    with pytest.raises(ValueError, match="positive"):
+        _k(lens=0.0)
+
+
+def test_from_projection_matches_intrinsics():
+    k = np.array([400.0, 380.0, 170.0, 110.0])
+    w, h, near, far = 320, 240, 0.1, 100.0
+    p = np.zeros((4, 4))  # OpenGL projection built from the intrinsics
+    p[0, 0], p[1, 1] = 2 * k[0] / w, 2 * k[1] / h
+    p[0, 2], p[1, 2] = 1 - 2 * k[2] / w, 2 * k[3] / h - 1
+    p[2, 2], p[2, 3], p[3, 2] = -(far + near) / (far - near), -2 * far * near / (far - near), -1
+    c = cam.from_projection(np.eye(4), p, w, h)
+    assert c.intrinsics == pytest.approx(k)
+    ortho = np.eye(4)
+    with pytest.raises(ValueError, match="orthographic"):
+        cam.from_projection(np.eye(4), ortho, w, h)
+
+
+# -- passes --------------------------------------------------------------------------
+
+
+def _layer(color: float, alpha: float, depth: float, h: int = 2, w: int = 3) -> Layer:
+    return Layer(
+        np.full((h, w, 3), color * alpha, np.float32),
+        np.full((h, w), alpha, np.float32),
+        np.full((h, w), depth, np.float32),
+        np.tile(np.array([0, 0, -1], np.float32), (h, w, 1)) * (depth < np.inf),
+    )
+
+
+def test_composite_puts_the_nearer_avatar_over_the_farther():
+    near, far = _layer(1.0, 0.5, 1.0), _layer(0.2, 1.0, 2.0)
+    for layers in ([near, far], [far, near]):
+        out = composite(layers)
+        assert out.rgb[0, 0, 0] == pytest.approx(0.5 + 0.5 * 0.2)
+        assert out.alpha[0, 0] == pytest.approx(1.0)
+        assert out.depth[0, 0] == 1.0
+    empty = _layer(0.0, 0.0, np.inf)
+    out = composite([empty, far])
+    assert out.depth[0, 0] == 2.0 and out.rgb[0, 0, 0] == pytest.approx(0.2)
+
+
+def test_to_blender_flips_rows_and_rotates_normals():
+    wire = np.dtype("f4").newbyteorder("<")  # how arrays arrive from the protocol
+    lay = Layer(*(a.astype(wire) for a in vars(_layer(1.0, 1.0, 1.0)).values()))
+    lay.depth[0, :] = np.inf  # top row empty
+    lay.rgb[0, 0] = (9, 9, 9)
+    out = to_blender(lay, np.diag([1.0, -1.0, -1.0]))
+    h, w = 2, 3
+    depth = out["Depth"].reshape(h, w)
+    assert (depth[1] == EMPTY_DEPTH).all() and (depth[0] == 1.0).all()  # bottom-up rows
+    assert out["Combined"].reshape(h, w, 4)[1, 0, 0] == 9
+    assert out["Normal"].reshape(h, w, 3)[0, 0] == pytest.approx([0, 0, 1])
+    # Blender's foreach_set crashes on the explicit "<f" buffer format
+    assert {memoryview(v).format for v in out.values()} == {"f"}
+
+
+# -- keyframe plans ------------------------------------------------------------------
+
+
+def test_plan_same_rate_keys_every_row():
+    curves = np.random.default_rng(0).random((5, 52), np.float32)
+    plan = plan_keyframes(curves, 30.0, 30.0, start_frame=10)
+    assert plan.frames.tolist() == [10, 11, 12, 13, 14] and np.array_equal(plan.values, curves)
+
+
+def test_plan_resamples_60_fps_take_to_24_fps_scene():
+    t = np.arange(61) / 60.0  # one second at 60 fps, a linear ramp
+    curves = np.tile(t[:, None], (1, 52)).astype(np.float32)
+    plan = plan_keyframes(curves, 60.0, 24.0, start_frame=1)
+    assert len(plan.frames) == 25 and plan.frames[-1] == 25
+    assert plan.values[:, 0] == pytest.approx(np.arange(25) / 24.0, abs=1e-6)
+
+
+def test_plan_rejects_bad_input():
+    with pytest.raises(ValueError):
+        plan_keyframes(np.zeros((0, 52)), 30, 24)
+    with pytest.raises(ValueError):
+        plan_keyframes(np.zeros((3, 52)), -1, 24)
+
+
+# -- jobs ----------------------------------------------------------------------------
+
+
+def test_worker_results_come_back_only_through_drain():
+    main, worker = MainQueue(), Worker()
+    seen: list[tuple[str, int]] = []
+    fut = worker.submit(lambda: (threading.current_thread().name, 42))
+    on_main_thread(fut, main, lambda f: seen.append(f.result()))
+    fut.result(5)
+    time.sleep(0.05)
+    assert seen == []  # nothing touched "Blender" from the worker thread
+    assert main.drain() == 1
+    assert seen == [("splatface-worker", 42)]
+    worker.stop()
+
+
+def test_worker_keeps_only_the_latest_keyed_request():
+    worker, gate, ran = Worker(), threading.Event(), []
+    worker.submit(gate.wait)
+    futures = [worker.submit(lambda i=i: ran.append(i), key="view") for i in range(5)]
+    gate.set()
+    futures[-1].result(5)
+    assert ran == [4] and all(f.cancelled() for f in futures[:-1])
+    worker.stop()
+
+
+def test_failing_callback_does_not_stop_the_queue():
+    main, out = MainQueue(), []
+    main.post(lambda: 1 / 0)
+    main.post(out.append, 1)
+    assert main.drain() == 2 and out == [1]
+
+
+# -- service glue ------------------------------------------------------------------
+
+
+def test_endpoint_from_environment_overrides_preferences():
+    s = ConnectionSettings(endpoint="tcp://127.0.0.1:5555")
+    assert s.resolved({}).endpoint == "tcp://127.0.0.1:5555"
+    env = {"SPLATFACE_ENDPOINT": "tcp://farm:6000"}
+    assert s.resolved(env).endpoint == "tcp://farm:6000"
+    assert is_loopback("tcp://127.0.0.1:1") and not is_loopback("tcp://farm:6000")
+
+
+def test_unreachable_service_times_out_with_a_clear_error():
+    s = ConnectionSettings(endpoint="tcp://127.0.0.1:9", timeout=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(ProtocolError, match="is the service running") as info:
+        s.client().hello()
+    assert info.value.code == "timeout" and time.monotonic() - t0 < 3
+
+
+@pytest.mark.slow
+def test_run_build_reports_progress_and_cancels(client, astronaut_png):
+    statuses: list[dict] = []
+    cancel = threading.Event()
+
+    def on_status(st: dict) -> None:
+        statuses.append(st)
+        if st.get("stage") in ("landmarks", "align", "fit"):
+            cancel.set()
+
+    with pytest.raises(ProtocolError) as info:
+        run_build(client, astronaut_png, preset="fast", on_status=on_status, cancel=cancel)
+    assert info.value.code == "cancelled"
+    assert statuses and statuses[0]["job"]
