@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+import time
 import traceback
 import uuid
 from collections import OrderedDict
@@ -405,6 +406,7 @@ class Service:
                 f"{f} frames of {w}x{h} with {', '.join(passes)} is {nbytes >> 20} MiB; "
                 f"limit {messages.MAX_RENDER_BYTES >> 20} MiB per request: send fewer frames",
             )
+        t0 = time.perf_counter()
         out = render_frames(
             avatar,
             intr,
@@ -420,7 +422,8 @@ class Service:
             check=lambda i, n: self._check_stop(),
             backend=self.device,
         )
-        return {"frames": f, "width": w, "height": h, "passes": list(passes)}, out
+        ms = round((time.perf_counter() - t0) * 1000, 2)
+        return {"frames": f, "width": w, "height": h, "passes": list(passes), "service_ms": ms}, out
 
     def _check_stop(self) -> None:
         if self._stop.is_set():

@@ -96,6 +96,11 @@ def test_render_passes_match_in_process_render(client, service, astronaut_id):
     dist = framing_distance(info["radius"], 30.0)
     assert dist - info["radius"] < d[a > 0.5].min() and d[a > 0.5].max() < dist + info["radius"]
     assert not np.allclose(out["rgb"][0], out["rgb"][1])  # the jaw opened
+    fields = {"avatar": astronaut_id, "width": SIZE, "height": SIZE}
+    raw_reply = client.request(
+        "render", fields, {"intrinsics": intr[None], "world_to_camera": w2c[None]}
+    )
+    assert 0 < raw_reply.header["service_ms"] < 60_000  # the service's own time, for clients
     # the service renders exactly what the library renders in process
     avatar = Store(service.store).load(astronaut_id)
     local = render_frames(avatar, intr[None], w2c[None], SIZE, SIZE, curves, None, ("rgb", "depth"))
