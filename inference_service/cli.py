@@ -26,6 +26,8 @@ import numpy as np
 from protocol import Client, CurveKeys, ProtocolError
 from protocol.camera import framing_distance, intrinsics_from_fov, orbit
 
+from .track import add_parser as add_track_parser
+
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 READY_PREFIX = "splatface service listening on "
 RENDER_CHUNK = 8  # frames per render request
@@ -762,6 +764,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(sp)
     sp.set_defaults(func=cmd_export)
+
+    add_track_parser(sub)
 
     sp = sub.add_parser("avatars", help="list stored avatars")
     common(sp)

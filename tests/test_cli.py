@@ -177,7 +177,8 @@ def test_demo_writes_what_it_names(tmp_path):
 def test_every_option_is_documented():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    expected = {"serve", "keys", "build", "render", "export", "avatars", "rm", "demo", "eval"}
+    expected = {"serve", "keys", "build", "render", "export", "track", "avatars", "rm", "demo",
+                "eval"}  # fmt: skip
     assert set(sub.choices) == expected
     for name, sp in sub.choices.items():
         for action in sp._actions:
