@@ -19,6 +19,7 @@ CurveKeys = _impl.CurveKeys
 ProtocolError = _impl.ProtocolError
 load_animation = _impl.load_animation
 Animation = _impl.Animation
+head_rotation = _impl.head_rotation
 errors = _impl.errors
 
 __all__ = [
@@ -29,5 +30,6 @@ __all__ = [
     "CurveKeys",
     "ProtocolError",
     "errors",
+    "head_rotation",
     "load_animation",
 ]

@@ -1,14 +1,19 @@
-"""F-curves on shape keys across Blender versions.
+"""F-curves across Blender versions: shape-key weights and the head's rotation.
 
 4.4+ keep keyframes in slotted actions (layers → strips → channel bags); 5.0 removed
-``Action.fcurves``; 4.2/4.3 have only ``Action.fcurves``. Everything that writes keys goes
-through :func:`shape_key_fcurves`.
+``Action.fcurves``, and ``anim_utils.action_ensure_channelbag_for_slot`` only exists
+from 5.0 on (4.5 has just ``action_get_channelbag_for_slot``); 4.2/4.3 have only
+``Action.fcurves``. Everything that writes or reads keys goes through :func:`fcurves_for`
+and :func:`find_fcurves`.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import bpy
 import numpy as np
+from mathutils import Matrix
 
 from .core.curves import KeyframePlan
 
@@ -17,66 +22,126 @@ def _has_slots() -> bool:
     return bpy.app.version >= (4, 4, 0)
 
 
-def shape_key_fcurves(key: bpy.types.Key, action_name: str) -> bpy.types.bpy_prop_collection:
-    """The F-curve collection keys of ``key`` should be written to (created as needed)."""
-    anim = key.animation_data or key.animation_data_create()
+def _ensure_channelbag(action: bpy.types.Action, slot: Any) -> Any:
+    """The channel bag of ``slot`` in the action's first keyframe strip (made as needed).
+
+    What 5.0's ``action_ensure_channelbag_for_slot`` does, written out so 4.4/4.5 (which
+    lack it) take the same path.
+    """
+    layer = action.layers[0] if len(action.layers) else action.layers.new("Layer")
+    strip = layer.strips[0] if len(layer.strips) else layer.strips.new(type="KEYFRAME")
+    return strip.channelbag(slot, ensure=True)
+
+
+def fcurves_for(id_data: bpy.types.ID, action_name: str) -> Any:
+    """The F-curve collection keys of ``id_data`` (a shape-key block, an object) should be
+    written to: its action's channel bag for its slot, created as needed."""
+    anim = id_data.animation_data or id_data.animation_data_create()
     action = anim.action
     if action is None:
         action = bpy.data.actions.new(action_name)
         anim.action = action
     if not _has_slots():
         return action.fcurves
-    from bpy_extras import anim_utils
-
     slot = anim.action_slot
     if slot is None:
-        slot = action.slots.new(id_type="KEY", name=key.name)
+        slot = action.slots.new(id_type=id_data.id_type, name=id_data.name)
         anim.action_slot = slot
-    return anim_utils.action_ensure_channelbag_for_slot(action, slot).fcurves
+    return _ensure_channelbag(action, slot).fcurves
+
+
+def find_fcurves(id_data: bpy.types.ID) -> Any:
+    """The F-curves animating ``id_data`` now, or None (read-only: creates nothing)."""
+    anim = id_data.animation_data
+    if anim is None or anim.action is None:
+        return None
+    if not _has_slots():
+        return anim.action.fcurves
+    from bpy_extras import anim_utils
+
+    bag = anim_utils.action_get_channelbag_for_slot(anim.action, anim.action_slot)
+    return None if bag is None else bag.fcurves
+
+
+def _write_curve(fcurves: Any, path: str, index: int, frames: np.ndarray, values: Any) -> None:
+    """Replace the F-curve ``path[index]`` with linear keys ``(frames, values)``."""
+    fc = fcurves.find(path, index=index)
+    if fc is not None:
+        fcurves.remove(fc)
+    fc = fcurves.new(path, index=index)
+    fc.keyframe_points.add(len(frames))
+    co = np.empty((len(frames), 2), np.float32)
+    co[:, 0] = frames
+    co[:, 1] = values
+    fc.keyframe_points.foreach_set("co", co.ravel())
+    fc.keyframe_points.foreach_set("interpolation", [_linear()] * len(frames))
+    fc.update()
 
 
 def key_shapes(key: bpy.types.Key, plan: KeyframePlan, names: tuple[str, ...]) -> int:
     """Key ``plan`` onto ``key``'s blocks named ``names`` (plan column order); returns the
     number of F-curves written. Existing keys on those curves are replaced."""
-    fcurves = shape_key_fcurves(key, f"{key.user.name}_splatface")
+    fcurves = fcurves_for(key, f"{key.user.name}_splatface")
     frames = np.asarray(plan.frames, np.float32)
     written = 0
     for i, name in enumerate(names):
         if name not in key.key_blocks:
             continue
-        path = f'key_blocks["{name}"].value'
-        fc = fcurves.find(path)
-        if fc is not None:
-            fcurves.remove(fc)
-        fc = fcurves.new(path)
-        fc.keyframe_points.add(len(frames))
-        co = np.empty((len(frames), 2), np.float32)
-        co[:, 0] = frames
-        co[:, 1] = plan.values[:, i]
-        fc.keyframe_points.foreach_set("co", co.ravel())
-        fc.keyframe_points.foreach_set("interpolation", [_linear()] * len(frames))
-        fc.update()
+        _write_curve(fcurves, f'key_blocks["{name}"].value', 0, frames, plan.values[:, i])
         written += 1
     return written
+
+
+def key_rotation(ob: bpy.types.Object, frames: np.ndarray, rotations: np.ndarray) -> str:
+    """Key ``ob``'s local rotation to ``rotations`` (``[K, 3, 3]``) at ``frames``, in its
+    own rotation mode; returns the data path keyed. Location and scale are left alone.
+
+    Euler angles are made compatible frame to frame and quaternions kept in one
+    hemisphere, so linear interpolation between keys never takes the long way round.
+    """
+    mode = ob.rotation_mode
+    values: list[tuple[float, ...]] = []
+    prev: Any = None
+    for m in np.asarray(rotations, np.float64):
+        mat = Matrix(m.tolist())
+        if mode == "QUATERNION":
+            prev = mat.to_quaternion() if prev is None else _compatible(mat.to_quaternion(), prev)
+            values.append(tuple(prev))
+        elif mode == "AXIS_ANGLE":
+            axis, angle = mat.to_quaternion().to_axis_angle()
+            values.append((angle, *axis))
+        else:
+            prev = mat.to_euler(mode) if prev is None else mat.to_euler(mode, prev)
+            values.append(tuple(prev))
+    path = {"QUATERNION": "rotation_quaternion", "AXIS_ANGLE": "rotation_axis_angle"}.get(
+        mode, "rotation_euler"
+    )
+    table = np.asarray(values, np.float64)
+    fcurves = fcurves_for(ob, f"{ob.name}_splatface")
+    frames32 = np.asarray(frames, np.float32)
+    for i in range(table.shape[1]):
+        _write_curve(fcurves, path, i, frames32, table[:, i])
+    return path
+
+
+def _compatible(q: Any, prev: Any) -> Any:
+    """``q`` or ``-q`` (the same rotation), whichever is nearer ``prev``."""
+    return -q if q.dot(prev) < 0 else q
 
 
 def _linear() -> int:
     return bpy.types.Keyframe.bl_rna.properties["interpolation"].enum_items["LINEAR"].value
 
 
-def keyed_value(key: bpy.types.Key, name: str, frame: float) -> float | None:
-    """The F-curve value of ``key_blocks[name]`` at ``frame`` (None if not keyed)."""
-    anim = key.animation_data
-    if anim is None or anim.action is None:
-        return None
-    if _has_slots():
-        from bpy_extras import anim_utils
+def keyed_value(id_data: bpy.types.ID, path: str, frame: float, index: int = 0) -> float | None:
+    """The F-curve value of ``path[index]`` on ``id_data`` at ``frame`` (None if not keyed).
 
-        if anim.action_slot is None:
-            return None
-        bag = anim_utils.action_get_channelbag_for_slot(anim.action, anim.action_slot)
-        fcurves = None if bag is None else bag.fcurves
-    else:
-        fcurves = anim.action.fcurves
-    fc = None if fcurves is None else fcurves.find(f'key_blocks["{name}"].value')
+    ``path`` is an RNA path (``key_blocks["jawOpen"].value``, ``rotation_euler``)."""
+    fcurves = find_fcurves(id_data)
+    fc = None if fcurves is None else fcurves.find(path, index=index)
     return None if fc is None else fc.evaluate(frame)
+
+
+def shape_value(key: bpy.types.Key, name: str, frame: float) -> float | None:
+    """The keyed weight of shape ``name`` at ``frame`` (None if not keyed)."""
+    return keyed_value(key, f'key_blocks["{name}"].value', frame)

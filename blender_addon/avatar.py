@@ -1,8 +1,10 @@
 """Avatar objects in the scene: a head empty and a proxy mesh with 52 ARKit shape keys.
 
 The proxy's mesh is in the avatar's canonical frame (metres, +Z up, facing −Y), parented
-to the head empty with a parent inverse that puts the empty at the head's centre, so the
-proxy's world matrix is the head-to-world transform the service takes. Renders read the
+to the head empty with a parent inverse that puts the empty at the top of the neck
+(:func:`core.curves.head_pivot`), so the proxy's world matrix is the head-to-world
+transform the service takes, and rotating the empty turns the head about the neck, as a
+Live Link Face take's head rotation turns it in ``splatface render``. Renders read the
 *evaluated* shape-key values and matrices, so keyframes, drivers, NLA and constraints all
 count.
 """
@@ -17,6 +19,7 @@ import numpy as np
 from mathutils import Matrix
 
 from ._protocol import ARKIT_NAMES, NUM_SHAPES
+from .core.curves import head_pivot
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ def create_avatar(
         raise ValueError(f"shape_deltas {shape_deltas.shape} do not match {len(vertices)} vertices")
     name = summary.get("name") or summary["id"]
     center = np.asarray(summary.get("center", (0.0, 0.0, 0.0)), np.float64)
+    radius = float(summary.get("radius", 0.15))
+    pivot = head_pivot(center, radius)
     mesh = bpy.data.meshes.new(name)
     mesh.vertices.add(len(vertices))
     mesh.vertices.foreach_set("co", np.ascontiguousarray(vertices, np.float32).ravel())
@@ -68,14 +73,14 @@ def create_avatar(
     mesh.validate()
 
     head = bpy.data.objects.new(f"{name}_head", None)
-    head.empty_display_type = "SPHERE"
-    head.empty_display_size = float(summary.get("radius", 0.15))
-    head.location = center
+    head.empty_display_type = "ARROWS"  # axes at the neck: what turning it turns about
+    head.empty_display_size = 0.5 * radius
+    head.location = pivot
     proxy = bpy.data.objects.new(name, mesh)
     collection.objects.link(head)
     collection.objects.link(proxy)
     proxy.parent = head
-    proxy.matrix_parent_inverse = Matrix.Translation(-center)
+    proxy.matrix_parent_inverse = Matrix.Translation(-pivot)
     for ob, role in ((proxy, "PROXY"), (head, "HEAD")):
         ob.splatface.avatar_id = summary["id"]
         ob.splatface.avatar_name = name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 from bpy_extras.io_utils import ExportHelper, ImportHelper
 
 from . import anim, avatar, prefs, props, runtime
-from ._protocol import ARKIT_NAMES, Client, ProtocolError, load_animation
+from ._protocol import ARKIT_NAMES, Client, ProtocolError, head_rotation, load_animation
 from .core.curves import plan_keyframes
 from .core.service import ConnectionSettings, is_loopback, run_build
 
@@ -334,9 +335,22 @@ class SPLATFACE_OT_cancel_build(bpy.types.Operator):
 # -- curves --------------------------------------------------------------------------
 
 
-def import_curves(proxy: bpy.types.Object, path: str, start_frame: int) -> int:
+@dataclass(frozen=True)
+class CurvesImport:
+    """What :func:`import_curves` keyed: frames per shape, and the head's rotation path
+    ("" when the take had no head angles or head motion was off)."""
+
+    frames: int
+    head_path: str
+
+
+def import_curves(
+    proxy: bpy.types.Object, path: str, start_frame: int, head_motion: bool = True
+) -> CurvesImport:
     """Key a curves file (Live Link Face CSV, splatface CSV, .npy) onto ``proxy``'s shape
-    keys at the scene frame rate; returns the number of keys per shape."""
+    keys at the scene frame rate, and the take's head rotation (Live Link Face's
+    HeadYaw/Pitch/Roll, see ``protocol.head_rotation``) onto its head empty, which sits at
+    the neck pivot, so the head turns as ``splatface render --curves`` turns it."""
     scene = bpy.context.scene
     take = load_animation(path)
     scene_fps = scene.render.fps / scene.render.fps_base
@@ -344,13 +358,21 @@ def import_curves(proxy: bpy.types.Object, path: str, start_frame: int) -> int:
     key = proxy.data.shape_keys
     if key is None:
         raise ValueError(f"{proxy.name} has no shape keys")
+    head = proxy.parent
+    head_path = ""
+    if head_motion and take.head_angles is not None:
+        if head is None or head.splatface.role != "HEAD":
+            raise ValueError(f"{proxy.name} has no head empty to key the head rotation on")
+        angles = plan_keyframes(take.head_angles, take.fps, scene_fps, start_frame)
+        head_path = anim.key_rotation(head, angles.frames, head_rotation(*angles.values.T))
     anim.key_shapes(key, plan, ARKIT_NAMES)
-    return len(plan.frames)
+    return CurvesImport(len(plan.frames), head_path)
 
 
 class SPLATFACE_OT_import_curves(bpy.types.Operator, ImportHelper):
     """Key a Live Link Face CSV (or splatface's tracked-video output) onto the active
-    avatar's shape keys at the scene frame rate"""
+    avatar's shape keys, and its head rotation onto the head empty, at the scene frame
+    rate"""
 
     bl_idname = "splatface.import_curves"
     bl_label = "Import face curves (.csv)"
@@ -361,6 +383,12 @@ class SPLATFACE_OT_import_curves(bpy.types.Operator, ImportHelper):
     start_frame: bpy.props.IntProperty(
         name="Start frame", description="-1: the scene's start frame", default=-1
     )
+    head_motion: bpy.props.BoolProperty(
+        name="Head rotation",
+        description="Key the take's head yaw, pitch and roll (Live Link Face) as rotation "
+        "keyframes on the avatar's head empty, turning about the neck",
+        default=True,
+    )
 
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
@@ -370,11 +398,12 @@ class SPLATFACE_OT_import_curves(bpy.types.Operator, ImportHelper):
         proxy = avatar.proxy_of(context.active_object)
         start = context.scene.frame_start if self.start_frame < 0 else self.start_frame
         try:
-            count = import_curves(proxy, bpy.path.abspath(self.filepath), start)
+            done = import_curves(proxy, bpy.path.abspath(self.filepath), start, self.head_motion)
         except ValueError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
-        self.report({"INFO"}, f"keyed {count} frames on {proxy.name}")
+        head = f" and the head's {done.head_path}" if done.head_path else ""
+        self.report({"INFO"}, f"keyed {done.frames} frames on {proxy.name}{head}")
         return {"FINISHED"}
 
 

@@ -1,4 +1,8 @@
-"""Helpers for the add-on's tests in headless ``bpy`` (not fixtures: see test modules)."""
+"""Helpers for the add-on's tests in headless ``bpy`` (not fixtures: see test modules).
+
+Only numpy and the add-on here: tests/test_blender_compat.py imports this under the bpy
+4.5 environment too, which has neither the service nor tests/conftest.py.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import numpy as np
 
 #: OpenCV camera axes → Blender camera axes (and back: the matrix is its own inverse).
 FLIP_YZ = np.diag([1.0, -1.0, -1.0, 1.0])
+ADDON = "blender_addon"
 
 
 def clear_scene(bpy) -> None:
@@ -44,3 +49,58 @@ def add_camera_from_opencv(bpy, scene, world_to_camera: np.ndarray, fov_deg: flo
     scene.render.resolution_percentage = 100
     scene.render.pixel_aspect_x = scene.render.pixel_aspect_y = 1.0
     return ob
+
+
+def enable_addon(bpy, endpoint: str, timeout: float = 60.0):
+    """Enable the add-on from the checkout the way Blender does and point it at
+    ``endpoint``; returns its preferences."""
+    import importlib
+
+    addon_utils = importlib.import_module("addon_utils")  # importable once bpy is
+    addon_utils.enable(ADDON, default_set=True, handle_error=_raise)
+    from blender_addon import prefs
+
+    p = prefs.preferences()
+    p.endpoint, p.timeout = endpoint, timeout
+    return p
+
+
+def disable_addon() -> None:
+    import importlib
+
+    importlib.import_module("addon_utils").disable(ADDON, default_set=True)
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+def reset_scene(bpy):
+    """A cleared scene rendered by splatface at 24 fps, frames 1-10, with depth and
+    normal passes on."""
+    clear_scene(bpy)
+    sc = bpy.context.scene
+    sc.render.engine = "SPLATFACE"
+    sc.render.fps, sc.render.fps_base = 24, 1.0
+    sc.frame_start, sc.frame_end = 1, 10
+    sc.frame_set(1)
+    sc.view_layers[0].use_pass_z = sc.view_layers[0].use_pass_normal = True
+    return sc
+
+
+def settle() -> None:
+    """Run the add-on's queued work to the end (timers do not fire in background mode)."""
+    from blender_addon import runtime
+
+    runtime.settle(timeout=120)
+
+
+def import_avatar(bpy, avatar_id: str):
+    """``splatface.import_avatar`` run to completion; returns the new proxy."""
+    from blender_addon import avatar
+
+    assert bpy.ops.splatface.import_avatar(avatar_id=avatar_id) == {"FINISHED"}
+    settle()
+    proxies = avatar.proxies(bpy.context.scene.objects)
+    assert proxies, "no proxy was created"
+    return proxies[-1]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from blender_addon.core import camera as cam
-from blender_addon.core.curves import plan_keyframes
+from blender_addon.core.curves import head_pivot, plan_keyframes
 from blender_addon.core.jobs import MainQueue, Worker, on_main_thread
 from blender_addon.core.passes import EMPTY_DEPTH, Layer, composite, to_blender
 from blender_addon.core.service import ConnectionSettings, is_loopback, run_build
@@ -166,6 +166,26 @@ def test_plan_resamples_60_fps_take_to_24_fps_scene():
     plan = plan_keyframes(curves, 60.0, 24.0, start_frame=1)
     assert len(plan.frames) == 25 and plan.frames[-1] == 25
     assert plan.values[:, 0] == pytest.approx(np.arange(25) / 24.0, abs=1e-6)
+
+
+def test_plan_keeps_float64_angles_and_any_column_count():
+    angles = np.stack([np.linspace(0, 0.6, 61), np.zeros(61), np.linspace(0, -0.3, 61)], 1)
+    plan = plan_keyframes(angles, 60.0, 24.0, start_frame=1)
+    assert plan.values.dtype == np.float64 and plan.values.shape == (25, 3)
+    assert plan.values[12] == pytest.approx([0.3, 0.0, -0.15])  # 0.5 s
+
+
+def test_head_pivot_is_the_clis():
+    from inference_service.cli import head_pivot as cli_head_pivot
+
+    for info in (
+        {"center": [0.0, 0.0, 0.0], "radius": 0.1},
+        {"center": [0.01, -0.2, 1.6], "radius": 0.12},
+    ):
+        assert head_pivot(info["center"], info["radius"]) == pytest.approx(cli_head_pivot(info))
+    # top of the neck: behind (+Y, the face looks to -Y) and below the centre
+    p = head_pivot([0.0, 0.0, 0.0], 0.1)
+    assert p[1] > 0 and p[2] < 0
 
 
 def test_plan_rejects_bad_input():

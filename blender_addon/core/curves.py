@@ -1,8 +1,9 @@
-"""Animations → keyframes at the scene's frame rate.
+"""Animations → keyframes at the scene's frame rate, and where a take turns the head.
 
 A take recorded at one rate (Live Link Face at 60 fps) is keyed at another (a 24 fps
 scene) by linear interpolation in time, one key per scene frame, so what plays back is
-what was recorded, not a time-stretched copy.
+what was recorded, not a time-stretched copy. Head angles are resampled the same way
+(per angle: takes are sampled densely enough for that to be smooth).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ class KeyframePlan:
 
     Attributes:
         frames: float64 ``[K]`` scene frame numbers.
-        values: float32 ``[K, 52]`` weights in canonical ARKit order.
+        values: ``[K, C]`` in the input's columns and float dtype (float32 ``[K, 52]``
+            weights in canonical ARKit order for curves; ``[K, 3]`` for head angles).
     """
 
     frames: np.ndarray
@@ -31,12 +33,15 @@ def plan_keyframes(
     """One key per scene frame covering the take.
 
     Args:
-        curves: ``[F, 52]`` weights, one row per take frame.
+        curves: ``[F, C]`` values (weights, angles), one row per take frame; float dtypes
+            are kept, others become float32.
         take_fps: the take's frame rate; None keys one row per scene frame.
         scene_fps: ``scene.render.fps / scene.render.fps_base``.
         start_frame: scene frame of the take's first row.
     """
-    curves = np.asarray(curves, np.float32)
+    curves = np.asarray(curves)
+    if not np.issubdtype(curves.dtype, np.floating):
+        curves = curves.astype(np.float32)
     if curves.ndim != 2 or len(curves) == 0:
         raise ValueError(f"curves must be [frames, shapes] with frames > 0, got {curves.shape}")
     if not scene_fps > 0 or (take_fps is not None and not take_fps > 0):
@@ -51,4 +56,17 @@ def plan_keyframes(
     values = np.stack(
         [np.interp(t_scene, t_take, curves[:, i]) for i in range(curves.shape[1])], axis=1
     )
-    return KeyframePlan(start_frame + np.arange(count, dtype=np.float64), values.astype(np.float32))
+    frames = start_frame + np.arange(count, dtype=np.float64)
+    return KeyframePlan(frames, values.astype(curves.dtype))
+
+
+def head_pivot(center: np.ndarray, radius: float) -> np.ndarray:
+    """Where a take's head rotation turns the head: about the top of the neck, behind and
+    below the head's centre (avatar frame: +Z up, the face towards -Y), metres.
+
+    A copy of ``inference_service.cli.head_pivot`` (the add-on never imports the service),
+    so a take turns the head in Blender exactly as ``splatface render --curves`` turns it;
+    tests/test_blender_core.py checks that the two agree.
+    """
+    c = np.asarray(center, np.float64).reshape(3)
+    return c + np.array([0.0, 0.15 * float(radius), -0.45 * float(radius)])

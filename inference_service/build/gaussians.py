@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from kernels.sh import rgb_to_sh0
+from protocol.arkit import index_of
 from protocol.camera import project
 
-from ..avatar import BoundGaussians
+from ..avatar import BoundGaussians, sphere_center
 from ..geometry import triangle_frames
 from ..headmodel import PART_TONGUE, HeadModel
 from ..images import srgb_to_linear
@@ -26,6 +27,10 @@ FILL = {
     "teeth": (0.90, 0.87, 0.80), "eyeball_left": (0.88, 0.85, 0.82),
     "eyeball_right": (0.88, 0.85, 0.82), "eye_sockets": (0.5, 0.3, 0.3),
 }  # fmt: skip
+IRIS_ANGLE = 24.0  # degrees from the eyeball's forward axis (centre of its fitted sphere)
+PUPIL_ANGLE = 8.0
+IRIS_FILL = (0.35, 0.25, 0.15)  # sRGB, when the photo shows too little of the iris
+PUPIL_FILL = (0.03, 0.03, 0.03)
 OPACITY = 0.98
 TANGENT_SIGMA = 0.8  # x the region's mean spacing: opaque enough that novel views have no holes
 THICKNESS = 0.15  # normal-axis sigma as a fraction of the tangent sigma
@@ -33,11 +38,20 @@ ZBUFFER_CELL = 2.0  # photo pixels
 OCCLUSION_TOLERANCE = 0.01  # metres
 
 
+_LIDS = ("eyeBlinkLeft", "eyeBlinkRight")
+
+
 def sample_surface(
     model: HeadModel, count: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stratified area sampling: (triangle ``[N]``, bary ``[N, 3]``, tangent sigma ``[N]``)."""
+    """Stratified area sampling: (triangle ``[N]``, bary ``[N, 3]``, tangent sigma ``[N]``).
+
+    A triangle's area is the largest it takes at rest or with the eyes closed: the lids
+    fold away when open and spread over the eye when closed, and must carry enough
+    Gaussians for that."""
     _, area = triangle_frames(model.neutral, model.triangles)
+    closed = model.neutral + sum(model.arkit_deltas[index_of(n)] for n in _LIDS)
+    area = np.maximum(area, triangle_frames(closed, model.triangles)[1])
     # density classes: the regions, and the tongue apart from the gums
     tongue = np.all(model.vertex_part[model.triangles] == PART_TONGUE, axis=1)
     region = np.where(tongue, len(model.region_names), model.triangle_region)
@@ -74,6 +88,29 @@ def _visible(points, normals, intrinsics, w2c, size) -> tuple[np.ndarray, np.nda
     np.minimum.at(zbuf, key[sel], z[sel])
     seen = sel & (z <= zbuf[np.where(inside, key, 0)] + OCCLUSION_TOLERANCE)
     return seen, uv
+
+
+def _eye_colours(
+    points: np.ndarray, centre: np.ndarray, seen: np.ndarray, photo_colour: np.ndarray
+) -> np.ndarray:
+    """An eyeball drawn rather than projected: pupil, iris (its colour the median of the
+    photo's where the iris was ``seen``) and sclera, by angle from the eye's forward axis.
+    Projected colour would paint the parts the lids hid with lids and lashes, which
+    show, and read as a misplaced iris, as soon as the eye turns."""
+    direction = points - centre
+    direction /= np.maximum(np.linalg.norm(direction, axis=1, keepdims=True), 1e-12)
+    angle = np.degrees(np.arccos(np.clip(-direction[:, 1], -1.0, 1.0)))  # forward is -Y
+    iris, pupil = angle < IRIS_ANGLE, angle < PUPIL_ANGLE
+    sample = seen & iris & ~pupil
+    iris_colour = (
+        np.median(photo_colour[sample], axis=0)
+        if sample.sum() >= 5
+        else srgb_to_linear(np.array(IRIS_FILL))
+    )
+    out = np.tile(srgb_to_linear(np.array(FILL["eyeball_left"])), (len(points), 1))
+    out[iris] = iris_colour
+    out[pupil] = srgb_to_linear(np.array(PUPIL_FILL))
+    return out
 
 
 def _sample_photo(photo: np.ndarray, uv: np.ndarray) -> np.ndarray:
@@ -129,7 +166,9 @@ def make_gaussians(
         if name in FILL:
             fill = srgb_to_linear(np.array(FILL[name]))
             if name.startswith("eyeball"):
-                colour[in_r & ~seen] = fill
+                ids = np.unique(model.triangles[model.triangle_region == r])
+                centre = sphere_center(vertices[ids].astype(np.float64))
+                colour[in_r] = _eye_colours(points[in_r], centre, seen[in_r], colour[in_r])
             else:
                 colour[in_r] = fill
             continue

@@ -1,0 +1,462 @@
+"""The add-on's paths that differ between Blender 4.5 LTS and 5.0, against a real service:
+registration, shape keys, keyframes through slotted actions' channel bags (5.0 removed
+``Action.fcurves``; 4.5 lacks ``action_ensure_channelbag_for_slot``), Live Link Face
+curves and head rotation, engine renders matched against direct service renders, .ply
+export.
+
+Runs twice: under the main environment's bpy 5.0 with conftest's shared service, and
+under ``.venv-bpy45`` (bpy 4.5) from ``test_blender_addon.py``'s launcher, which passes
+the service's endpoint and a built avatar in ``SPLATFACE_TEST_ENDPOINT`` and
+``SPLATFACE_TEST_AVATAR`` and runs pytest with ``--noconftest`` (that environment has
+no service packages). So this module imports only bpy, numpy, plyfile, the protocol and
+the add-on.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import zipfile
+
+import bpy
+import numpy as np
+import pytest
+from bpy_extras.object_utils import world_to_camera_view
+from mathutils import Matrix, Vector
+
+from protocol import ARKIT_NAMES, Animation, Client, load_animation, save_livelink_csv
+from protocol.camera import intrinsics_from_fov, orbit
+from tests.blender_util import (
+    ADDON,
+    add_camera_from_opencv,
+    disable_addon,
+    enable_addon,
+    import_avatar,
+    reset_scene,
+    settle,
+)
+
+pytestmark = pytest.mark.slow
+ENDPOINT_ENV = "SPLATFACE_TEST_ENDPOINT"
+AVATAR_ENV = "SPLATFACE_TEST_AVATAR"
+#: "4.5" when launched for bpy 4.5: the version this run must be under.
+BPY_VERSION_ENV = "SPLATFACE_TEST_BPY_VERSION"
+SIZE = 192
+FOV = 30.0
+
+
+@pytest.fixture(scope="module")
+def service_info(request) -> tuple[str, str]:
+    """(endpoint, astronaut avatar id): the launcher's, else conftest's shared service."""
+    endpoint = os.environ.get(ENDPOINT_ENV)
+    if endpoint:
+        return endpoint, os.environ[AVATAR_ENV]
+    svc = request.getfixturevalue("service")
+    return svc.endpoint, request.getfixturevalue("astronaut_id")
+
+
+@pytest.fixture(scope="module")
+def avatar_id(service_info) -> str:
+    return service_info[1]
+
+
+@pytest.fixture(scope="module")
+def direct(service_info):
+    """A client of our own, for the renders and exports the add-on's are compared with."""
+    with Client(service_info[0], timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def addon(service_info):
+    prefs = enable_addon(bpy, service_info[0])
+    yield prefs
+    disable_addon()
+
+
+@pytest.fixture
+def scene(addon):
+    return reset_scene(bpy)
+
+
+def test_runs_under_the_blender_asked_for():
+    wanted = os.environ.get(BPY_VERSION_ENV)
+    got = ".".join(map(str, bpy.app.version[:2]))
+    if wanted:
+        assert got == wanted, f"launched for bpy {wanted}, running bpy {bpy.app.version_string}"
+    else:
+        assert bpy.app.version >= (4, 5, 0), "the add-on supports Blender 4.5 LTS and 5.0"
+
+
+def test_register_connect_lists_avatars(scene, avatar_id):
+    from blender_addon import props
+
+    assert ADDON in bpy.context.preferences.addons
+    assert scene.render.engine == "SPLATFACE"  # an unknown engine name would be refused
+    assert bpy.ops.splatface.connect() == {"FINISHED"}
+    settle()
+    st = props.state()
+    assert st.connected and st.backend in ("cpu", "cuda") and not st.error
+    assert avatar_id in [a.avatar_id for a in st.avatars]
+
+
+def _pivot(info: dict) -> np.ndarray:
+    """The neck pivot, as ``inference_service.cli.head_pivot`` (checked equal in
+    test_blender_core.py)."""
+    from blender_addon.core.curves import head_pivot
+
+    return head_pivot(np.asarray(info["center"]), float(info["radius"]))
+
+
+def test_proxy_has_52_arkit_shape_keys_and_head_empty_at_the_neck(scene, avatar_id, direct):
+    proxy = import_avatar(bpy, avatar_id)
+    names = [k.name for k in proxy.data.shape_keys.key_blocks]
+    assert names == ["Basis", *ARKIT_NAMES]
+    assert all(k.value == 0.0 for k in proxy.data.shape_keys.key_blocks[1:])  # rest pose
+    head = proxy.parent
+    assert head.type == "EMPTY" and head.splatface.role == "HEAD"
+    assert head.splatface.avatar_id == proxy.splatface.avatar_id == avatar_id
+    # at rest the proxy's world matrix (the head transform sent) is the identity
+    assert np.allclose(np.array(proxy.matrix_world), np.eye(4), atol=1e-6)
+    reply = direct.get(avatar_id)
+    assert np.allclose(np.array(head.location), _pivot(reply.header["avatar"]), atol=1e-6)
+    # the jawOpen key is the rest mesh plus the service's jawOpen delta
+    verts, deltas = reply.arrays["vertices"], reply.arrays["shape_deltas"]
+    jaw = np.empty(len(verts) * 3, np.float32)
+    proxy.data.shape_keys.key_blocks["jawOpen"].data.foreach_get("co", jaw)
+    i = ARKIT_NAMES.index("jawOpen")
+    assert np.allclose(jaw.reshape(-1, 3), verts + deltas[i], atol=1e-6)
+
+
+def _drive_from_bone(scene, proxy) -> bpy.types.Object:
+    """eyeBlinkLeft = the bone's local Z location, keyed 0 → 0.8 over frames 1..5."""
+    arm = bpy.data.objects.new("rig", bpy.data.armatures.new("rig"))
+    scene.collection.objects.link(arm)
+    bpy.context.view_layer.objects.active = arm
+    bpy.ops.object.mode_set(mode="EDIT")
+    bone = arm.data.edit_bones.new("blink")
+    bone.head, bone.tail = (0, 0, 0), (0, 0, 0.1)
+    bpy.ops.object.mode_set(mode="OBJECT")
+    block = proxy.data.shape_keys.key_blocks["eyeBlinkLeft"]
+    driver = block.driver_add("value").driver
+    driver.type = "AVERAGE"
+    var = driver.variables.new()
+    var.type = "TRANSFORMS"
+    var.targets[0].id = arm
+    var.targets[0].bone_target = "blink"
+    var.targets[0].transform_type = "LOC_Z"
+    var.targets[0].transform_space = "LOCAL_SPACE"
+    pb = arm.pose.bones["blink"]
+    for frame, z in ((1, 0.0), (5, 0.8)):
+        pb.location.z = z
+        pb.keyframe_insert("location", index=2, frame=frame)
+    return arm
+
+
+def _linear_keys(id_data) -> None:
+    """Make the keys Blender inserted linear, read through the add-on's channel-bag path."""
+    from blender_addon import anim
+
+    fcurves = anim.find_fcurves(id_data)
+    assert fcurves is not None and len(fcurves) > 0, f"{id_data.name} has no F-curves"
+    for fc in fcurves:
+        for kp in fc.keyframe_points:
+            kp.interpolation = "LINEAR"
+
+
+def _engine_passes(size: int) -> dict[str, np.ndarray]:
+    """The last final render's passes, OpenCV layout (rows top-down)."""
+    from blender_addon import engine
+
+    got = engine.last_render
+    assert (got.width, got.height) == (size, size) and got.timing.requests == 1
+    p = got.passes
+    return {
+        "rgb": p["Combined"].reshape(size, size, 4)[::-1, :, :3],
+        "alpha": p["Alpha"].reshape(size, size)[::-1],
+        "depth": p["Depth"].reshape(size, size)[::-1],
+        "normal": p["Normal"].reshape(size, size, 3)[::-1],
+    }
+
+
+def _assert_same_render(got: dict, direct: dict, w2c: np.ndarray) -> None:
+    """Engine passes equal a direct render's, up to float32 rounding of Blender's matrices."""
+    assert got["alpha"].mean() > 0.05, "the avatar is not in view"
+    assert np.abs(got["rgb"] - direct["rgb"][0]).max() < 2e-3
+    assert np.abs(got["alpha"] - direct["alpha"][0]).max() < 2e-3
+    hit = np.isfinite(direct["depth"][0])
+    assert np.abs(got["depth"][hit] - direct["depth"][0][hit]).max() < 1e-3
+    assert (got["depth"][~hit] == 1e10).all()
+    c2w = np.linalg.inv(w2c)[:3, :3]
+    assert np.abs(got["normal"] - direct["normal"][0] @ c2w.T).max() < 2e-2
+
+
+def _direct_render(direct, avatar_id, w2c, size, curves, head) -> dict:
+    return direct.render(
+        avatar_id,
+        intrinsics_from_fov(size, size, FOV),
+        w2c,
+        size,
+        size,
+        curves=np.asarray(curves, np.float32).reshape(1, 52),
+        head=head,
+        passes=("rgb", "alpha", "depth", "normal"),
+    )
+
+
+def test_engine_renders_keyframes_drivers_and_head_like_the_service(
+    scene, avatar_id, direct, tmp_path
+):
+    proxy = import_avatar(bpy, avatar_id)
+    key = proxy.data.shape_keys
+    jaw = key.key_blocks["jawOpen"]
+    for frame, v in ((1, 0.0), (5, 1.0)):
+        jaw.value = v
+        jaw.keyframe_insert("value", frame=frame)
+    _linear_keys(key)
+    arm = _drive_from_bone(scene, proxy)
+    _linear_keys(arm)
+    head = proxy.parent
+    pivot = np.array(head.location)
+    offset = np.array([0.02, 0.0, 0.01])
+    head.rotation_euler = (0.0, 0.0, math.radians(20))
+    head.location = pivot + offset
+    w2c = orbit(proxy.splatface.center, 0.9, yaw_deg=15, pitch_deg=5)
+    add_camera_from_opencv(bpy, scene, w2c, FOV, SIZE)
+    scene.render.image_settings.file_format = "OPEN_EXR"
+    scene.render.image_settings.color_depth = "32"
+
+    for frame, jaw_v, blink_v in ((1, 0.0, 0.0), (3, 0.5, 0.4), (5, 1.0, 0.8)):
+        scene.frame_set(frame)
+        scene.render.filepath = str(tmp_path / f"frame_{frame}.exr")
+        bpy.ops.render.render(write_still=True)
+        got = _engine_passes(SIZE)
+        curves = np.zeros(52, np.float32)
+        curves[ARKIT_NAMES.index("jawOpen")] = jaw_v
+        curves[ARKIT_NAMES.index("eyeBlinkLeft")] = blink_v
+        # head-to-world: rotate about the neck pivot, then move by the offset
+        rz = np.array(Matrix.Rotation(math.radians(20), 4, "Z"))
+        head_m = rz.copy()
+        head_m[:3, 3] = pivot + offset - rz[:3, :3] @ pivot
+        ref = _direct_render(direct, avatar_id, w2c, SIZE, curves, head_m)
+        _assert_same_render(got, ref, w2c)
+        # the file Blender wrote holds the Combined pass
+        from blender_addon import engine
+
+        img = bpy.data.images.load(scene.render.filepath)
+        px = np.empty(SIZE * SIZE * 4, np.float32)
+        img.pixels.foreach_get(px)
+        bpy.data.images.remove(img)
+        assert np.abs(px - engine.last_render.passes["Combined"]).max() < 1e-3
+
+
+def test_camera_conversion_matches_blenders_own_projection(scene):
+    from blender_addon import engine
+    from blender_addon.core.camera import from_projection
+
+    cam_data = bpy.data.cameras.new("c")
+    ob = bpy.data.objects.new("c", cam_data)
+    scene.collection.objects.link(ob)
+    scene.camera = ob
+    ob.matrix_world = Matrix.Translation((0.3, -2.0, 0.4)) @ Matrix.Rotation(1.3, 4, "X")
+    rng = np.random.default_rng(1)
+    cases = [
+        dict(fit="AUTO", res=(640, 480), shift=(0.0, 0.0), pa=(1, 1), pct=100),
+        dict(fit="AUTO", res=(480, 640), shift=(0.1, -0.05), pa=(1, 1), pct=100),
+        dict(fit="HORIZONTAL", res=(480, 640), shift=(0.0, 0.2), pa=(1, 1), pct=50),
+        dict(fit="VERTICAL", res=(640, 480), shift=(-0.1, 0.1), pa=(1, 1), pct=100),
+        dict(fit="AUTO", res=(640, 480), shift=(0.05, 0.1), pa=(1, 2), pct=100),
+        dict(fit="VERTICAL", res=(300, 500), shift=(0.1, 0.1), pa=(3, 2), pct=75),
+    ]
+    for case in cases:
+        cam_data.sensor_fit, cam_data.lens = case["fit"], 42.0
+        cam_data.sensor_width, cam_data.sensor_height = 36.0, 20.0
+        cam_data.shift_x, cam_data.shift_y = case["shift"]
+        r = scene.render
+        r.resolution_x, r.resolution_y = case["res"]
+        r.pixel_aspect_x, r.pixel_aspect_y = case["pa"]
+        r.resolution_percentage = case["pct"]
+        depsgraph = bpy.context.evaluated_depsgraph_get()
+        c = engine.scene_camera(depsgraph)
+        pts = (
+            np.array(ob.matrix_world)
+            @ np.c_[rng.uniform(-0.5, 0.5, (20, 2)), -2 * np.ones(20), np.ones(20)].T
+        )
+        for p in pts.T[:, :3]:
+            ndc = world_to_camera_view(scene, ob, Vector(p))
+            x = c.world_to_camera @ np.r_[p, 1.0]
+            k = c.intrinsics
+            u, v = k[0] * x[0] / x[2] + k[2], k[1] * x[1] / x[2] + k[3]
+            assert u == pytest.approx(ndc.x * c.width, abs=1e-3), case
+            assert v == pytest.approx((1 - ndc.y) * c.height, abs=1e-3), case
+            assert x[2] == pytest.approx(ndc.z, abs=1e-5)
+        # the viewport path: Blender's projection matrix for this camera, same intrinsics
+        ob_eval = ob.evaluated_get(depsgraph)
+        proj = ob_eval.calc_matrix_camera(
+            depsgraph,
+            x=r.resolution_x,
+            y=r.resolution_y,
+            scale_x=r.pixel_aspect_x,
+            scale_y=r.pixel_aspect_y,
+        )
+        if case["pct"] == 100:
+            view = np.linalg.inv(np.array(ob.matrix_world))
+            vc = from_projection(view, np.array(proj), c.width, c.height)
+            assert vc.intrinsics == pytest.approx(c.intrinsics, abs=1e-3), case
+
+
+def test_export_range_rereads_and_imports_as_point_attributes(scene, avatar_id, direct, tmp_path):
+    import plyfile
+
+    proxy = import_avatar(bpy, avatar_id)
+    jaw = proxy.data.shape_keys.key_blocks["jawOpen"]
+    jaw.value = 0.0
+    jaw.keyframe_insert("value", frame=1)
+    jaw.value = 1.0
+    jaw.keyframe_insert("value", frame=3)
+    proxy.parent.location.x += 0.5
+    bpy.context.view_layer.objects.active = proxy
+    out = tmp_path / "head.ply"
+    res = bpy.ops.splatface.export_ply(filepath=str(out), mode="RANGE", frame_start=1, frame_end=3)
+    assert res == {"FINISHED"}
+    files = sorted(tmp_path.glob("head_*.ply"))
+    assert [f.name for f in files] == ["head_0001.ply", "head_0002.ply", "head_0003.ply"]
+    curves = np.zeros((1, 52), np.float32)
+    curves[0, ARKIT_NAMES.index("jawOpen")] = 1.0
+    head = np.eye(4)
+    head[0, 3] = 0.5
+    ref_bytes = direct.export(avatar_id, curves=curves, head=head).arrays["file"].tobytes()
+    last = plyfile.PlyData.read(str(files[-1]))["vertex"]
+    ref = plyfile.PlyData.read(io.BytesIO(ref_bytes))["vertex"]
+    assert np.allclose(last["x"], ref["x"], atol=1e-5) and np.allclose(last["z"], ref["z"])
+    first = plyfile.PlyData.read(str(files[0]))["vertex"]
+    assert not np.allclose(first["z"], last["z"])  # the jaw moved
+    assert np.mean(last["x"]) > 0.4  # world space: the head moved +0.5 in x
+
+    # what KIRI / ReshotAI do: Blender's own PLY importer keeps the splat attributes
+    bpy.ops.wm.ply_import(filepath=str(files[-1]))
+    imported = bpy.context.selected_objects[0]
+    attrs = set(imported.data.attributes.keys())
+    for name in ("f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_2", "rot_0", "rot_3"):
+        assert name in attrs, sorted(attrs)
+    assert len(imported.data.vertices) == len(last)
+
+    bundle = tmp_path / "rig.zip"
+    assert bpy.ops.splatface.export_ply(filepath=str(bundle), mode="BUNDLE") == {"FINISHED"}
+    assert "bundle.json" in zipfile.ZipFile(bundle).namelist()
+
+
+def test_import_live_link_face_csv_resamples_to_scene_fps(scene, avatar_id, tmp_path):
+    from blender_addon import anim, avatar
+
+    proxy = import_avatar(bpy, avatar_id)
+    frames = 61  # one second at 60 fps
+    curves = np.zeros((frames, 52), np.float32)
+    ramp = np.linspace(0.0, 1.0, frames)
+    curves[:, ARKIT_NAMES.index("jawOpen")] = ramp
+    curves[:, ARKIT_NAMES.index("mouthLeft")] = 1.0 - ramp  # LLF swaps Left/Right columns
+    path = tmp_path / "take.csv"
+    save_livelink_csv(path, curves, fps=60)
+    header = path.read_text().splitlines()[0].split(",")
+    assert header[:3] == ["Timecode", "BlendShapeCount", "EyeBlinkLeft"]
+    bpy.context.view_layer.objects.active = proxy
+    assert bpy.ops.splatface.import_curves(filepath=str(path), start_frame=1) == {"FINISHED"}
+    key = proxy.data.shape_keys
+    assert anim.shape_value(key, "jawOpen", 1) == pytest.approx(0.0, abs=1e-6)
+    assert anim.shape_value(key, "jawOpen", 13) == pytest.approx(0.5, abs=1e-4)  # 12/24 s
+    assert anim.shape_value(key, "jawOpen", 25) == pytest.approx(1.0, abs=1e-6)
+    assert anim.shape_value(key, "mouthLeft", 13) == pytest.approx(0.5, abs=1e-4)
+    fc = anim.find_fcurves(key).find('key_blocks["jawOpen"].value')
+    assert len(fc.keyframe_points) == 25  # one per scene frame
+    # the keys sit in the action's channel bag for the Key's own slot (4.4+ layout)
+    action = key.animation_data.action
+    assert key.animation_data.action_slot is not None
+    assert len(action.layers) == 1 and len(action.layers[0].strips) == 1
+    scene.frame_set(7)
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    values = avatar.evaluated_curves(proxy.evaluated_get(depsgraph), depsgraph)
+    assert values[ARKIT_NAMES.index("jawOpen")] == pytest.approx(0.25, abs=1e-4)
+
+    # a second import replaces the keys, it does not add a second curve
+    assert bpy.ops.splatface.import_curves(filepath=str(path), start_frame=11) == {"FINISHED"}
+    fcurves = anim.find_fcurves(key)
+    assert len([f for f in fcurves if f.data_path == 'key_blocks["jawOpen"].value']) == 1
+    assert anim.shape_value(key, "jawOpen", 23) == pytest.approx(0.5, abs=1e-4)
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("jawOpen,eyeBlinkMiddle\n0.1,0.2\n")
+    with pytest.raises(RuntimeError, match="eyeBlinkMiddle"):
+        bpy.ops.splatface.import_curves(filepath=str(bad))
+
+
+def _head_take(path) -> Animation:
+    """One second at 60 fps: the jaw opens while the head turns left, nods and tilts."""
+    frames = 61
+    t = np.linspace(0.0, 1.0, frames)
+    curves = np.zeros((frames, 52), np.float32)
+    curves[:, ARKIT_NAMES.index("jawOpen")] = 0.6 * t
+    curves[:, ARKIT_NAMES.index("eyeBlinkRight")] = t
+    angles = np.stack([0.5 * t, -0.3 * t, 0.25 * t], axis=1)  # yaw, pitch, roll (radians)
+    save_livelink_csv(path, Animation(curves=curves, fps=60, head_angles=angles))
+    return load_animation(path)  # the values as written (6 decimals)
+
+
+def test_live_link_face_head_rotation_renders_like_the_service(scene, avatar_id, direct, tmp_path):
+    from blender_addon import anim
+
+    proxy = import_avatar(bpy, avatar_id)
+    head = proxy.parent
+    rest_location = np.array(head.location)
+    path = tmp_path / "take.csv"
+    take = _head_take(path)
+    assert take.head_angles is not None and take.fps == 60
+    bpy.context.view_layer.objects.active = proxy
+    assert bpy.ops.splatface.import_curves(filepath=str(path), start_frame=1) == {"FINISHED"}
+    # rotation keys on the head empty, one per scene frame, its location untouched
+    fcurves = anim.find_fcurves(head)
+    paths = sorted((f.data_path, f.array_index, len(f.keyframe_points)) for f in fcurves)
+    assert paths == [("rotation_euler", i, 25) for i in range(3)]
+
+    pivot = _pivot(direct.get(avatar_id, mesh=False, rig=False).header["avatar"])
+    heads = take.head_transforms(pivot)
+    w2c = orbit(proxy.splatface.center, 0.9, yaw_deg=-20, pitch_deg=5)
+    add_camera_from_opencv(bpy, scene, w2c, FOV, SIZE)
+    for frame, row in ((13, 30), (25, 60)):  # scene frame 13 is 0.5 s: take row 30 at 60 fps
+        scene.frame_set(frame)
+        assert np.allclose(np.array(head.location), rest_location)
+        assert np.allclose(np.array(proxy.matrix_world), heads[row], atol=1e-5)
+        bpy.ops.render.render()
+        ref = _direct_render(direct, avatar_id, w2c, SIZE, take.curves[row], heads[row])
+        _assert_same_render(_engine_passes(SIZE), ref, w2c)
+    # the head did turn: the same frame without head motion is another picture
+    still = _direct_render(direct, avatar_id, w2c, SIZE, take.curves[60], np.eye(4))
+    assert np.abs(still["alpha"][0] - _engine_passes(SIZE)["alpha"]).max() > 0.5
+
+    # head motion off: shapes keyed, the head's rotation keys left as they were
+    other = import_avatar(bpy, avatar_id)
+    bpy.context.view_layer.objects.active = other
+    res = bpy.ops.splatface.import_curves(filepath=str(path), start_frame=1, head_motion=False)
+    assert res == {"FINISHED"}
+    assert anim.find_fcurves(other.parent) is None
+    assert anim.shape_value(other.data.shape_keys, "jawOpen", 25) == pytest.approx(0.6, abs=1e-5)
+
+
+def test_head_rotation_keys_follow_the_empty_rotation_mode(scene, avatar_id, tmp_path):
+    from blender_addon import anim
+    from blender_addon.core.curves import plan_keyframes
+    from protocol import head_rotation
+
+    path = tmp_path / "take.csv"
+    take = _head_take(path)
+    plan = plan_keyframes(take.head_angles, take.fps, 24.0, 1)
+    for mode, data_path in (("QUATERNION", "rotation_quaternion"), ("ZYX", "rotation_euler")):
+        proxy = import_avatar(bpy, avatar_id)
+        proxy.parent.rotation_mode = mode
+        bpy.context.view_layer.objects.active = proxy
+        assert bpy.ops.splatface.import_curves(filepath=str(path), start_frame=1) == {"FINISHED"}
+        assert {f.data_path for f in anim.find_fcurves(proxy.parent)} == {data_path}
+        scene.frame_set(19)
+        want = head_rotation(*plan.values[18])
+        got = np.array(proxy.parent.matrix_basis)[:3, :3]
+        assert np.allclose(got, want, atol=1e-5), mode
