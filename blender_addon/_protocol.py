@@ -9,8 +9,10 @@ from __future__ import annotations
 
 try:
     from . import protocol as _impl  # type: ignore[attr-defined]
+    from .protocol import launch as _launch  # type: ignore[attr-defined]
 except ImportError:
     import protocol as _impl
+    from protocol import launch as _launch
 
 ARKIT_NAMES = _impl.ARKIT_NAMES
 NUM_SHAPES = _impl.NUM_SHAPES
@@ -21,6 +23,7 @@ load_animation = _impl.load_animation
 Animation = _impl.Animation
 head_rotation = _impl.head_rotation
 errors = _impl.errors
+wait_for_endpoint = _launch.wait_for_endpoint
 
 __all__ = [
     "ARKIT_NAMES",
@@ -32,4 +35,5 @@ __all__ = [
     "errors",
     "head_rotation",
     "load_animation",
+    "wait_for_endpoint",
 ]

@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,11 +24,11 @@ import numpy as np
 
 from protocol import Client, CurveKeys, ProtocolError
 from protocol.camera import framing_distance, intrinsics_from_fov, orbit
+from protocol.launch import READY_PREFIX, wait_for_endpoint
 
 from .track import add_parser as add_track_parser
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
-READY_PREFIX = "splatface service listening on "
 RENDER_CHUNK = 8  # frames per render request
 
 
@@ -69,25 +68,15 @@ def private_service(store: Path, device: str = "auto") -> Iterator[str]:
 
 def wait_ready(proc: subprocess.Popen, timeout: float, log_path: Path) -> str:
     """The endpoint a starting ``splatface serve`` prints, or SystemExit with its log."""
-    found: list[str] = []
-
-    def read() -> None:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            if line.startswith(READY_PREFIX):
-                found.append(line[len(READY_PREFIX) :].strip())
-                return
-
-    t = threading.Thread(target=read, daemon=True)
-    t.start()
-    t.join(timeout)
-    if not found:
+    endpoint = wait_for_endpoint(proc, timeout)
+    if endpoint is None:
         proc.kill()
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
         raise SystemExit(
             f"splatface: the private service did not start within {timeout:.0f} s; "
             f"its log ({log_path}) ends with:\n" + "\n".join(tail)
         )
-    return found[0]
+    return endpoint
 
 
 @contextlib.contextmanager

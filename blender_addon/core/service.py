@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._protocol import Client, CurveKeys, ProtocolError, errors
+from .._protocol import Client, CurveKeys, ProtocolError, errors, wait_for_endpoint
 
 #: Overrides the preference, so render-farm workers can point at a shared service.
 ENDPOINT_ENV = "SPLATFACE_ENDPOINT"
 #: A folder holding ``server.key`` and ``client.key_secret`` (``splatface keys``).
 CURVE_KEYS_ENV = "SPLATFACE_CURVE_KEYS"
-READY_PREFIX = "splatface service listening on "
 
 
 @dataclass(frozen=True)
@@ -97,23 +96,13 @@ def start_local_service(
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True
         )
-    found: list[str] = []
-
-    def read() -> None:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            if line.startswith(READY_PREFIX):
-                found.append(line[len(READY_PREFIX) :].strip())
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if not found:
+    endpoint = wait_for_endpoint(proc, timeout)
+    if endpoint is None:
         proc.kill()
         proc.wait()
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-10:])
         raise RuntimeError(f"the local service did not start within {timeout:.0f} s:\n{tail}")
-    return LocalService(proc, found[0], log_path)
+    return LocalService(proc, endpoint, log_path)
 
 
 @dataclass
