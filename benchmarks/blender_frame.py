@@ -7,7 +7,8 @@ renders through ``bpy.ops.render.render`` (all four passes). Records:
 
 - ``engine``: the whole F12 operator (``op_ms``: Blender's render pipeline included),
   the engine's own ``render`` (``engine_ms``), and its parts: ``blender_ms`` (camera,
-  evaluated shape keys and head matrix, pass conversion, writing the result) and
+  evaluated shape keys and head matrix: ``gather_ms``; pass conversion: ``convert_ms``;
+  ``foreach_set`` into the result: ``store_ms``; those and ``end_result``: ``write_ms``) and
   ``request_ms`` (the ``render`` round trip);
 - ``direct``: ``Client.render`` with the same values and camera (``round_trip_ms``);
   ``service_ms``: the same ``render_frames`` call in this process, the service's compute;
@@ -121,6 +122,8 @@ def run(endpoint: str, store: Path, png: bytes) -> None:
         add("blender", tm.blender + tm.write)
         add("gather", tm.blender)
         add("write", tm.write)
+        add("convert", tm.convert)
+        add("store", tm.store)
         add("request", tm.request)
         add("direct", t_direct)
         add("compute", t_compute)
@@ -141,6 +144,8 @@ def run(endpoint: str, store: Path, png: bytes) -> None:
                 "blender_ms": m("blender"),
                 "gather_ms": m("gather"),
                 "write_ms": m("write"),
+                "convert_ms": m("convert"),
+                "store_ms": m("store"),
                 "request_ms": m("request"),
             },
             "direct": {

@@ -20,7 +20,7 @@ import numpy as np
 from . import avatar, prefs, runtime
 from ._protocol import Client, ProtocolError
 from .core import camera as cam
-from .core.passes import Layer, composite, to_blender
+from .core.passes import Layer, PassBuffers, composite
 
 PASSES = ("rgb", "alpha", "depth", "normal")
 #: Blender pass → service pass; Depth is always asked for (it composites avatars).
@@ -29,18 +29,24 @@ SERVICE_PASS = {"Combined": "rgb", "Alpha": "alpha", "Depth": "depth", "Normal":
 
 @dataclass
 class FrameTiming:
-    """Where one frame's time went (seconds); ``service`` is only known per request."""
+    """Where one frame's time went (seconds); ``service`` is only known per request.
+    ``write`` includes ``convert`` (service passes → Blender buffers) and ``store``
+    (``foreach_set`` into the result's passes); the rest is ``end_result``."""
 
     blender: float = 0.0
     request: float = 0.0
     write: float = 0.0
+    convert: float = 0.0
+    store: float = 0.0
     requests: int = 0
 
 
 @dataclass
 class LastRender:
     """The passes (Blender layout) and timing of the last final render in this process,
-    for scripts, benchmarks and tests that cannot read ``Render Result`` pixels."""
+    for scripts, benchmarks and tests that cannot read ``Render Result`` pixels.
+
+    ``passes`` are the engine's reused buffers: the next final render overwrites them."""
 
     passes: dict[str, np.ndarray] = field(default_factory=dict)
     width: int = 0
@@ -49,6 +55,8 @@ class LastRender:
 
 
 last_render = LastRender()
+#: Final renders convert into these (a frame's passes reuse the last frame's memory).
+_pass_buffers = PassBuffers()
 
 
 def scene_camera(depsgraph: bpy.types.Depsgraph) -> cam.ProtocolCamera:
@@ -162,11 +170,13 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
             return
         t2 = time.perf_counter()
         c2w = np.linalg.inv(camera.world_to_camera)[:3, :3]
-        buffers = to_blender(layer, c2w, names)
+        buffers = _pass_buffers.convert(layer, c2w, names)
+        timing.convert = time.perf_counter() - t2
         for rpass in result.layers[0].passes:
             data = buffers.get(rpass.name)
             if data is not None:
                 rpass.rect.foreach_set(data)
+        timing.store = time.perf_counter() - t2 - timing.convert
         self.end_result(result)
         t3 = time.perf_counter()
         timing.blender, timing.request, timing.write = t1 - t0, t2 - t1, t3 - t2
