@@ -136,7 +136,7 @@ def save_png(path: Path, img: np.ndarray) -> None:
 
     from PIL import Image
 
-    from inference_service.store import atomic_write
+    from protocol.files import atomic_write
 
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
@@ -146,7 +146,7 @@ def save_png(path: Path, img: np.ndarray) -> None:
 def save_npy(path: Path, arr: np.ndarray) -> None:
     import io
 
-    from inference_service.store import atomic_write
+    from protocol.files import atomic_write
 
     buf = io.BytesIO()
     np.save(buf, arr)
@@ -440,7 +440,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from inference_service.store import atomic_write
+    from protocol.files import atomic_write
 
     if args.bundle:
         return export_bundle(args)
@@ -488,7 +488,7 @@ def export_bundle(args: argparse.Namespace) -> int:
     import io
     import zipfile
 
-    from inference_service.store import atomic_write
+    from protocol.files import atomic_write
 
     if args.curves or args.range:
         raise SystemExit("splatface export: --bundle is the rig itself; drop --curves/--range")

@@ -10,10 +10,10 @@ import numpy as np
 
 from protocol import Client
 from protocol.arkit import index_of
+from protocol.files import atomic_write
 
 from .cli import Mp4Writer, Progress, orbit_camera, render_to_folder, save_png
 from .curves import save_curves_csv
-from .store import atomic_write
 
 TURNTABLE_FRAMES = 12
 DEMO_FPS = 24.0  # frame rate of the animation preview and its curves.csv

@@ -84,9 +84,10 @@ def evaluate(client: Client, avatar_id: str, photo: np.ndarray, out: Path,
 
     from skimage.metrics import structural_similarity
 
+    from protocol.files import atomic_write
+
     from .build.photometric import person_mask
     from .cli import save_png
-    from .store import atomic_write
 
     reply = client.get(avatar_id, mesh=True, rig=False)
     header, verts, tris = reply.header, reply.arrays["vertices"], reply.arrays["triangles"]

@@ -28,6 +28,7 @@ from protocol import errors, messages
 from protocol.arkit import ARKIT_NAMES, check_curves, reorder
 from protocol.codec import PROTOCOL_VERSION, decode, encode
 from protocol.errors import ProtocolError
+from protocol.files import atomic_write
 
 from . import __version__
 from .avatar import Avatar
@@ -37,7 +38,7 @@ from .export.ply import ply_bytes, write_ply
 from .jobs import JobManager
 from .posing import pose, split_transform
 from .render import frame_count, render_frames
-from .store import Store, atomic_write, summary
+from .store import Store, summary
 
 log = logging.getLogger(__name__)
 MAX_PENDING = 64

@@ -22,37 +22,12 @@ import numpy as np
 
 from protocol import errors
 from protocol.errors import ProtocolError
+from protocol.files import fsync_dir
 
 from .avatar import FORMAT_VERSION, Avatar
 
 log = logging.getLogger(__name__)
 ID_RE = re.compile(r"^[0-9a-f]{12}$")
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 class Store:
@@ -104,12 +79,12 @@ class Store:
                 json.dump(meta, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def meta(self, avatar_id: str) -> dict[str, Any]:
         path = self._dir(avatar_id) / "meta.json"
@@ -174,7 +149,7 @@ class Store:
             raise ProtocolError(errors.NOT_FOUND, f"no avatar {avatar_id!r}")
         trash = self.root / f".trash-{avatar_id}-{secrets.token_hex(4)}"
         os.rename(src, trash)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 
 

@@ -51,7 +51,6 @@ import csv
 import math
 import os
 import re
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from .arkit import ARKIT_NAMES, NUM_SHAPES, check_curves
+from .files import atomic_write
 
 
 def _pascal(name: str) -> str:
@@ -541,25 +541,4 @@ def save_livelink_csv(
     lines = [",".join(LLF_COLUMNS)]
     for tc, row in zip(timecodes, values, strict=True):
         lines.append(f"{tc},{LLF_BLENDSHAPE_COUNT}," + ",".join(f"{v:.6f}" for v in row))
-    _atomic_write_text(Path(path), "\n".join(lines) + "\n")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Readers see the old file or the whole new one: a temporary file in the same folder,
-    flushed to disk, then renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    if os.name == "posix":  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    atomic_write(Path(path), ("\n".join(lines) + "\n").encode("utf-8"))

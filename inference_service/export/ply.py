@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from protocol.files import atomic_write
+
 from ..posing import PosedGaussians
-from ..store import atomic_write
 
 
 def property_names(num_bases: int) -> list[str]:
