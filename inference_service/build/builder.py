@@ -66,7 +66,8 @@ def build_avatar(
 
     progress("hair", 0.55, "measuring hair from the person's silhouette")
     posed = fit.photo_vertices(model)
-    shell = fit_hair(model, posed, photo, person_mask(photo), fit.intrinsics, fit.world_to_camera)
+    person = person_mask(photo)
+    shell = fit_hair(model, posed, photo, person, fit.intrinsics, fit.world_to_camera)
     progress("gaussians", 0.60, f"placing Gaussians ({options.preset} preset)")
     gaussians = make_gaussians(
         model, posed, photo, fit.intrinsics, fit.world_to_camera, options.preset,
@@ -81,7 +82,7 @@ def build_avatar(
     rest = fit.rest_vertices(model)
     gaussians, photo_fit = fit_photo(
         gaussians,
-        fit.photo_vertices(model),
+        posed,
         rest,
         model.triangles,
         photo,
@@ -89,6 +90,7 @@ def build_avatar(
         fit.world_to_camera,
         options.preset,
         progress=lambda f, m: progress("photo", 0.65 + 0.3 * f, m),
+        person=person,
     )
 
     progress("finish", 0.95, f"{len(gaussians)} Gaussians")

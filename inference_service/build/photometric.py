@@ -79,8 +79,10 @@ def fit_photo(
     world_to_camera: np.ndarray,
     preset: str,
     progress: Callable[[float, str], None] = lambda f, m: None,
+    person: np.ndarray | None = None,
 ) -> tuple[BoundGaussians, dict]:
-    """Returns the fitted Gaussians and facts about the fit (loss before/after)."""
+    """Returns the fitted Gaussians and facts about the fit (loss before/after).
+    ``person``: the photo's :func:`person_mask` if the caller has it (else computed)."""
     iterations, size = SCHEDULE[preset]
     g = gaussians
     frames, area = triangle_frames(vertices, triangles)
@@ -104,7 +106,9 @@ def fit_photo(
     box = (float(center[0] - side / 2), float(center[1] - side / 2), side)
     cam = _crop_camera(intrinsics, world_to_camera, box, size)
     target = torch.tensor(srgb_to_linear(_resample(photo, box, size) / 255.0))
-    person = torch.tensor(_resample((person_mask(photo) * 255).astype(np.uint8), box, size) > 127)
+    if person is None:
+        person = person_mask(photo)
+    person = torch.tensor(_resample((person * 255).astype(np.uint8), box, size) > 127)
 
     sh = torch.tensor(g.sh.astype(np.float64), requires_grad=True)
     opacity = torch.tensor(g.opacity_logit.astype(np.float64), requires_grad=True)
