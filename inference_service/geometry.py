@@ -6,7 +6,7 @@ import numpy as np
 
 from kernels.reference import quat_to_rotmat
 
-__all__ = ["quat_to_rotmat", "rotmat_to_quat", "triangle_frames"]
+__all__ = ["quat_to_rotmat", "rotmat_to_quat", "triangle_frames", "vertex_normals"]
 
 
 def rotmat_to_quat(r: np.ndarray) -> np.ndarray:
@@ -39,3 +39,20 @@ def triangle_frames(vertices: np.ndarray, triangles: np.ndarray):
     n = n / np.maximum(area2[:, None], 1e-20)
     b = np.cross(n, t)
     return np.stack([t, b, n], axis=2), 0.5 * area2
+
+
+def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """Area-weighted smooth unit normals ``[V, 3]`` float32; vertices no triangle uses
+    (or whose faces cancel) get +Y, so every normal is unit length as glTF requires."""
+    v = vertices.astype(np.float64)
+    face = np.cross(
+        v[triangles[:, 1]] - v[triangles[:, 0]], v[triangles[:, 2]] - v[triangles[:, 0]]
+    )
+    acc = np.zeros_like(v)
+    for k in range(3):
+        np.add.at(acc, triangles[:, k], face)
+    length = np.linalg.norm(acc, axis=1, keepdims=True)
+    ok = length[:, 0] > 1e-30
+    out = np.tile(np.array([0.0, 1.0, 0.0]), (len(v), 1))
+    out[ok] = acc[ok] / length[ok]
+    return out.astype(np.float32)

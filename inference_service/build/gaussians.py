@@ -41,6 +41,15 @@ OCCLUSION_TOLERANCE = 0.01  # metres
 _LIDS = ("eyeBlinkLeft", "eyeBlinkRight")
 
 
+def random_bary(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``[n, 3]`` barycentric coordinates uniform over a triangle (the square's upper
+    half folded back onto the lower)."""
+    u, v = rng.random(n), rng.random(n)
+    flip = u + v > 1
+    u, v = np.where(flip, 1 - u, u), np.where(flip, 1 - v, v)
+    return np.stack([1 - u - v, u, v], axis=1)
+
+
 def sample_surface(
     model: HeadModel, count: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -61,10 +70,7 @@ def sample_surface(
     per_tri = np.floor(expected).astype(np.int64)
     per_tri += rng.random(len(expected)) < (expected - per_tri)
     tri = np.repeat(np.arange(len(per_tri)), per_tri)
-    u, v = rng.random(len(tri)), rng.random(len(tri))
-    flip = u + v > 1
-    u, v = np.where(flip, 1 - u, u), np.where(flip, 1 - v, v)
-    bary = np.stack([1 - u - v, u, v], axis=1)
+    bary = random_bary(rng, len(tri))
     # mean spacing in each region: sqrt(region area / Gaussians there)
     region_area = np.bincount(region, weights=area, minlength=len(density))
     region_n = np.bincount(region[tri], minlength=len(density))

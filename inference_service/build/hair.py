@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels.sh import rgb_to_sh0
 from protocol.camera import project
 
 from ..avatar import BoundGaussians
-from ..export.gltf import vertex_normals
-from ..geometry import triangle_frames
+from ..geometry import triangle_frames, vertex_normals
 from ..headmodel import HeadModel
+from .gaussians import OPACITY, TANGENT_SIGMA, THICKNESS, _sample_photo, _visible, random_bary
 
 HAIR_MAX = 0.06  # metres: thicker than this is not hair on a head
 MARCH_STEP = 0.0015  # metres along the normal per sample
@@ -162,18 +163,11 @@ def hair_gaussians(
     """Up to ``count`` Gaussians (none where the shell is thin) on the scalp's triangles,
     pushed out to the shell, coloured from the photo where it saw them and with the
     hair's median colour elsewhere."""
-    from kernels.sh import rgb_to_sh0
-
-    from .gaussians import OPACITY, TANGENT_SIGMA, THICKNESS, _sample_photo, _visible
-
     tris = np.flatnonzero(shell.scalp[model.triangles].all(axis=1))
     frames, area = triangle_frames(vertices, model.triangles[tris])
     p = area / area.sum()
     pick = rng.choice(len(tris), size=count, p=p)
-    u, v = rng.random(count), rng.random(count)
-    flip = u + v > 1
-    u, v = np.where(flip, 1 - u, u), np.where(flip, 1 - v, v)
-    bary = np.stack([1 - u - v, u, v], axis=1)
+    bary = random_bary(rng, count)
     corner = model.triangles[tris[pick]]
     offset = np.einsum("nk,nk->n", bary, shell.thickness[corner])
     keep = offset >= MIN_SHELL

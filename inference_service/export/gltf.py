@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..geometry import vertex_normals
+
 GLB_MAGIC = 0x46546C67  # b"glTF"
 CHUNK_JSON = 0x4E4F534A  # b"JSON"
 CHUNK_BIN = 0x004E4942  # b"BIN\0"
@@ -44,23 +46,6 @@ def from_gltf_axes(points: np.ndarray) -> np.ndarray:
     """Inverse of :func:`to_gltf_axes`."""
     p = np.asarray(points)
     return np.stack([p[..., 0], -p[..., 2], p[..., 1]], axis=-1)
-
-
-def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
-    """Area-weighted smooth unit normals ``[V, 3]`` float32; vertices no triangle uses
-    (or whose faces cancel) get +Y, so every normal is unit length as glTF requires."""
-    v = vertices.astype(np.float64)
-    face = np.cross(
-        v[triangles[:, 1]] - v[triangles[:, 0]], v[triangles[:, 2]] - v[triangles[:, 0]]
-    )
-    acc = np.zeros_like(v)
-    for k in range(3):
-        np.add.at(acc, triangles[:, k], face)
-    length = np.linalg.norm(acc, axis=1, keepdims=True)
-    ok = length[:, 0] > 1e-30
-    out = np.tile(np.array([0.0, 1.0, 0.0]), (len(v), 1))
-    out[ok] = acc[ok] / length[ok]
-    return out.astype(np.float32)
 
 
 def mesh_glb(
