@@ -74,12 +74,20 @@ def gaze_rotations(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for side, outward in (("Left", 1.0), ("Right", -1.0)):
         yaw = GAZE_YAW * outward * (w[f"eyeLookOut{side}"] - w[f"eyeLookIn{side}"])
         pitch = GAZE_PITCH * (w[f"eyeLookUp{side}"] - w[f"eyeLookDown{side}"])
-        cy, sy, cp, sp = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch)
-        turn = np.array([[cy, -sy, 0.0], [sy, cy, 0.0], [0.0, 0.0, 1.0]])  # about +Z
-        # The eye looks along -Y: looking up is a negative turn about +X.
-        lift = np.array([[1.0, 0.0, 0.0], [0.0, cp, sp], [0.0, -sp, cp]])
-        out.append(turn @ lift)
+        out.append(eye_turn(yaw) @ eye_lift(pitch))
     return out[0], out[1]
+
+
+def eye_turn(yaw: float) -> np.ndarray:
+    """``[3, 3]`` rotation about +Z (up): positive turns a -Y gaze towards +X."""
+    c, s = np.cos(yaw), np.sin(yaw)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def eye_lift(pitch: float) -> np.ndarray:
+    """``[3, 3]`` rotation raising a -Y gaze by ``pitch``: a negative turn about +X."""
+    c, s = np.cos(pitch), np.sin(pitch)
+    return np.array([[1.0, 0.0, 0.0], [0.0, c, s], [0.0, -s, c]])
 
 
 def pose_vertices(avatar: Avatar, weights: np.ndarray | None) -> np.ndarray:

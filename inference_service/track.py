@@ -38,7 +38,6 @@ a Huber loss so that a landmark MediaPipe misplaces pulls only linearly.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import re
 import time
@@ -54,7 +53,8 @@ from protocol.camera import orbit
 from protocol.errors import ProtocolError
 
 from .headmodel import HeadModel, load_correspondence, load_head_model
-from .posing import GAZE_PITCH, GAZE_YAW
+from .posing import GAZE_PITCH, GAZE_YAW, eye_lift, eye_turn
+from .torch_threads import one_torch_thread
 
 #: ``progress(frames_done, frames_total)``; the total is an estimate for some videos.
 TrackProgress = Callable[[int, int], None]
@@ -275,15 +275,15 @@ def _neg_skew(pts: np.ndarray) -> np.ndarray:
 
 
 def _turn(yaw: float) -> tuple[np.ndarray, np.ndarray]:
+    """Posing's eye turn and its derivative by ``yaw``."""
     c, s = np.cos(yaw), np.sin(yaw)
-    return (np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]),
-            np.array([[-s, -c, 0.0], [c, -s, 0.0], [0.0, 0.0, 0.0]]))  # fmt: skip
+    return eye_turn(yaw), np.array([[-s, -c, 0.0], [c, -s, 0.0], [0.0, 0.0, 0.0]])
 
 
 def _lift(pitch: float) -> tuple[np.ndarray, np.ndarray]:
+    """Posing's eye lift and its derivative by ``pitch``."""
     c, s = np.cos(pitch), np.sin(pitch)
-    return (np.array([[1.0, 0.0, 0.0], [0.0, c, s], [0.0, -s, c]]),
-            np.array([[0.0, 0.0, 0.0], [0.0, -s, c], [0.0, -c, -s]]))  # fmt: skip
+    return eye_lift(pitch), np.array([[0.0, 0.0, 0.0], [0.0, -s, c], [0.0, -c, -s]])
 
 
 @dataclass(frozen=True)
@@ -392,20 +392,6 @@ def _mirror_vertices(model: HeadModel) -> np.ndarray:
 _GAZE = np.array([[index_of(f"eyeLook{d}{s}") for d in ("Out", "In", "Up", "Down")]
                   for s in ("Left", "Right")])  # fmt: skip
 _OUTWARD = (1.0, -1.0)  # "out" turns the left eye towards +X, the right towards -X
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Torch on one thread for the solver's small products: more threads only spin (ten
-    times slower on a busy CPU; numpy's BLAS does the same, and cannot be told)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _linsolve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -556,7 +542,7 @@ class FrameSolver:
         self, landmarks: np.ndarray, x0: np.ndarray, iterations: int = MAX_ITERATIONS
     ) -> tuple[np.ndarray, float]:
         """Parameters ``[S + 6]`` and the landmark RMS as a fraction of the eye distance."""
-        with _one_thread():
+        with one_torch_thread():
             return self._fit(landmarks, x0, iterations)
 
     def _fit(
@@ -637,7 +623,7 @@ def fit_subject(
             out += t.weigh(solver.project(x, False)[0])[1] * scale**2
         return out
 
-    with _one_thread():
+    with one_torch_thread():
         for _ in range(rounds):
             xs = [
                 solver._fit(lm, x, ROUND_ITERATIONS)[0] for lm, x in zip(samples, xs, strict=True)

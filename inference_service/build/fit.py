@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..headmodel import Correspondence, HeadModel
+from ..torch_threads import one_torch_thread
 from .align import Alignment
 
 IDENTITY_COMPONENTS = 50
@@ -127,12 +128,8 @@ def fit_geometry(
 
     with torch.no_grad():
         rms0 = float(torch.sqrt((residual() ** 2).sum(1).mean()) / iod)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: more threads only spin (10x slower on a busy CPU)
-    try:
+    with one_torch_thread():
         opt.step(closure)
-    finally:
-        torch.set_num_threads(threads)
     with torch.no_grad():
         beta.clamp_(0.0, 1.0)
         rms = float(torch.sqrt((residual() ** 2).sum(1).mean()) / iod)
