@@ -104,6 +104,14 @@ class Avatar:
         return quat_to_rotmat(self.gaussians.rotation.astype(np.float64))
 
     @functools.cached_property
+    def pose_static(self):
+        """What posing's fast path needs that never changes between frames
+        (``posing._Static``: vertex ids, rest scales, opacities)."""
+        from .posing import static_arrays
+
+        return static_arrays(self)
+
+    @functools.cached_property
     def eyes(self) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
         """Per eye (subject's left, right): its vertex ids and the centre of the sphere
         that fits them at rest; empty when the mesh has no eyeballs."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,7 +118,7 @@ def pose(
     from .posing_kernels import pose_gaussians
 
     g = avatar.gaussians
-    st = _static(avatar)
+    st = avatar.pose_static
     verts = np.ascontiguousarray(pose_vertices(avatar, weights), np.float64)
     r, s, t = (np.eye(3), 1.0, np.zeros(3)) if head is None else split_transform(head)
     means, quats, scales = pose_gaussians(
@@ -144,14 +143,8 @@ class _Static:
     opacities: np.ndarray  # [N] float64 sigmoid(opacity_logit)
 
 
-#: id(avatar) → (weak reference to it, its _Static); entries go when the avatar does.
-_STATIC: dict[int, tuple[weakref.ref, _Static]] = {}
-
-
-def _static(avatar: Avatar) -> _Static:
-    hit = _STATIC.get(id(avatar))
-    if hit is not None and hit[0]() is avatar:
-        return hit[1]
+def static_arrays(avatar: Avatar) -> _Static:
+    """Built once per avatar (``Avatar.pose_static`` caches it)."""
     g = avatar.gaussians
 
     def exact(a: np.ndarray) -> type:  # float32 as stored (one compiled kernel), or float64
@@ -159,7 +152,7 @@ def _static(avatar: Avatar) -> _Static:
 
     used, index = avatar.bound_triangles
     tris = np.ascontiguousarray(avatar.triangles, np.int32)
-    st = _Static(
+    return _Static(
         tri_corners=tris[used],
         rest_area=np.ascontiguousarray(avatar.rest_area, np.float64),
         index=np.ascontiguousarray(index, np.int64),
@@ -170,9 +163,6 @@ def _static(avatar: Avatar) -> _Static:
         base_scale=np.exp(g.log_scale.astype(np.float64)),
         opacities=1.0 / (1.0 + np.exp(-g.opacity_logit.astype(np.float64))),
     )
-    key = id(avatar)
-    _STATIC[key] = (weakref.ref(avatar, lambda _ref: _STATIC.pop(key, None)), st)
-    return st
 
 
 def pose_reference(
