@@ -21,6 +21,7 @@ CurveKeys = _impl.CurveKeys
 ProtocolError = _impl.ProtocolError
 load_animation = _impl.load_animation
 Animation = _impl.Animation
+head_pivot = _impl.head_pivot
 head_rotation = _impl.head_rotation
 errors = _impl.errors
 wait_for_endpoint = _launch.wait_for_endpoint
@@ -33,6 +34,7 @@ __all__ = [
     "CurveKeys",
     "ProtocolError",
     "errors",
+    "head_pivot",
     "head_rotation",
     "load_animation",
     "wait_for_endpoint",

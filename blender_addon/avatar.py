@@ -2,7 +2,7 @@
 
 The proxy's mesh is in the avatar's canonical frame (metres, +Z up, facing −Y), parented
 to the head empty with a parent inverse that puts the empty at the top of the neck
-(:func:`core.curves.head_pivot`), so the proxy's world matrix is the head-to-world
+(``protocol.animation.head_pivot``), so the proxy's world matrix is the head-to-world
 transform the service takes, and rotating the empty turns the head about the neck, as a
 Live Link Face take's head rotation turns it in ``splatface render``. Renders read the
 *evaluated* shape-key values and matrices, so keyframes, drivers, NLA and constraints all
@@ -18,8 +18,7 @@ import bpy
 import numpy as np
 from mathutils import Matrix
 
-from ._protocol import ARKIT_NAMES, NUM_SHAPES
-from .core.curves import head_pivot
+from ._protocol import ARKIT_NAMES, NUM_SHAPES, head_pivot
 
 
 @dataclass(frozen=True)

@@ -201,10 +201,10 @@ def read_animation(path: str | None):
 
 
 def head_pivot(info: dict[str, Any]) -> np.ndarray:
-    """Where recorded head rotations turn the head about: roughly the top of the neck,
-    behind and below the head's centre (canonical frame: +Z up, face towards -Y)."""
-    center, radius = np.asarray(info["center"], np.float64), float(info["radius"])
-    return center + np.array([0.0, 0.15 * radius, -0.45 * radius])
+    """Where recorded head rotations turn the head (``protocol.animation.head_pivot``)."""
+    from protocol.animation import head_pivot as pivot
+
+    return pivot(info["center"], info["radius"])
 
 
 def animation_heads(anim, info: dict[str, Any], enabled: bool) -> np.ndarray | None:

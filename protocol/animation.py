@@ -109,6 +109,15 @@ _EYE_YAW_PITCH = {0, 1, 3, 4}
 # -- angles --------------------------------------------------------------------------
 
 
+def head_pivot(center: Sequence[float] | np.ndarray, radius: float) -> np.ndarray:
+    """Where a take's head rotation turns the head (``Animation.head_transforms``' pivot)
+    for an avatar with this bounding-sphere ``center`` and ``radius``: about the top of
+    the neck, behind and below the head's centre (+Z up, the face towards -Y), metres.
+    One rule, so the CLI and the Blender add-on turn a take's head alike."""
+    c = np.asarray(center, np.float64).reshape(3)
+    return c + np.array([0.0, 0.15 * float(radius), -0.45 * float(radius)])
+
+
 def head_rotation(yaw, pitch, roll) -> np.ndarray:
     """Rotation matrices ``[..., 3, 3]`` from yaw, pitch, roll (radians, broadcast).
 

@@ -104,7 +104,7 @@ def test_register_connect_lists_avatars(scene, avatar_id):
 def _pivot(info: dict) -> np.ndarray:
     """The neck pivot, as ``inference_service.cli.head_pivot`` (checked equal in
     test_blender_core.py)."""
-    from blender_addon.core.curves import head_pivot
+    from blender_addon._protocol import head_pivot
 
     return head_pivot(np.asarray(info["center"]), float(info["radius"]))
 

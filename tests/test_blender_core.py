@@ -8,8 +8,9 @@ import time
 import numpy as np
 import pytest
 
+from blender_addon._protocol import head_pivot
 from blender_addon.core import camera as cam
-from blender_addon.core.curves import head_pivot, plan_keyframes
+from blender_addon.core.curves import plan_keyframes
 from blender_addon.core.jobs import MainQueue, Worker, on_main_thread
 from blender_addon.core.passes import EMPTY_DEPTH, Layer, composite, to_blender
 from blender_addon.core.service import ConnectionSettings, is_loopback, run_build
@@ -175,7 +176,7 @@ def test_plan_keeps_float64_angles_and_any_column_count():
     assert plan.values[12] == pytest.approx([0.3, 0.0, -0.15])  # 0.5 s
 
 
-def test_head_pivot_is_the_clis():
+def test_the_addons_head_pivot_is_the_clis():
     from inference_service.cli import head_pivot as cli_head_pivot
 
     for info in (

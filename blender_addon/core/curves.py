@@ -58,15 +58,3 @@ def plan_keyframes(
     )
     frames = start_frame + np.arange(count, dtype=np.float64)
     return KeyframePlan(frames, values.astype(curves.dtype))
-
-
-def head_pivot(center: np.ndarray, radius: float) -> np.ndarray:
-    """Where a take's head rotation turns the head: about the top of the neck, behind and
-    below the head's centre (avatar frame: +Z up, the face towards -Y), metres.
-
-    A copy of ``inference_service.cli.head_pivot`` (the add-on never imports the service),
-    so a take turns the head in Blender exactly as ``splatface render --curves`` turns it;
-    tests/test_blender_core.py checks that the two agree.
-    """
-    c = np.asarray(center, np.float64).reshape(3)
-    return c + np.array([0.0, 0.15 * float(radius), -0.45 * float(radius)])
