@@ -6,7 +6,13 @@ import numpy as np
 
 from kernels.reference import quat_to_rotmat
 
-__all__ = ["quat_to_rotmat", "rotmat_to_quat", "triangle_frames", "vertex_normals"]
+__all__ = [
+    "edge_adjacency",
+    "quat_to_rotmat",
+    "rotmat_to_quat",
+    "triangle_frames",
+    "vertex_normals",
+]
 
 
 def rotmat_to_quat(r: np.ndarray) -> np.ndarray:
@@ -56,3 +62,14 @@ def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     out = np.tile(np.array([0.0, 1.0, 0.0]), (len(v), 1))
     out[ok] = acc[ok] / length[ok]
     return out.astype(np.float32)
+
+
+def edge_adjacency(triangles: np.ndarray, n: int):
+    """``[n, n]`` sparse (CSR) matrix with 1 where two of the ``n`` indices share a
+    triangle edge (vertex ids, or UV ids for UV islands)."""
+    from scipy.sparse import coo_matrix
+
+    a, b = triangles.ravel(), triangles[:, [1, 2, 0]].ravel()
+    m = coo_matrix((np.ones(2 * len(a)), (np.r_[a, b], np.r_[b, a])), shape=(n, n)).tocsr()
+    m.data[:] = 1.0
+    return m

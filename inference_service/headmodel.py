@@ -147,12 +147,12 @@ def _tongue_vertices(
     neutral: np.ndarray, triangles: np.ndarray, triangle_uvs: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Tongue vertices, and those of them it shares with the gums (its root)."""
-    from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
+    from .geometry import edge_adjacency
+
     n = int(triangle_uvs.max()) + 1
-    a, b = triangle_uvs.ravel(), triangle_uvs[:, [1, 2, 0]].ravel()
-    _, label = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)))
+    _, label = connected_components(edge_adjacency(triangle_uvs, n))
     island = label[triangle_uvs[:, 0]]
     picked = set()
     for seed in TONGUE_SEEDS:

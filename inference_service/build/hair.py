@@ -20,7 +20,7 @@ from kernels.sh import rgb_to_sh0
 from protocol.camera import project
 
 from ..avatar import BoundGaussians
-from ..geometry import triangle_frames, vertex_normals
+from ..geometry import edge_adjacency, triangle_frames, vertex_normals
 from ..headmodel import HeadModel
 from .gaussians import OPACITY, TANGENT_SIGMA, THICKNESS, _sample_photo, _visible, random_bary
 
@@ -74,16 +74,6 @@ def _silhouette(model: HeadModel, uv: np.ndarray, size: tuple[int, int]) -> np.n
     return np.asarray(img) > 0
 
 
-def _neighbours(triangles: np.ndarray, n: int):
-    from scipy.sparse import coo_matrix
-
-    a = np.concatenate([triangles[:, 0], triangles[:, 1], triangles[:, 2]])
-    b = np.concatenate([triangles[:, 1], triangles[:, 2], triangles[:, 0]])
-    m = coo_matrix((np.ones(2 * len(a)), (np.r_[a, b], np.r_[b, a])), shape=(n, n)).tocsr()
-    m.data[:] = 1.0
-    return m
-
-
 def fit_hair(
     model: HeadModel,
     vertices: np.ndarray,
@@ -130,7 +120,7 @@ def fit_hair(
     measured[ids] = True
 
     # spread over the scalp: unmeasured vertices take their neighbours' mean
-    adj = _neighbours(model.triangles, len(vertices))
+    adj = edge_adjacency(model.triangles, len(vertices))
     adj = adj[scalp][:, scalp]
     deg = np.maximum(np.asarray(adj.sum(axis=1)).ravel(), 1)
     t = thickness[scalp]
