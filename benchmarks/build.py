@@ -4,7 +4,8 @@ Each build runs in a fresh ``splatface serve`` process (so its peak memory is th
 build's) and is timed end to end through the protocol. The skeleton builder (detect,
 align, project colours) is measured in the same run as the time the build takes up to
 the end of its ``gaussians`` stage; the rest is the geometry and photo fits it did not
-have. Quality: PSNR of the input view over the inner face, as ``tests/test_builder``.
+have (pseudo-views and the COIN fit). Quality: PSNR of the input view over the inner
+face, as ``tests/test_builder``.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def main() -> None:
                     avatar = Store(store).load(st["avatar_id"])
                 finally:
                     svc.stop()
-                skeleton = next(e["time"] for e in events if e["stage"] == "photo")
+                skeleton = next(e["time"] for e in events if e["stage"] == "views")
                 emit({**base, "portrait": name, "preset": preset,
                       "build_s": round(seconds, 2), "skeleton_equivalent_s": round(skeleton, 2),
                       "ratio_vs_skeleton": round(seconds / max(skeleton, 1e-3), 2),

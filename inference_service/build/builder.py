@@ -7,21 +7,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from protocol.arkit import ARKIT_NAMES
 
 from ..avatar import FORMAT_VERSION, Avatar, BoundGaussians
-from ..headmodel import load_correspondence, load_head_model
+from ..headmodel import HeadModel, load_correspondence, load_head_model
 from ..images import decode_image
 from . import detect
 from .align import align
+from .coin import fit_coin, photo_seen
 from .fit import fit_geometry
 from .gaussians import COUNTS, make_gaussians
-from .hair import fit_hair, hair_gaussians
-from .photometric import fit_photo, person_mask
+from .hair import MIN_SHELL, HairShell, fit_hair, hair_gaussians
+from .photometric import SCHEDULE, bind, person_mask, photo_crop
+from .pseudoviews import Splats, make_pseudo_views, splats_labels
+from .views import View
 
 #: Hair Gaussians as a share of the preset's count (fewer where the hair is thin).
 HAIR_SHARE = 0.25
+
+#: Regions only the photo's own view shows (mouth, eyes): never textured like hair or skin.
+INNER_REGIONS = ("mouth_socket", "gums_tongue", "teeth", "eyeball_left", "eyeball_right",
+                 "eye_sockets")  # fmt: skip
 
 #: ``progress(stage, fraction, message)``; may raise to cancel the build.
 Progress = Callable[[str, float, str], None]
@@ -71,7 +79,7 @@ def build_avatar(
     progress("gaussians", 0.60, f"placing Gaussians ({options.preset} preset)")
     gaussians = make_gaussians(
         model, posed, photo, fit.intrinsics, fit.world_to_camera, options.preset,
-        hair_colour=shell.colour,
+        hair_colour=shell.colour, person=person,
     )  # fmt: skip
     hair = hair_gaussians(
         model, posed, shell, int(HAIR_SHARE * COUNTS[options.preset]), photo,
@@ -80,18 +88,10 @@ def build_avatar(
     gaussians = BoundGaussians.concat([gaussians, hair])
 
     rest = fit.rest_vertices(model)
-    gaussians, photo_fit = fit_photo(
-        gaussians,
-        posed,
-        rest,
-        model.triangles,
-        photo,
-        fit.intrinsics,
-        fit.world_to_camera,
-        options.preset,
-        progress=lambda f, m: progress("photo", 0.65 + 0.3 * f, m),
-        person=person,
-    )
+    gaussians, coin_facts = coin_fit(
+        gaussians, model, posed, rest, shell, photo, person, fit.intrinsics,
+        fit.world_to_camera, options.preset, progress,
+    )  # fmt: skip
 
     progress("finish", 0.95, f"{len(gaussians)} Gaussians")
     name = options.name or f"avatar-{avatar_id[:6]}"
@@ -116,7 +116,7 @@ def build_avatar(
             ARKIT_NAMES[i]: round(float(v), 3) for i, v in enumerate(fit.expression) if v >= 0.05
         },
         "gaussians": len(gaussians),
-        "photo_fit": photo_fit,
+        "coin_fit": coin_facts,
     }
     return Avatar(
         id=avatar_id,
@@ -130,3 +130,49 @@ def build_avatar(
         photo_world_to_camera=fit.world_to_camera,
         meta=meta,
     )
+
+
+def coin_fit(
+    gaussians: BoundGaussians,
+    model: HeadModel,
+    posed: np.ndarray,  # [V, 3] the head as the photo shows it
+    rest: np.ndarray,  # [V, 3] the rest mesh the avatar keeps
+    shell: HairShell,
+    photo: np.ndarray,
+    person: np.ndarray,
+    intrinsics: np.ndarray,
+    world_to_camera: np.ndarray,
+    preset: str,
+    progress: Progress,
+    enhance: Callable[[list[View]], list[View]] = lambda views: views,
+) -> tuple[BoundGaussians, dict]:
+    """Pseudo-views of the initial head (stage "views"), then the COIN fit ("coin").
+    ``enhance`` may repaint the views' low-confidence pixels in between."""
+    frame = bind(gaussians, posed, rest, model.triangles)
+    base, normal, quats, stretch = frame
+    means = base + torch.tensor(gaussians.offset, dtype=torch.float64)[:, None] * normal
+    region = model.triangle_region[gaussians.triangle]
+    scalp = shell.scalp[model.triangles[gaussians.triangle]].all(axis=1)
+    inner = tuple(model.region(n) for n in INNER_REGIONS)
+    splats = Splats(
+        means=means.numpy(), quats=quats.numpy(),
+        scales=np.exp(gaussians.log_scale.astype(np.float64)) * stretch.numpy()[:, None],
+        opacities=1 / (1 + np.exp(-gaussians.opacity_logit.astype(np.float64))),
+        sh=gaussians.sh.astype(np.float64),
+        labels=splats_labels(region, inner, scalp | (gaussians.offset >= MIN_SHELL)),
+    )  # fmt: skip
+    size = SCHEDULE[preset][1]
+    box, camera = photo_crop(base.numpy(), intrinsics, world_to_camera, size)
+    progress("views", 0.62, "rendering pseudo-views around the head")
+    views = make_pseudo_views(
+        splats, photo, person, box, camera, size, preset,
+        progress=lambda f, m: progress("views", 0.62 + 0.06 * f, m),
+    )  # fmt: skip
+    views = enhance(views)
+    seen = photo_seen(splats.means, normal.numpy(), intrinsics, world_to_camera, person)
+    fitted, facts = fit_coin(
+        gaussians, frame, views, preset, seen,
+        progress=lambda f, m: progress("coin", 0.68 + 0.26 * f, m),
+    )  # fmt: skip
+    facts.pop("compensation")
+    return fitted, {**facts, "size": size}

@@ -36,6 +36,9 @@ TANGENT_SIGMA = 0.8  # x the region's mean spacing: opaque enough that novel vie
 THICKNESS = 0.15  # normal-axis sigma as a fraction of the tangent sigma
 ZBUFFER_CELL = 2.0  # photo pixels
 OCCLUSION_TOLERANCE = 0.01  # metres
+#: cos(normal, ray) above which a Gaussian takes the photo's colour: at grazing angles a
+#: pixel holds whatever lies beside the surface (collar, lining), not the surface
+COLOUR_FACING = 0.35
 
 
 _LIDS = ("eyeBlinkLeft", "eyeBlinkRight")
@@ -78,12 +81,15 @@ def sample_surface(
     return tri.astype(np.int32), bary.astype(np.float32), spacing[region[tri]]
 
 
-def _visible(points, normals, intrinsics, w2c, size) -> tuple[np.ndarray, np.ndarray]:
-    """Which points the photo saw (facing it, first along their ray), and where."""
+def _visible(
+    points, normals, intrinsics, w2c, size, facing_min: float = 0.15
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which points the photo saw (facing it by cos > ``facing_min``, first along their
+    ray), and where."""
     uv, z = project(points, intrinsics, w2c)
     cam = -w2c[:3, :3].T @ w2c[:3, 3]
     to_cam = cam - points
-    facing = np.sum(normals * to_cam, axis=1) > 0.15 * np.linalg.norm(to_cam, axis=1)
+    facing = np.sum(normals * to_cam, axis=1) > facing_min * np.linalg.norm(to_cam, axis=1)
     w, h = size
     inside = (z > 0) & (uv[:, 0] >= 0) & (uv[:, 0] < w) & (uv[:, 1] >= 0) & (uv[:, 1] < h)
     cells = np.floor(np.nan_to_num(uv) / ZBUFFER_CELL).astype(np.int64)
@@ -119,6 +125,16 @@ def _eye_colours(
     return out
 
 
+def _on(mask: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """``[N]`` bool: ``mask`` [H, W] at pixel coordinates ``uv`` [N, 2] (False outside)."""
+    h, w = mask.shape
+    j, i = np.floor(np.nan_to_num(uv, nan=-1.0)).astype(np.int64).T
+    inside = (j >= 0) & (j < w) & (i >= 0) & (i < h)
+    out = np.zeros(len(uv), bool)
+    out[inside] = mask[i[inside], j[inside]]
+    return out
+
+
 def _sample_photo(photo: np.ndarray, uv: np.ndarray) -> np.ndarray:
     h, w = photo.shape[:2]
     j = np.clip(np.floor(uv[:, 0]).astype(np.int64), 0, w - 1)
@@ -135,6 +151,7 @@ def make_gaussians(
     preset: str,
     seed: int = 0,
     hair_colour: np.ndarray | None = None,
+    person: np.ndarray | None = None,
 ) -> BoundGaussians:
     """Gaussians bound to the mesh, coloured by projecting ``photo`` (sRGB uint8) onto
     ``vertices`` [V, 3] (the head as the photo shows it, in the photo camera's frame).
@@ -142,7 +159,8 @@ def make_gaussians(
     Seen surface takes the photo's colour; unseen face and head take the colour of their
     mirror image across the face's symmetry plane (x = 0) when that was seen, else the
     median colour of what was seen in their region (``hair_colour``, when known, for
-    the unseen scalp); mouth and eyes take fixed colours.
+    the unseen scalp); mouth and eyes take fixed colours. ``person`` ([H, W] bool, the
+    photo's person mask): where it is false the photo shows the backdrop, not the head.
     """
     rng = np.random.default_rng(seed)
     tri, bary, spacing = sample_surface(model, COUNTS[preset], rng)
@@ -154,12 +172,20 @@ def make_gaussians(
 
     seen, uv = _visible(points, normals, intrinsics, world_to_camera, size)
     mirror = np.array([-1.0, 1.0, 1.0])
-    seen_m, uv_m = _visible(points * mirror, normals * mirror, intrinsics, world_to_camera, size)
+    seen_m, uv_m = _visible(points * mirror, normals * mirror, intrinsics, world_to_camera, size,
+                            COLOUR_FACING)  # fmt: skip
+    # the eyes keep the looser test (their iris colour); skin and scalp take colour only
+    # where the photo saw them squarely and saw the person there
+    square, _ = _visible(points, normals, intrinsics, world_to_camera, size, COLOUR_FACING)
+    seen_c = square
+    if person is not None:
+        seen_c = seen_c & _on(person, uv)
+        seen_m = seen_m & _on(person, uv_m)
     colour = np.zeros((len(tri), 3))
     colour[seen] = _sample_photo(photo, uv[seen])
-    use_m = ~seen & seen_m
+    use_m = ~seen_c & seen_m
     colour[use_m] = _sample_photo(photo, uv_m[use_m])
-    known = seen | use_m
+    known = seen_c | use_m
 
     region = model.triangle_region[tri]
     face_median = (

@@ -69,6 +69,48 @@ def _resample(image: np.ndarray, box, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(padded).resize((size, size), Image.BILINEAR, box=region))
 
 
+def bind(
+    g: BoundGaussians,
+    vertices: np.ndarray,  # [V, 3] the mesh the Gaussians sit on
+    rest_vertices: np.ndarray,  # [V, 3] the rest mesh their scales are stored for
+    triangles: np.ndarray,  # [T, 3]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The parts of a Gaussian's world pose its fit does not move, float64 tensors:
+    base point on the surface ``[N, 3]``, unit normal ``[N, 3]``, world quaternion
+    ``[N, 4]`` and the triangle's area stretch from rest ``[N]``. A fit then places
+    Gaussians at ``base + offset * normal`` with scales ``exp(log_scale) * stretch``."""
+    frames, area = triangle_frames(vertices, triangles)
+    _, rest_area = triangle_frames(rest_vertices, triangles)
+    corners = vertices[triangles[g.triangle]]
+    base = torch.tensor(np.einsum("nk,nkc->nc", g.bary, corners))
+    normal = torch.tensor(frames[g.triangle, :, 2])
+    quats = torch.tensor(
+        rotmat_to_quat(frames[g.triangle] @ quat_to_rotmat(g.rotation.astype(np.float64)))
+    )
+    stretch = torch.tensor(np.sqrt(area / np.maximum(rest_area, 1e-20))[g.triangle])
+    return base, normal, quats, stretch
+
+
+def photo_crop(
+    points: np.ndarray,  # [N, 3] world points of the head
+    intrinsics: np.ndarray,
+    world_to_camera: np.ndarray,
+    size: int,
+) -> tuple[tuple[float, float, float], Camera]:
+    """The square box (x0, y0, side) of the photo around the projected head, 10 % wider,
+    and the camera that sees it at ``size`` x ``size``: fits work on this crop so their
+    cost is the preset's, not the photo's."""
+    from protocol.camera import project
+
+    uv, z = project(points, intrinsics, world_to_camera)
+    ok = z > 0
+    lo, hi = uv[ok].min(0), uv[ok].max(0)
+    side = float(max(hi - lo) * 1.1)
+    center = 0.5 * (lo + hi)
+    box = (float(center[0] - side / 2), float(center[1] - side / 2), side)
+    return box, _crop_camera(intrinsics, world_to_camera, box, size)
+
+
 def fit_photo(
     gaussians: BoundGaussians,
     vertices: np.ndarray,  # [V, 3] the head as the photo shows it
@@ -85,26 +127,8 @@ def fit_photo(
     ``person``: the photo's :func:`person_mask` if the caller has it (else computed)."""
     iterations, size = SCHEDULE[preset]
     g = gaussians
-    frames, area = triangle_frames(vertices, triangles)
-    _, rest_area = triangle_frames(rest_vertices, triangles)
-    corners = vertices[triangles[g.triangle]]
-    base = torch.tensor(np.einsum("nk,nkc->nc", g.bary, corners))
-    normal = torch.tensor(frames[g.triangle, :, 2])
-    quats = torch.tensor(
-        rotmat_to_quat(frames[g.triangle] @ quat_to_rotmat(g.rotation.astype(np.float64)))
-    )
-    stretch = torch.tensor(np.sqrt(area / np.maximum(rest_area, 1e-20))[g.triangle])
-
-    # square crop around the projected head, resampled to the preset size
-    from protocol.camera import project
-
-    uv, z = project(base.numpy(), intrinsics, world_to_camera)
-    ok = z > 0
-    lo, hi = uv[ok].min(0), uv[ok].max(0)
-    side = float(max(hi - lo) * 1.1)
-    center = 0.5 * (lo + hi)
-    box = (float(center[0] - side / 2), float(center[1] - side / 2), side)
-    cam = _crop_camera(intrinsics, world_to_camera, box, size)
+    base, normal, quats, stretch = bind(g, vertices, rest_vertices, triangles)
+    box, cam = photo_crop(base.numpy(), intrinsics, world_to_camera, size)
     target = torch.tensor(srgb_to_linear(_resample(photo, box, size) / 255.0))
     if person is None:
         person = person_mask(photo)

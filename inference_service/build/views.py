@@ -88,12 +88,22 @@ def _bilinear(image: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def _nearest_depth(depth: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """The minimum depth over the 2x2 pixels around each sample (inf-safe)."""
+    """The source's depth at each sample: bilinear where the 2x2 pixels around it are
+    all covered, else their minimum (inf-safe). The minimum alone would reject sloped
+    surfaces, whose depth changes by more than the tolerance across one pixel; bilinear
+    across an occluder's edge gives a depth between the two surfaces, so the hidden one
+    stays rejected."""
     h, w = depth.shape
     x0 = np.clip(np.floor(u - 0.5).astype(np.int64), 0, w - 1)
     y0 = np.clip(np.floor(v - 0.5).astype(np.int64), 0, h - 1)
     x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
-    return np.minimum.reduce([depth[y0, x0], depth[y0, x1], depth[y1, x0], depth[y1, x1]])
+    corners = [depth[y0, x0], depth[y0, x1], depth[y1, x0], depth[y1, x1]]
+    nearest = np.minimum.reduce(corners)
+    full = np.isfinite(np.maximum.reduce(corners))
+    out = nearest.copy()
+    if full.any():
+        out[full] = _bilinear(depth, u[full], v[full])
+    return out
 
 
 def warp(

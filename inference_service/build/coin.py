@@ -1,0 +1,176 @@
+"""COIN fit (FaceCraft4D's Consistent–Inconsistent training) on the CPU rasterizer.
+
+The photo's view is the consistent half: trusted fully, L1 in linear colour inside its
+confidence (head silhouette and person). The pseudo-views are the inconsistent half:
+their pixels are warped, mirrored or invented, so each view's render passes through a
+learned colour compensation (3x3 matrix and bias, pulled towards identity) before it is
+compared, and each pixel counts by its confidence. A view whose fill is a shade off then
+costs the compensation, not the identity. Every Gaussian is fitted (the pseudo-views
+supervise the back), but Gaussians the photo sees take only a tenth of the pseudo-views'
+pull, so the face stays the photo's. The pseudo-views also hold the silhouette: their
+alpha is pulled to 1 inside the initial head and 0 outside (no holes, no floaters).
+Regularisers keep offsets, sizes and opacities near their start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import kernels
+
+from ..avatar import BoundGaussians
+from .views import View
+
+
+@dataclass(frozen=True)
+class CoinSchedule:
+    """Iterations, and pseudo-views rendered per iteration (taken in turn)."""
+
+    iterations: int
+    views_per_step: int
+
+
+SCHEDULES = {
+    "fast": CoinSchedule(30, 1),
+    "default": CoinSchedule(100, 2),
+    "high": CoinSchedule(150, 2),
+}
+LR = {"sh": 0.04, "opacity": 0.05, "offset": 2e-4, "log_scale": 0.01, "compensation": 0.02}
+PSEUDO_WEIGHT = 0.5  # all pseudo-views together, against the photo's 1
+ALPHA_WEIGHT = 0.5  # silhouette term on the pseudo-views
+SEEN_PULL = 0.1  # share of the pseudo-views' gradient a photo-seen Gaussian takes
+OFFSET_WEIGHT = 1e4  # per squared metre of offset from the start
+SCALE_WEIGHT = 0.01  # per squared unit of log-scale change
+OPACITY_WEIGHT = 0.01  # per squared change of opacity
+COMPENSATION_WEIGHT = 0.01  # per squared deviation of a view's affine from identity
+
+
+def _damp(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``x`` unchanged, its gradient scaled by ``factor`` (broadcast over rows)."""
+    return x * factor + (x * (1 - factor)).detach()
+
+
+def photo_seen(
+    means: np.ndarray,  # [N, 3] world
+    normals: np.ndarray,  # [N, 3] world unit normals
+    intrinsics: np.ndarray,
+    world_to_camera: np.ndarray,
+    person: np.ndarray,  # [H, W] bool, the photo's person mask
+) -> np.ndarray:
+    """``[N]`` bool: Gaussians the photo shows (facing it, first along their ray, on
+    the person), whose colour the photo decides."""
+    from .gaussians import COLOUR_FACING, _visible
+
+    h, w = person.shape
+    seen, uv = _visible(means, normals, intrinsics, world_to_camera, (w, h), COLOUR_FACING)
+    j = np.clip(np.nan_to_num(uv[:, 0]).astype(np.int64), 0, w - 1)
+    i = np.clip(np.nan_to_num(uv[:, 1]).astype(np.int64), 0, h - 1)
+    return seen & person[i, j]
+
+
+def fit_coin(
+    gaussians: BoundGaussians,
+    frame: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    views: list[View],
+    preset: str,
+    seen: np.ndarray,  # [N] bool: Gaussians the photo saw
+    progress: Callable[[float, str], None] = lambda f, m: None,
+    schedule: CoinSchedule | None = None,
+) -> tuple[BoundGaussians, dict]:
+    """Fit ``gaussians`` to ``views`` (the photo's first). ``frame``: what
+    :func:`~.photometric.bind` returns for them. Returns the fitted Gaussians, the
+    per-view compensations ``[V-1, 3, 4]`` in the facts under ``"compensation"``, and
+    the photo's L1 before/after. ``progress`` may raise to cancel."""
+    schedule = schedule or SCHEDULES[preset]
+    base, normal, quats, stretch = frame
+    g = gaussians
+    photo, pseudo = views[0], views[1:]
+    sh = torch.tensor(g.sh.astype(np.float64), requires_grad=True)
+    opacity = torch.tensor(g.opacity_logit.astype(np.float64), requires_grad=True)
+    offset = torch.tensor(g.offset.astype(np.float64), requires_grad=True)
+    log_scale = torch.tensor(g.log_scale.astype(np.float64), requires_grad=True)
+    start_offset, start_scale = offset.detach().clone(), log_scale.detach().clone()
+    start_opacity = torch.sigmoid(opacity.detach())
+    comp = torch.zeros((len(pseudo), 3, 4), dtype=torch.float64)
+    comp[:, :, :3] = torch.eye(3, dtype=torch.float64)
+    identity = comp.clone()
+    comp.requires_grad_(True)
+    opt = torch.optim.Adam([
+        {"params": [sh], "lr": LR["sh"]}, {"params": [opacity], "lr": LR["opacity"]},
+        {"params": [offset], "lr": LR["offset"]}, {"params": [log_scale], "lr": LR["log_scale"]},
+        {"params": [comp], "lr": LR["compensation"]},
+    ])  # fmt: skip
+    pull = torch.tensor(np.where(seen, SEEN_PULL, 1.0))
+
+    targets = [(torch.tensor(v.image, dtype=torch.float64),
+                torch.tensor(v.confidence, dtype=torch.float64)[..., None],
+                torch.tensor(v.alpha > 0.5, dtype=torch.float64)) for v in views]  # fmt: skip
+
+    def render(view: View, damped: bool):
+        f = pull if damped else None
+        s, o, d, ls = ((_damp(sh, f[:, None, None]), _damp(opacity, f), _damp(offset, f),
+                        _damp(log_scale, f[:, None])) if damped
+                       else (sh, opacity, offset, log_scale))  # fmt: skip
+        means = base + d[:, None] * normal
+        scales = torch.exp(ls) * stretch[:, None]
+        w, h = view.size
+        out = kernels.rasterize(means, quats, scales, torch.sigmoid(o), s, view.camera, w, h,
+                                ("rgb", "alpha"), backend="cpu")  # fmt: skip
+        return out.rgb, out.alpha
+
+    def l1(rgb, target, weight):
+        return (weight * (rgb - target).abs()).sum() / (3 * weight.sum().clamp(min=1.0))
+
+    losses, pseudo_losses = [], []
+    turn = 0
+    for it in range(schedule.iterations):
+        opt.zero_grad()
+        rgb, _ = render(photo, damped=False)
+        data = l1(rgb, targets[0][0], targets[0][1])
+        reg = (
+            OFFSET_WEIGHT * ((offset - start_offset) ** 2).mean()
+            + SCALE_WEIGHT * ((log_scale - start_scale) ** 2).mean()
+            + OPACITY_WEIGHT * ((torch.sigmoid(opacity) - start_opacity) ** 2).mean()
+            + COMPENSATION_WEIGHT * ((comp - identity) ** 2).sum() / max(len(pseudo), 1)
+        )
+        loss = data + reg
+        side = torch.zeros((), dtype=torch.float64)
+        count = min(schedule.views_per_step, len(pseudo))
+        for _ in range(count):
+            k = turn % len(pseudo)
+            turn += 1
+            rgb_k, alpha_k = render(pseudo[k], damped=True)
+            image, conf, inside = targets[k + 1]
+            compensated = rgb_k @ comp[k, :, :3].T + alpha_k[..., None] * comp[k, :, 3]
+            side = side + l1(compensated, image, conf)
+            side = side + ALPHA_WEIGHT * (alpha_k - inside).abs().mean()
+        if count:
+            loss = loss + PSEUDO_WEIGHT * side / count
+            pseudo_losses.append(float(side.detach()) / count)
+        loss.backward()
+        opt.step()
+        losses.append(float(data.detach()))
+        progress((it + 1) / schedule.iterations,
+                 f"COIN fit {it + 1}/{schedule.iterations}: photo L1 {losses[-1]:.4f}")  # fmt: skip
+    fitted = BoundGaussians(
+        triangle=g.triangle, bary=g.bary, rotation=g.rotation,
+        offset=offset.detach().numpy().astype(np.float32),
+        log_scale=log_scale.detach().numpy().astype(np.float32),
+        opacity_logit=opacity.detach().numpy().astype(np.float32),
+        sh=sh.detach().numpy().astype(np.float32),
+    )  # fmt: skip
+    facts = {
+        "iterations": schedule.iterations,
+        "views": len(views),
+        "l1_start": round(losses[0], 5),
+        "l1_end": round(losses[-1], 5),
+        "compensation": comp.detach().numpy(),
+    }
+    if pseudo_losses:
+        facts["pseudo_start"] = round(pseudo_losses[0], 5)
+        facts["pseudo_end"] = round(pseudo_losses[-1], 5)
+    return fitted, facts

@@ -1,0 +1,224 @@
+"""Pseudo-views and the COIN fit on a synthetic head: Gaussians on a sphere whose colour
+is a known function of position, photographed by rendering it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from inference_service.avatar import BoundGaussians
+from inference_service.build.coin import CoinSchedule, fit_coin
+from inference_service.build.pseudoviews import (
+    INPAINT_TRUST,
+    LABEL_SKIN,
+    HairTexture,
+    Splats,
+    make_pseudo_views,
+)
+from inference_service.build.views import (
+    SOURCE_INPAINT,
+    SOURCE_MIRROR,
+    SOURCE_NONE,
+    SOURCE_PHOTO,
+    View,
+    unproject,
+)
+from inference_service.images import linear_to_srgb
+from kernels import Camera
+from kernels.sh import rgb_to_sh0
+from protocol.camera import intrinsics_from_fov, orbit
+
+RADIUS = 0.1
+PHOTO = 128
+
+
+def sphere_points(n: int) -> np.ndarray:
+    """``[n, 3]`` evenly spread on the sphere (Fibonacci lattice)."""
+    k = np.arange(n) + 0.5
+    z = 1 - 2 * k / n
+    phi = np.pi * (1 + 5**0.5) * k
+    r = np.sqrt(1 - z * z)
+    return RADIUS * np.stack([r * np.cos(phi), r * np.sin(phi), z], 1)
+
+
+def colour_of(points: np.ndarray) -> np.ndarray:
+    """Red on the subject's right (-x), blue on the left (+x), green and brighter
+    upwards."""
+    side = points[:, 0] < 0
+    up = 0.3 + 0.5 * (points[:, 2] / RADIUS + 1) / 2
+    return np.stack([np.where(side, up, 0.05), 0.5 * up, np.where(side, 0.05, up)], 1)
+
+
+def splats(n: int = 6000, colours=None) -> Splats:
+    pts = sphere_points(n)
+    normal = pts / RADIUS
+    # flat discs tangent to the sphere: rotate z onto the normal (shortest arc)
+    z = np.array([0.0, 0.0, 1.0])
+    axis = np.cross(z, normal)
+    w = 1 + normal @ z
+    quats = np.concatenate([w[:, None], axis], 1)
+    quats[w < 1e-6] = [0, 1, 0, 0]
+    quats /= np.linalg.norm(quats, axis=1, keepdims=True)
+    sigma = 0.8 * np.sqrt(4 * np.pi * RADIUS**2 / n)
+    colours = colour_of(pts) if colours is None else colours
+    return Splats(means=pts, quats=quats, scales=np.tile([sigma, sigma, 0.15 * sigma], (n, 1)),
+                  opacities=np.full(n, 0.98), sh=rgb_to_sh0(colours)[:, None, :],
+                  labels=np.full(n, LABEL_SKIN, np.int32))  # fmt: skip
+
+
+def photo_of(s: Splats, yaw: float) -> tuple[np.ndarray, Camera]:
+    cam = Camera.from_arrays(intrinsics_from_fov(PHOTO, PHOTO, 30.0),
+                             orbit((0, 0, 0), 0.6, yaw, 5.0))  # fmt: skip
+    out = s.render(cam, PHOTO, ("rgb", "alpha"))
+    img = linear_to_srgb(np.clip(out.rgb + (1 - out.alpha[..., None]) * 0.8, 0, 1))
+    return (img * 255 + 0.5).astype(np.uint8), cam
+
+
+@pytest.fixture(scope="module")
+def scene():
+    s = splats()
+    photo, cam = photo_of(s, -40.0)  # sees the red (-x) side best
+    person = np.ones(photo.shape[:2], bool)
+    views = make_pseudo_views(s, photo, person, (0.0, 0.0, float(PHOTO)), cam, PHOTO, "fast")
+    return s, views
+
+
+def truth(s: Splats, view: View) -> np.ndarray:
+    out = s.render(view.camera, view.size[0], ("rgb", "alpha"))
+    return out.rgb / np.maximum(out.alpha, 1e-6)[..., None]
+
+
+def test_views_are_well_formed(scene):
+    s, views = scene
+    assert views[0].yaw is None and len(views) == 7  # the photo, then the fast ring
+    for v in views:
+        assert v.image.dtype == np.float32 and v.image.shape[:2] == v.confidence.shape
+        assert v.confidence.min() >= 0 and v.confidence.max() <= 1
+        outside = v.alpha <= 0.5
+        assert outside.any() and (v.confidence[outside] == 0).all()
+        assert (v.source[outside] == SOURCE_NONE).all()
+    # the photo is trusted fully, except on skin it saw edge-on (the outline's ring)
+    front = views[0]
+    trust = front.confidence[front.alpha > 0.5]
+    assert (trust == 1).mean() > 0.8 and trust.min() < 0.9
+
+
+def test_photo_seen_pixels_reproduce_the_photo(scene):
+    s, views = scene
+    v = next(v for v in views if v.yaw == -60)  # close to the photo's side
+    good = (v.source == SOURCE_PHOTO) & (v.confidence > 0.8)
+    assert good.sum() > 500
+    # 8-bit sRGB photo and a re-render at another resolution: a few per cent
+    err = np.abs(v.image[good] - truth(s, v)[good])
+    assert np.median(err) < 0.02 and np.percentile(err, 95) < 0.08
+
+
+def test_the_back_is_filled_with_low_confidence(scene):
+    s, views = scene
+    back = next(v for v in views if v.yaw == 180)
+    inside = back.alpha > 0.5
+    assert inside.sum() > 2000
+    assert (back.source[inside] != SOURCE_NONE).all() and np.isfinite(back.image).all()
+    # the photo (yaw -40) never saw the back: fill at inpainting trust
+    assert (back.confidence[inside] <= INPAINT_TRUST + 1e-6).mean() > 0.9
+    assert (back.source[inside] == SOURCE_INPAINT).mean() > 0.9
+
+
+def test_mirrored_pixels_come_from_the_opposite_side(scene):
+    s, views = scene
+    v = next(v for v in views if v.yaw == 60)  # the blue (+x) side, hidden from the photo
+    pts = unproject(v.depth, v.camera)
+    far_side = (v.alpha > 0.5) & (pts[..., 0] > 0.75 * RADIUS)  # facing away from the photo
+    mirrored = far_side & (v.source == SOURCE_MIRROR) & (v.confidence > 0.4)
+    assert mirrored.sum() > 200 and (v.source[far_side] != SOURCE_PHOTO).all()
+    # blue there, but painted like its mirror image (red): the photo's other side
+    expected = colour_of(pts[mirrored] * [-1, 1, 1])
+    assert (v.image[mirrored][:, 0] > v.image[mirrored][:, 2]).all()
+    assert np.median(np.abs(v.image[mirrored] - expected)) < 0.05
+
+
+def test_hair_texture_is_cut_from_hair_and_the_same_from_every_view():
+    rng = np.random.default_rng(0)
+    image = np.zeros((100, 100, 3), np.float32)
+    image[..., 0] = 0.8  # not hair: red
+    hair = np.zeros((100, 100), bool)
+    hair[10:50, 20:80] = True
+    image[hair, 0] = 0.1
+    image[hair, 1] = 0.2 + 0.4 * rng.random(hair.sum())
+    image[hair, 2] = 0.1
+    tex = HairTexture.from_photo(image, hair, 0.002, np.zeros(3), rng)
+    assert tex is not None
+    pts = rng.normal(scale=0.1, size=(5000, 3))
+    col = tex(pts)
+    assert (col[:, 0] < 0.15).all() and (col[:, 1] > 0.15).all()  # hair only, no red
+    assert col[:, 1].std() > 0.03  # a texture, not a flat colour
+    np.testing.assert_array_equal(tex(pts[::-1]), col[::-1])  # a function of the point
+    assert HairTexture.from_photo(image, np.zeros_like(hair), 0.002, np.zeros(3), rng) is None
+
+
+def _bound(n: int, colours: np.ndarray) -> tuple[BoundGaussians, tuple]:
+    """Gaussians as a fit sees them: on a fixed frame (their base points on the sphere)."""
+    s = splats(n, colours)
+    g = BoundGaussians(
+        triangle=np.zeros(n, np.int32), bary=np.tile(np.float32([1, 0, 0]), (n, 1)),
+        offset=np.zeros(n, np.float32), rotation=np.tile(np.float32([1, 0, 0, 0]), (n, 1)),
+        log_scale=np.log(s.scales).astype(np.float32),
+        opacity_logit=np.full(n, np.log(0.98 / 0.02), np.float32),
+        sh=s.sh.astype(np.float32),
+    )  # fmt: skip
+    frame = (torch.tensor(s.means), torch.tensor(s.means / RADIUS), torch.tensor(s.quats),
+             torch.ones(n, dtype=torch.float64))  # fmt: skip
+    return g, frame
+
+
+def _view(s: Splats, yaw: float, gain=(1.0, 1.0, 1.0)) -> View:
+    size = 64
+    cam = Camera.from_arrays(intrinsics_from_fov(size, size, 30.0), orbit((0, 0, 0), 0.6, yaw))
+    out = s.render(cam, size, ("rgb", "alpha", "depth"))
+    image = (out.rgb / np.maximum(out.alpha, 1e-6)[..., None] * np.asarray(gain)).astype(np.float32)
+    conf = (out.alpha > 0.5).astype(np.float32)
+    return View(cam, image, conf, out.depth, out.alpha, np.where(conf > 0, 1, 0).astype(np.uint8),
+                None if yaw == 0 else yaw, 0.0)  # fmt: skip
+
+
+def test_coin_compensation_recovers_a_colour_gain_and_the_loss_falls():
+    n = 3000
+    true = colour_of(sphere_points(n))
+    s = splats(n, true)
+    gain = (1.3, 0.8, 1.0)
+    views = [_view(s, 0)] + [_view(s, y, gain) for y in (-30, 30)]
+    rng = np.random.default_rng(1)
+    start = np.clip(true + rng.normal(scale=0.1, size=true.shape), 0.02, 1)  # perturbed colours
+    g, frame = _bound(n, start)
+    fitted, facts = fit_coin(g, frame, views, "fast", np.ones(n, bool),
+                             schedule=CoinSchedule(80, 2))  # fmt: skip
+    assert facts["l1_end"] < 0.5 * facts["l1_start"]
+    assert facts["pseudo_end"] < facts["pseudo_start"]
+    comp = facts["compensation"]  # [2, 3, 4]: the pseudo-views' learned affine
+    assert comp.shape == (2, 3, 4)
+    for c in comp:
+        # the scene's colours span a plane, so the matrix is not unique: what must hold
+        # is that it maps the true colours onto the gained ones
+        mapped = true @ c[:, :3].T + c[:, 3]
+        err = np.abs(mapped - true * gain).mean()
+        assert err < 0.3 * np.abs(true - true * gain).mean(), err  # identity: 0.048
+    # the identity stays the photo's: on the front, which the photo sees, the colours
+    # move towards the truth, not towards the pseudo-views' gain
+    front = sphere_points(n)[:, 1] < -0.5 * RADIUS
+    before = np.abs(g.sh[front, 0] - rgb_to_sh0(true[front])).mean()
+    after = np.abs(fitted.sh[front, 0] - rgb_to_sh0(true[front])).mean()
+    assert after < 0.5 * before
+
+
+def test_coin_can_be_cancelled():
+    n = 500
+    s = splats(n)
+    g, frame = _bound(n, colour_of(sphere_points(n)))
+
+    def stop(fraction, message):
+        if fraction > 0.2:
+            raise RuntimeError("cancelled")
+
+    with pytest.raises(RuntimeError, match="cancelled"):
+        fit_coin(g, frame, [_view(s, 0), _view(s, 90)], "fast", np.zeros(n, bool), stop)
