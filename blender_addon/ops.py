@@ -212,13 +212,16 @@ class SPLATFACE_OT_delete_avatar(bpy.types.Operator):
 # -- builds --------------------------------------------------------------------------
 
 
-def start_build(image_path: str, name: str, preset: str, face: int) -> Future:
-    """Start a build on the worker; the panel follows it, the avatar is added when done."""
+def start_build(image_path: str, name: str, preset: str, face: int, enhance: bool) -> Future:
+    """Start a build on the worker; the panel follows it, the avatar is added when done.
+    ``enhance``: paint unseen parts with the preferences' diffusion folders (if set)."""
     data = Path(image_path).read_bytes()
     client = runtime.client()
+    folders = prefs.enhance_folders(enhance)
     st = props.state()
     st.building, st.build_job, st.build_stage, st.build_fraction = True, "", "queued", 0.0
     st.build_image, st.build_name, st.build_preset, st.build_face = image_path, name, preset, face
+    st.build_enhance = enhance
     st.error = ""
     runtime.build_cancel.clear()
 
@@ -232,6 +235,7 @@ def start_build(image_path: str, name: str, preset: str, face: int) -> Future:
             name=name,
             preset=preset,
             face=None if face < 0 else face,
+            enhance=folders,
             on_status=on_status,
             cancel=runtime.build_cancel,
         )
@@ -282,6 +286,12 @@ class SPLATFACE_OT_build(bpy.types.Operator, ImportHelper):
     face: bpy.props.IntProperty(
         name="Face", description="Which face (0 = largest; -1 = largest)", default=-1, min=-1
     )
+    enhance: bpy.props.BoolProperty(
+        name="Diffusion fill",
+        description="Paint the parts of the head the photo never saw with the diffusion "
+        "model set in the add-on's preferences (or the service's own); slow on a CPU",
+        default=True,
+    )
 
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
@@ -293,7 +303,7 @@ class SPLATFACE_OT_build(bpy.types.Operator, ImportHelper):
             self.report({"ERROR"}, f"no such image: {path}")
             return {"CANCELLED"}
         props.state().faces.clear()
-        start_build(path, self.avatar_name or Path(path).stem, self.preset, self.face)
+        start_build(path, self.avatar_name or Path(path).stem, self.preset, self.face, self.enhance)
         return {"FINISHED"}
 
 
@@ -312,7 +322,10 @@ class SPLATFACE_OT_build_face(bpy.types.Operator):
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         st = props.state()
-        start_build(st.build_image, f"{st.build_name}-face{self.face}", st.build_preset, self.face)
+        start_build(
+            st.build_image, f"{st.build_name}-face{self.face}", st.build_preset, self.face,
+            st.build_enhance,
+        )  # fmt: skip
         return {"FINISHED"}
 
 

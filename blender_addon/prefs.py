@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import bpy
 
 from .core.service import ConnectionSettings
@@ -51,6 +53,19 @@ class SPLATFACE_AddonPreferences(bpy.types.AddonPreferences):
         description="Default folder of File > Export > Gaussian Splat",
         subtype="DIR_PATH",
     )
+    enhance_model: bpy.props.StringProperty(
+        name="Diffusion model",
+        description="Stable Diffusion inpainting folder on the service's machine (diffusers "
+        "layout, safetensors): paints the parts of the head the photo never saw. Empty: "
+        "the service's own, if it has one",
+        subtype="DIR_PATH",
+    )
+    enhance_controlnet: bpy.props.StringProperty(
+        name="Depth ControlNet",
+        description="Optional depth ControlNet folder for the same base model, so the "
+        "painting follows the head's shape",
+        subtype="DIR_PATH",
+    )
     viewport_scale: bpy.props.FloatProperty(
         name="Viewport resolution",
         description="Fraction of the 3D View's size rendered in Rendered shading",
@@ -73,6 +88,12 @@ class SPLATFACE_AddonPreferences(bpy.types.AddonPreferences):
         col.separator()
         col.prop(self, "export_folder")
         col.prop(self, "viewport_scale")
+        col.separator()
+        col.label(text="Diffusion fill (optional, needs splatface[enhance] in the service)")
+        col.prop(self, "enhance_model")
+        sub = col.column()
+        sub.active = bool(self.enhance_model)
+        sub.prop(self, "enhance_controlnet")
 
 
 def preferences() -> SPLATFACE_AddonPreferences | None:
@@ -93,3 +114,17 @@ def connection_settings() -> ConnectionSettings:
         service_python=bpy.path.abspath(p.service_python) if p.service_python else "",
         store=bpy.path.abspath(p.store) if p.store else "",
     )
+
+
+def enhance_folders(enabled: bool) -> list[str] | None:
+    """The build request's ``enhance``: the preferences' folders (absolute), ``[]`` when
+    the user turned the fill off for this build, None to leave it to the service."""
+    if not enabled:
+        return []
+    p = preferences()
+    if p is None or not p.enhance_model:
+        return None
+    folders = [bpy.path.abspath(p.enhance_model)]
+    if p.enhance_controlnet:
+        folders.append(bpy.path.abspath(p.enhance_controlnet))
+    return [os.path.normpath(f) for f in folders]

@@ -50,6 +50,7 @@ class SPLATFACE_PG_state(bpy.types.PropertyGroup):
     build_preset: bpy.props.StringProperty()
     build_name: bpy.props.StringProperty()
     build_face: bpy.props.IntProperty(default=-1)
+    build_enhance: bpy.props.BoolProperty(default=True)
     faces: bpy.props.CollectionProperty(type=SPLATFACE_PG_face_item)
     avatars: bpy.props.CollectionProperty(type=SPLATFACE_PG_avatar_item)
     avatar_index: bpy.props.IntProperty()

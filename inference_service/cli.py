@@ -26,6 +26,7 @@ from protocol import Client, CurveKeys, ProtocolError
 from protocol.camera import framing_distance, intrinsics_from_fov, orbit
 from protocol.launch import READY_PREFIX, wait_for_endpoint
 
+from .build.diffusion import EnhanceModels, ModelFolderError
 from .track import add_parser as add_track_parser
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
@@ -289,6 +290,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             device=args.device,
             curve_keys=args.curve_keys,
             exports=args.exports,
+            enhance=EnhanceModels.parse(args.enhance) if args.enhance else None,
         )
     except ValueError as exc:
         print(f"splatface serve: {exc}", file=sys.stderr)
@@ -325,6 +327,21 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def enhance_folders(text: str | None) -> list[str] | None:
+    """``--enhance``: None (the service's choice), ``none`` ([]: off) or
+    ``MODEL_DIR[,CONTROLNET_DIR]`` made absolute (the folders must be on the service's
+    machine; a private service is this machine)."""
+    if text is None:
+        return None
+    if text == "none":
+        return []
+    try:
+        models = EnhanceModels.parse(text)
+    except ModelFolderError as exc:
+        raise SystemExit(f"splatface build: {exc}") from None
+    return list(models.to_dict().values())
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     photo = Path(args.photo)
     try:
@@ -334,11 +351,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     box = None
     if args.face_box:
         box = [float(v) for v in args.face_box.split(",")]
+    enhance = enhance_folders(args.enhance)
     t0 = time.monotonic()
     with connect(args) as client:
         job = client.build(
-            data, name=args.name or photo.stem, preset=args.preset, face=args.face, face_box=box
-        )
+            data, name=args.name or photo.stem, preset=args.preset, face=args.face, face_box=box,
+            enhance=enhance,
+        )  # fmt: skip
         bar = Progress(1.0, "building", not args.json)
         try:
             st = client.wait(job, progress=lambda ev: bar.update_to(ev["fraction"], ev["message"]))
@@ -646,6 +665,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="require CurveZMQ: DIR holds server.key_secret and authorized_clients/",
     )
     sp.add_argument(
+        "--enhance",
+        metavar="MODEL_DIR[,CONTROLNET_DIR]",
+        help="diffusion weights every build uses to paint what the photo never saw, unless "
+        "a request names its own (checked at start; see `splatface build --enhance`)",
+    )
+    sp.add_argument(
         "--log-level",
         default="info",
         choices=("debug", "info", "warning", "error"),
@@ -674,6 +699,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="quality/speed trade-off (default: default)",
     )
     sp.add_argument("--name", help="avatar name (default: the photo's file name)")
+    sp.add_argument(
+        "--enhance",
+        metavar="MODEL_DIR[,CONTROLNET_DIR]",
+        help="paint the parts of the head the photo never saw with local diffusion weights: "
+        "a Stable Diffusion inpainting folder and optionally a depth ControlNet folder "
+        "(see the README; needs splatface[enhance]); 'none' turns off the service's own "
+        "(default: the service's choice)",
+    )
     common(sp)
     sp.set_defaults(func=cmd_build)
 

@@ -16,6 +16,7 @@ import traceback
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,6 +34,7 @@ from protocol.files import atomic_write
 from . import __version__
 from .avatar import Avatar
 from .build.builder import BuildOptions
+from .build.diffusion import EnhanceModels, ModelFolderError, check_ready, has_diffusers
 from .export.bundle import bundle_zip
 from .export.ply import ply_bytes, write_ply
 from .jobs import JobManager
@@ -72,7 +74,9 @@ def bind_address(endpoint: str) -> str:
 
 
 class Service:
-    """Serve until :meth:`stop`. ``device``: auto, cpu or cuda."""
+    """Serve until :meth:`stop`. ``device``: auto, cpu or cuda. ``enhance``: diffusion
+    weight folders builds use unless a request names its own (checked here, so a bad
+    folder stops the service from starting rather than failing every build)."""
 
     def __init__(
         self,
@@ -82,6 +86,7 @@ class Service:
         curve_keys: str | Path | None = None,
         exports: str | Path | None = None,
         workers: int = 2,
+        enhance: EnhanceModels | None = None,
     ) -> None:
         if not is_loopback_endpoint(endpoint) and curve_keys is None:
             raise ValueError(
@@ -95,6 +100,9 @@ class Service:
         if device == "cuda" and not has_cuda:
             raise ValueError("--device cuda asked for, but no CUDA device is available")
         self.device = "cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu"
+        if enhance is not None:
+            check_ready(enhance)
+        self.enhance = enhance
         self.endpoint = endpoint
         self.curve_keys = Path(curve_keys) if curve_keys else None
         self.store = Store(store)
@@ -306,6 +314,7 @@ class Service:
                 "max_size": messages.MAX_SIZE,
                 "max_image_bytes": messages.MAX_IMAGE_BYTES,
                 "shape_names": list(ARKIT_NAMES),
+                "enhance": {"available": has_diffusers(), "default": self.enhance is not None},
             },
         }, None
 
@@ -321,8 +330,24 @@ class Service:
             face=fields["face"],
             face_box=None if box is None else tuple(box),
         )
+        enhance = self._enhance(fields["enhance"])
+        if enhance is not None:
+            options = replace(options, enhance=enhance)
         job = self.jobs.submit(arrays["image"].tobytes(), options)
         return {"job": job.id, "state": job.state}, None
+
+    def _enhance(self, folders: list[str] | None) -> EnhanceModels | None:
+        """The weights a build request asks for, checked before any build work."""
+        if folders is None:
+            return self.enhance
+        if not folders:
+            return None
+        models = EnhanceModels(Path(folders[0]), Path(folders[1]) if len(folders) > 1 else None)
+        try:
+            check_ready(models)
+        except ModelFolderError as exc:
+            raise ProtocolError(errors.BAD_REQUEST, str(exc), {"field": "enhance"}) from None
+        return models
 
     def _op_status(self, fields, arrays):
         return self.jobs.get(fields["job"]).status(fields["since"]), None

@@ -165,15 +165,18 @@ class Client:
         preset: str = "default",
         face: int | None = None,
         face_box: list[float] | None = None,
+        enhance: list[str] | None = None,
     ) -> str:
-        """Start a build from encoded image bytes (PNG, JPEG, ...); returns the job id."""
+        """Start a build from encoded image bytes (PNG, JPEG, ...); returns the job id.
+
+        ``enhance``: diffusion weight folders on the service's machine, ``[model]`` or
+        ``[model, controlnet]``, to paint the unseen parts of the head; ``[]`` turns off
+        the service's own; ``None`` leaves the service's choice.
+        """
         data = np.frombuffer(image, np.uint8) if isinstance(image, bytes | bytearray) else image
-        reply = self.request(
-            "build",
-            {"name": name, "preset": preset, "face": face, "face_box": face_box},
-            {"image": data},
-            retries=0,
-        )
+        fields = {"name": name, "preset": preset, "face": face, "face_box": face_box,
+                  "enhance": None if enhance is None else [str(p) for p in enhance]}  # fmt: skip
+        reply = self.request("build", fields, {"image": data}, retries=0)
         return reply.header["job"]
 
     def status(self, job: str, since: int = 0) -> dict[str, Any]:

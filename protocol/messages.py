@@ -22,6 +22,7 @@ MAX_ID = 64
 MAX_FRAMES = 1024
 MAX_SIZE = 4096
 MAX_IMAGE_BYTES = 64 << 20
+MAX_PATH = 4096
 MAX_RENDER_BYTES = 1 << 30
 PASSES = ("rgb", "alpha", "depth", "normal")
 PRESETS = ("fast", "default", "high")
@@ -40,6 +41,7 @@ class Field:
     max_len: int | None = None
     choices: tuple[str, ...] | None = None
     item: str | None = None  # kind of list items
+    item_len: int = MAX_NAME  # longest string item of a list
     length: int | None = None  # exact list length
 
 
@@ -75,6 +77,9 @@ OPS: dict[str, OpSpec] = {
             "preset": Field("str", default="default", choices=PRESETS),
             "face": Field("int", lo=0, hi=63),
             "face_box": Field("list", item="float", length=4),
+            # diffusion weight folders on the service's machine: [model] or [model,
+            # controlnet]; [] turns the service's own (`serve --enhance`) off
+            "enhance": Field("list", item="str", max_len=2, item_len=MAX_PATH),
         },
         {
             "image": ArrayField(
@@ -198,7 +203,7 @@ def validate(msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
                 raise ProtocolError(
                     errors.TOO_LARGE, f"field {name!r} has more than {f.max_len} items"
                 )
-            item_spec = Field(f.item or "str", choices=f.choices, max_len=MAX_NAME)
+            item_spec = Field(f.item or "str", choices=f.choices, max_len=f.item_len)
             fields[name] = [
                 _check_scalar(f"{name}[{i}]", item_spec.kind, v, item_spec)
                 for i, v in enumerate(value)

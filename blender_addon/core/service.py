@@ -125,6 +125,7 @@ def run_build(
     name: str = "",
     preset: str = "fast",
     face: int | None = None,
+    enhance: list[str] | None = None,
     on_status: Callable[[dict[str, Any]], None] | None = None,
     cancel: threading.Event | None = None,
     poll: float = 0.1,
@@ -132,10 +133,12 @@ def run_build(
 ) -> dict[str, Any]:
     """Build an avatar, calling ``on_status(status)`` after every poll (from this thread).
 
-    Setting ``cancel`` asks the service to cancel the job. Returns the final status when
-    done; raises :class:`ProtocolError` (``cancelled``, ``no_face``, ``timeout``...).
+    Setting ``cancel`` asks the service to cancel the job. ``enhance``: diffusion weight
+    folders as the protocol's build option (None: the service's choice). Returns the final
+    status when done; raises :class:`ProtocolError` (``cancelled``, ``no_face``,
+    ``timeout``, ``bad_request`` for an unusable ``enhance`` folder...).
     """
-    job = client.build(image, name=name, preset=preset, face=face)
+    job = client.build(image, name=name, preset=preset, face=face, enhance=enhance)
     since = 0
     asked_cancel = False
     deadline = time.monotonic() + timeout
