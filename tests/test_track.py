@@ -30,8 +30,6 @@ from PIL import Image
 
 from inference_service.track import (
     IRIS_CENTER,
-    LEFT_EYE,
-    RIGHT_EYE,
     FrameSolver,
     TrackError,
     add_parser,
@@ -159,10 +157,8 @@ def test_smoothing_stays_within_runs_and_gaps_hold():
 
 
 def synthetic_landmarks(identity, curves, rots, ts, intr):
-    """What a perfect MediaPipe would report for the ICT head (the tracker's own eyelid
-    correspondence; irises where posing turns the eyeballs' front points)."""
-    from scipy.spatial import cKDTree
-
+    """What a perfect MediaPipe would report for the ICT head (the stored correspondence;
+    irises where posing turns the eyeballs' front points)."""
     from inference_service.avatar import sphere_center
     from inference_service.headmodel import (
         PART_EYE_LEFT,
@@ -173,11 +169,7 @@ def synthetic_landmarks(identity, curves, rots, ts, intr):
     from inference_service.posing import gaze_rotations
 
     model, corr = load_head_model(), load_correspondence()
-    mirror = cKDTree(model.neutral).query(model.neutral * [-1.0, 1.0, 1.0])[1]
-    tri = model.triangles[corr.triangle]
-    tri[list(LEFT_EYE)] = mirror[tri[list(RIGHT_EYE)]]
-    bary = corr.bary.copy()
-    bary[list(LEFT_EYE)] = bary[list(RIGHT_EYE)]
+    tri, bary = model.triangles[corr.triangle], corr.bary
     rest = model.neutral + np.tensordot(identity, model.identity_deltas[: len(identity)], 1)
     out = []
     for w, rot, t in zip(curves, rots, ts, strict=True):
