@@ -16,7 +16,7 @@ from ..images import decode_image
 from . import detect
 from .align import align
 from .fit import fit_geometry
-from .gaussians import COUNTS, make_gaussians
+from .gaussians import COUNTS, lid_layer, make_gaussians
 from .hair import fit_hair, hair_gaussians
 from .photometric import fit_photo, person_mask
 
@@ -93,6 +93,8 @@ def build_avatar(
         person=person,
     )
 
+    # after the fit: at the photo's pose the lid layer is invisible, and it must not learn
+    gaussians = BoundGaussians.concat([gaussians, lid_layer(model, rest, gaussians)])
     progress("finish", 0.95, f"{len(gaussians)} Gaussians")
     name = options.name or f"avatar-{avatar_id[:6]}"
     meta = {
