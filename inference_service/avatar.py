@@ -32,6 +32,14 @@ class BoundGaussians:
         log_scale: ``[N, 3]`` float32 log of metres at rest.
         opacity_logit: ``[N]`` float32 logit of opacity.
         sh: ``[N, K, 3]`` float32 SH coefficients, K = (degree + 1)^2, linear colour.
+        appear: ``[N]`` float32; 0 for an ordinary Gaussian. Above 1, the Gaussian is
+            transparent at rest and fades in as its triangle grows: from halfway to
+            ``appear`` on, fully opaque once the triangle's edge lengths have grown by
+            ``appear`` (opacity times ``clip(2 (stretch - 1) / (appear - 1) - 1, 0, 1)``,
+            stretch = sqrt of the area ratio), so shapes that stretch it a little (brows)
+            leave it unseen.
+            Closing lids are drawn this way: one colour per Gaussian cannot be both the
+            lashes and iris an open lid's fold lies over and the skin a closed lid shows.
     """
 
     triangle: np.ndarray
@@ -41,6 +49,11 @@ class BoundGaussians:
     log_scale: np.ndarray
     opacity_logit: np.ndarray
     sh: np.ndarray
+    appear: np.ndarray | None = None  # None: all 0 (files from before it existed)
+
+    def __post_init__(self) -> None:
+        if self.appear is None:
+            object.__setattr__(self, "appear", np.zeros(len(self.triangle), np.float32))
 
     def __len__(self) -> int:
         return len(self.triangle)
@@ -157,7 +170,11 @@ class Avatar:
     ) -> Avatar:
         """Build and validate; raises ``ValueError`` naming what is inconsistent."""
         try:
-            g = BoundGaussians(**{f.name: arrays["g_" + f.name] for f in fields(BoundGaussians)})
+            optional = {"appear"}  # absent from avatars stored before it existed
+            g = BoundGaussians(**{
+                f.name: arrays.get("g_" + f.name) if f.name in optional else arrays["g_" + f.name]
+                for f in fields(BoundGaussians)
+            })  # fmt: skip
             av = cls(
                 id=id,
                 name=name,
@@ -188,6 +205,10 @@ class Avatar:
             (g.bary.shape == (n, 3) and g.offset.shape == (n,), "bad bary/offset shape"),
             (g.rotation.shape == (n, 4) and g.log_scale.shape == (n, 3), "bad rotation/scale"),
             (g.opacity_logit.shape == (n,), "bad opacity shape"),
+            (
+                g.appear.shape == (n,) and bool(np.all((g.appear == 0) | (g.appear > 1))),
+                "appear must be [N], each 0 or above 1",
+            ),
             (g.sh.ndim == 3 and g.sh.shape[0] == n and g.sh.shape[2] == 3, "bad SH shape"),
             (self.photo_intrinsics.shape == (4,), "bad photo intrinsics"),
             (self.photo_world_to_camera.shape == (4, 4), "bad photo camera"),

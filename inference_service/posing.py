@@ -125,7 +125,11 @@ def pose(
         verts, st.tri_corners, st.rest_area, st.index, st.corners, st.bary, st.offset,
         st.rotation, st.base_scale, np.ascontiguousarray(r), s, np.ascontiguousarray(t, np.float64),
     )  # fmt: skip
-    return PosedGaussians(means, quats, scales, st.opacities.copy(), g.sh)
+    opacities = st.opacities.copy()
+    if len(st.fading):  # a few hundred lid Gaussians: their stretch from the posed scale
+        stretch = scales[st.fading, 0] / (st.base_scale[st.fading, 0] * s)
+        opacities[st.fading] *= appear_factor(stretch, st.appear)
+    return PosedGaussians(means, quats, scales, opacities, g.sh)
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,15 @@ class _Static:
     rotation: np.ndarray  # [N, 4] float32 (ditto)
     base_scale: np.ndarray  # [N, 3] float64 exp(log_scale)
     opacities: np.ndarray  # [N] float64 sigmoid(opacity_logit)
+    fading: np.ndarray  # [M] int64 the Gaussians whose opacity follows their stretch
+    appear: np.ndarray  # [M] float64 their ``appear``
+
+
+def appear_factor(stretch: np.ndarray, appear: np.ndarray) -> np.ndarray:
+    """Opacity factor of Gaussians with ``appear`` > 1 at triangle ``stretch``: 0 up to
+    halfway from 1 to ``appear``, rising linearly to 1 at ``appear`` (see
+    ``BoundGaussians.appear``)."""
+    return np.clip(2.0 * (stretch - 1.0) / (appear - 1.0) - 1.0, 0.0, 1.0)
 
 
 def static_arrays(avatar: Avatar) -> _Static:
@@ -162,6 +175,8 @@ def static_arrays(avatar: Avatar) -> _Static:
         rotation=np.ascontiguousarray(g.rotation, exact(g.rotation)),
         base_scale=np.exp(g.log_scale.astype(np.float64)),
         opacities=1.0 / (1.0 + np.exp(-g.opacity_logit.astype(np.float64))),
+        fading=np.flatnonzero(g.appear > 0),
+        appear=g.appear[g.appear > 0].astype(np.float64),
     )
 
 
@@ -187,4 +202,6 @@ def pose_reference(
         rot = r @ rot
         scales = scales * s
     opac = 1.0 / (1.0 + np.exp(-g.opacity_logit.astype(np.float64)))
+    fading = g.appear > 0
+    opac[fading] *= appear_factor(stretch[fading], g.appear[fading].astype(np.float64))
     return PosedGaussians(means, rotmat_to_quat(rot), scales, opac, g.sh)

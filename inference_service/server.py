@@ -16,7 +16,6 @@ import traceback
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -329,10 +328,8 @@ class Service:
             preset=fields["preset"],
             face=fields["face"],
             face_box=None if box is None else tuple(box),
+            enhance=self._enhance(fields["enhance"]),
         )
-        enhance = self._enhance(fields["enhance"])
-        if enhance is not None:
-            options = replace(options, enhance=enhance)
         job = self.jobs.submit(arrays["image"].tobytes(), options)
         return {"job": job.id, "state": job.state}, None
 

@@ -52,7 +52,7 @@ from protocol.arkit import ARKIT_NAMES, index_of
 from protocol.camera import orbit
 from protocol.errors import ProtocolError
 
-from .headmodel import HeadModel, load_correspondence, load_head_model
+from .headmodel import load_correspondence, load_head_model
 from .posing import GAZE_PITCH, GAZE_YAW, eye_lift, eye_turn
 from .torch_threads import one_torch_thread
 
@@ -69,13 +69,6 @@ DEFAULT_SMOOTH = 0.03
 UNSOLVED = ("tongueOut",)
 
 IRIS = tuple(range(468, 478))  # MediaPipe's iris landmarks; the rest are face surface
-#: MediaPipe's eye contours, subject's left and right eye, mirror images index by index
-#: (lower lid outer to inner corner, then upper lid). The committed correspondence puts
-#: the left upper lid (384-388) on the lower lid, 6-10 mm too low, so a left blink moved
-#: no landmark; tracking takes the left eye's correspondence as the mirror image of the
-#: right eye's (the ICT head is symmetric to 0.3 mm).
-LEFT_EYE = (263, 249, 390, 373, 374, 380, 381, 382, 362, 466, 388, 387, 386, 385, 384, 398)
-RIGHT_EYE = (33, 7, 163, 144, 145, 153, 154, 155, 133, 246, 161, 160, 159, 158, 157, 173)
 IRIS_CENTER = (473, 468)  # subject's left eye, right eye
 IDENTITY_FRAMES = 5  # frames fitted for the identity, spread over the first window
 IDENTITY_WINDOW = 2.0  # seconds of video the identity frames come from
@@ -316,11 +309,8 @@ def _basis() -> _Basis:
     model, corr = load_head_model(), load_correspondence()
     k = IDENTITY_COMPONENTS
     tri = model.triangles[corr.triangle]
-    tri[list(LEFT_EYE)] = _mirror_vertices(model)[tri[list(RIGHT_EYE)]]
     bary = corr.bary.astype(np.float64)
-    bary[list(LEFT_EYE)] = bary[list(RIGHT_EYE)]
     weight = corr.weight.astype(np.float64)
-    weight[list(LEFT_EYE)] = weight[list(RIGHT_EYE)]
     keep = np.setdiff1d(np.arange(len(corr.triangle)), IRIS)
     tri, bary = tri[keep], bary[keep]
     solved = np.array([i for i, n in enumerate(ARKIT_NAMES) if n not in UNSOLVED])
@@ -379,13 +369,6 @@ class TrackingRig:
             eye_center=np.array(centers),
             eye_front=np.array(fronts),
         )
-
-
-def _mirror_vertices(model: HeadModel) -> np.ndarray:
-    """``[V]`` the vertex nearest each vertex's mirror image across the midplane x = 0."""
-    from scipy.spatial import cKDTree
-
-    return cKDTree(model.neutral).query(model.neutral * np.array([-1.0, 1.0, 1.0]))[1]
 
 
 #: Per eye (subject's left, right): column of (out, in, up, down) in the 52 weights.

@@ -59,3 +59,41 @@ def test_correspondence_agrees_with_the_hand_picked_landmarks():
     ]
     assert np.median(gaps) < 0.004 and max(gaps) < 0.01  # metres
     assert pts[33, 0] < 0 < pts[263, 0]  # MediaPipe 33 is the subject's right eye (-X)
+
+
+#: MediaPipe's lid and inner-lip contours (subject's left eye: 384-388, image right).
+UPPER_LID = {
+    "Left": [466, 388, 387, 386, 385, 384, 398],
+    "Right": [246, 161, 160, 159, 158, 157, 173],
+}
+LOWER_LID = {
+    "Left": [249, 390, 373, 374, 380, 381, 382],
+    "Right": [7, 163, 144, 145, 153, 154, 155],
+}
+UPPER_INNER_LIP = [191, 80, 81, 82, 13, 312, 311, 310, 415]
+LOWER_INNER_LIP = [95, 88, 178, 87, 14, 317, 402, 318, 324]
+
+
+def test_correspondence_puts_lid_and_lip_contours_on_the_right_lid_and_lip():
+    """Upper-lid landmarks sit above the lower lid and close with that eye's blink; inner
+    lower-lip landmarks go down with the jaw, inner upper-lip ones hardly move. (An asset
+    made from closed-mouth renders put inner-lip points on the wrong lip, and the left
+    upper lid on the lower lid.)"""
+    from protocol.arkit import index_of
+
+    model, corr = load_head_model(), load_correspondence()
+    tri = model.triangles[corr.triangle]
+
+    def at(v):
+        return np.einsum("lk,lkc->lc", corr.bary, v[tri])
+
+    pts = at(model.neutral)
+    for side in ("Left", "Right"):
+        up, low = UPPER_LID[side], LOWER_LID[side]
+        assert pts[up, 2].mean() - pts[low, 2].mean() > 0.004  # metres, eye open at rest
+        blink = at(model.arkit_deltas[index_of(f"eyeBlink{side}")])
+        assert blink[up[1:-1], 2].max() < -0.002  # every mid upper-lid point comes down
+        assert np.abs(blink[low, 2]).max() < np.abs(blink[up, 2]).max() / 2
+    jaw = at(model.arkit_deltas[index_of("jawOpen")])
+    assert jaw[LOWER_INNER_LIP, 2].max() < -0.02
+    assert jaw[UPPER_INNER_LIP, 2].min() > -0.01

@@ -17,8 +17,10 @@ from ..images import decode_image
 from . import detect
 from .align import align
 from .coin import fit_coin, photo_seen
+from .diffusion import EnhanceModels
+from .enhance import build_stage as enhance_stage
 from .fit import fit_geometry
-from .gaussians import COUNTS, make_gaussians
+from .gaussians import COUNTS, lid_layer, make_gaussians
 from .hair import MIN_SHELL, HairShell, fit_hair, hair_gaussians
 from .photometric import SCHEDULE, bind, person_mask, photo_crop
 from .pseudoviews import Splats, make_pseudo_views, splats_labels
@@ -44,6 +46,8 @@ class BuildOptions:
     preset: str = "default"
     face: int | None = None
     face_box: tuple[float, float, float, float] | None = None
+    #: local diffusion weights for the optional ``enhance`` stage (None: off)
+    enhance: EnhanceModels | None = None
 
 
 def build_avatar(
@@ -91,14 +95,17 @@ def build_avatar(
     gaussians, coin_facts = coin_fit(
         gaussians, model, posed, rest, shell, photo, person, fit.intrinsics,
         fit.world_to_camera, options.preset, progress,
+        enhance=enhance_stage(options.enhance, options.preset, progress, at=0.68),
     )  # fmt: skip
 
+    # after the fit: at the photo's pose the lid layer is invisible, and it must not learn
+    gaussians = BoundGaussians.concat([gaussians, lid_layer(model, rest, gaussians)])
     progress("finish", 0.95, f"{len(gaussians)} Gaussians")
     name = options.name or f"avatar-{avatar_id[:6]}"
     meta = {
         "format_version": FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "builder": "skeleton-1",
+        "builder": "coin-1",
         "preset": options.preset,
         "source": {"width": w, "height": h},
         "faces": [f.to_dict() for f in faces],
@@ -117,6 +124,7 @@ def build_avatar(
         },
         "gaussians": len(gaussians),
         "coin_fit": coin_facts,
+        "enhance": None if options.enhance is None else options.enhance.to_dict(),
     }
     return Avatar(
         id=avatar_id,

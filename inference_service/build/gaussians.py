@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 
-from kernels.sh import rgb_to_sh0
+from kernels.sh import C0, rgb_to_sh0
 from protocol.arkit import index_of
 from protocol.camera import project
 
@@ -228,4 +230,85 @@ def make_gaussians(
         log_scale=log_scale.astype(np.float32),
         opacity_logit=np.full(n, np.log(OPACITY / (1 - OPACITY)), np.float32),
         sh=rgb_to_sh0(colour)[:, None, :].astype(np.float32),
+    )
+
+
+#: The lid skin layer (``BoundGaussians.appear``): on the face triangles whose edges grow
+#: by at least LID_GROWTH from rest to closed eyes, LID_DENSITY x as many Gaussians as the
+#: ordinary set has there, each fading in from half LID_APPEAR of the way to closed (by
+#: its triangle's growth) and fully opaque from LID_APPEAR of the way, lifted LID_LIFT in
+#: front of the ordinary ones (closed, it covers the lower lid's lashes) and LID_OVERLAP x as wide
+#: (lids stretch more up-down than across: wider splats close the gaps that leaves).
+LID_GROWTH = 1.2
+LID_APPEAR = 0.6
+LID_LIFT = 0.001  # metres
+LID_OVERLAP = 1.5
+LID_DENSITY = 3.0
+LID_SKIN_RING = (0.004, 0.015)  # metres from the lid layer: the skin that lends its colour
+
+
+def lid_growth(rest: np.ndarray, model: HeadModel) -> np.ndarray:
+    """``[T]`` how much each face triangle's edges grow from ``rest`` to both eyes closed
+    (1 outside the face and for triangles that shrink)."""
+    _, area = triangle_frames(rest, model.triangles)
+    closed = rest + sum(model.arkit_deltas[index_of(n)] for n in _LIDS)
+    _, closed_area = triangle_frames(closed, model.triangles)
+    growth = np.sqrt(np.maximum(closed_area, area) / np.maximum(area, 1e-20))
+    return np.where(model.triangle_region == model.region("face"), growth, 1.0)
+
+
+def lid_layer(
+    model: HeadModel, rest: np.ndarray, gaussians: BoundGaussians, seed: int = 0
+) -> BoundGaussians:
+    """Skin-coloured Gaussians that cover the eyes as the lids close, invisible while they
+    are open (their ``appear`` > 1).
+
+    The ordinary Gaussians on the lids' folds take the photo's colour where the fold lies
+    while the eye is open: lashes and iris, which spread over the closed eye as a dark
+    patch. This layer gives the closed lid its skin: per eye, the median colour of
+    ``gaussians`` (fitted) on the skin around the lid."""
+    from scipy.spatial import cKDTree
+
+    growth = lid_growth(rest, model)
+    lid = growth >= LID_GROWTH
+    count = int(LID_DENSITY * lid[gaussians.triangle].sum())
+    if count == 0:  # a head without closing lids
+        return BoundGaussians(**{f.name: getattr(gaussians, f.name)[:0] for f in fields(gaussians)})
+    _, area = triangle_frames(rest, model.triangles)
+    closed_area = area * growth**2
+    rng = np.random.default_rng(seed)
+    weight = np.where(lid, closed_area, 0.0)
+    tri = rng.choice(len(weight), count, p=weight / weight.sum()).astype(np.int32)
+    bary = random_bary(rng, count)
+    spacing = np.sqrt(weight.sum() / count)  # between neighbours once the lids are closed
+    sigma = TANGENT_SIGMA * LID_OVERLAP * spacing / growth[tri]  # at rest; grows with the lid
+    log_scale = np.log(np.stack([sigma, sigma, THICKNESS * sigma], 1))
+
+    points = np.einsum("nk,nkc->nc", bary, rest[model.triangles[tri]])
+    have = np.einsum("nk,nkc->nc", gaussians.bary, rest[model.triangles[gaussians.triangle]])
+    skin_ok = (model.triangle_region[gaussians.triangle] == model.region("face")) & (
+        growth[gaussians.triangle] < 1.05
+    )
+    rgb = np.clip(gaussians.sh[:, 0, :] * C0 + 0.5, 0, None)
+    colour = np.tile(srgb_to_linear(np.array([0.75, 0.6, 0.5])), (count, 1))
+    for side in (-1.0, 1.0):
+        mine = np.sign(points[:, 0]) == side
+        if not mine.any():
+            continue
+        near, _ = cKDTree(points[mine]).query(have, distance_upper_bound=LID_SKIN_RING[1])
+        ring = skin_ok & np.isfinite(near) & (near > LID_SKIN_RING[0])
+        if ring.sum() >= 5:
+            colour[mine] = np.median(rgb[ring], axis=0)
+    k = gaussians.sh.shape[1]
+    sh = np.zeros((count, k, 3), np.float32)
+    sh[:, 0] = rgb_to_sh0(colour)
+    return BoundGaussians(
+        triangle=tri,
+        bary=bary.astype(np.float32),
+        offset=np.full(count, LID_LIFT, np.float32),
+        rotation=np.tile(np.array([1.0, 0, 0, 0], np.float32), (count, 1)),
+        log_scale=log_scale.astype(np.float32),
+        opacity_logit=np.full(count, np.log(OPACITY / (1 - OPACITY)), np.float32),
+        sh=sh,
+        appear=(1 + LID_APPEAR * (growth[tri] - 1)).astype(np.float32),
     )

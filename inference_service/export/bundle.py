@@ -40,6 +40,7 @@ GAUSSIAN_ARRAYS = {
     "log_scale": np.float32,
     "opacity_logit": np.float32,
     "sh": np.float32,
+    "appear": np.float32,
 }
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed zip timestamps: the same avatar gives the same bytes
