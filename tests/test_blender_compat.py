@@ -181,15 +181,25 @@ def _engine_passes(size: int) -> dict[str, np.ndarray]:
 
 
 def _assert_same_render(got: dict, direct: dict, w2c: np.ndarray) -> None:
-    """Engine passes equal a direct render's, up to float32 rounding of Blender's matrices."""
+    """Engine passes equal a direct render's, up to float32 rounding of Blender's matrices.
+
+    Colour and alpha: all but one pixel in a thousand within 2e-3, every pixel within
+    1e-2. A Gaussian a fraction of a pixel wide on a silhouette changes a pixel by a few
+    1e-3 when Blender's float32 head matrix moves it by a millionth of a metre; a wrong
+    camera or pose changes whole regions by far more."""
     assert got["alpha"].mean() > 0.05, "the avatar is not in view"
-    assert np.abs(got["rgb"] - direct["rgb"][0]).max() < 2e-3
-    assert np.abs(got["alpha"] - direct["alpha"][0]).max() < 2e-3
+    for name in ("rgb", "alpha"):
+        diff = np.abs(got[name] - direct[name][0])
+        assert np.quantile(diff, 0.999) < 2e-3 and diff.max() < 1e-2, (name, diff.max())
+    # covered in both (a pixel at the edge of coverage, alpha under 1 %, may flip)
     hit = np.isfinite(direct["depth"][0])
-    assert np.abs(got["depth"][hit] - direct["depth"][0][hit]).max() < 1e-3
-    assert (got["depth"][~hit] == 1e10).all()
+    both = hit & (got["depth"] != 1e10)
+    assert np.abs(got["depth"][both] - direct["depth"][0][both]).max() < 1e-3
+    flipped = both ^ hit | (~hit & (got["depth"] != 1e10))
+    assert flipped.mean() < 1e-3 and (direct["alpha"][0][flipped] < 0.01).all()
     c2w = np.linalg.inv(w2c)[:3, :3]
-    assert np.abs(got["normal"] - direct["normal"][0] @ c2w.T).max() < 2e-2
+    normal_diff = np.abs(got["normal"] - direct["normal"][0] @ c2w.T).max(-1)
+    assert normal_diff[~flipped].max() < 2e-2
 
 
 def _direct_render(direct, avatar_id, w2c, size, curves, head) -> dict:
