@@ -21,6 +21,7 @@ from protocol.camera import intrinsics_from_fov, orbit
 from tests import test_blender_compat as compat
 from tests.blender_util import (
     add_camera_from_opencv,
+    assert_close_renders,
     disable_addon,
     enable_addon,
     import_avatar,
@@ -152,8 +153,8 @@ def test_two_avatars_composite_by_depth(scene, astronaut_id, client):
         layers.append(Layer.from_render(r))
     ref = composite(layers)
     combined = got.passes["Combined"].reshape(128, 128, 4)[::-1]
-    assert np.abs(combined[..., 3] - ref.alpha).max() < 2e-3
-    assert np.abs(combined[..., :3] - ref.rgb).max() < 2e-3
+    assert_close_renders(combined[..., 3], ref.alpha, "alpha")
+    assert_close_renders(combined[..., :3], ref.rgb, "rgb")
     both = (layers[0].alpha > 0.5) & (layers[1].alpha > 0.5)
     assert both.any(), "the heads should overlap in the image"
     # where both cover a pixel, the nearer head (a) wins

@@ -30,6 +30,7 @@ from protocol.camera import intrinsics_from_fov, orbit
 from tests.blender_util import (
     ADDON,
     add_camera_from_opencv,
+    assert_close_renders,
     disable_addon,
     enable_addon,
     import_avatar,
@@ -181,16 +182,11 @@ def _engine_passes(size: int) -> dict[str, np.ndarray]:
 
 
 def _assert_same_render(got: dict, direct: dict, w2c: np.ndarray) -> None:
-    """Engine passes equal a direct render's, up to float32 rounding of Blender's matrices.
-
-    Colour and alpha: all but one pixel in a thousand within 2e-3, every pixel within
-    1e-2. A Gaussian a fraction of a pixel wide on a silhouette changes a pixel by a few
-    1e-3 when Blender's float32 head matrix moves it by a millionth of a metre; a wrong
-    camera or pose changes whole regions by far more."""
+    """Engine passes equal a direct render's, up to float32 rounding of Blender's matrices
+    (:func:`assert_close_renders`)."""
     assert got["alpha"].mean() > 0.05, "the avatar is not in view"
     for name in ("rgb", "alpha"):
-        diff = np.abs(got[name] - direct[name][0])
-        assert np.quantile(diff, 0.999) < 2e-3 and diff.max() < 1e-2, (name, diff.max())
+        assert_close_renders(got[name], direct[name][0], name)
     # covered in both (a pixel at the edge of coverage, alpha under 1 %, may flip)
     hit = np.isfinite(direct["depth"][0])
     both = hit & (got["depth"] != 1e10)
