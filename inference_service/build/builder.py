@@ -178,9 +178,10 @@ def coin_fit(
     )  # fmt: skip
     views = enhance(views)
     seen = photo_seen(splats.means, normal.numpy(), intrinsics, world_to_camera, person)
+    eyes = np.isin(region, [model.region("eyeball_left"), model.region("eyeball_right")])
     fitted, facts = fit_coin(
         gaussians, frame, views, preset, seen,
-        progress=lambda f, m: progress("coin", 0.68 + 0.26 * f, m),
+        progress=lambda f, m: progress("coin", 0.68 + 0.26 * f, m), drawn=eyes,
     )  # fmt: skip
     facts.pop("compensation")
     return fitted, {**facts, "size": size}
