@@ -163,12 +163,13 @@ def test_worker_renders_the_animation_from_the_environment_endpoint(
         assert_close_renders(got[..., :3], ref["rgb"][0], "rgb")
         assert_close_renders(got[..., 3], ref["alpha"][0], "alpha")
     # the jaw moved: frames differ around the mouth (centred below the middle of the
-    # image), not on the forehead or hair (the top quarter)
+    # image), hardly on the forehead or hair (the top quarter)
     for a, b in ((0, 1), (1, 2)):
         moved = np.abs(frames[a] - frames[b]).max(axis=2) > 0.05
         rows = np.nonzero(moved)[0]
         assert rows.size > 20, (a, b, rows.size)
-        assert rows.min() > SIZE // 4 and np.median(rows) > SIZE // 2, rows
+        # (ICT's jawOpen also moves the scalp by up to 0.7 mm: a silhouette pixel may flip)
+        assert (rows <= SIZE // 4).mean() < 0.02 and np.median(rows) > SIZE // 2, rows
 
 
 def test_worker_with_the_service_down_fails_fast_with_a_clear_error(

@@ -171,30 +171,3 @@ def test_progress_callback_can_cancel(astronaut):
         build_avatar(encode_png(astronaut), BuildOptions(preset="fast"), "0123456789ab",
                      cancel_at_align)  # fmt: skip
     assert e.value.code == errors.CANCELLED
-
-
-def test_photo_fit_lowers_the_loss_and_leaves_the_back_alone(astronaut):
-    from inference_service.build import detect
-    from inference_service.build.align import align
-    from inference_service.build.fit import fit_geometry
-    from inference_service.build.gaussians import make_gaussians
-    from inference_service.build.photometric import fit_photo
-    from inference_service.geometry import triangle_frames
-    from inference_service.headmodel import load_correspondence
-
-    model = load_head_model()
-    lm = detect.face_landmarks(astronaut, detect.detect_faces(astronaut)[0])
-    geo = fit_geometry(model, load_correspondence(), lm, align(model, lm, (512, 512)))
-    verts = geo.photo_vertices(model)
-    before = make_gaussians(model, verts, astronaut, geo.intrinsics, geo.world_to_camera, "fast")
-    after, info = fit_photo(before, verts, geo.rest_vertices(model), model.triangles, astronaut,
-                            geo.intrinsics, geo.world_to_camera, "fast")  # fmt: skip
-    assert info["l1_end"] < 0.6 * info["l1_start"]
-    frames, _ = triangle_frames(verts, model.triangles)
-    base = np.einsum("nk,nkc->nc", before.bary, verts[model.triangles[before.triangle]])
-    cam = -geo.world_to_camera[:3, :3].T @ geo.world_to_camera[:3, 3]
-    away = (frames[before.triangle, :, 2] * (cam - base)).sum(1) <= 0
-    assert away.sum() > 1000
-    np.testing.assert_array_equal(after.sh[away], before.sh[away])
-    np.testing.assert_array_equal(after.opacity_logit[away], before.opacity_logit[away])
-    assert np.abs(after.sh[~away] - before.sh[~away]).max() > 0.1

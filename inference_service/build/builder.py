@@ -22,7 +22,7 @@ from .enhance import build_stage as enhance_stage
 from .fit import fit_geometry
 from .gaussians import COUNTS, lid_layer, make_gaussians
 from .hair import MIN_SHELL, HairShell, fit_hair, hair_gaussians
-from .photometric import SCHEDULE, bind, person_mask, photo_crop
+from .photometric import CROP_SIZE, bind, person_mask, photo_crop
 from .pseudoviews import Splats, make_pseudo_views, splats_labels
 from .views import View
 
@@ -169,7 +169,7 @@ def coin_fit(
         sh=gaussians.sh.astype(np.float64),
         labels=splats_labels(region, inner, scalp | (gaussians.offset >= MIN_SHELL)),
     )  # fmt: skip
-    size = SCHEDULE[preset][1]
+    size = CROP_SIZE[preset]
     box, camera = photo_crop(base.numpy(), intrinsics, world_to_camera, size)
     progress("views", 0.62, "rendering pseudo-views around the head")
     views = make_pseudo_views(
