@@ -238,3 +238,21 @@ def test_cli_checks_enhance_folders(tmp_path):
     photo.write_bytes(encode_png(np.zeros((32, 32, 3), np.uint8)))
     r = _splatface("build", photo, "--store", tmp_path / "s", "--enhance", "a,b,c")
     assert r.returncode != 0 and "MODEL_DIR" in r.stderr
+
+
+def test_a_build_runs_the_stage_between_the_pseudo_views_and_the_fit(tiny, astronaut, monkeypatch):
+    """``BuildOptions.enhance`` puts the stage into a real build (the tiny models paint at
+    64 px with 2 steps instead of the preset's 512 px, which would only time them)."""
+    from inference_service.build import enhance
+    from inference_service.build.builder import BuildOptions, build_avatar
+
+    monkeypatch.setattr(enhance.EnhanceSettings, "for_preset", classmethod(lambda c, p: FAST))
+    stages: list[str] = []
+    avatar = build_avatar(
+        encode_png(astronaut), BuildOptions(preset="fast", enhance=tiny), "0123456789ab",
+        lambda stage, fraction, message: stages.append(stage),
+    )  # fmt: skip
+    order = list(dict.fromkeys(stages))
+    assert order.index("views") < order.index("enhance") < order.index("coin"), order
+    assert avatar.meta["enhance"] == tiny.to_dict()
+    assert len(avatar.gaussians) > 10_000
