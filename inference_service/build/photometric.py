@@ -43,7 +43,7 @@ def _crop_camera(intrinsics, w2c, box, size):
     return Camera(fx * s, fy * s, (cx - x0) * s, (cy - y0) * s, w2c)
 
 
-def _resample(image: np.ndarray, box, size: int) -> np.ndarray:
+def resample(image: np.ndarray, box, size: int) -> np.ndarray:
     """The square ``box`` (x0, y0, side) of ``image`` at ``size`` x ``size``; parts of
     the box outside the image come out black (and outside the person mask)."""
     from PIL import Image

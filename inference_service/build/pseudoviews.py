@@ -30,7 +30,7 @@ from kernels import Camera
 from protocol.camera import framing_distance, intrinsics_from_fov, orbit
 
 from ..images import srgb_to_linear
-from .photometric import _resample
+from .photometric import resample
 from .views import (
     SOURCE_INPAINT,
     SOURCE_MIRROR,
@@ -54,11 +54,11 @@ class ViewPlan:
     ring: tuple[tuple[float, float], ...]
 
 
-_RING8 = ((45, 0), (-45, 0), (90, 0), (-90, 0), (135, 0), (-135, 0), (180, 0))
+_RING = ((45, 0), (-45, 0), (90, 0), (-90, 0), (135, 0), (-135, 0), (180, 0))
 PLANS = {
     "fast": ViewPlan(112, ((60, 0), (-60, 0), (120, 0), (-120, 0), (180, 0), (0, 65))),
-    "default": ViewPlan(144, _RING8 + ((0, 65), (0, -40))),
-    "high": ViewPlan(192, _RING8 + ((25, 0), (-25, 0), (0, 65), (180, 55), (0, -40))),
+    "default": ViewPlan(144, _RING + ((0, 65), (0, -40))),
+    "high": ViewPlan(192, _RING + ((25, 0), (-25, 0), (0, 65), (180, 55), (0, -40))),
 }
 FOV = 30.0  # degrees
 FILL = 0.9  # the head sphere spans this share of a pseudo-view
@@ -189,8 +189,8 @@ def photo_view(
     covers it and the photo shows the person, fading out on skin the photo saw edge-on
     (the neck's sides, where the photo shows the collar beside a narrower real neck)."""
     out = splats.render(camera, size, ("alpha", "depth", "normal", "segment"))
-    image = srgb_to_linear(_resample(photo, box, size) / 255.0).astype(np.float32)
-    body = _resample((person * 255).astype(np.uint8), box, size) > 127
+    image = srgb_to_linear(resample(photo, box, size) / 255.0).astype(np.float32)
+    body = resample((person * 255).astype(np.uint8), box, size) > 127
     cos = _facing(unproject(out.depth, camera), out.normal @ camera.world_to_camera[:3, :3],
                   camera.position)  # fmt: skip
     trust = np.where(out.segment == LABEL_SKIN, _smoothstep(cos, *PHOTO_GRAZING), 1.0)
