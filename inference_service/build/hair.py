@@ -22,7 +22,15 @@ from protocol.camera import project
 from ..avatar import BoundGaussians
 from ..geometry import edge_adjacency, triangle_frames, vertex_normals
 from ..headmodel import HeadModel
-from .gaussians import OPACITY, TANGENT_SIGMA, THICKNESS, _sample_photo, _visible, random_bary
+from .gaussians import (
+    EDGE_ON_SIGMA,
+    OPACITY,
+    TANGENT_SIGMA,
+    THICKNESS,
+    _sample_photo,
+    _visible,
+    random_bary,
+)
 
 HAIR_MAX = 0.06  # metres: thicker than this is not hair on a head
 MARCH_STEP = 0.0015  # metres along the normal per sample
@@ -164,7 +172,7 @@ def hair_gaussians(
     pick, bary, corner, offset = pick[keep], bary[keep], corner[keep], offset[keep]
     n = len(pick)
     spacing = np.sqrt(area.sum() / max(count, 1))
-    sigma = TANGENT_SIGMA * spacing * (1 + offset / SKULL_RADIUS)
+    sigma = EDGE_ON_SIGMA * TANGENT_SIGMA * spacing * (1 + offset / SKULL_RADIUS)
     log_scale = np.log(np.stack([sigma, sigma, THICKNESS * sigma], axis=1))
     normals = frames[pick, :, 2]
     points = np.einsum("nk,nkc->nc", bary, vertices[corner]) + offset[:, None] * normals
