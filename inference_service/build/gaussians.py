@@ -6,7 +6,7 @@ from dataclasses import fields
 
 import numpy as np
 
-from kernels.sh import C0, rgb_to_sh0
+from kernels.sh import eval_sh, rgb_to_sh0
 from protocol.arkit import index_of
 from protocol.camera import project
 
@@ -50,6 +50,15 @@ COLOUR_FACING = 0.35
 
 
 _LIDS = ("eyeBlinkLeft", "eyeBlinkRight")
+#: sRGB skin colour where the photo shows none of it
+SKIN_FILL = (0.75, 0.6, 0.5)
+
+
+def open_and_closed_area(vertices: np.ndarray, model: HeadModel) -> tuple[np.ndarray, np.ndarray]:
+    """``[T]`` triangle areas of ``vertices`` and of the same head with both eyes closed."""
+    _, area = triangle_frames(vertices, model.triangles)
+    closed = vertices + sum(model.arkit_deltas[index_of(n)] for n in _LIDS)
+    return area, triangle_frames(closed, model.triangles)[1]
 
 
 def random_bary(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -69,9 +78,7 @@ def sample_surface(
     A triangle's area is the largest it takes at rest or with the eyes closed: the lids
     fold away when open and spread over the eye when closed, and must carry enough
     Gaussians for that."""
-    _, area = triangle_frames(model.neutral, model.triangles)
-    closed = model.neutral + sum(model.arkit_deltas[index_of(n)] for n in _LIDS)
-    area = np.maximum(area, triangle_frames(closed, model.triangles)[1])
+    area = np.maximum(*open_and_closed_area(model.neutral, model))
     # density classes: the regions, and the tongue apart from the gums
     tongue = np.all(model.vertex_part[model.triangles] == PART_TONGUE, axis=1)
     region = np.where(tongue, len(model.region_names), model.triangle_region)
@@ -199,7 +206,7 @@ def make_gaussians(
     face_median = (
         np.median(colour[known & (region == model.region("face"))], axis=0)
         if np.any(known & (region == model.region("face")))
-        else srgb_to_linear(np.array([0.75, 0.6, 0.5]))
+        else srgb_to_linear(np.array(SKIN_FILL))
     )
     for r, name in enumerate(model.region_names):
         in_r = region == r
@@ -253,12 +260,9 @@ LID_DENSITY = 3.0
 LID_SKIN_RING = (0.004, 0.015)  # metres from the lid layer: the skin that lends its colour
 
 
-def lid_growth(rest: np.ndarray, model: HeadModel) -> np.ndarray:
-    """``[T]`` how much each face triangle's edges grow from ``rest`` to both eyes closed
-    (1 outside the face and for triangles that shrink)."""
-    _, area = triangle_frames(rest, model.triangles)
-    closed = rest + sum(model.arkit_deltas[index_of(n)] for n in _LIDS)
-    _, closed_area = triangle_frames(closed, model.triangles)
+def lid_growth(area: np.ndarray, closed_area: np.ndarray, model: HeadModel) -> np.ndarray:
+    """``[T]`` how much each face triangle's edges grow from ``area`` at rest to
+    ``closed_area`` with both eyes closed (1 outside the face and where they shrink)."""
     growth = np.sqrt(np.maximum(closed_area, area) / np.maximum(area, 1e-20))
     return np.where(model.triangle_region == model.region("face"), growth, 1.0)
 
@@ -275,15 +279,14 @@ def lid_layer(
     ``gaussians`` (fitted) on the skin around the lid."""
     from scipy.spatial import cKDTree
 
-    growth = lid_growth(rest, model)
+    area, closed_area = open_and_closed_area(rest, model)
+    growth = lid_growth(area, closed_area, model)
     lid = growth >= LID_GROWTH
     count = int(LID_DENSITY * lid[gaussians.triangle].sum())
     if count == 0:  # a head without closing lids
         return BoundGaussians(**{f.name: getattr(gaussians, f.name)[:0] for f in fields(gaussians)})
-    _, area = triangle_frames(rest, model.triangles)
-    closed_area = area * growth**2
     rng = np.random.default_rng(seed)
-    weight = np.where(lid, closed_area, 0.0)
+    weight = np.where(lid, area * growth**2, 0.0)  # the area closed (where it grows)
     tri = rng.choice(len(weight), count, p=weight / weight.sum()).astype(np.int32)
     bary = random_bary(rng, count)
     spacing = np.sqrt(weight.sum() / count)  # between neighbours once the lids are closed
@@ -295,8 +298,8 @@ def lid_layer(
     skin_ok = (model.triangle_region[gaussians.triangle] == model.region("face")) & (
         growth[gaussians.triangle] < 1.05
     )
-    rgb = np.clip(gaussians.sh[:, 0, :] * C0 + 0.5, 0, None)
-    colour = np.tile(srgb_to_linear(np.array([0.75, 0.6, 0.5])), (count, 1))
+    rgb = eval_sh(gaussians.sh[:, :1], None)  # the view-independent colour
+    colour = np.tile(srgb_to_linear(np.array(SKIN_FILL)), (count, 1))
     for side in (-1.0, 1.0):
         mine = np.sign(points[:, 0]) == side
         if not mine.any():
