@@ -169,7 +169,7 @@ def fit_coin(
         offset=offset.detach().numpy().astype(np.float32),
         log_scale=log_scale.detach().numpy().astype(np.float32),
         opacity_logit=opacity.detach().numpy().astype(np.float32),
-        sh=sh.detach().numpy().astype(np.float32),
+        sh=sh.detach().numpy().astype(np.float32), appear=g.appear,
     )  # fmt: skip
     facts = {
         "iterations": schedule.iterations,
