@@ -183,12 +183,12 @@ class HairTexture:
 
 
 def photo_view(
-    splats: Splats, photo: np.ndarray, person: np.ndarray, box, camera: Camera, size: int
+    out: kernels.Passes, photo: np.ndarray, person: np.ndarray, box, camera: Camera, size: int
 ) -> View:
-    """The input photo's crop ``box`` as a :class:`View`: confidence 1 where the head
-    covers it and the photo shows the person, fading out on skin the photo saw edge-on
-    (the neck's sides, where the photo shows the collar beside a narrower real neck)."""
-    out = splats.render(camera, size, ("alpha", "depth", "normal", "segment"))
+    """The input photo's crop ``box`` as a :class:`View`, given the head's passes ``out``
+    (alpha, depth, normal, segment) from ``camera``: confidence 1 where the head covers it
+    and the photo shows the person, fading out on skin the photo saw edge-on (the neck's
+    sides, where the photo shows the collar beside a narrower real neck)."""
     image = srgb_to_linear(resample(photo, box, size) / 255.0).astype(np.float32)
     body = resample((person * 255).astype(np.uint8), box, size) > 127
     cos = _facing(unproject(out.depth, camera), out.normal @ camera.world_to_camera[:3, :3],
@@ -212,7 +212,8 @@ def make_pseudo_views(
 ) -> list[View]:
     """The photo's view, then the preset's ring of pseudo-views (see the module text)."""
     plan = PLANS[preset]
-    front = photo_view(splats, photo, person, box, crop_camera, crop_size)
+    front_passes = splats.render(crop_camera, crop_size, ("alpha", "depth", "normal", "segment"))
+    front = photo_view(front_passes, photo, person, box, crop_camera, crop_size)
     src = np.concatenate([front.image, (front.confidence > 0)[..., None]], axis=2)
     mirror_cam = mirror_camera(crop_camera, crop_size)
     mirror_depth = splats.render(mirror_cam, crop_size, ("depth",)).depth
@@ -220,7 +221,7 @@ def make_pseudo_views(
 
     center = 0.5 * (splats.means.min(0) + splats.means.max(0))
     radius = float(np.linalg.norm(splats.means - center, axis=1).max())
-    labels = splats.render(crop_camera, crop_size, ("segment",)).segment
+    labels = front_passes.segment
     metres_per_px = float(np.median(front.depth[front.confidence > 0])) / crop_camera.fx
     hair = (labels == LABEL_HAIR) & (front.confidence > 0)
     texture = HairTexture.from_photo(front.image, hair, metres_per_px, center,
