@@ -8,12 +8,16 @@ renders through ``bpy.ops.render.render`` (all four passes). Records:
 - ``engine``: the whole F12 operator (``op_ms``: Blender's render pipeline included),
   the engine's own ``render`` (``engine_ms``), and its parts: ``blender_ms`` (camera,
   evaluated shape keys and head matrix: ``gather_ms``; pass conversion: ``convert_ms``;
-  ``foreach_set`` into the result: ``store_ms``; those and ``end_result``: ``write_ms``) and
-  ``request_ms`` (the ``render`` round trip);
+  ``foreach_set`` into the result: ``store_ms``; those and ``end_result``: ``write_ms``),
+  ``end_result_ms`` (Blender merging the result into its own, which every engine pays)
+  and ``request_ms`` (the wait for the ``render`` reply, during which the engine has
+  Blender allocate the result and touches its pages);
 - ``direct``: ``Client.render`` with the same values and camera (``round_trip_ms``);
   ``service_ms``: the same ``render_frames`` call in this process, the service's compute;
   ``transport_ms`` = round trip - compute (codec, sockets, validation, worker pool);
-- ``addon_overhead_ms`` = engine_ms - direct round trip (target: under 10 ms).
+- ``addon_overhead_ms`` = engine_ms - direct round trip (target: under 10 ms), and of
+  it ``own_code_ms`` = gather + convert + store (the add-on's Python on the frame's path;
+  the rest is Blender's ``end_result`` and the wait's handoff).
 """
 
 from __future__ import annotations
@@ -124,10 +128,12 @@ def run(endpoint: str, store: Path, png: bytes) -> None:
         add("write", tm.write)
         add("convert", tm.convert)
         add("store", tm.store)
+        add("end_result", tm.write - tm.convert - tm.store)
         add("request", tm.request)
         add("direct", t_direct)
         add("compute", t_compute)
         add("overhead", tm.blender + tm.request + tm.write - t_direct)
+        add("own", tm.blender + tm.convert + tm.store)
 
     def m(name: str) -> float:
         return round(statistics.median(series[name]), 3)
@@ -146,6 +152,7 @@ def run(endpoint: str, store: Path, png: bytes) -> None:
                 "write_ms": m("write"),
                 "convert_ms": m("convert"),
                 "store_ms": m("store"),
+                "end_result_ms": m("end_result"),
                 "request_ms": m("request"),
             },
             "direct": {
@@ -154,6 +161,7 @@ def run(endpoint: str, store: Path, png: bytes) -> None:
                 "transport_ms": round(m("direct") - m("compute"), 3),
             },
             "addon_overhead_ms": m("overhead"),
+            "own_code_ms": m("own"),
             "machine": machine(),
         }
     )

@@ -10,7 +10,10 @@ better than a stalled UI.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,9 +32,11 @@ SERVICE_PASS = {"Combined": "rgb", "Alpha": "alpha", "Depth": "depth", "Normal":
 
 @dataclass
 class FrameTiming:
-    """Where one frame's time went (seconds); ``service`` is only known per request.
-    ``write`` includes ``convert`` (service passes → Blender buffers) and ``store``
-    (``foreach_set`` into the result's passes); the rest is ``end_result``."""
+    """Where one frame's time went (seconds). ``blender``: camera, evaluated shape keys
+    and head matrices; ``request``: the wait for the service's reply (Blender allocates
+    the result meanwhile); ``write`` includes ``convert`` (service passes
+    → Blender buffers) and ``store`` (``foreach_set`` into the result's passes); the
+    rest of it is ``end_result``."""
 
     blender: float = 0.0
     request: float = 0.0
@@ -55,6 +60,17 @@ class LastRender:
 
 
 last_render = LastRender()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _request_pool() -> ThreadPoolExecutor:
+    """One thread that carries final renders' requests (made on first use)."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(1, thread_name_prefix="splatface-render")
+    return _pool
+
+
 #: Final renders convert into these (a frame's passes reuse the last frame's memory).
 _pass_buffers = PassBuffers()
 
@@ -93,18 +109,24 @@ def render_layers(
     camera: cam.ProtocolCamera,
     timeout: float,
     passes: tuple[str, ...] = PASSES,
+    on_sent: Callable[[], None] | None = None,
 ) -> Layer:
-    """Render every avatar with ``camera`` and composite them (an empty frame without)."""
+    """Render every avatar with ``camera`` and composite them (an empty frame without).
+    Rows come bottom-up, as Blender's passes and textures hold them. ``on_sent`` is
+    called once the first request is on its way (also when there is none)."""
     h, w = camera.height, camera.width
     if not frames:
+        if on_sent is not None:
+            on_sent()
         return Layer(
             np.zeros((h, w, 3), np.float32),
             np.zeros((h, w), np.float32),
             np.full((h, w), np.inf, np.float32),
             np.zeros((h, w, 3), np.float32),
+            bottom_up=True,
         )
     layers = []
-    for f in frames:
+    for i, f in enumerate(frames):
         reply = client.render(
             f.avatar_id,
             camera.intrinsics,
@@ -115,8 +137,10 @@ def render_layers(
             head=f.head,
             passes=passes,
             timeout=timeout,
+            rows="bottom_up",
+            on_sent=on_sent if i == 0 else None,
         )
-        layers.append(Layer.from_render(reply))
+        layers.append(Layer.from_render(reply, bottom_up=True))
     return composite(layers)
 
 
@@ -133,9 +157,10 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
         self._view = ViewportState()
 
     def __del__(self) -> None:
-        view = getattr(self, "_view", None)
-        if view is not None:
-            view.engine = None
+        try:
+            self._view.engine = None
+        except (AttributeError, ReferenceError):  # Blender freed the engine first
+            pass
 
     def update_render_passes(
         self, scene: bpy.types.Scene | None = None, renderlayer: bpy.types.ViewLayer | None = None
@@ -158,28 +183,44 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
         except (ValueError, OSError) as exc:
             self._fail(str(exc))
             return
+        wanted = ("rgb", "alpha", "depth") + (
+            ("normal",) if depsgraph.view_layer.use_pass_normal else ()
+        )
+        # the service renders while Blender allocates the result (the socket wait
+        # releases the GIL); Blender's calls hold it, so they wait until the request is
+        # sent rather than delay it
+        sent = threading.Event()
+
+        def request() -> Layer:
+            try:
+                return render_layers(client, frames, camera, settings.timeout, wanted, sent.set)
+            finally:
+                sent.set()  # also when it failed before sending
+
+        reply = _request_pool().submit(request)
+        t1 = time.perf_counter()
+        sent.wait()
         result = self.begin_result(0, 0, camera.width, camera.height)
         names = tuple(p.name for p in result.layers[0].passes if p.name in SERVICE_PASS)
-        wanted = ("rgb", "alpha", "depth") + (("normal",) if "Normal" in names else ())
-        t1 = time.perf_counter()
         try:
-            layer = render_layers(client, frames, camera, settings.timeout, wanted)
+            layer = reply.result()
         except ProtocolError as exc:
             self.end_result(result, cancel=True)
             self._fail(f"splatface service ({settings.endpoint}): {exc.message} [{exc.code}]")
             return
-        t2 = time.perf_counter()
+        t3 = time.perf_counter()
         c2w = np.linalg.inv(camera.world_to_camera)[:3, :3]
         buffers = _pass_buffers.convert(layer, c2w, names)
-        timing.convert = time.perf_counter() - t2
+        timing.convert = time.perf_counter() - t3
         for rpass in result.layers[0].passes:
             data = buffers.get(rpass.name)
             if data is not None:
                 rpass.rect.foreach_set(data)
-        timing.store = time.perf_counter() - t2 - timing.convert
+        timing.store = time.perf_counter() - t3 - timing.convert
         self.end_result(result)
-        t3 = time.perf_counter()
-        timing.blender, timing.request, timing.write = t1 - t0, t2 - t1, t3 - t2
+        t4 = time.perf_counter()
+        # the request's time is the wait; Blender's work during it is hidden in it
+        timing.blender, timing.request, timing.write = t1 - t0, t3 - t1, t4 - t3
         timing.requests = len(frames)
         last_render.passes, last_render.timing = buffers, timing
         last_render.width, last_render.height = camera.width, camera.height
@@ -215,41 +256,61 @@ class ViewportState:
         self.error: str = ""
 
     def request(self, context: bpy.types.Context, depsgraph: bpy.types.Depsgraph) -> None:
+        """Ask for the 3D View's current frame at the preferences' viewport scale."""
         region, rv3d = context.region, context.region_data
         p = prefs.preferences()
         scale = p.viewport_scale if p is not None else 0.5
         w, h = max(1, int(region.width * scale)), max(1, int(region.height * scale))
+        self.request_view(rv3d.view_matrix, rv3d.window_matrix, w, h, depsgraph)
+
+    def request_view(
+        self,
+        view_matrix: Any,
+        window_matrix: Any,
+        width: int,
+        height: int,
+        depsgraph: bpy.types.Depsgraph,
+    ) -> Future | None:
+        """Ask for the frame seen through a view (``view_matrix``/``window_matrix`` as the
+        3D View's ``region_data`` has them) at ``width`` x ``height``; returns the request's
+        future, or ``None`` when nothing changed since the last request (or the view
+        cannot be rendered: :attr:`error` says why). Needs no window, so it is tested
+        headless; only :meth:`draw` needs the GPU."""
         try:
-            camera = cam.from_projection(rv3d.view_matrix, rv3d.window_matrix, w, h)
+            camera = cam.from_projection(view_matrix, window_matrix, width, height)
         except ValueError as exc:
             self.error = str(exc)
-            return
+            return None
+        w, h = camera.width, camera.height
         frames = avatar.gather(depsgraph, final_render=False)
         parts = [camera.intrinsics, camera.world_to_camera, np.array([w, h], np.float64)]
         for f in frames:
             parts += [np.frombuffer(f.avatar_id.encode(), np.uint8), f.curves, f.head]
         signature = b"".join(np.ascontiguousarray(x).tobytes() for x in parts)
         if signature == self.signature:
-            return
+            return None
         self.signature = signature
         client = runtime.client()
         timeout = runtime.settings().timeout
 
         def work() -> np.ndarray:
             layer = render_layers(client, frames, camera, timeout, ("rgb", "alpha", "depth"))
-            rgba = np.concatenate([layer.rgb, layer.alpha[..., None]], axis=-1)
-            return np.ascontiguousarray(rgba[::-1], np.float32)
+            return np.concatenate([layer.rgb, layer.alpha[..., None]], axis=-1)  # bottom-up
 
-        def done(future: Any) -> None:
+        def done(future: Future) -> None:
             exc = future.exception()
             if exc is not None:
-                self.error = str(exc)
-            else:
-                self.image, self.texture, self.error = future.result(), None, ""
+                # keep the last image; the next redraw (a user action) asks again
+                self.error, self.signature = str(exc), b""
+                return
+            self.image, self.texture, self.error = future.result(), None, ""
             if self.engine is not None:
-                self.engine.tag_redraw()
+                try:
+                    self.engine.tag_redraw()
+                except ReferenceError:  # the viewport closed meanwhile
+                    self.engine = None
 
-        runtime.submit(work, done, key="viewport")
+        return runtime.submit(work, done, key="viewport")
 
     def draw(
         self, engine: SPLATFACE_RenderEngine, context: bpy.types.Context, scene: bpy.types.Scene

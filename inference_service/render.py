@@ -38,10 +38,13 @@ def render_frames(
     far: float = 100.0,
     check=lambda i, n: None,
     backend: str = "auto",
+    bottom_up: bool = False,
 ) -> dict[str, np.ndarray]:
     """Render every frame; ``check(i, n)`` is called before each (it may raise to stop).
 
     Consecutive frames with the same pose are posed once (a turntable poses once).
+    ``bottom_up``: rows in OpenGL/Blender order, flipped in the copy out of the
+    rasterizer's buffers that is made anyway.
     """
     f = frame_count(intrinsics, world_to_camera, curves, heads)
     out = {
@@ -72,5 +75,5 @@ def render_frames(
         )
         for name, arr in out.items():
             if arr is not None:
-                arr[i] = getattr(p, name)
+                arr[i] = getattr(p, name)[::-1] if bottom_up else getattr(p, name)
     return {k: v for k, v in out.items() if v is not None}

@@ -444,6 +444,7 @@ class Service:
             fields["far"],
             check=lambda i, n: self._check_stop(),
             backend=self.device,
+            bottom_up=fields["rows"] == "bottom_up",
         )
         ms = round((time.perf_counter() - t0) * 1000, 2)
         return {"frames": f, "width": w, "height": h, "passes": list(passes), "service_ms": ms}, out

@@ -124,8 +124,12 @@ class Client:
         arrays: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         retries: int | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> Message:
-        """Send one request and wait for its reply; raise :class:`ProtocolError` on error."""
+        """Send one request and wait for its reply; raise :class:`ProtocolError` on error.
+
+        ``on_sent`` is called once the request is on its way (a caller waiting on
+        another thread may then start work of its own without delaying the send)."""
         timeout = self.timeout if timeout is None else timeout
         retries = self.retries if retries is None else retries
         req_id = uuid.uuid4().hex
@@ -136,6 +140,8 @@ class Client:
             for _ in range(retries + 1):
                 sock = self._socket()
                 sock.send_multipart(frames, copy=False)
+                if on_sent is not None:
+                    on_sent()
                 deadline = time.monotonic() + timeout
                 while (remaining := deadline - time.monotonic()) > 0:
                     if not sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
@@ -234,11 +240,15 @@ class Client:
         curve_names: list[str] | None = None,
         background: tuple[float, float, float] | None = None,
         timeout: float | None = None,
+        rows: str = "top_down",
+        on_sent: Callable[[], None] | None = None,
     ) -> dict[str, np.ndarray]:
         """Render frames; camera arrays are ``[F, 4]``/``[F, 4, 4]`` or one camera for all.
 
         ``curves``: an array, or the path of a curves file (see ``SPEC.md``); the head
-        pose is ``head`` in either case. Returns the passes as arrays ``[F, H, W, ...]``.
+        pose is ``head`` in either case. Returns the passes as arrays ``[F, H, W, ...]``,
+        row 0 at the top, or at the bottom with ``rows="bottom_up"`` (Blender, OpenGL).
+        ``on_sent``: see :meth:`request`.
         """
         curves = _curves_array(curves, curve_names)
         intrinsics = np.asarray(intrinsics, np.float64)
@@ -252,6 +262,7 @@ class Client:
                 "passes": list(passes),
                 "curve_names": curve_names,
                 "background": None if background is None else [float(b) for b in background],
+                "rows": rows,
             },
             {
                 "intrinsics": intrinsics.reshape(-1, 4),
@@ -261,6 +272,7 @@ class Client:
             },
             timeout=timeout,
             retries=0,
+            on_sent=on_sent,
         )
         return dict(reply.arrays)
 

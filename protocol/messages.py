@@ -25,6 +25,8 @@ MAX_IMAGE_BYTES = 64 << 20
 MAX_PATH = 4096
 MAX_RENDER_BYTES = 1 << 30
 PASSES = ("rgb", "alpha", "depth", "normal")
+#: Row order of rendered images: OpenCV's (row 0 at the top) or OpenGL's and Blender's.
+ROWS = ("top_down", "bottom_up")
 PRESETS = ("fast", "default", "high")
 EXPORT_FORMATS = ("ply", "bundle")
 
@@ -120,6 +122,7 @@ OPS: dict[str, OpSpec] = {
             "near": Field("float", lo=1e-4, hi=1e3, default=0.01),
             "far": Field("float", lo=1e-3, hi=1e5, default=100.0),
             "curve_names": _CURVE_NAMES,
+            "rows": Field("str", choices=ROWS, default="top_down"),
         },
         {
             "curves": _CURVES,

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from protocol import Client, ProtocolError
+from protocol.arkit import index_of
 from protocol.camera import intrinsics_from_fov, orbit
 from tests import test_blender_compat as compat
 from tests.blender_util import (
@@ -159,6 +160,72 @@ def test_two_avatars_composite_by_depth(scene, astronaut_id, client):
     assert both.any(), "the heads should overlap in the image"
     # where both cover a pixel, the nearer head (a) wins
     assert np.allclose(ref.depth[both], layers[0].depth[both])
+
+
+def test_viewport_requests_off_the_ui_thread_latest_wins(scene, astronaut_id, client):
+    """The Rendered viewport's data path, headless: a 3D View's matrices become a request
+    on the worker thread; its image matches a direct render; an unchanged view asks
+    nothing; scrubbing keeps only the newest request waiting; a dead service leaves the
+    last image and an error, not a hang. (Drawing the image needs a GPU context.)"""
+    from blender_addon import engine, runtime
+
+    proxy = import_avatar(bpy, astronaut_id)
+    w2c = orbit((0.0, 0.0, 0.0), 0.9, yaw_deg=15)
+    cam = add_camera_from_opencv(bpy, scene, w2c, FOV, 96)
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    window = np.array(cam.evaluated_get(depsgraph).calc_matrix_camera(depsgraph, x=96, y=96))
+    view = np.linalg.inv(np.array(cam.matrix_world))
+    state = engine.ViewportState()
+
+    def ask(size: int = 96):
+        return state.request_view(view, window, size, size, bpy.context.evaluated_depsgraph_get())
+
+    jaw = proxy.data.shape_keys.key_blocks["jawOpen"]
+    jaw.value = 0.6
+    future = ask()
+    assert future is not None and state.image is None  # not waited for on this thread
+    settle()
+    assert state.error == "" and state.image.shape == (96, 96, 4)
+    ref = client.render(astronaut_id, intrinsics_from_fov(96, 96, FOV), w2c, 96, 96,
+                        curves=_jaw(0.6), head=np.array(proxy.matrix_world))  # fmt: skip
+    assert_close_renders(state.image[::-1, :, :3], ref["rgb"][0], "viewport rgb")
+    assert_close_renders(state.image[::-1, :, 3], ref["alpha"][0], "viewport alpha")
+    assert ask() is None  # same frame, same view: nothing sent
+
+    # scrubbing: frames asked faster than served; waiting ones are dropped
+    futures = []
+    for value in (0.1, 0.2, 0.3, 0.4):
+        jaw.value = value
+        futures.append(ask())
+    settle()
+    assert futures[-1].result().shape == (96, 96, 4)
+    assert any(f.cancelled() for f in futures[1:-1]), "older waiting requests are dropped"
+    latest = client.render(astronaut_id, intrinsics_from_fov(96, 96, FOV), w2c, 96, 96,
+                           curves=_jaw(0.4), head=np.array(proxy.matrix_world))  # fmt: skip
+    assert_close_renders(state.image[::-1, :, 3], latest["alpha"][0], "latest frame")
+
+    p = _prefs()
+    old = p.endpoint, p.timeout
+    p.endpoint, p.timeout = f"tcp://127.0.0.1:{_free_port()}", 0.5
+    try:
+        shown = state.image
+        jaw.value = 0.9
+        t0 = time.monotonic()
+        assert ask() is not None
+        settle()
+        assert time.monotonic() - t0 < 10
+        assert "timeout" in state.error and state.image is shown
+        assert ask() is not None, "after a failure the next redraw asks again"
+        settle()
+    finally:
+        p.endpoint, p.timeout = old
+        runtime.client()
+
+
+def _jaw(value: float) -> np.ndarray:
+    curves = np.zeros((1, 52), np.float32)
+    curves[0, index_of("jawOpen")] = value
+    return curves
 
 
 def test_endpoint_from_environment(monkeypatch, addon):

@@ -139,17 +139,31 @@ def test_composite_puts_the_nearer_avatar_over_the_farther():
 
 def test_to_blender_flips_rows_and_rotates_normals():
     wire = np.dtype("f4").newbyteorder("<")  # how arrays arrive from the protocol
-    lay = Layer(*(a.astype(wire) for a in vars(_layer(1.0, 1.0, 1.0)).values()))
+    src = _layer(1.0, 1.0, 1.0)
+    lay = Layer(*(a.astype(wire) for a in (src.rgb, src.alpha, src.depth, src.normal)))
     lay.depth[0, :] = np.inf  # top row empty
     lay.rgb[0, 0] = (9, 9, 9)
+    lay.alpha[0, 1] = 0.25
     out = to_blender(lay, np.diag([1.0, -1.0, -1.0]))
     h, w = 2, 3
     depth = out["Depth"].reshape(h, w)
     assert (depth[1] == EMPTY_DEPTH).all() and (depth[0] == 1.0).all()  # bottom-up rows
     assert out["Combined"].reshape(h, w, 4)[1, 0, 0] == 9
+    assert out["Alpha"].reshape(h, w)[1, 1] == 0.25
     assert out["Normal"].reshape(h, w, 3)[0, 0] == pytest.approx([0, 0, 1])
     # Blender's foreach_set crashes on the explicit "<f" buffer format
     assert {memoryview(v).format for v in out.values()} == {"f"}
+
+    # a layer rendered bottom-up (rows="bottom_up") gives the same passes, unflipped
+    flipped = Layer(*(a[::-1].copy() for a in (lay.rgb, lay.alpha, lay.depth, lay.normal)),
+                    bottom_up=True)  # fmt: skip
+    again = to_blender(flipped, np.diag([1.0, -1.0, -1.0]))
+    for name, value in out.items():
+        assert np.array_equal(again[name], value), name
+    assert {memoryview(v).format for v in again.values()} == {"f"}
+    assert np.array_equal(flipped.top_down().alpha, lay.alpha)
+    with pytest.raises(ValueError, match="row order"):
+        composite([lay, flipped])
 
 
 # -- keyframe plans ------------------------------------------------------------------

@@ -106,6 +106,11 @@ def test_render_passes_match_in_process_render(client, service, astronaut_id):
     local = render_frames(avatar, intr[None], w2c[None], SIZE, SIZE, curves, None, ("rgb", "depth"))
     np.testing.assert_allclose(out["rgb"], local["rgb"], atol=1e-6)
     np.testing.assert_array_equal(np.isinf(out["depth"]), np.isinf(local["depth"]))
+    # rows="bottom_up" (Blender, OpenGL): the same pixels, rows reversed
+    up = client.render(astronaut_id, intr, w2c, SIZE, SIZE, curves=curves,
+                       passes=("rgb", "alpha", "depth", "normal"), rows="bottom_up")  # fmt: skip
+    for name, value in out.items():
+        np.testing.assert_array_equal(up[name], value[:, ::-1], err_msg=name)
 
 
 def test_export_ply_in_world_space(client, service, astronaut_id):
@@ -287,6 +292,7 @@ BAD_RENDERS = {
         "disagree",
     ),
     "mirrored head": ({"head": np.diag([-1.0, 1, 1, 1])[None]}, errors.BAD_REQUEST, "mirror"),
+    "unknown row order": ({"fields": {"rows": "left_right"}}, errors.BAD_REQUEST, "bottom_up"),
     "unknown curve name": (
         {"curves": np.zeros((1, 1), np.float32), "fields": {"curve_names": ["jawOpenWide"]}},
         errors.BAD_REQUEST,
