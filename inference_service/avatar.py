@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from protocol.arkit import NUM_SHAPES
+
+if TYPE_CHECKING:
+    from .build.texture import Texture
 
 FORMAT_VERSION = 1
 
@@ -82,6 +85,9 @@ class Avatar:
         meta: JSON-able facts about the build (source size, preset, faces found, ...).
         vertex_part: ``[V]`` uint8 ``headmodel.PART_*`` (eyeballs turn with gaze), or None
             for a mesh without eyes.
+        texture: the head's colour as the photo showed it, in the atlas of
+            ``build/texture.py`` (UVs per triangle corner); None for avatars from before
+            textures, or meshes without UVs. The Gaussians' colours start from it.
     """
 
     id: str
@@ -94,6 +100,7 @@ class Avatar:
     photo_world_to_camera: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
     vertex_part: np.ndarray | None = None
+    texture: Texture | None = None
 
     @functools.cached_property
     def bound_triangles(self) -> tuple[np.ndarray, np.ndarray]:
@@ -162,6 +169,9 @@ class Avatar:
             out["vertex_part"] = self.vertex_part
         for f in fields(BoundGaussians):
             out["g_" + f.name] = getattr(self.gaussians, f.name)
+        if self.texture is not None:
+            for f in fields(self.texture):
+                out["tex_" + f.name] = getattr(self.texture, f.name)
         return out
 
     @classmethod
@@ -186,6 +196,7 @@ class Avatar:
                 photo_world_to_camera=arrays["photo_world_to_camera"].astype(np.float64),
                 meta=meta,
                 vertex_part=arrays.get("vertex_part"),
+                texture=_texture(arrays),
             )
         except KeyError as exc:
             raise ValueError(f"avatar arrays lack {exc.args[0]!r}") from None
@@ -214,12 +225,23 @@ class Avatar:
             (self.photo_world_to_camera.shape == (4, 4), "bad photo camera"),
             (self.vertex_part is None or self.vertex_part.shape == (len(v),), "bad vertex_part"),
         ]
+        problem = None if self.texture is None else self.texture.validate(len(t))
+        checks.append((problem is None, str(problem)))
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid avatar {self.id}: {message}")
         for name, arr in self.to_arrays().items():
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise ValueError(f"invalid avatar {self.id}: {name} has NaN or inf")
+
+
+def _texture(arrays: dict[str, np.ndarray]) -> Texture | None:
+    """The stored texture (``tex_*`` arrays), or None for avatars saved without one."""
+    if "tex_image" not in arrays:
+        return None
+    from .build.texture import Texture
+
+    return Texture(**{f.name: arrays["tex_" + f.name] for f in fields(Texture)})
 
 
 def sphere_center(points: np.ndarray) -> np.ndarray:

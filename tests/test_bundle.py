@@ -3,6 +3,7 @@ docs/rigged-bundle.md alone, the rest .ply, and the zip's contents."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from plyfile import PlyData
 
 from inference_service.avatar import Avatar, BoundGaussians
@@ -102,9 +104,28 @@ def ict_avatar(n=3000, sh_degree=1, seed=1) -> Avatar:
                   {"created": "2026-01-01T00:00:00"}, vertex_part=m.vertex_part)  # fmt: skip
 
 
+def textured_ict_avatar(n=3000) -> Avatar:
+    """:func:`ict_avatar` with a texture: the builder's atlas, random texels."""
+    from inference_service.build.texture import Texture, atlas
+
+    at = atlas(load_head_model(), 64)
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (at.height, at.width, 3), dtype=np.uint8)
+    source = rng.integers(0, 5, (at.height, at.width), dtype=np.uint8)
+    return dataclasses.replace(
+        ict_avatar(n), texture=Texture(image, source, at.uvs, at.triangle_uvs)
+    )
+
+
 @pytest.fixture(scope="module")
 def ict():
     av = ict_avatar()
+    return av, bundle_files(av)
+
+
+@pytest.fixture(scope="module")
+def textured():
+    av = textured_ict_avatar()
     return av, bundle_files(av)
 
 
@@ -197,9 +218,85 @@ def test_mesh_glb_refuses_inconsistent_input_and_writes_meshes_without_targets()
         mesh_glb(v, t, np.zeros((1, 4, 3)), ["a"])
     with pytest.raises(ValueError, match="NaN"):
         mesh_glb(v * np.nan, t, np.zeros((0, 3, 3)), [])
+    with pytest.raises(ValueError, match="texcoords"):
+        mesh_glb(v, t, np.zeros((0, 3, 3)), [], texcoords=np.zeros((2, 3, 2)), png=b"png")
+    with pytest.raises(ValueError, match="together"):
+        mesh_glb(v, t, np.zeros((0, 3, 3)), [], texcoords=np.zeros((1, 3, 2)))
     glb = Glb(mesh_glb(v, t, np.zeros((0, 3, 3)), [], name="tri"))
     assert "targets" not in glb.gltf["meshes"][0]["primitives"][0]
     assert glb.gltf["meshes"][0]["name"] == "tri"
+
+
+def test_textured_glb_splits_uv_seams_and_embeds_the_texture(textured):
+    av, files = textured
+    glb = Glb(files["head.glb"])
+    gltf = glb.gltf
+    (mesh,) = gltf["meshes"]
+    (prim,) = mesh["primitives"]
+    for i, acc in enumerate(gltf["accessors"]):
+        if "min" in acc:
+            flat = glb.accessor(i).reshape(acc["count"], -1)
+            np.testing.assert_array_equal(np.float32(acc["min"]), flat.min(0))
+            np.testing.assert_array_equal(np.float32(acc["max"]), flat.max(0))
+    attrs = prim["attributes"]
+    pos, nrm = glb.accessor(attrs["POSITION"]), glb.accessor(attrs["NORMAL"])
+    uv_acc = gltf["accessors"][attrs["TEXCOORD_0"]]
+    assert uv_acc["componentType"] == 5126 and uv_acc["type"] == "VEC2"
+    uv = glb.accessor(attrs["TEXCOORD_0"])
+    v = len(av.vertices)
+    assert len(uv) == len(pos) == len(nrm) > v  # the atlas has seams: vertices split
+    copies = np.array(mesh["extras"]["sourceVertices"])
+    assert len(copies) == len(pos) - v and copies.min() >= 0 and copies.max() < v
+    source = np.r_[np.arange(v), copies]
+
+    def gltf_axes(p):
+        return np.stack([p[:, 0], p[:, 2], -p[:, 1]], axis=1)
+
+    # a copy is its vertex: the same position, normal and morph deltas
+    np.testing.assert_array_equal(pos, gltf_axes(av.vertices)[source])
+    np.testing.assert_array_equal(nrm, nrm[source])
+    assert len(prim["targets"]) == 52
+    for i, target in enumerate(prim["targets"]):
+        d = glb.accessor(target["POSITION"])
+        np.testing.assert_array_equal(d, gltf_axes(av.shape_deltas[i])[source])
+    # the same triangles in the same corner order, each corner with the texture's UV
+    tris = glb.accessor(prim["indices"]).reshape(-1, 3)
+    np.testing.assert_array_equal(source[tris], av.triangles)
+    np.testing.assert_array_equal(uv[tris], av.texture.corner_uvs())
+    # and no vertex more than the distinct (vertex, UV) pairs need
+    pairs = np.unique(np.column_stack([source, uv.view(np.int32)]), axis=0)
+    assert len(pairs) == len(pos)
+
+    material = gltf["materials"][prim["material"]]
+    texture = gltf["textures"][material["pbrMetallicRoughness"]["baseColorTexture"]["index"]]
+    if "sampler" in texture:
+        assert 0 <= texture["sampler"] < len(gltf["samplers"])
+    image = gltf["images"][texture["source"]]
+    assert image["mimeType"] == "image/png" and "uri" not in image
+    view = gltf["bufferViews"][image["bufferView"]]
+    assert "target" not in view and "byteStride" not in view
+    png = glb.bin[view["byteOffset"] : view["byteOffset"] + view["byteLength"]]
+    decoded = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    np.testing.assert_array_equal(decoded, av.texture.image)
+
+
+def test_textured_bundle_poses_like_the_service_gaze_included(textured):
+    av, files = textured
+    gaze = json.loads(files["bundle.json"])["gaze"]
+    n = len(av.vertices)
+    for eye, (ids, _) in zip(gaze["eyes"], av.eyes, strict=True):
+        assert set(ids.tolist()) < set(eye["vertices"])  # its vertices and their copies
+        assert max(eye["vertices"]) >= n
+    weights = np.random.default_rng(0).uniform(0, 1, 52)
+    mu, rot, sigma, alpha, _ = pose_from_bundle(files, weights)
+    ref = pose(av, weights.astype(np.float32))
+    np.testing.assert_allclose(mu, ref.means, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(sigma, ref.scales, rtol=1e-5, atol=1e-9)
+    assert_same_quats(matrix_to_quat(rot), ref.quats, 1e-5)
+    # exactly what the untextured bundle of the same avatar gives: the copies move as one
+    plain = bundle_files(dataclasses.replace(av, texture=None))
+    for a, b in zip((mu, rot, sigma, alpha), pose_from_bundle(plain, weights), strict=False):
+        np.testing.assert_array_equal(a, b)
 
 
 # ---------------------------------------------------------------- (b) posing from the doc

@@ -24,6 +24,7 @@ from .gaussians import COUNTS, lid_layer, make_gaussians
 from .hair import MIN_SHELL, HairShell, fit_hair, hair_gaussians
 from .photometric import CROP_SIZE, bind, person_mask, photo_crop
 from .pseudoviews import Splats, make_pseudo_views, splats_labels
+from .texture import bake_texture
 from .views import View
 
 #: Hair Gaussians as a share of the preset's count (fewer where the hair is thin).
@@ -81,10 +82,11 @@ def build_avatar(
     person = person_mask(photo)
     shell = fit_hair(model, posed, photo, person, fit.intrinsics, fit.world_to_camera)
     progress("gaussians", 0.60, f"placing Gaussians ({options.preset} preset)")
-    gaussians = make_gaussians(
-        model, posed, photo, fit.intrinsics, fit.world_to_camera, options.preset,
-        hair_colour=shell.colour, person=person,
+    texture = bake_texture(
+        model, posed, photo, fit.intrinsics, fit.world_to_camera, person, shell.colour,
+        options.preset,
     )  # fmt: skip
+    gaussians = make_gaussians(model, texture, options.preset)
     hair = hair_gaussians(
         model, posed, shell, int(HAIR_SHARE * COUNTS[options.preset]), photo,
         fit.intrinsics, fit.world_to_camera, np.random.default_rng(1),
@@ -137,6 +139,7 @@ def build_avatar(
         photo_intrinsics=fit.intrinsics,
         photo_world_to_camera=fit.world_to_camera,
         meta=meta,
+        texture=texture,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -10,10 +11,13 @@ from kernels.sh import eval_sh, rgb_to_sh0
 from protocol.arkit import index_of
 from protocol.camera import project
 
-from ..avatar import BoundGaussians, sphere_center
+from ..avatar import BoundGaussians
 from ..geometry import triangle_frames
 from ..headmodel import PART_TONGUE, HeadModel
 from ..images import srgb_to_linear
+
+if TYPE_CHECKING:
+    from .texture import Texture
 
 COUNTS = {"fast": 12_000, "default": 30_000, "high": 60_000}
 #: Relative density per region (Gaussians per m², before normalising to the preset).
@@ -158,80 +162,14 @@ def _sample_photo(photo: np.ndarray, uv: np.ndarray) -> np.ndarray:
 
 
 def make_gaussians(
-    model: HeadModel,
-    vertices: np.ndarray,
-    photo: np.ndarray,
-    intrinsics: np.ndarray,
-    world_to_camera: np.ndarray,
-    preset: str,
-    seed: int = 0,
-    hair_colour: np.ndarray | None = None,
-    person: np.ndarray | None = None,
+    model: HeadModel, texture: Texture, preset: str, seed: int = 0
 ) -> BoundGaussians:
-    """Gaussians bound to the mesh, coloured by projecting ``photo`` (sRGB uint8) onto
-    ``vertices`` [V, 3] (the head as the photo shows it, in the photo camera's frame).
-
-    Seen surface takes the photo's colour; unseen face and head take the colour of their
-    mirror image across the face's symmetry plane (x = 0) when that was seen, else the
-    median colour of what was seen in their region (``hair_colour``, when known, for
-    the unseen scalp); mouth and eyes take fixed colours. ``person`` ([H, W] bool, the
-    photo's person mask): where it is false the photo shows the backdrop, not the head.
-    """
+    """Gaussians bound to the mesh, each taking ``texture``'s colour (``texture.py``: the
+    photo where it saw the surface, its mirror image, fills, drawn eyes and mouth) at
+    its own place on its triangle."""
     rng = np.random.default_rng(seed)
     tri, bary, spacing = sample_surface(model, COUNTS[preset], rng)
-    frames, _ = triangle_frames(vertices, model.triangles)
-    corners = vertices[model.triangles[tri]].astype(np.float64)
-    points = np.einsum("nk,nkc->nc", bary, corners)
-    normals = frames[tri, :, 2]
-    size = (photo.shape[1], photo.shape[0])
-
-    seen, uv = _visible(points, normals, intrinsics, world_to_camera, size)
-    mirror = np.array([-1.0, 1.0, 1.0])
-    seen_m, uv_m = _visible(points * mirror, normals * mirror, intrinsics, world_to_camera, size,
-                            COLOUR_FACING)  # fmt: skip
-    # the eyes keep the looser test (their iris colour); skin and scalp take colour only
-    # where the photo saw them squarely and saw the person there
-    square, _ = _visible(points, normals, intrinsics, world_to_camera, size, COLOUR_FACING)
-    seen_c = square
-    if person is not None:
-        seen_c = seen_c & _on(person, uv)
-        seen_m = seen_m & _on(person, uv_m)
-    colour = np.zeros((len(tri), 3))
-    colour[seen] = _sample_photo(photo, uv[seen])
-    use_m = ~seen_c & seen_m
-    colour[use_m] = _sample_photo(photo, uv_m[use_m])
-    known = seen_c | use_m
-
-    region = model.triangle_region[tri]
-    face_median = (
-        np.median(colour[known & (region == model.region("face"))], axis=0)
-        if np.any(known & (region == model.region("face")))
-        else srgb_to_linear(np.array(SKIN_FILL))
-    )
-    for r, name in enumerate(model.region_names):
-        in_r = region == r
-        if name in FILL:
-            fill = srgb_to_linear(np.array(FILL[name]))
-            if name.startswith("eyeball"):
-                ids = np.unique(model.triangles[model.triangle_region == r])
-                centre = sphere_center(vertices[ids].astype(np.float64))
-                colour[in_r] = _eye_colours(points[in_r], centre, seen[in_r], colour[in_r])
-            else:
-                colour[in_r] = fill
-            continue
-        if name == "head_neck":
-            # scalp above the eyes takes the hair colour seen there; the neck, skin
-            eye_z = vertices[model.landmarks68[[36, 45]], 2].mean()
-            high = points[:, 2] > eye_z
-            parts = ((in_r & high), (in_r & ~high))
-            fills = (hair_colour, face_median)
-        else:
-            parts, fills = (in_r,), (None,)
-        for part, default in zip(parts, fills, strict=True):
-            seen_p = known & part
-            fill = np.median(colour[seen_p], axis=0) if seen_p.sum() > 20 else face_median
-            colour[part & ~known] = fill if default is None else default
-
+    colour = texture.sample(tri, bary)
     n = len(tri)
     sigma_t = TANGENT_SIGMA * spacing
     log_scale = np.log(np.stack([sigma_t, sigma_t, THICKNESS * sigma_t], axis=1))

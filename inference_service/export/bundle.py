@@ -1,6 +1,7 @@
 """The rigged bundle: an avatar others can animate without splatface.
 
-``bundle.json`` (manifest), ``head.glb`` (rest mesh + the 52 ARKit morph targets),
+``bundle.json`` (manifest), ``head.glb`` (rest mesh + the 52 ARKit morph targets, and
+the avatar's colour texture when it has one),
 ``gaussians.npz`` (the Gaussians bound to the mesh's triangles) and ``rest.ply`` (the rest
 pose as a standard INRIA splat file). ``docs/rigged-bundle.md`` documents every array and
 the posing procedure; it is the one description of the formula (``posing.pose`` is the
@@ -21,7 +22,7 @@ from protocol.arkit import ARKIT_NAMES
 
 from ..avatar import Avatar
 from ..posing import GAZE_PITCH, GAZE_YAW, pose
-from .gltf import OURS_TO_GLTF, mesh_glb
+from .gltf import OURS_TO_GLTF, mesh_glb, split_seams
 from .ply import ply_bytes
 
 FORMAT = "splatface-rigged-bundle"
@@ -56,7 +57,8 @@ def manifest(avatar: Avatar) -> dict:
         "spec": SPEC,
         "avatar": {"id": avatar.id, "name": avatar.name, "created": avatar.meta.get("created")},
         "files": {
-            "head.glb": "rest mesh (glTF 2.0 axes) with 52 ARKit morph targets",
+            "head.glb": "rest mesh (glTF 2.0 axes) with 52 ARKit morph targets"
+            + (" and its colour texture" if avatar.texture is not None else ""),
             "gaussians.npz": "Gaussians bound to head.glb's triangles (triangle-local)",
             "rest.ply": "rest pose, INRIA 3DGS layout, canonical frame",
         },
@@ -83,12 +85,14 @@ def manifest(avatar: Avatar) -> dict:
 
 
 def gaze(avatar: Avatar) -> dict:
-    """The eye rig the morph targets cannot hold: eyeballs turn rigidly for gaze."""
+    """The eye rig the morph targets cannot hold: eyeballs turn rigidly for gaze. Each
+    eye's vertices are head.glb's: the avatar's and their copies at UV seams."""
+    source = glb_vertices(avatar)
     eyes = [
         {
             "side": side,
             "center": [float(x) for x in center],
-            "vertices": [int(i) for i in ids],
+            "vertices": [int(i) for i in np.flatnonzero(np.isin(source, ids))],
         }
         for side, (ids, center) in zip(("left", "right"), avatar.eyes, strict=False)
     ]
@@ -97,6 +101,25 @@ def gaze(avatar: Avatar) -> dict:
         "pitch_at_weight_1": float(GAZE_PITCH),
         "eyes": eyes,
     }
+
+
+def glb_vertices(avatar: Avatar) -> np.ndarray:
+    """``[V']`` the avatar vertex behind each of head.glb's vertices (V' > V where a
+    texture's UV seams split vertices)."""
+    if avatar.texture is None:
+        return np.arange(len(avatar.vertices))
+    return split_seams(len(avatar.vertices), avatar.triangles, avatar.texture.corner_uvs())[0]
+
+
+def texture_png(avatar: Avatar) -> bytes | None:
+    """The avatar's texture as PNG bytes (None without one)."""
+    if avatar.texture is None:
+        return None
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(avatar.texture.image).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def gaussians_npz(avatar: Avatar) -> bytes:
@@ -118,7 +141,13 @@ def bundle_files(avatar: Avatar) -> dict[str, bytes]:
     files = {
         "bundle.json": _json(manifest(avatar)),
         "head.glb": mesh_glb(
-            avatar.vertices, avatar.triangles, avatar.shape_deltas, ARKIT_NAMES, name="head"
+            avatar.vertices,
+            avatar.triangles,
+            avatar.shape_deltas,
+            ARKIT_NAMES,
+            name="head",
+            texcoords=None if avatar.texture is None else avatar.texture.corner_uvs(),
+            png=texture_png(avatar),
         ),
         "gaussians.npz": gaussians_npz(avatar),
         "rest.ply": ply_bytes(pose(avatar)),
