@@ -12,9 +12,9 @@ from scipy.spatial import cKDTree
 
 from inference_service.avatar import Avatar
 from inference_service.build import texture as tx
-from inference_service.build.gaussians import COLOUR_FACING, FILL, make_gaussians
+from inference_service.build.gaussians import COLOUR_FACING, FILL, TONGUE_FILL, make_gaussians
 from inference_service.geometry import triangle_frames
-from inference_service.headmodel import load_head_model
+from inference_service.headmodel import PART_TONGUE, load_head_model
 from inference_service.images import srgb_to_linear
 from inference_service.store import Store
 from kernels.sh import eval_sh
@@ -216,11 +216,15 @@ def test_every_used_texel_has_a_colour_and_fills_stay_within_their_region(model,
     known = np.concatenate([rgb[scalp & (label == tx.SOURCE_PHOTO)], hair[None]])
     assert ((fill >= known.min(axis=0) - 1) & (fill <= known.max(axis=0) + 1)).all()
     # mouth and sockets: their fixed colours; eyes drawn with an iris and a pupil
+    # (the tongue, inside gums_tongue, lighter than the gums)
+    tongue = np.all(model.vertex_part[at.corner] == PART_TONGUE, axis=1)
     for name in ("teeth", "gums_tongue", "mouth_socket", "eye_sockets"):
-        expected = np.round(np.array(FILL[name]) * 255)
         in_r = region == model.region(name)
         assert (label[in_r] == tx.SOURCE_DRAWN).all()
-        np.testing.assert_allclose(rgb[in_r], np.broadcast_to(expected, rgb[in_r].shape), atol=1)
+        for part, colour in ((in_r & ~tongue, FILL[name]), (in_r & tongue, TONGUE_FILL)):
+            expected = np.broadcast_to(np.round(np.array(colour) * 255), rgb[part].shape)
+            np.testing.assert_allclose(rgb[part], expected, atol=1)
+    assert tongue[region == model.region("gums_tongue")].mean() > 0.2
     eye = region == model.region("eyeball_left")
     assert (label[eye] == tx.SOURCE_DRAWN).all()
     assert len(np.unique(rgb[eye], axis=0)) == 3  # sclera, iris, pupil

@@ -25,11 +25,15 @@ DENSITY = {
     "face": 2.0, "head_neck": 1.0, "mouth_socket": 0.3, "eye_sockets": 0.0,
     "gums_tongue": 0.3, "teeth": 0.6, "eyeball_left": 3.0, "eyeball_right": 3.0,
 }  # fmt: skip
-#: The tongue (inside gums_tongue) shows when it is out: dense like the face.
+#: The tongue (inside gums_tongue) shows when it is out: dense like the face, and
+#: lighter than the gums around it.
 TONGUE_DENSITY = 2.0
-#: sRGB colour of parts the photo cannot show (inside the mouth, back of the eyes).
+TONGUE_FILL = (0.35, 0.14, 0.14)
+#: sRGB colour of parts the photo cannot show (inside the mouth, back of the eyes). The
+#: mouth's interior is in its own shadow: dark, so an open mouth reads as open (bright
+#: red reads as lips, to a viewer and to MediaPipe).
 FILL = {
-    "mouth_socket": (0.32, 0.10, 0.10), "gums_tongue": (0.70, 0.33, 0.33),
+    "mouth_socket": (0.05, 0.02, 0.02), "gums_tongue": (0.25, 0.10, 0.10),
     "teeth": (0.90, 0.87, 0.80), "eyeball_left": (0.88, 0.85, 0.82),
     "eyeball_right": (0.88, 0.85, 0.82), "eye_sockets": (0.5, 0.3, 0.3),
 }  # fmt: skip

@@ -34,13 +34,14 @@ from protocol.camera import project
 
 from ..avatar import sphere_center
 from ..geometry import edge_adjacency, triangle_frames
-from ..headmodel import HeadModel
+from ..headmodel import PART_TONGUE, HeadModel
 from ..images import srgb_to_linear
 from .gaussians import (
     COLOUR_FACING,
     FILL,
     OCCLUSION_TOLERANCE,
     SKIN_FILL,
+    TONGUE_FILL,
     ZBUFFER_CELL,
     _eye_colours,
     _on,
@@ -420,6 +421,9 @@ def bake_texture(
         elif name in FILL:  # the mouth and sockets: fixed colours
             colour[in_r] = srgb_to_linear(np.array(FILL[name]))
             source[in_r] = SOURCE_DRAWN
+            if name == "gums_tongue":
+                tongue = in_r & np.all(model.vertex_part[at.corner] == PART_TONGUE, axis=1)
+                colour[tongue] = srgb_to_linear(np.array(TONGUE_FILL))
     grid = np.zeros((at.height, at.width, 3), np.float32)  # linear RGB
     label = np.zeros((at.height, at.width), np.uint8)
     grid[rows, cols] = colour
