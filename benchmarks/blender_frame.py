@@ -2,22 +2,26 @@
 time goes, against a direct service render of the same frame in the same run.
 
 One private service (CPU), the astronaut built with the ``fast`` preset, added to a
-headless-bpy scene; every frame sets ``jawOpen`` and ``eyeBlinkLeft`` by keyframes and
-renders through ``bpy.ops.render.render`` (all four passes). Records:
+headless-bpy scene with ``jawOpen`` and ``eyeBlinkLeft`` keyframed over FRAMES frames;
+all four passes. Two ways of rendering, each a record:
 
-- ``engine``: the whole F12 operator (``op_ms``: Blender's render pipeline included),
-  the engine's own ``render`` (``engine_ms``), and its parts: ``blender_ms`` (camera,
-  evaluated shape keys and head matrix: ``gather_ms``; pass conversion: ``convert_ms``;
-  ``foreach_set`` into the result: ``store_ms``; those and ``end_result``: ``write_ms``),
-  ``end_result_ms`` (Blender merging the result into its own, which every engine pays)
-  and ``request_ms`` (the wait for the ``render`` reply, during which the engine has
-  Blender allocate the result and touches its pages);
-- ``direct``: ``Client.render`` with the same values and camera (``round_trip_ms``);
-  ``service_ms``: the same ``render_frames`` call in this process, the service's compute;
-  ``transport_ms`` = round trip - compute (codec, sockets, validation, worker pool);
-- ``addon_overhead_ms`` = engine_ms - direct round trip (target: under 10 ms), and of
-  it ``own_code_ms`` = gather + convert + store (the add-on's Python on the frame's path;
-  the rest is Blender's ``end_result`` and the wait's handoff).
+- ``animation`` (the headline): one animation render (``render(animation=True)``) of
+  FRAMES frames, the first left out (it allocates what later frames reuse);
+- ``still``: STILLS separate F12 renders (``op_ms``: the whole operator, Blender's render
+  pipeline and its start-up included).
+
+Each frame's engine figures: the engine's own ``render`` (``engine_ms``) and its parts:
+``blender_ms`` (camera, evaluated shape keys and head matrix: ``gather_ms``; pass
+conversion: ``convert_ms``; ``foreach_set`` into the result: ``store_ms``; those and
+``end_result``: ``write_ms``), ``end_result_ms`` (Blender merging the result into its
+own, which every engine pays) and ``request_ms`` (the wait for the ``render`` reply,
+during which Blender allocates the result). Against them, the same frame ``direct``:
+``Client.render`` with the same values and camera (``round_trip_ms``); ``service_ms``:
+the same ``render_frames`` call in this process, the service's compute;
+``transport_ms`` = round trip - compute (codec, sockets, validation, worker pool).
+``addon_overhead_ms`` = engine_ms - direct round trip, per frame, median (target: under
+10 ms), and of it ``own_code_ms`` = gather + convert + store (the add-on's Python on the
+frame's path; the rest is Blender's ``end_result`` and the wait's handoff).
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ import numpy as np
 from _common import emit, machine
 
 SIZE = 512
-FRAMES = 20
+FRAMES = 40
+STILLS = 12
+WARMUP = 3
 FOV = 30.0
 
 
@@ -99,44 +105,55 @@ def run(endpoint: str, store: Path, png: bytes) -> None:
     client = runtime.client()
     avatar = Store(store).load(avatar_id)
     passes = engine.PASSES
-    series: dict[str, list[float]] = {}
 
-    def add(name: str, seconds: float) -> None:
-        series.setdefault(name, []).append(seconds * 1000)
+    def direct(frame: int) -> tuple[float, float]:
+        """The same frame straight from the service, then computed in this process."""
+        scene_frame_curves = curves_at(frame)
+        t = time.perf_counter()
+        client.render(avatar_id, k, w2c, SIZE, SIZE, curves=scene_frame_curves, passes=passes)
+        t_direct = time.perf_counter() - t
+        t = time.perf_counter()
+        render_frames(
+            avatar, k[None], w2c[None], SIZE, SIZE, scene_frame_curves, None, passes, backend="cpu"
+        )
+        return t_direct, time.perf_counter() - t
 
-    # interleaved, so the three measurements share the machine's load at each moment
-    for i in range(FRAMES + 3):
-        scene.frame_set(1 + i % FRAMES)
+    def curves_at(frame: int) -> np.ndarray:
         depsgraph = bpy.context.evaluated_depsgraph_get()
-        curves = avatar_module.evaluated_curves(proxy.evaluated_get(depsgraph), depsgraph)[None]
+        return avatar_module.evaluated_curves(proxy.evaluated_get(depsgraph), depsgraph)[None]
+
+    # stills: one F12 per frame, interleaved with the direct renders so they share the
+    # machine's load at each moment
+    stills = Series()
+    for i in range(STILLS + WARMUP):
+        scene.frame_set(1 + i % FRAMES)
         t = time.perf_counter()
         bpy.ops.render.render()
         t_op = time.perf_counter() - t
-        t = time.perf_counter()
-        client.render(avatar_id, k, w2c, SIZE, SIZE, curves=curves, passes=passes)
-        t_direct = time.perf_counter() - t
-        t = time.perf_counter()
-        render_frames(avatar, k[None], w2c[None], SIZE, SIZE, curves, None, passes, backend="cpu")
-        t_compute = time.perf_counter() - t
-        if i < 3:  # warm-up
-            continue
-        tm = engine.last_render.timing
-        add("op", t_op)
-        add("engine", tm.blender + tm.request + tm.write)
-        add("blender", tm.blender + tm.write)
-        add("gather", tm.blender)
-        add("write", tm.write)
-        add("convert", tm.convert)
-        add("store", tm.store)
-        add("end_result", tm.write - tm.convert - tm.store)
-        add("request", tm.request)
-        add("direct", t_direct)
-        add("compute", t_compute)
-        add("overhead", tm.blender + tm.request + tm.write - t_direct)
-        add("own", tm.blender + tm.convert + tm.store)
+        t_direct, t_compute = direct(scene.frame_current)
+        if i >= WARMUP:
+            stills.add_frame(engine.last_render.timing, t_direct, t_compute, op=t_op)
 
-    def m(name: str) -> float:
-        return round(statistics.median(series[name]), 3)
+    # animation: one render job of FRAMES frames; each frame's direct renders run from
+    # render_post, inside the job, right after the engine's
+    animation = Series()
+
+    def after_frame(scene_: bpy.types.Scene, *_args: object) -> None:
+        timing = engine.last_render.timing
+        t_direct, t_compute = direct(scene_.frame_current)
+        if scene_.frame_current > scene_.frame_start:
+            animation.add_frame(timing, t_direct, t_compute)
+
+    with tempfile.TemporaryDirectory() as out:
+        scene.frame_start, scene.frame_end = 1, FRAMES
+        scene.render.filepath = str(Path(out) / "frame_")
+        scene.render.image_settings.file_format = "PNG"
+        scene.render.image_settings.compression = 0
+        bpy.app.handlers.render_post.append(after_frame)
+        try:
+            bpy.ops.render.render(animation=True)
+        finally:
+            bpy.app.handlers.render_post.remove(after_frame)
 
     emit(
         {
@@ -144,27 +161,61 @@ def run(endpoint: str, store: Path, png: bytes) -> None:
             "size": SIZE,
             "frames": FRAMES,
             "gaussians": client.get(avatar_id, mesh=False, rig=False).header["avatar"]["gaussians"],
-            "engine": {
-                "op_ms": m("op"),
-                "engine_ms": m("engine"),
-                "blender_ms": m("blender"),
-                "gather_ms": m("gather"),
-                "write_ms": m("write"),
-                "convert_ms": m("convert"),
-                "store_ms": m("store"),
-                "end_result_ms": m("end_result"),
-                "request_ms": m("request"),
-            },
-            "direct": {
-                "round_trip_ms": m("direct"),
-                "service_ms": m("compute"),
-                "transport_ms": round(m("direct") - m("compute"), 3),
-            },
-            "addon_overhead_ms": m("overhead"),
-            "own_code_ms": m("own"),
+            "animation": animation.record(),
+            "still": stills.record(),
+            "addon_overhead_ms": animation.median("overhead"),
+            "own_code_ms": animation.median("own"),
             "machine": machine(),
         }
     )
+
+
+class Series:
+    """Per-frame timings (ms) of one way of rendering, and their medians."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {}
+        self.memory_kept = 0
+
+    def add(self, name: str, seconds: float) -> None:
+        self.values.setdefault(name, []).append(seconds * 1000)
+
+    def add_frame(self, tm: object, t_direct: float, t_compute: float, op: float = 0.0) -> None:
+        if op:
+            self.add("op", op)
+        engine_s = tm.blender + tm.request + tm.write
+        self.add("engine", engine_s)
+        self.add("blender", tm.blender + tm.write)
+        self.add("gather", tm.blender)
+        self.add("write", tm.write)
+        self.add("convert", tm.convert)
+        self.add("store", tm.store)
+        self.add("end_result", tm.write - tm.convert - tm.store)
+        self.add("request", tm.request)
+        self.memory_kept += tm.memory_kept
+        self.add("direct", t_direct)
+        self.add("compute", t_compute)
+        self.add("overhead", engine_s - t_direct)
+        self.add("own", tm.blender + tm.convert + tm.store)
+
+    def median(self, name: str) -> float:
+        return round(statistics.median(self.values[name]), 3)
+
+    def record(self) -> dict:
+        engine_names = ("op", "engine", "blender", "gather", "write", "convert", "store")
+        engine_names += ("end_result", "request")
+        return {
+            "frames": len(self.values["engine"]),
+            "frames_with_memory_kept": self.memory_kept,
+            "engine": {f"{n}_ms": self.median(n) for n in engine_names if n in self.values},
+            "direct": {
+                "round_trip_ms": self.median("direct"),
+                "service_ms": self.median("compute"),
+                "transport_ms": round(self.median("direct") - self.median("compute"), 3),
+            },
+            "addon_overhead_ms": self.median("overhead"),
+            "own_code_ms": self.median("own"),
+        }
 
 
 if __name__ == "__main__":

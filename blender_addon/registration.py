@@ -40,12 +40,22 @@ def register() -> None:
             panel.COMPAT_ENGINES.add(engine.SPLATFACE_RenderEngine.bl_idname)
     if not bpy.app.timers.is_registered(runtime.drain):
         bpy.app.timers.register(runtime.drain, first_interval=0.1, persistent=True)
+    for handlers in _render_end_handlers():
+        handlers.append(engine.render_ended)
+
+
+def _render_end_handlers() -> tuple[list, list]:
+    return bpy.app.handlers.render_complete, bpy.app.handlers.render_cancel
 
 
 def unregister() -> None:
     if bpy.app.timers.is_registered(runtime.drain):
         bpy.app.timers.unregister(runtime.drain)
     runtime.shutdown()
+    for handlers in _render_end_handlers():
+        if engine.render_ended in handlers:
+            handlers.remove(engine.render_ended)
+    engine.frame_memory.release()
     for name in _COMPAT_PANELS:
         panel = getattr(bpy.types, name, None)
         if panel is not None and hasattr(panel, "COMPAT_ENGINES"):

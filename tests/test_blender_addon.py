@@ -162,6 +162,47 @@ def test_two_avatars_composite_by_depth(scene, astronaut_id, client):
     assert np.allclose(ref.depth[both], layers[0].depth[both])
 
 
+def test_animation_render_reuses_frame_memory_and_gives_it_back(
+    scene, astronaut_id, client, tmp_path
+):
+    """An animation render keeps glibc from unmapping a frame's result for the next one
+    (frames after the first reuse it; their passes are still right) and puts glibc's
+    defaults back when the job ends; a still render does not keep it."""
+    from blender_addon import engine
+
+    proxy = import_avatar(bpy, astronaut_id)
+    jaw = proxy.data.shape_keys.key_blocks["jawOpen"]
+    for frame in (1, 3):
+        jaw.value = (frame - 1) / 4
+        jaw.keyframe_insert("value", frame=frame)
+    w2c = orbit((0.0, 0.0, 0.0), 0.9)
+    add_camera_from_opencv(bpy, scene, w2c, FOV, 64)
+    scene.frame_start, scene.frame_end = 1, 3
+    scene.render.filepath = str(tmp_path / "frame_")
+    seen: list[tuple[int, bool, bool, np.ndarray]] = []
+
+    def after_frame(sc, *_args) -> None:
+        got = engine.last_render
+        alpha = got.passes["Combined"].reshape(64, 64, 4)[::-1, :, 3].copy()
+        seen.append((sc.frame_current, got.timing.memory_kept, engine.frame_memory.active, alpha))
+
+    bpy.app.handlers.render_post.append(after_frame)
+    try:
+        assert bpy.ops.render.render(animation=True) == {"FINISHED"}
+    finally:
+        bpy.app.handlers.render_post.remove(after_frame)
+    assert [s[:2] for s in seen] == [(1, False), (2, True), (3, True)]
+    assert engine.frame_memory.available == all(s[2] for s in seen)
+    assert not engine.frame_memory.active, "the allocator's defaults are back after the job"
+    ref = client.render(astronaut_id, intrinsics_from_fov(64, 64, FOV), w2c, 64, 64,
+                        curves=_jaw(0.5), head=np.array(proxy.matrix_world))  # fmt: skip
+    assert_close_renders(seen[-1][3], ref["alpha"][0], "frame 3 alpha")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"frame_000{f}.png" for f in (1, 2, 3)]
+
+    bpy.ops.render.render()
+    assert not engine.last_render.timing.memory_kept and not engine.frame_memory.active
+
+
 def test_viewport_requests_off_the_ui_thread_latest_wins(scene, astronaut_id, client):
     """The Rendered viewport's data path, headless: a 3D View's matrices become a request
     on the worker thread; its image matches a direct render; an unchanged view asks

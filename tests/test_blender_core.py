@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import threading
 import time
 
@@ -12,6 +14,7 @@ from blender_addon._protocol import head_pivot
 from blender_addon.core import camera as cam
 from blender_addon.core.curves import plan_keyframes
 from blender_addon.core.jobs import MainQueue, Worker, on_main_thread
+from blender_addon.core.memory import FrameMemory
 from blender_addon.core.passes import EMPTY_DEPTH, Layer, composite, to_blender
 from blender_addon.core.service import ConnectionSettings, is_loopback, run_build
 from protocol import ProtocolError
@@ -241,6 +244,49 @@ def test_failing_callback_does_not_stop_the_queue():
     main.post(lambda: 1 / 0)
     main.post(out.append, 1)
     assert main.drain() == 2 and out == [1]
+
+
+# -- frame memory ------------------------------------------------------------------
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def _mallinfo() -> _Mallinfo2:
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _Mallinfo2
+    return libc.mallinfo2()
+
+
+def test_frame_memory_keeps_a_frames_blocks_mapped_until_released():
+    memory = FrameMemory()
+    if not sys.platform.startswith("linux"):
+        assert not memory.available and not memory.keep(1 << 20)
+        return
+    assert memory.available  # CI and this project's machines run glibc
+    size = 24 << 20  # a frame's result, as one block
+    try:
+        assert memory.keep(size) is False  # nothing kept before the first frame
+        mapped = _mallinfo().hblkhd
+        block = np.ones(size // 8)
+        assert _mallinfo().hblkhd - mapped < size // 2, "a frame's block was mmapped"
+        del block
+        assert _mallinfo().fordblks >= size, "the freed block went back to the system"
+        assert memory.keep(size) is True and memory.active
+    finally:
+        memory.release()
+    assert not memory.active
+    mapped = _mallinfo().hblkhd
+    block = np.ones(size // 8)
+    assert _mallinfo().hblkhd - mapped >= size, "glibc's default threshold was not restored"
+    del block
 
 
 # -- service glue ------------------------------------------------------------------
