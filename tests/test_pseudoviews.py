@@ -211,6 +211,21 @@ def test_coin_compensation_recovers_a_colour_gain_and_the_loss_falls():
     assert after < 0.5 * before
 
 
+def test_coin_leaves_fixed_gaussians_as_they_were_and_fits_the_rest():
+    n = 1500
+    true = colour_of(sphere_points(n))
+    s = splats(n, true)
+    views = [_view(s, 0), _view(s, 30)]
+    start = np.clip(true[::-1], 0.02, 1)  # every colour wrong
+    g, frame = _bound(n, start)
+    fixed = np.arange(n) % 3 == 0
+    fitted, _ = fit_coin(g, frame, views, "fast", np.ones(n, bool), schedule=CoinSchedule(20, 1),
+                         fixed=fixed)  # fmt: skip
+    for name in ("sh", "opacity_logit", "offset", "log_scale"):
+        np.testing.assert_array_equal(getattr(fitted, name)[fixed], getattr(g, name)[fixed])
+        assert not np.array_equal(getattr(fitted, name)[~fixed], getattr(g, name)[~fixed]), name
+
+
 def test_coin_can_be_cancelled():
     n = 500
     s = splats(n)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from protocol.arkit import ARKIT_NAMES
+from protocol.camera import project
 
 from ..avatar import FORMAT_VERSION, Avatar, BoundGaussians
 from ..headmodel import HeadModel, load_correspondence, load_head_model
@@ -33,6 +34,13 @@ HAIR_SHARE = 0.25
 #: Regions only the photo's own view shows (mouth, eyes): never textured like hair or skin.
 INNER_REGIONS = ("mouth_socket", "gums_tongue", "teeth", "eyeball_left", "eyeball_right",
                  "eye_sockets")  # fmt: skip
+
+#: Regions whose colours the builder draws (eyeballs; teeth, gums, tongue, the mouth's
+#: inside): the pseudo-views' warped, mirrored or invented pixels do not repaint them.
+DRAWN_REGIONS = ("mouth_socket", "gums_tongue", "teeth", "eyeball_left", "eyeball_right")
+
+#: A Gaussian's footprint, in standard deviations of its largest scale.
+FOOTPRINT_SIGMAS = 2.0
 
 #: ``progress(stage, fraction, message)``; may raise to cancel the build.
 Progress = Callable[[str, float, str], None]
@@ -81,9 +89,13 @@ def build_avatar(
     posed = fit.photo_vertices(model)
     person = person_mask(photo)
     shell = fit_hair(model, posed, photo, person, fit.intrinsics, fit.world_to_camera)
+    # an open mouth shows teeth and the mouth's inside; where the fitted lips do not open
+    # as far, its colours would land on the lips and keep the rest mouth looking open
+    mouth = detect.mouth_opening(landmarks, (h, w))
+    surface = person & ~mouth
     progress("gaussians", 0.60, f"placing Gaussians ({options.preset} preset)")
     texture = bake_texture(
-        model, posed, photo, fit.intrinsics, fit.world_to_camera, person, shell.colour,
+        model, posed, photo, fit.intrinsics, fit.world_to_camera, surface, shell.colour,
         options.preset,
     )  # fmt: skip
     gaussians = make_gaussians(model, texture, options.preset)
@@ -96,7 +108,7 @@ def build_avatar(
     rest = fit.rest_vertices(model)
     gaussians, coin_facts = coin_fit(
         gaussians, model, posed, rest, shell, photo, person, fit.intrinsics,
-        fit.world_to_camera, options.preset, progress,
+        fit.world_to_camera, options.preset, progress, mouth,
         enhance=enhance_stage(options.enhance, options.preset, progress, at=0.68),
     )  # fmt: skip
 
@@ -155,6 +167,7 @@ def coin_fit(
     world_to_camera: np.ndarray,
     preset: str,
     progress: Progress,
+    mouth: np.ndarray | None = None,  # [H, W] bool: the photo's open mouth
     enhance: Callable[[list[View]], list[View]] = lambda views: views,
 ) -> tuple[BoundGaussians, dict]:
     """Pseudo-views of the initial head (stage "views"), then the COIN fit ("coin").
@@ -181,10 +194,37 @@ def coin_fit(
     )  # fmt: skip
     views = enhance(views)
     seen = photo_seen(splats.means, normal.numpy(), intrinsics, world_to_camera, person)
-    eyes = np.isin(region, [model.region("eyeball_left"), model.region("eyeball_right")])
+    drawn = np.isin(region, [model.region(n) for n in DRAWN_REGIONS])
+    # the lips' inner faces, which the fitted mouth turns towards the photo where it shows
+    # teeth: they keep the texture's lip colours (learning teeth, the lips of the rest
+    # mouth would look parted)
+    fixed = (region == model.region("face")) & _reaches(
+        splats.means, splats.scales, mouth, intrinsics, world_to_camera
+    )
     fitted, facts = fit_coin(
         gaussians, frame, views, preset, seen,
-        progress=lambda f, m: progress("coin", 0.68 + 0.26 * f, m), drawn=eyes,
+        progress=lambda f, m: progress("coin", 0.68 + 0.26 * f, m), drawn=drawn,
+        fixed=fixed,
     )  # fmt: skip
     facts.pop("compensation")
     return fitted, {**facts, "size": size}
+
+
+def _reaches(
+    means: np.ndarray, scales: np.ndarray, mask: np.ndarray | None, intrinsics, world_to_camera
+) -> np.ndarray:
+    """``[N]`` bool: Gaussians (``means``, ``scales`` ``[N, 3]``) whose footprint in the
+    photo (FOOTPRINT_SIGMAS of their largest scale around the centre) reaches ``mask``."""
+    if mask is None or not mask.any():
+        return np.zeros(len(means), bool)
+    from scipy import ndimage
+
+    h, w = mask.shape
+    uv, z = project(means, intrinsics, world_to_camera)
+    radius = FOOTPRINT_SIGMAS * intrinsics[0] * scales.max(axis=1) / np.maximum(z, 1e-6)
+    j, i = np.floor(np.nan_to_num(uv, nan=-1e9)).astype(np.int64).T
+    inside = (j >= 0) & (j < w) & (i >= 0) & (i < h) & (z > 0)
+    out = np.zeros(len(means), bool)
+    distance = ndimage.distance_transform_edt(~mask)
+    out[inside] = distance[i[inside], j[inside]] <= radius[inside]
+    return out

@@ -81,6 +81,7 @@ def fit_coin(
     progress: Callable[[float, str], None] = lambda f, m: None,
     schedule: CoinSchedule | None = None,
     drawn: np.ndarray | None = None,  # [N] bool: learn from the photo only (eyeballs)
+    fixed: np.ndarray | None = None,  # [N] bool: learn from no view (keep their start)
 ) -> tuple[BoundGaussians, dict]:
     """Fit ``gaussians`` to ``views`` (the photo's first). ``frame``: what
     :func:`~.photometric.bind` returns for them. Returns the fitted Gaussians, the
@@ -89,7 +90,8 @@ def fit_coin(
     take nothing from the pseudo-views: the eyeballs are drawn (iris, pupil) to turn with
     gaze, and a pseudo-view's warped or mirrored eye paints an iris where the photo's gaze
     had it. (Kept from the photo too, drawn eyes track worse: MediaPipe reads gaze from
-    photographed irises better, measured 0.63-0.89 against 0.81-0.91.)"""
+    photographed irises better, measured 0.63-0.89 against 0.81-0.91.) ``fixed``
+    Gaussians learn from no view: the photo shows something else where they are."""
     schedule = schedule or SCHEDULES[preset]
     base, normal, quats, stretch = frame
     g = gaussians
@@ -112,17 +114,18 @@ def fit_coin(
     pull = np.where(seen, SEEN_PULL, 1.0)
     if drawn is not None:
         pull[drawn] = 0.0
-    pull = torch.tensor(pull)
+    photo_pull = np.ones(len(pull))
+    if fixed is not None:
+        pull[fixed] = photo_pull[fixed] = 0.0
+    pull, photo_pull = torch.tensor(pull), torch.tensor(photo_pull)
 
     targets = [(torch.tensor(v.image, dtype=torch.float64),
                 torch.tensor(v.confidence, dtype=torch.float64)[..., None],
                 torch.tensor(v.alpha > 0.5, dtype=torch.float64)) for v in views]  # fmt: skip
 
-    def render(view: View, damped: bool):
-        f = pull if damped else None
-        s, o, d, ls = ((_damp(sh, f[:, None, None]), _damp(opacity, f), _damp(offset, f),
-                        _damp(log_scale, f[:, None])) if damped
-                       else (sh, opacity, offset, log_scale))  # fmt: skip
+    def render(view: View, f: torch.Tensor):
+        s, o, d, ls = (_damp(sh, f[:, None, None]), _damp(opacity, f), _damp(offset, f),
+                       _damp(log_scale, f[:, None]))  # fmt: skip
         means = base + d[:, None] * normal
         scales = torch.exp(ls) * stretch[:, None]
         w, h = view.size
@@ -137,7 +140,7 @@ def fit_coin(
     turn = 0
     for it in range(schedule.iterations):
         opt.zero_grad()
-        rgb, _ = render(photo, damped=False)
+        rgb, _ = render(photo, photo_pull)
         data = l1(rgb, targets[0][0], targets[0][1])
         reg = (
             OFFSET_WEIGHT * ((offset - start_offset) ** 2).mean()
@@ -151,7 +154,7 @@ def fit_coin(
         for _ in range(count):
             k = turn % len(pseudo)
             turn += 1
-            rgb_k, alpha_k = render(pseudo[k], damped=True)
+            rgb_k, alpha_k = render(pseudo[k], pull)
             image, conf, inside = targets[k + 1]
             compensated = rgb_k @ comp[k, :, :3].T + alpha_k[..., None] * comp[k, :, 3]
             side = side + l1(compensated, image, conf)

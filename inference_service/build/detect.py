@@ -159,3 +159,22 @@ def choose_face(
             f"the face is {side:.0f} px across; at least {MIN_FACE_PX} px is needed",
         )
     return face
+
+
+#: MediaPipe face-mesh indices of the inner lip contour, in order around the mouth.
+INNER_LIPS = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415,
+              308, 324, 318, 402, 317, 14, 87, 178, 88, 95)  # fmt: skip
+
+
+def mouth_opening(landmarks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``[H, W]`` bool: the photo's pixels whose centres lie inside the inner lip contour
+    of ``landmarks`` (``[478, 2+]`` photo pixels, centres at +0.5), where an open mouth
+    shows teeth and its inside rather than the face's surface. Empty when the lips are
+    closed."""
+    from skimage.draw import polygon
+
+    mask = np.zeros(shape, bool)
+    x, y = landmarks[list(INNER_LIPS), :2].T - 0.5
+    rows, cols = polygon(y, x, shape)
+    mask[rows, cols] = True
+    return mask
