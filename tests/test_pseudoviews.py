@@ -211,7 +211,7 @@ def test_coin_compensation_recovers_a_colour_gain_and_the_loss_falls():
     assert after < 0.5 * before
 
 
-def test_coin_leaves_fixed_gaussians_as_they_were_and_fits_the_rest():
+def test_coin_leaves_fixed_gaussians_as_they_were_and_opaque_ones_opaque():
     n = 1500
     true = colour_of(sphere_points(n))
     s = splats(n, true)
@@ -224,6 +224,13 @@ def test_coin_leaves_fixed_gaussians_as_they_were_and_fits_the_rest():
     for name in ("sh", "opacity_logit", "offset", "log_scale"):
         np.testing.assert_array_equal(getattr(fitted, name)[fixed], getattr(g, name)[fixed])
         assert not np.array_equal(getattr(fitted, name)[~fixed], getattr(g, name)[~fixed]), name
+    # opaque ones learn everything but their opacity
+    opaque = np.arange(n) % 3 == 1
+    fitted, _ = fit_coin(g, frame, views, "fast", np.ones(n, bool), schedule=CoinSchedule(20, 1),
+                         opaque=opaque)  # fmt: skip
+    np.testing.assert_array_equal(fitted.opacity_logit[opaque], g.opacity_logit[opaque])
+    assert not np.array_equal(fitted.opacity_logit[~opaque], g.opacity_logit[~opaque])
+    assert not np.array_equal(fitted.sh[opaque], g.sh[opaque])
 
 
 def test_coin_can_be_cancelled():

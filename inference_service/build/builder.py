@@ -201,10 +201,12 @@ def coin_fit(
     fixed = (region == model.region("face")) & _reaches(
         splats.means, splats.scales, mouth, intrinsics, world_to_camera
     )
+    # skin is opaque: the photo's edges and the pseudo-views' fills must not thin it
+    opaque = np.isin(region, [model.region("face"), model.region("head_neck")]) & ~scalp
     fitted, facts = fit_coin(
         gaussians, frame, views, preset, seen,
         progress=lambda f, m: progress("coin", 0.68 + 0.26 * f, m), drawn=drawn,
-        fixed=fixed,
+        fixed=fixed, opaque=opaque,
     )  # fmt: skip
     facts.pop("compensation")
     return fitted, {**facts, "size": size}

@@ -82,6 +82,7 @@ def fit_coin(
     schedule: CoinSchedule | None = None,
     drawn: np.ndarray | None = None,  # [N] bool: learn from the photo only (eyeballs)
     fixed: np.ndarray | None = None,  # [N] bool: learn from no view (keep their start)
+    opaque: np.ndarray | None = None,  # [N] bool: keep their start opacity
 ) -> tuple[BoundGaussians, dict]:
     """Fit ``gaussians`` to ``views`` (the photo's first). ``frame``: what
     :func:`~.photometric.bind` returns for them. Returns the fitted Gaussians, the
@@ -91,7 +92,8 @@ def fit_coin(
     gaze, and a pseudo-view's warped or mirrored eye paints an iris where the photo's gaze
     had it. (Kept from the photo too, drawn eyes track worse: MediaPipe reads gaze from
     photographed irises better, measured 0.63-0.89 against 0.81-0.91.) ``fixed``
-    Gaussians learn from no view: the photo shows something else where they are."""
+    Gaussians learn from no view: the photo shows something else where they are.
+    ``opaque`` Gaussians keep their opacity (a surface: what they cover stays covered)."""
     schedule = schedule or SCHEDULES[preset]
     base, normal, quats, stretch = frame
     g = gaussians
@@ -118,14 +120,15 @@ def fit_coin(
     if fixed is not None:
         pull[fixed] = photo_pull[fixed] = 0.0
     pull, photo_pull = torch.tensor(pull), torch.tensor(photo_pull)
+    see_through = torch.tensor(np.ones(len(pull)) if opaque is None else (~opaque).astype(float))
 
     targets = [(torch.tensor(v.image, dtype=torch.float64),
                 torch.tensor(v.confidence, dtype=torch.float64)[..., None],
                 torch.tensor(v.alpha > 0.5, dtype=torch.float64)) for v in views]  # fmt: skip
 
     def render(view: View, f: torch.Tensor):
-        s, o, d, ls = (_damp(sh, f[:, None, None]), _damp(opacity, f), _damp(offset, f),
-                       _damp(log_scale, f[:, None]))  # fmt: skip
+        s, o = _damp(sh, f[:, None, None]), _damp(opacity, f * see_through)
+        d, ls = _damp(offset, f), _damp(log_scale, f[:, None])
         means = base + d[:, None] * normal
         scales = torch.exp(ls) * stretch[:, None]
         w, h = view.size

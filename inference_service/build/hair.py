@@ -163,9 +163,13 @@ def hair_gaussians(
     hair's median colour elsewhere."""
     tris = np.flatnonzero(shell.scalp[model.triangles].all(axis=1))
     frames, area = triangle_frames(vertices, model.triangles[tris])
-    p = area / area.sum()
-    pick = rng.choice(len(tris), size=count, p=p)
-    bary = random_bary(rng, count)
+    # stratified: each triangle takes its share of ``count`` (the fraction by chance), so
+    # Gaussians do not clump and leave gaps as independent draws would
+    expected = count * area / area.sum()
+    per_tri = np.floor(expected).astype(np.int64)
+    per_tri += rng.random(len(expected)) < (expected - per_tri)
+    pick = np.repeat(np.arange(len(tris)), per_tri)
+    bary = random_bary(rng, len(pick))
     corner = model.triangles[tris[pick]]
     offset = np.einsum("nk,nk->n", bary, shell.thickness[corner])
     keep = offset >= MIN_SHELL
