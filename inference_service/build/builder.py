@@ -201,8 +201,10 @@ def coin_fit(
     fixed = (region == model.region("face")) & _reaches(
         splats.means, splats.scales, mouth, intrinsics, world_to_camera
     )
-    # skin is opaque: the photo's edges and the pseudo-views' fills must not thin it
-    opaque = np.isin(region, [model.region("face"), model.region("head_neck")]) & ~scalp
+    # the neck (and the clothing the photo puts on it) and the head's skin outside the face
+    # are opaque: the pseudo-views' fills must not thin them into holes (leaving the face
+    # free keeps its outline where MediaPipe reads it in turned views)
+    opaque = (region == model.region("head_neck")) & ~scalp
     fitted, facts = fit_coin(
         gaussians, frame, views, preset, seen,
         progress=lambda f, m: progress("coin", 0.68 + 0.26 * f, m), drawn=drawn,
