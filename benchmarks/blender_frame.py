@@ -64,11 +64,11 @@ def run(endpoint: str, store: Path, png: bytes) -> None:
 
     addon_utils = importlib.import_module("addon_utils")  # on the path once bpy is imported
 
-    from blender_addon import avatar as avatar_module
     from blender_addon import engine, prefs, runtime
     from inference_service.render import render_frames
     from inference_service.store import Store
     from protocol import Client
+    from protocol.arkit import ARKIT_NAMES, index_of
     from protocol.camera import intrinsics_from_fov, orbit
 
     with Client(endpoint, timeout=300) as client:
@@ -84,10 +84,9 @@ def run(endpoint: str, store: Path, png: bytes) -> None:
     proxy = next(ob for ob in scene.objects if ob.splatface.role == "PROXY")
     keys = proxy.data.shape_keys.key_blocks
     for frame in range(1, FRAMES + 1):
-        keys["jawOpen"].value = frame / FRAMES
-        keys["jawOpen"].keyframe_insert("value", frame=frame)
-        keys["eyeBlinkLeft"].value = 1 - frame / FRAMES
-        keys["eyeBlinkLeft"].keyframe_insert("value", frame=frame)
+        for name, value in keyed(frame).items():
+            keys[name].value = value
+            keys[name].keyframe_insert("value", frame=frame)
 
     w2c = orbit(proxy.splatface.center, 0.9, yaw_deg=20)
     k = intrinsics_from_fov(SIZE, SIZE, FOV)
@@ -107,20 +106,17 @@ def run(endpoint: str, store: Path, png: bytes) -> None:
     passes = engine.PASSES
 
     def direct(frame: int) -> tuple[float, float]:
-        """The same frame straight from the service, then computed in this process."""
-        scene_frame_curves = curves_at(frame)
+        """The same frame straight from the service, then computed in this process (the
+        frame's values as keyed: a key on every frame, so no interpolation)."""
+        curves = np.zeros((1, len(ARKIT_NAMES)), np.float32)
+        for name, value in keyed(frame).items():
+            curves[0, index_of(name)] = value
         t = time.perf_counter()
-        client.render(avatar_id, k, w2c, SIZE, SIZE, curves=scene_frame_curves, passes=passes)
+        client.render(avatar_id, k, w2c, SIZE, SIZE, curves=curves, passes=passes)
         t_direct = time.perf_counter() - t
         t = time.perf_counter()
-        render_frames(
-            avatar, k[None], w2c[None], SIZE, SIZE, scene_frame_curves, None, passes, backend="cpu"
-        )
+        render_frames(avatar, k[None], w2c[None], SIZE, SIZE, curves, None, passes, backend="cpu")
         return t_direct, time.perf_counter() - t
-
-    def curves_at(frame: int) -> np.ndarray:
-        depsgraph = bpy.context.evaluated_depsgraph_get()
-        return avatar_module.evaluated_curves(proxy.evaluated_get(depsgraph), depsgraph)[None]
 
     # stills: one F12 per frame, interleaved with the direct renders so they share the
     # machine's load at each moment
@@ -168,6 +164,11 @@ def run(endpoint: str, store: Path, png: bytes) -> None:
             "machine": machine(),
         }
     )
+
+
+def keyed(frame: int) -> dict[str, float]:
+    """The shape keys' values keyed at ``frame``."""
+    return {"jawOpen": frame / FRAMES, "eyeBlinkLeft": 1 - frame / FRAMES}
 
 
 class Series:

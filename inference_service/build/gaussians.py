@@ -78,6 +78,16 @@ def random_bary(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.stack([1 - u - v, u, v], axis=1)
 
 
+def stratified(weight: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """About ``count`` triangle indices, each triangle ``t`` repeated its share
+    ``count * weight[t] / weight.sum()`` of times (the fraction by chance): spread as
+    evenly as the shares allow, where independent draws would clump and leave gaps."""
+    expected = count * weight / weight.sum()
+    per_tri = np.floor(expected).astype(np.int64)
+    per_tri += rng.random(len(expected)) < (expected - per_tri)
+    return np.repeat(np.arange(len(per_tri)), per_tri)
+
+
 def sample_surface(
     model: HeadModel, count: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -91,11 +101,7 @@ def sample_surface(
     tongue = np.all(model.vertex_part[model.triangles] == PART_TONGUE, axis=1)
     region = np.where(tongue, len(model.region_names), model.triangle_region)
     density = [DENSITY[n] for n in model.region_names] + [TONGUE_DENSITY]
-    weight = np.array(density)[region] * area
-    expected = count * weight / weight.sum()
-    per_tri = np.floor(expected).astype(np.int64)
-    per_tri += rng.random(len(expected)) < (expected - per_tri)
-    tri = np.repeat(np.arange(len(per_tri)), per_tri)
+    tri = stratified(np.array(density)[region] * area, count, rng)
     bary = random_bary(rng, len(tri))
     # mean spacing in each region: sqrt(region area / Gaussians there)
     region_area = np.bincount(region, weights=area, minlength=len(density))

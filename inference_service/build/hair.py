@@ -30,6 +30,7 @@ from .gaussians import (
     _sample_photo,
     _visible,
     random_bary,
+    stratified,
 )
 
 HAIR_MAX = 0.06  # metres: thicker than this is not hair on a head
@@ -163,12 +164,7 @@ def hair_gaussians(
     hair's median colour elsewhere."""
     tris = np.flatnonzero(shell.scalp[model.triangles].all(axis=1))
     frames, area = triangle_frames(vertices, model.triangles[tris])
-    # stratified: each triangle takes its share of ``count`` (the fraction by chance), so
-    # Gaussians do not clump and leave gaps as independent draws would
-    expected = count * area / area.sum()
-    per_tri = np.floor(expected).astype(np.int64)
-    per_tri += rng.random(len(expected)) < (expected - per_tri)
-    pick = np.repeat(np.arange(len(tris)), per_tri)
+    pick = stratified(area, count, rng)
     bary = random_bary(rng, len(pick))
     corner = model.triangles[tris[pick]]
     offset = np.einsum("nk,nk->n", bary, shell.thickness[corner])
