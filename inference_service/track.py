@@ -12,9 +12,10 @@ a Huber loss so that a landmark MediaPipe misplaces pulls only linearly.
 
 - **Gaze**: ICT's ``eyeLook*`` shapes only move the lids; splatface's posing turns the
   eyeballs by ``GAZE_YAW``/``GAZE_PITCH`` per unit weight. The fit models exactly that:
-  MediaPipe's two iris centres are the eyeballs' front points turned by the ``eyeLook*``
-  weights, so gaze is solved together with the lids. A soft prior keeps the two eyes
-  turning together (``GAZE_COUPLING``). Under a closed lid MediaPipe still places an iris,
+  MediaPipe's two iris centres are points ``IRIS_DEPTH`` of the way from each eyeball's
+  centre to its front (the pupils), turned by the ``eyeLook*`` weights, so gaze is
+  solved together with the lids. A soft prior keeps the two eyes turning together
+  (``GAZE_COUPLING``). Under a closed lid MediaPipe still places an iris,
   so gaze during a blink follows the other eye or that guess.
 - **Left at 0**: ``tongueOut`` (MediaPipe has no tongue landmarks). ``cheekPuff`` is
   solved, but expect it weak: a puff mostly moves the cheeks' silhouette, and MediaPipe's
@@ -81,6 +82,12 @@ EXPRESSION_PRIOR = 1e-5  # per squared weight, against the iod-normalised landma
 #: Per squared radian the two eyes' yaw or pitch differ: eyes turn together (vergence
 #: at filming distances is a few degrees), so each iris steadies the other.
 GAZE_COUPLING = 4e-4
+#: MediaPipe's iris centre is the pupil seen through the cornea, and it turns with the
+#: eye on a smaller radius than the cornea's apex (the eyeball's front point): in the
+#: schematic human eye the entrance pupil lies ~3 mm behind the apex and the centre of
+#: rotation ~13.5 mm, about 0.77 of the way. Modelled at the apex, the fit read gaze
+#: short and head yaw as counter-gaze (at 10 degrees of yaw, 0.15-0.2 of ``eyeLook*``).
+IRIS_DEPTH = 0.75
 IRIS_WEIGHT = 2.0  # an iris centre against one landmark of correspondence weight 1
 #: Eye distances: a landmark further than this from the model counts linearly (Huber).
 ROBUST_SCALE = 0.05
@@ -341,7 +348,8 @@ class TrackingRig:
         intrinsics: ``[4]`` fx, fy, cx, cy.
         base: ``[L, 3]`` the tracked landmarks on this identity at rest, head frame.
         eye_center: ``[2, 3]`` eyeball centres (subject's left, right).
-        eye_front: ``[2, 3]`` eyeball front point minus centre (where the iris looks).
+        eye_front: ``[2, 3]`` where MediaPipe's iris centre sits at rest, minus the eyeball
+            centre: ``IRIS_DEPTH`` of the way to the eyeball's front point.
     """
 
     identity: np.ndarray
@@ -361,7 +369,8 @@ class TrackingRig:
             pts = neutral + np.tensordot(identity, deltas, 1)
             c = sphere_center(pts)
             centers.append(c)
-            fronts.append(pts[np.argmin(pts[:, 1])] - c)  # the face looks towards -Y
+            # the face looks towards -Y; MediaPipe's iris sits IRIS_DEPTH of the way out
+            fronts.append(IRIS_DEPTH * (pts[np.argmin(pts[:, 1])] - c))
         return cls(
             identity=identity,
             intrinsics=np.asarray(intrinsics, np.float64),
