@@ -14,9 +14,10 @@ a Huber loss so that a landmark MediaPipe misplaces pulls only linearly.
   eyeballs by ``GAZE_YAW``/``GAZE_PITCH`` per unit weight. The fit models exactly that:
   MediaPipe's two iris centres are points ``IRIS_DEPTH`` of the way from each eyeball's
   centre to its front (the pupils), turned by the ``eyeLook*`` weights, so gaze is
-  solved together with the lids. A soft prior keeps the two eyes turning together
-  (``GAZE_COUPLING``). Under a closed lid MediaPipe still places an iris,
-  so gaze during a blink follows the other eye or that guess.
+  solved together with the lids, and weighted (``IRIS_WEIGHT``) so that the irises
+  decide it. A weak prior (``GAZE_COUPLING``) keeps the two eyes turning together.
+  Under a closed lid MediaPipe still places an iris, so gaze during a blink follows
+  that guess or the other eye.
 - **Left at 0**: ``tongueOut`` (MediaPipe has no tongue landmarks). ``cheekPuff`` is
   solved, but expect it weak: a puff mostly moves the cheeks' silhouette, and MediaPipe's
   points are on the face.
@@ -79,16 +80,20 @@ IDENTITY_COMPONENTS = 50  # as the builder's fit
 IDENTITY_PRIOR = 2e-5  # per squared coefficient, as the builder's fit
 FOCAL_PRIOR = 2e-3  # per squared log-ratio to the assumed focal length, as the builder's fit
 EXPRESSION_PRIOR = 1e-5  # per squared weight, against the iod-normalised landmark error
-#: Per squared radian the two eyes' yaw or pitch differ: eyes turn together (vergence
-#: at filming distances is a few degrees), so each iris steadies the other.
-GAZE_COUPLING = 4e-4
 #: MediaPipe's iris centre is the pupil seen through the cornea, and it turns with the
 #: eye on a smaller radius than the cornea's apex (the eyeball's front point): in the
 #: schematic human eye the entrance pupil lies ~3 mm behind the apex and the centre of
 #: rotation ~13.5 mm, about 0.77 of the way. Modelled at the apex, the fit read gaze
 #: short and head yaw as counter-gaze (at 10 degrees of yaw, 0.15-0.2 of ``eyeLook*``).
 IRIS_DEPTH = 0.75
-IRIS_WEIGHT = 2.0  # an iris centre against one landmark of correspondence weight 1
+#: An iris centre against one landmark of correspondence weight 1. The ``eyeLook*``
+#: shapes also move the lids, by a fraction of a millimetre, about MediaPipe's jitter on
+#: them: at weight 2 the lids' misfit under head yaw swung gaze by up to half its range.
+IRIS_WEIGHT = 32.0
+#: Per squared radian the two eyes' yaw or pitch differ: eyes turn together (vergence at
+#: filming distances is a few degrees). Kept weak: a half-closed eye's misread iris must
+#: not drag the open one (at 4e-4, eyeLookInRight on the round trip fell 0.95 to 0.90).
+GAZE_COUPLING = 1e-4
 #: Eye distances: a landmark further than this from the model counts linearly (Huber).
 ROBUST_SCALE = 0.05
 MAX_ITERATIONS = 30  # per frame; a warm start converges in a few

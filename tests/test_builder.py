@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from inference_service.build.builder import BuildOptions, build_avatar
-from inference_service.build.detect import Face, face_landmarks, mouth_opening
+from inference_service.build.detect import Face, eye_openings, face_landmarks, mouth_opening
 from inference_service.build.hair import MIN_SHELL
 from inference_service.build.photometric import person_mask
 from inference_service.headmodel import load_head_model
@@ -192,3 +192,21 @@ def test_mouth_opening_is_inside_the_inner_lips_and_empty_when_they_close():
     assert rows.min() >= 32 and rows.max() <= 47 and cols.min() >= 30 and cols.max() <= 69
     landmarks[list(INNER_LIPS), 1] = 40.5  # closed lips: a line, no pixel inside
     assert not mouth_opening(landmarks, (80, 100)).any()
+
+
+def test_eye_openings_cover_both_eyes_inside_their_lid_margins():
+    from inference_service.build.detect import EYE_CONTOURS
+
+    landmarks = np.zeros((478, 3))
+    for contour, cx in zip(EYE_CONTOURS, (70, 30), strict=True):  # subject's left: image right
+        t = np.linspace(0, 2 * np.pi, len(contour), endpoint=False)
+        landmarks[list(contour), :2] = np.c_[cx + 12 * np.cos(t), 40 + 5 * np.sin(t)]
+    mask = eye_openings(landmarks, (80, 100))
+    left, right = mask[:, 50:], mask[:, :50]
+    for half in (left, right):  # an ellipse of 12 x 5 px each
+        assert abs(half.sum() - np.pi * 12 * 5) < 15
+    rows, cols = np.nonzero(mask)
+    assert rows.min() >= 34 and rows.max() <= 45 and not mask[:, 43:57].any()
+    landmarks[list(EYE_CONTOURS[1]), 1] = 40.5  # the right eye closed: only the left shows
+    mask = eye_openings(landmarks, (80, 100))
+    assert mask[:, 50:].sum() == left.sum() and not mask[:, :50].any()

@@ -27,7 +27,7 @@ from inference_service.build.views import (
 from inference_service.images import linear_to_srgb
 from kernels import Camera
 from kernels.sh import rgb_to_sh0
-from protocol.camera import intrinsics_from_fov, orbit
+from protocol.camera import intrinsics_from_fov, orbit, project
 
 RADIUS = 0.1
 PHOTO = 128
@@ -231,6 +231,38 @@ def test_coin_leaves_fixed_gaussians_as_they_were_and_opaque_ones_opaque():
     np.testing.assert_array_equal(fitted.opacity_logit[opaque], g.opacity_logit[opaque])
     assert not np.array_equal(fitted.opacity_logit[~opaque], g.opacity_logit[~opaque])
     assert not np.array_equal(fitted.sh[opaque], g.sh[opaque])
+
+
+def test_coin_clear_fades_gaussians_off_their_pixels_through_opacity():
+    """The lids over the photo's open eyes, in miniature: Gaussians whose footprint covers
+    a disc of the photo's view fade there (their own alpha falls), by their opacity."""
+    n = 1500
+    true = colour_of(sphere_points(n))
+    s = splats(n, true)
+    views = [_view(s, 0), _view(s, 30)]
+    g, frame = _bound(n, true)
+    size = views[0].size[0]
+    cam = views[0].camera
+    uv, _ = project(s.means, (cam.fx, cam.fy, cam.cx, cam.cy), cam.world_to_camera)
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    disc = (xx - size / 2) ** 2 + (yy - size / 2) ** 2 < 6**2
+    front = s.means[:, 1] < 0
+    lids = front & (np.linalg.norm(uv - size / 2, axis=1) < 10)
+    plain, plain_facts = fit_coin(g, frame, views, "fast", np.ones(n, bool),
+                                  schedule=CoinSchedule(100, 1))  # fmt: skip
+    cleared, facts = fit_coin(g, frame, views, "fast", np.ones(n, bool),
+                              schedule=CoinSchedule(100, 1), clear=(lids, disc))  # fmt: skip
+    assert "clear_start" not in plain_facts
+    # measured 0.999 -> 0.20
+    assert facts["clear_start"] > 0.9 and facts["clear_end"] < 0.4 * facts["clear_start"]
+    fade = plain.opacity_logit[lids] - cleared.opacity_logit[lids]
+    assert fade.mean() > 2.0  # logits (measured 5.6)
+    # nothing to clear: the fit is the plain one
+    same, same_facts = fit_coin(g, frame, views, "fast", np.ones(n, bool),
+                                schedule=CoinSchedule(100, 1),
+                                clear=(lids, np.zeros_like(disc)))  # fmt: skip
+    np.testing.assert_array_equal(same.opacity_logit, plain.opacity_logit)
+    assert "clear_start" not in same_facts
 
 
 def test_coin_can_be_cancelled():

@@ -23,7 +23,7 @@ from .enhance import build_stage as enhance_stage
 from .fit import fit_geometry
 from .gaussians import COUNTS, lid_layer, make_gaussians
 from .hair import MIN_SHELL, HairShell, fit_hair, hair_gaussians
-from .photometric import CROP_SIZE, bind, person_mask, photo_crop
+from .photometric import CROP_SIZE, bind, person_mask, photo_crop, resample
 from .pseudoviews import Splats, make_pseudo_views, splats_labels
 from .texture import bake_texture
 from .views import View
@@ -93,6 +93,7 @@ def build_avatar(
     # as far, its colours would land on the lips and keep the rest mouth looking open
     mouth = detect.mouth_opening(landmarks, (h, w))
     surface = person & ~mouth
+    eyes = detect.eye_openings(landmarks, (h, w))
     progress("gaussians", 0.60, f"placing Gaussians ({options.preset} preset)")
     texture = bake_texture(
         model, posed, photo, fit.intrinsics, fit.world_to_camera, surface, shell.colour,
@@ -108,7 +109,7 @@ def build_avatar(
     rest = fit.rest_vertices(model)
     gaussians, coin_facts = coin_fit(
         gaussians, model, posed, rest, shell, photo, person, fit.intrinsics,
-        fit.world_to_camera, options.preset, progress, mouth,
+        fit.world_to_camera, options.preset, progress, mouth, eyes,
         enhance=enhance_stage(options.enhance, options.preset, progress, at=0.68),
     )  # fmt: skip
 
@@ -168,6 +169,7 @@ def coin_fit(
     preset: str,
     progress: Progress,
     mouth: np.ndarray | None = None,  # [H, W] bool: the photo's open mouth
+    eyes: np.ndarray | None = None,  # [H, W] bool: the photo's open eyes
     enhance: Callable[[list[View]], list[View]] = lambda views: views,
 ) -> tuple[BoundGaussians, dict]:
     """Pseudo-views of the initial head (stage "views"), then the COIN fit ("coin").
@@ -205,10 +207,18 @@ def coin_fit(
     # are opaque: the pseudo-views' fills must not thin them into holes (leaving the face
     # free keeps its outline where MediaPipe reads it in turned views)
     opaque = (region == model.region("head_neck")) & ~scalp
+    # the skin whose footprint reaches the photo's open eyes must not cover them: there
+    # only the eyeballs, which turn, may show the iris
+    clear = None
+    if eyes is not None and eyes.any():
+        lids = (region == model.region("face")) & _reaches(
+            splats.means, splats.scales, eyes, intrinsics, world_to_camera
+        )
+        clear = (lids, resample((eyes * 255).astype(np.uint8), box, size) > 127)
     fitted, facts = fit_coin(
         gaussians, frame, views, preset, seen,
         progress=lambda f, m: progress("coin", 0.68 + 0.26 * f, m), drawn=drawn,
-        fixed=fixed, opaque=opaque,
+        fixed=fixed, opaque=opaque, clear=clear,
     )  # fmt: skip
     facts.pop("compensation")
     return fitted, {**facts, "size": size}

@@ -164,6 +164,24 @@ def choose_face(
 #: MediaPipe face-mesh indices of the inner lip contour, in order around the mouth.
 INNER_LIPS = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415,
               308, 324, 318, 402, 317, 14, 87, 178, 88, 95)  # fmt: skip
+#: MediaPipe face-mesh indices of the lid margins, in order around each eye (subject's
+#: left, right): the opening where the eyeball shows.
+EYE_CONTOURS = (
+    (362, 382, 381, 380, 374, 373, 390, 249, 263, 466, 388, 387, 386, 385, 384, 398),
+    (33, 7, 163, 144, 145, 153, 154, 155, 133, 173, 157, 158, 159, 160, 161, 246),
+)
+
+
+def _inside(landmarks: np.ndarray, contours: tuple[tuple[int, ...], ...], shape) -> np.ndarray:
+    """``[H, W]`` bool: pixels whose centres (+0.5) lie inside any of ``contours``."""
+    from skimage.draw import polygon
+
+    mask = np.zeros(shape, bool)
+    for contour in contours:
+        x, y = landmarks[list(contour), :2].T - 0.5
+        rows, cols = polygon(y, x, shape)
+        mask[rows, cols] = True
+    return mask
 
 
 def mouth_opening(landmarks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -171,10 +189,10 @@ def mouth_opening(landmarks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     of ``landmarks`` (``[478, 2+]`` photo pixels, centres at +0.5), where an open mouth
     shows teeth and its inside rather than the face's surface. Empty when the lips are
     closed."""
-    from skimage.draw import polygon
+    return _inside(landmarks, (INNER_LIPS,), shape)
 
-    mask = np.zeros(shape, bool)
-    x, y = landmarks[list(INNER_LIPS), :2].T - 0.5
-    rows, cols = polygon(y, x, shape)
-    mask[rows, cols] = True
-    return mask
+
+def eye_openings(landmarks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``[H, W]`` bool: the photo's pixels inside either eye's lid margins (as
+    :func:`mouth_opening`), where the eyeballs show rather than the lids."""
+    return _inside(landmarks, EYE_CONTOURS, shape)
