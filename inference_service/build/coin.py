@@ -51,6 +51,7 @@ COMPENSATION_WEIGHT = 0.01  # per squared deviation of a view's affine from iden
 #: (the photo's L1 is a few hundredths): enough to pull the lids' cover of the photo's
 #: open eyes from ~0.8 to ~0.15 in the default preset's 100 steps.
 CLEAR_WEIGHT = 0.5
+CLEAR_STEPS = 100  # the fit steps that fade the clear Gaussians (default: its whole fit)
 
 
 def _damp(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -109,17 +110,24 @@ def fit_coin(
     g = gaussians
     photo, pseudo = views[0], views[1:]
     sh = torch.tensor(g.sh.astype(np.float64), requires_grad=True)
-    opacity = torch.tensor(g.opacity_logit.astype(np.float64), requires_grad=True)
+    clearing = clear is not None and bool(clear[0].any()) and bool(clear[1].any())
+    # opacity logits are ``scaled * reach``, Adam stepping ``scaled``: the clear Gaussians
+    # of a schedule shorter than CLEAR_STEPS take longer steps, to fade in time
+    reach = torch.ones(len(g), dtype=torch.float64)
+    if clearing:
+        reach[torch.from_numpy(clear[0])] = max(1.0, CLEAR_STEPS / schedule.iterations)
+    logits = torch.tensor(g.opacity_logit.astype(np.float64))
+    scaled = (logits / reach).requires_grad_(True)
     offset = torch.tensor(g.offset.astype(np.float64), requires_grad=True)
     log_scale = torch.tensor(g.log_scale.astype(np.float64), requires_grad=True)
     start_offset, start_scale = offset.detach().clone(), log_scale.detach().clone()
-    start_opacity = torch.sigmoid(opacity.detach())
+    start_opacity = torch.sigmoid(logits)
     comp = torch.zeros((len(pseudo), 3, 4), dtype=torch.float64)
     comp[:, :, :3] = torch.eye(3, dtype=torch.float64)
     identity = comp.clone()
     comp.requires_grad_(True)
     opt = torch.optim.Adam([
-        {"params": [sh], "lr": LR["sh"]}, {"params": [opacity], "lr": LR["opacity"]},
+        {"params": [sh], "lr": LR["sh"]}, {"params": [scaled], "lr": LR["opacity"]},
         {"params": [offset], "lr": LR["offset"]}, {"params": [log_scale], "lr": LR["log_scale"]},
         {"params": [comp], "lr": LR["compensation"]},
     ])  # fmt: skip
@@ -137,6 +145,7 @@ def fit_coin(
                 torch.tensor(v.alpha > 0.5, dtype=torch.float64)) for v in views]  # fmt: skip
 
     def render(view: View, f: torch.Tensor):
+        opacity = scaled * reach
         s, o = _damp(sh, f[:, None, None]), _damp(opacity, f * see_through)
         d, ls = _damp(offset, f), _damp(log_scale, f[:, None])
         means = base + d[:, None] * normal
@@ -146,7 +155,6 @@ def fit_coin(
                                 ("rgb", "alpha"), backend="cpu")  # fmt: skip
         return out.rgb, out.alpha
 
-    clearing = clear is not None and bool(clear[0].any()) and bool(clear[1].any())
     if clearing:
         who = torch.from_numpy(np.flatnonzero(clear[0]))
         where = torch.from_numpy(clear[1])
@@ -154,7 +162,7 @@ def fit_coin(
 
     def cover() -> torch.Tensor:
         """Mean alpha of the ``clear`` Gaussians alone over their pixels."""
-        o = _damp(opacity[who], photo_pull[who] * see_through[who])
+        o = _damp(scaled[who] * reach[who], photo_pull[who] * see_through[who])
         means = base[who] + offset[who].detach()[:, None] * normal[who]
         scales = torch.exp(log_scale[who].detach()) * stretch[who, None]
         w, h = photo.size
@@ -174,7 +182,7 @@ def fit_coin(
         reg = (
             OFFSET_WEIGHT * ((offset - start_offset) ** 2).mean()
             + SCALE_WEIGHT * ((log_scale - start_scale) ** 2).mean()
-            + OPACITY_WEIGHT * ((torch.sigmoid(opacity) - start_opacity) ** 2).mean()
+            + OPACITY_WEIGHT * ((torch.sigmoid(scaled * reach) - start_opacity) ** 2).mean()
             + COMPENSATION_WEIGHT * ((comp - identity) ** 2).sum() / max(len(pseudo), 1)
         )
         loss = data + reg
@@ -205,7 +213,7 @@ def fit_coin(
         triangle=g.triangle, bary=g.bary, rotation=g.rotation,
         offset=offset.detach().numpy().astype(np.float32),
         log_scale=log_scale.detach().numpy().astype(np.float32),
-        opacity_logit=opacity.detach().numpy().astype(np.float32),
+        opacity_logit=(scaled * reach).detach().numpy().astype(np.float32),
         sh=sh.detach().numpy().astype(np.float32), appear=g.appear,
     )  # fmt: skip
     facts = {
