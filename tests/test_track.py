@@ -9,8 +9,10 @@ What the rendered avatar shows MediaPipe limits what can come back:
   blinks (0.93-0.97, since closing lids show the skin layer of ``gaussians.lid_layer``),
   the four gaze shapes (0.92-0.99, on the frames where that eye is open: under a closed
   lid no video shows the iris) and the head's yaw (0.91-0.99);
-- reported, held only to respond (correlation > 0): ``browInnerUp`` (0.87-0.89; the
-  brows move 3-5 px here, about MediaPipe's jitter on them).
+- reported, held only to respond (correlation > 0): ``browInnerUp`` (0.87-0.89). The
+  brows move 3-5 px here and MediaPipe flattens that across the brow (inner points move
+  less, outer ones and the upper lids more), so the fit shares the lift with
+  ``browOuterUp`` and ``eyeWide``; an opening jaw also lifts MediaPipe's brow points.
 
 Gaze reads this well since the builder keeps the lids off the photo's open eyes
 (``coin.fit_coin``'s ``clear``) and the tracker lets the irises decide gaze: before,

@@ -118,6 +118,10 @@ def fit_coin(
         reach[torch.from_numpy(clear[0])] = max(1.0, CLEAR_STEPS / schedule.iterations)
     logits = torch.tensor(g.opacity_logit.astype(np.float64))
     scaled = (logits / reach).requires_grad_(True)
+
+    def opacity_logits() -> torch.Tensor:
+        return scaled * reach
+
     offset = torch.tensor(g.offset.astype(np.float64), requires_grad=True)
     log_scale = torch.tensor(g.log_scale.astype(np.float64), requires_grad=True)
     start_offset, start_scale = offset.detach().clone(), log_scale.detach().clone()
@@ -145,8 +149,7 @@ def fit_coin(
                 torch.tensor(v.alpha > 0.5, dtype=torch.float64)) for v in views]  # fmt: skip
 
     def render(view: View, f: torch.Tensor):
-        opacity = scaled * reach
-        s, o = _damp(sh, f[:, None, None]), _damp(opacity, f * see_through)
+        s, o = _damp(sh, f[:, None, None]), _damp(opacity_logits(), f * see_through)
         d, ls = _damp(offset, f), _damp(log_scale, f[:, None])
         means = base + d[:, None] * normal
         scales = torch.exp(ls) * stretch[:, None]
@@ -162,7 +165,7 @@ def fit_coin(
 
     def cover() -> torch.Tensor:
         """Mean alpha of the ``clear`` Gaussians alone over their pixels."""
-        o = _damp(scaled[who] * reach[who], photo_pull[who] * see_through[who])
+        o = _damp(opacity_logits()[who], photo_pull[who] * see_through[who])
         means = base[who] + offset[who].detach()[:, None] * normal[who]
         scales = torch.exp(log_scale[who].detach()) * stretch[who, None]
         w, h = photo.size
@@ -182,7 +185,7 @@ def fit_coin(
         reg = (
             OFFSET_WEIGHT * ((offset - start_offset) ** 2).mean()
             + SCALE_WEIGHT * ((log_scale - start_scale) ** 2).mean()
-            + OPACITY_WEIGHT * ((torch.sigmoid(scaled * reach) - start_opacity) ** 2).mean()
+            + OPACITY_WEIGHT * ((torch.sigmoid(opacity_logits()) - start_opacity) ** 2).mean()
             + COMPENSATION_WEIGHT * ((comp - identity) ** 2).sum() / max(len(pseudo), 1)
         )
         loss = data + reg
@@ -213,7 +216,7 @@ def fit_coin(
         triangle=g.triangle, bary=g.bary, rotation=g.rotation,
         offset=offset.detach().numpy().astype(np.float32),
         log_scale=log_scale.detach().numpy().astype(np.float32),
-        opacity_logit=(scaled * reach).detach().numpy().astype(np.float32),
+        opacity_logit=opacity_logits().detach().numpy().astype(np.float32),
         sh=sh.detach().numpy().astype(np.float32), appear=g.appear,
     )  # fmt: skip
     facts = {
