@@ -64,3 +64,49 @@ def test_8k_photo_builds(portrait):
     av = build(portrait.resize((4320, 4320)))
     assert av.meta["source"] == {"width": 4320, "height": 4320}
     assert av.meta["landmark_rms"] < 0.05
+
+
+@pytest.mark.parametrize("yaw", [45.0, -45.0])
+def test_face_turned_45_degrees_builds_facing_the_right_way(client, astronaut_id, yaw):
+    """A face turned 45° (our astronaut rendered from the side, over a plain wall) builds,
+    and the fitted camera sits on the side that took the photo (MediaPipe reads large
+    turns a little short: 36-41° was measured)."""
+    from inference_service.images import linear_to_srgb
+    from protocol.camera import framing_distance, intrinsics_from_fov, orbit
+
+    info = client.get(astronaut_id, mesh=False, rig=False).header["avatar"]
+    size, fov = 512, 25.0
+    w2c = orbit(info["center"], framing_distance(info["radius"], fov, 0.6), yaw, 0.0)
+    r = client.render(astronaut_id, intrinsics_from_fov(size, size, fov), w2c, size, size,
+                      background=(0.6, 0.55, 0.5))  # fmt: skip
+    photo = (linear_to_srgb(np.clip(r["rgb"][0], 0, 1)) * 255 + 0.5).astype(np.uint8)
+    av = build(Image.fromarray(photo))
+    assert av.meta["landmark_rms"] < 0.08
+    axis = av.photo_world_to_camera[:3, :3].T @ np.array([0.0, 0.0, 1.0])  # head frame
+    seen_from = np.degrees(np.arctan2(-axis[0], axis[1]))  # orbit's yaw convention
+    assert np.sign(seen_from) == np.sign(yaw) and abs(seen_from - yaw) < 15.0, seen_from
+
+
+def test_statue_builds_in_its_own_stone_colour(portrait):
+    """A statue (the portrait as stone: grey, low contrast, warm tint) builds, and nothing
+    the builder invents (the unseen side, the back, inpainted skin) brings skin colour
+    in: every view stays as unsaturated as the photo."""
+    from PIL import ImageEnhance
+
+    from inference_service.images import linear_to_srgb
+    from inference_service.render import render_frames
+    from protocol.camera import framing_distance, intrinsics_from_fov, orbit
+
+    grey = ImageEnhance.Contrast(ImageOps.grayscale(portrait)).enhance(0.6)
+    statue = ImageOps.colorize(grey, black=(70, 66, 60), white=(236, 232, 222))
+    limit = np.asarray(statue.convert("HSV"))[..., 1].max() / 255 + 0.05
+    av = build(statue)
+    assert av.meta["landmark_rms"] < 0.05
+    intr = intrinsics_from_fov(128, 128, 25.0)
+    for yaw in (0.0, 60.0, -60.0, 180.0):
+        w2c = orbit(av.center, framing_distance(av.radius, 25.0, 0.9), yaw, 0.0)
+        out = render_frames(av, intr[None], w2c[None], 128, 128)
+        img = (linear_to_srgb(np.clip(out["rgb"][0], 0, 1)) * 255 + 0.5).astype(np.uint8)
+        head = out["alpha"][0] > 0.9
+        sat = np.asarray(Image.fromarray(img).convert("HSV"))[..., 1][head] / 255
+        assert head.sum() > 2000 and np.percentile(sat, 95) < limit, (yaw, sat.mean())
