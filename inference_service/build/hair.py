@@ -1,13 +1,15 @@
 """Hair and everything else the bald ICT head lacks, from the photo's person silhouette.
 
 The skull is given a shell: each scalp vertex is pushed out along its normal by a hair
-thickness. Where the scalp lies on the head's outline in the photo, the thickness is
-measured directly: march outwards from the vertex, in the image, until leaving the
-person mask. Elsewhere (the back of the head, the crown seen from the front) it is
-unobserved, and is spread over the scalp from the measured places by smoothing on the
-mesh, which gives a plausible back-of-head depth. Gaussians on the shell are bound to
-the scalp's triangles with that offset along the normal, so they move rigidly with the
-skull when the head is posed.
+thickness. ICT's face region reaches back past the temples to the ears, so the temples
+are scalp too where the silhouette shows hair beside them (a bob, hair over the ears);
+where it does not (short hair, a receding hairline) they stay skin. Where the scalp lies
+on the head's outline in the photo, the thickness is measured directly: march outwards
+from the vertex, in the image, until leaving the person mask. Elsewhere (the back of the
+head, the crown seen from the front) it is unobserved, and is spread over the scalp from
+the measured places by smoothing on the mesh, which gives a plausible back-of-head depth.
+Gaussians on the shell are bound to the scalp's triangles with that offset along the
+normal, so they move rigidly with the skull when the head is posed.
 """
 
 from __future__ import annotations
@@ -35,10 +37,12 @@ from .gaussians import (
 
 HAIR_MAX = 0.06  # metres: thicker than this is not hair on a head
 MARCH_STEP = 0.0015  # metres along the normal per sample
+OUTLINE_STEPS = 3  # samples within which a march from the outline leaves the bald head
 RIM = 0.35  # |normal . view| below this: the vertex is on the head's outline
 SMOOTHING = 300  # iterations spreading measured thickness over the scalp
 MIN_SHELL = 0.004  # metres: thinner hair is drawn by the scalp's own Gaussians
 SKULL_RADIUS = 0.09  # metres, for growing shell Gaussians with their distance out
+TEMPLE = 0.055  # metres behind the outer eye corners where the temples may carry hair
 WORK_SIZE = 768  # longest side of the images the silhouette is measured on
 
 
@@ -58,18 +62,23 @@ class HairShell:
     colour: np.ndarray | None
 
 
-def scalp_vertices(model: HeadModel, vertices: np.ndarray) -> np.ndarray:
-    """``[V]`` bool: head-and-neck vertices above the ears (long hair below is not
-    modelled) and the top of the forehead."""
+def scalp_vertices(model: HeadModel, vertices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``[V]`` bool twice: the scalp (head-and-neck vertices above the ears, as long hair
+    below is not modelled, and the top of the forehead), and the temples (face-region
+    vertices above the ears and ``TEMPLE`` behind the outer eye corners), which carry
+    hair only where the photo shows it."""
     top = vertices[model.landmarks68[[19, 24]], 2].mean()  # brow peaks
-    eyes = vertices[model.landmarks68[[36, 45]], 2].mean()
-    ear_level = eyes - 0.025
+    corners = vertices[model.landmarks68[[36, 45]]]
+    ear_level = corners[:, 2].mean() - 0.025
     scalp = np.zeros(len(vertices), bool)
     head = np.unique(model.triangles[model.triangle_region == model.region("head_neck")])
     scalp[head[vertices[head, 2] > ear_level]] = True
     face = np.unique(model.triangles[model.triangle_region == model.region("face")])
     scalp[face[vertices[face, 2] > top + 0.03]] = True  # the hairline at the forehead
-    return scalp
+    temple = np.zeros(len(vertices), bool)
+    side = (vertices[face, 2] > ear_level) & (vertices[face, 1] > corners[:, 1].mean() + TEMPLE)
+    temple[face[side]] = True  # the face looks towards -Y: behind is +Y
+    return scalp & ~temple, temple & ~scalp
 
 
 def _silhouette(model: HeadModel, uv: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -106,7 +115,8 @@ def fit_hair(
     uv, _ = project(vertices, k, world_to_camera)
     bald = _silhouette(model, uv, size)
     normals = vertex_normals(vertices, model.triangles).astype(np.float64)
-    scalp = scalp_vertices(model, vertices)
+    scalp, temple = scalp_vertices(model, vertices)
+    scalp = scalp | temple
 
     cam = -world_to_camera[:3, :3].T @ world_to_camera[:3, 3]
     view = vertices - cam
@@ -121,6 +131,11 @@ def fit_hair(
     row = np.clip(np.floor(puv[:, 1]).astype(int), 0, size[1] - 1)
     inside = (puv[:, 0] >= 0) & (puv[:, 0] < size[0]) & (puv[:, 1] >= 0) & (puv[:, 1] < size[1])
     hit = (mask[row, col] & inside & (z > 0)).reshape(len(ids), len(steps))
+    # only a vertex on the head's outline measures anything: the march from one whose
+    # outward side the photo sees over the head itself stays on the head, hair or not
+    off_head = (~bald[row, col] | ~inside).reshape(len(ids), len(steps))
+    outline = off_head[:, :OUTLINE_STEPS].any(axis=1)
+    ids, hit = ids[outline], hit[outline]
     # thickness: the samples still inside the person, counted from the scalp outwards
     run = np.cumprod(hit, axis=1).sum(axis=1)
     thickness = np.zeros(len(vertices))
@@ -139,6 +154,9 @@ def fit_hair(
         for _ in range(SMOOTHING):
             t = np.where(known, t, (adj @ t) / deg)
         thickness[scalp] = t
+    bare = temple & (thickness < MIN_SHELL)  # skin, not hair, beside the face here
+    scalp &= ~bare
+    thickness[bare] = 0.0
 
     hair_px = mask & ~bald
     top = uv[model.landmarks68[[19, 24]], 1].mean()  # brow row: hair is above it

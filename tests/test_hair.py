@@ -1,0 +1,66 @@
+"""The hair shell measured from the person's silhouette: the temples carry hair only
+where the photo shows hair beside them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from inference_service.build.hair import MIN_SHELL, _silhouette, fit_hair, scalp_vertices
+from inference_service.headmodel import load_head_model
+from protocol.camera import framing_distance, intrinsics_from_fov, orbit, project
+
+SIZE = 400  # photo pixels
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = load_head_model()
+    verts = model.neutral.astype(np.float64)
+    center = 0.5 * (verts.min(0) + verts.max(0))
+    radius = float(np.linalg.norm(verts - center, axis=1).max())
+    intr = intrinsics_from_fov(SIZE, SIZE, 25.0)
+    w2c = orbit(center, framing_distance(radius, 25.0, 0.8))
+    uv, _ = project(verts, intr, w2c)
+    bald = _silhouette(model, uv, (SIZE, SIZE))
+    scalp, temple = scalp_vertices(model, verts)
+    return model, verts, intr, w2c, uv, bald, scalp, temple
+
+
+def test_temples_are_beside_the_face_and_apart_from_the_scalp(setup):
+    model, verts, *_, scalp, temple = setup
+    assert temple.any() and not (scalp & temple).any()
+    corners = verts[model.landmarks68[[36, 45]]]
+    assert (np.abs(verts[temple, 0]) > 0.03).all()  # off the midline, at the sides
+    assert (verts[temple, 1] > corners[:, 1].mean()).all()  # behind the eyes
+    assert (verts[temple, 2] > corners[:, 2].mean() - 0.03).all()  # above the ears
+
+
+def test_a_bob_covers_the_temples_and_a_bare_head_leaves_them_skin(setup):
+    model, verts, intr, w2c, uv, bald, _, temple = setup
+    photo = np.full((SIZE, SIZE, 3), 128, np.uint8)
+    eye_row = uv[model.landmarks68[[36, 45]], 1].mean()
+    # hair 25 px out from the head above the ears; none at all on the bare head
+    bob = bald | ndimage.binary_dilation(bald, iterations=25)
+    bob[int(eye_row + 0.06 * SIZE) :] = bald[int(eye_row + 0.06 * SIZE) :]
+    bare = fit_hair(model, verts, photo, bald, intr, w2c)
+    hair = fit_hair(model, verts, photo, bob, intr, w2c)
+
+    assert not bare.scalp[temple].any() and (bare.thickness[temple] == 0).all()
+    on_rim = temple & hair.measured
+    assert on_rim.sum() > 20
+    assert hair.scalp[on_rim].mean() > 0.9
+    assert np.median(hair.thickness[on_rim]) > 3 * MIN_SHELL
+    # the rest of the scalp is hair in both
+    assert hair.scalp.sum() > bare.scalp.sum() + on_rim.sum() // 2
+
+
+def test_a_bald_head_grows_no_shell(setup):
+    """Where the photo shows no hair beyond the head, no scalp vertex measures any: a
+    march from a vertex off the outline stays over the head itself and must not count."""
+    model, verts, intr, w2c, _, bald, scalp, _ = setup
+    photo = np.full((SIZE, SIZE, 3), 128, np.uint8)
+    shell = fit_hair(model, verts, photo, bald, intr, w2c)
+    assert shell.measured.sum() > 100
+    assert shell.thickness[shell.scalp].max() < MIN_SHELL
