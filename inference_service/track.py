@@ -17,7 +17,9 @@ a Huber loss so that a landmark MediaPipe misplaces pulls only linearly.
   solved together with the lids, and weighted (``IRIS_WEIGHT``) so that the irises
   decide it. A weak prior (``GAZE_COUPLING``) keeps the two eyes turning together.
   Under a closed lid MediaPipe still places an iris, so gaze during a blink follows
-  that guess or the other eye.
+  that guess or the other eye. The lids' part of ``eyeLook*`` is left out of the fit
+  (``GAZE_LIDS``): MediaPipe's lids close in a blink the way ICT's follow a downward look,
+  and with it in, closing lids read as looking down.
 - **Left at 0**: ``tongueOut`` (MediaPipe has no tongue landmarks). ``cheekPuff`` is
   solved, but expect it weak: a puff mostly moves the cheeks' silhouette, and MediaPipe's
   points are on the face.
@@ -94,6 +96,10 @@ IRIS_WEIGHT = 32.0
 #: filming distances is a few degrees). Kept weak: a half-closed eye's misread iris must
 #: not drag the open one (at 4e-4, eyeLookInRight on the round trip fell 0.95 to 0.90).
 GAZE_COUPLING = 1e-4
+#: The share of ICT's ``eyeLook*`` lid deltas the fit keeps. With all of it, a blink on the
+#: round trip's second clip read as eyeLookDown 0.4-0.6 and eyeBlink at a third of its
+#: weight; the irises carry gaze on their own.
+GAZE_LIDS = 0.0
 #: Eye distances: a landmark further than this from the model counts linearly (Huber).
 ROBUST_SCALE = 0.05
 MAX_ITERATIONS = 30  # per frame; a warm start converges in a few
@@ -330,6 +336,8 @@ def _basis() -> _Basis:
     eyes = [np.flatnonzero(model.vertex_part == p) for p in (PART_EYE_LEFT, PART_EYE_RIGHT)]
     identity = np.einsum("lk,ilkc->ilc", bary, ident[:, tri])
     shapes = np.einsum("lk,elkc->elc", bary, model.arkit_deltas[solved][:, tri])
+    gaze = np.isin(solved, _GAZE.ravel())
+    shapes[gaze] *= GAZE_LIDS
     return _Basis(
         landmarks=keep,
         solved=solved,

@@ -21,7 +21,7 @@ from .coin import fit_coin, photo_seen
 from .diffusion import EnhanceModels
 from .enhance import build_stage as enhance_stage
 from .fit import fit_geometry
-from .gaussians import COUNTS, lid_layer, make_gaussians
+from .gaussians import COUNTS, lash_line, lid_layer, make_gaussians
 from .hair import MIN_SHELL, HairShell, fit_hair, hair_gaussians
 from .photometric import CROP_SIZE, bind, person_mask, photo_crop, resample
 from .pseudoviews import Splats, make_pseudo_views, splats_labels
@@ -113,8 +113,10 @@ def build_avatar(
         enhance=enhance_stage(options.enhance, options.preset, progress, at=0.68),
     )  # fmt: skip
 
-    # after the fit: at the photo's pose the lid layer is invisible, and it must not learn
-    gaussians = BoundGaussians.concat([gaussians, lid_layer(model, rest, gaussians)])
+    # after the fit: at the photo's pose the lid layer and the lashes of a closed eye are
+    # invisible, and they must not learn
+    closing = [lid_layer(model, rest, gaussians), lash_line(model, rest, gaussians)]
+    gaussians = BoundGaussians.concat([gaussians, *closing])
     progress("finish", 0.95, f"{len(gaussians)} Gaussians")
     name = options.name or f"avatar-{avatar_id[:6]}"
     meta = {

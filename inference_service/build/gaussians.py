@@ -269,3 +269,123 @@ def lid_layer(
         sh=sh,
         appear=(1 + LID_APPEAR * (growth[tri] - 1)).astype(np.float32),
     )
+
+
+#: The lash line of a closed eye (``lash_line``): dark Gaussians on the lid layer's
+#: triangles within LASH_WIDTH of the seam where the closed upper lid meets the lower one,
+#: about LASH_SPACING apart, LASH_SIGMA / growth wide once closed (thinner where the lid
+#: stretches most), lifted LASH_LIFT (in front of the lid layer), fading in from half
+#: LASH_APPEAR of the way to closed and fully opaque from LASH_APPEAR (later than the lid
+#: layer: a half-closed lid's edge passes over the iris, which gaze is read from).
+LASH_APPEAR = 0.9
+LASH_WIDTH = 0.0012  # metres
+LASH_SPACING = 0.0006  # metres
+LASH_SIGMA = 0.0009  # metres
+LASH_LIFT = 0.0013  # metres
+LASH_OPACITY = 0.98
+LASH_SAMPLES = 60_000  # candidate points on the lid triangles, thinned to LASH_SPACING
+LASH_COLUMN = 0.001  # metres: the seam is traced in columns this wide across each eye
+LASH_DARK = 15  # percentile: the lash colour is the median of the margin's darkest
+LASH_FLOOR = 0.01  # linear RGB: not pitch black
+
+
+def lid_seams(model: HeadModel, rest: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per eye (68-point corners 36-39, then 42-45): the upper lid's front margin
+    ``[K]`` vertex ids and where its blink takes them ``[K, 3]`` (the seam of the closed
+    eye). Column by column across the eye, the front vertex the blink moves furthest;
+    columns off the median of their neighbours by more than 0.8 mm (a fold, not the
+    margin) are dropped."""
+    from scipy.ndimage import median_filter
+
+    face = np.unique(model.triangles[model.triangle_region == model.region("face")])
+    deltas = [model.arkit_deltas[index_of(n)].astype(np.float64) for n in _LIDS]
+    out = []
+    for a, b in ((36, 39), (42, 45)):
+        corners = rest[model.landmarks68[[a, b]]]
+        near = face[np.linalg.norm(rest[face] - corners.mean(0), axis=1) < 0.02]
+        delta = max(deltas, key=lambda d: float(np.linalg.norm(d[near], axis=1).max()))
+        moved = np.linalg.norm(delta, axis=1)
+        x0, x1 = sorted(corners[:, 0])
+        front = face[(np.abs(rest[face, 2] - corners[:, 2].mean()) < 0.012)
+                     & (rest[face, 1] < corners[:, 1].max())]  # fmt: skip
+        ids = []
+        for lo in np.arange(x0, x1, LASH_COLUMN):
+            col = front[(rest[front, 0] >= lo) & (rest[front, 0] < lo + LASH_COLUMN)]
+            if len(col) and moved[col].max() > 0.001:
+                ids.append(col[np.argmax(moved[col])])
+        ids = np.array(ids, np.int64)
+        if len(ids) < 3:
+            out.append((ids, rest[ids] + delta[ids]))
+            continue
+        seam = rest[ids] + delta[ids]
+        med = median_filter(seam[:, 1:], size=(7, 1), mode="nearest")
+        keep = np.abs(seam[:, 1:] - med).max(axis=1) < 0.0008
+        out.append((ids[keep], seam[keep]))
+    return out
+
+
+def _polyline_distance(points: np.ndarray, line: np.ndarray) -> np.ndarray:
+    """``[N]`` distance of each point to the polyline ``[K, 3]`` (inf for K < 2)."""
+    d = np.full(len(points), np.inf)
+    for a, b in zip(line[:-1], line[1:], strict=True):
+        ab = b - a
+        t = np.clip(((points - a) @ ab) / max(float(ab @ ab), 1e-20), 0.0, 1.0)
+        d = np.minimum(d, np.linalg.norm(points - (a + t[:, None] * ab), axis=1))
+    return d
+
+
+def lash_line(
+    model: HeadModel, rest: np.ndarray, gaussians: BoundGaussians, seed: int = 0
+) -> BoundGaussians:
+    """Dark Gaussians that draw the lashes along a closed eye's seam, invisible while
+    the eye is open (``appear``, see ``LASH_APPEAR``).
+
+    Without them a closed eye is a blank patch of skin (the lid layer), which neither
+    looks closed nor reads as closed to a landmark detector (MediaPipe leaves it a third
+    open). Their colour is the median of the darkest ``LASH_DARK`` % of ``gaussians``
+    (fitted, ordinary) within 4 mm of the open lids' margins: the photo's lashes."""
+    empty = BoundGaussians(**{f.name: getattr(gaussians, f.name)[:0] for f in fields(gaussians)})
+    seams = [s for s in lid_seams(model, rest) if len(s[0]) >= 2]
+    area, closed_area = open_and_closed_area(rest, model)
+    growth = lid_growth(area, closed_area, model)
+    lid = np.flatnonzero(growth >= LID_GROWTH)
+    if not seams or not len(lid):
+        return empty
+    closed = rest + sum(model.arkit_deltas[index_of(n)] for n in _LIDS).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    tri = rng.choice(lid, LASH_SAMPLES, p=closed_area[lid] / closed_area[lid].sum())
+    bary = random_bary(rng, LASH_SAMPLES)
+    points = np.einsum("nk,nkc->nc", bary, closed[model.triangles[tri]])
+    near = np.min([_polyline_distance(points, seam) for _, seam in seams], axis=0)
+    on = near < LASH_WIDTH
+    cells = np.round(points[on] / LASH_SPACING).astype(np.int64)
+    _, first = np.unique(cells, axis=0, return_index=True)
+    tri, bary = tri[on][first], bary[on][first]
+    count = len(tri)
+    if count == 0:
+        return empty
+
+    ordinary = gaussians.appear == 0
+    at = np.einsum("nk,nkc->nc", gaussians.bary, rest[model.triangles[gaussians.triangle]])
+    margin = np.concatenate([rest[ids] for ids, _ in seams])
+    close = ordinary & (np.min(np.linalg.norm(at[:, None] - margin[None], axis=2), axis=1) < 0.004)
+    colour = np.full(3, LASH_FLOOR)
+    if close.sum() >= 5:
+        rgb = eval_sh(gaussians.sh[close][:, :1], None)
+        lum = rgb @ np.array([0.2126, 0.7152, 0.0722])
+        colour = np.clip(
+            np.median(rgb[lum <= np.percentile(lum, LASH_DARK)], axis=0), LASH_FLOOR, 1
+        )
+    sigma = LASH_SIGMA / growth[tri]  # at rest; posing scales it by the growth
+    sh = np.zeros((count, gaussians.sh.shape[1], 3), np.float32)
+    sh[:, 0] = rgb_to_sh0(colour[None])
+    return BoundGaussians(
+        triangle=tri.astype(np.int32),
+        bary=bary.astype(np.float32),
+        offset=np.full(count, LASH_LIFT, np.float32),
+        rotation=np.tile(np.array([1.0, 0, 0, 0], np.float32), (count, 1)),
+        log_scale=np.log(np.stack([sigma, sigma, THICKNESS * sigma], 1)).astype(np.float32),
+        opacity_logit=np.full(count, np.log(LASH_OPACITY / (1 - LASH_OPACITY)), np.float32),
+        sh=sh,
+        appear=(1 + LASH_APPEAR * (growth[tri] - 1)).astype(np.float32),
+    )
