@@ -78,7 +78,7 @@ def scalp_vertices(model: HeadModel, vertices: np.ndarray) -> tuple[np.ndarray, 
     temple = np.zeros(len(vertices), bool)
     side = (vertices[face, 2] > ear_level) & (vertices[face, 1] > corners[:, 1].mean() + TEMPLE)
     temple[face[side]] = True  # the face looks towards -Y: behind is +Y
-    return scalp & ~temple, temple & ~scalp
+    return scalp, temple & ~scalp
 
 
 def _silhouette(model: HeadModel, uv: np.ndarray, size: tuple[int, int]) -> np.ndarray:
