@@ -47,12 +47,9 @@ def all_weights(frames: int, seed: int = 0) -> np.ndarray:
 
 def subset(av, count: int, seed: int = 0):
     """The avatar with ``count`` of its Gaussians (seeded random, order kept)."""
-    from inference_service.avatar import BoundGaussians
-
     g = av.gaussians
     keep = np.sort(np.random.default_rng(seed).choice(len(g), count, replace=False))
-    fields = {f.name: getattr(g, f.name)[keep] for f in dataclasses.fields(BoundGaussians)}
-    return dataclasses.replace(av, gaussians=BoundGaussians(**fields))
+    return dataclasses.replace(av, gaussians=g.take(keep))
 
 
 def main() -> None:

@@ -61,6 +61,10 @@ class BoundGaussians:
     def __len__(self) -> int:
         return len(self.triangle)
 
+    def take(self, index: np.ndarray | slice) -> BoundGaussians:
+        """The Gaussians at ``index`` (a bool mask, ids or a slice), in that order."""
+        return BoundGaussians(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
     @classmethod
     def concat(cls, parts: list[BoundGaussians]) -> BoundGaussians:
         """One set from several (their SH degrees must match)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -232,7 +231,7 @@ def lid_layer(
     lid = growth >= LID_GROWTH
     count = int(LID_DENSITY * lid[gaussians.triangle].sum())
     if count == 0:  # a head without closing lids
-        return BoundGaussians(**{f.name: getattr(gaussians, f.name)[:0] for f in fields(gaussians)})
+        return gaussians.take(slice(0))
     rng = np.random.default_rng(seed)
     weight = np.where(lid, area * growth**2, 0.0)  # the area closed (where it grows)
     tri = rng.choice(len(weight), count, p=weight / weight.sum()).astype(np.int32)
@@ -344,7 +343,7 @@ def lash_line(
     looks closed nor reads as closed to a landmark detector (MediaPipe leaves it a third
     open). Their colour is the median of the darkest ``LASH_DARK`` % of ``gaussians``
     (fitted, ordinary) within 4 mm of the open lids' margins: the photo's lashes."""
-    empty = BoundGaussians(**{f.name: getattr(gaussians, f.name)[:0] for f in fields(gaussians)})
+    empty = gaussians.take(slice(0))
     seams = [s for s in lid_seams(model, rest) if len(s[0]) >= 2]
     area, closed_area = open_and_closed_area(rest, model)
     growth = lid_growth(area, closed_area, model)
