@@ -19,6 +19,10 @@ What the rendered avatar shows MediaPipe limits what can come back:
   between 0.84 and 0.93, and giving 16 scalp vertices back to the scalp moved it from
   0.89 to 0.84.
 
+This clip on this build is one draw: a build from the photo with every pixel nudged by
+at most one level moves a held shape by up to 0.08 here (eyeLookInRight to 0.89 on one
+such build). ``benchmarks/roundtrip.py`` measures the spread over clips and builds.
+
 Gaze reads this well since the builder keeps the lids off the photo's open eyes
 (``coin.fit_coin``'s ``clear``) and the tracker lets the irises decide gaze: before,
 MediaPipe read a third of the irises' movement and these were 0.76-0.96.
@@ -95,15 +99,12 @@ def avatar(astronaut_png):
     )
 
 
-@pytest.fixture(scope="module")
-def clip(avatar, tmp_path_factory):
-    """The rendered clip: frames ``[F, H, W, 3]`` uint8, a PNG folder and an .mp4."""
-    import imageio_ffmpeg
-
+def render_clip(avatar, curves: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """Frames ``[F, SIZE, SIZE, 3]`` uint8 of ``avatar`` with ``curves`` and head angles,
+    the whole head in view from the front (``benchmarks/roundtrip.py`` renders alike)."""
     from inference_service.images import linear_to_srgb
     from inference_service.render import render_frames
 
-    curves, head = known_curves()
     # the head turns about the top of the neck, as ``splatface render`` turns it
     pivot = avatar.center + np.array([0.0, 0.15, -0.45]) * avatar.radius
     heads = Animation(curves=curves, head_angles=head).head_transforms(pivot)
@@ -111,7 +112,16 @@ def clip(avatar, tmp_path_factory):
     w2c = orbit(avatar.center, framing_distance(avatar.radius, FOV, 0.9))
     out = render_frames(avatar, intr[None], w2c[None], SIZE, SIZE, curves, heads,
                         background=np.full(3, 0.25, np.float32))  # fmt: skip
-    frames = (linear_to_srgb(np.clip(out["rgb"], 0, 1)) * 255 + 0.5).astype(np.uint8)
+    return (linear_to_srgb(np.clip(out["rgb"], 0, 1)) * 255 + 0.5).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def clip(avatar, tmp_path_factory):
+    """The rendered clip: frames ``[F, H, W, 3]`` uint8, a PNG folder and an .mp4."""
+    import imageio_ffmpeg
+
+    curves, head = known_curves()
+    frames = render_clip(avatar, curves, head)
     folder = tmp_path_factory.mktemp("clip") / "frames"
     folder.mkdir()
     for i, f in enumerate(frames):

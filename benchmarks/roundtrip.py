@@ -1,0 +1,125 @@
+"""Tracking round trip over several clips and builds: how well ``splatface track`` reads
+back the curves an avatar was rendered with.
+
+``tests/test_track.py`` holds one clip on one build to a correlation of 0.9. The figure
+moves with things that should not matter: a build from the same photo with every pixel
+nudged by at most one level, or an unrelated builder change, moves a shape's correlation
+on that clip by up to about 0.08. This benchmark measures the spread instead of one draw.
+
+For each portrait (the astronaut and Grace Hopper), two ``default`` builds: from the
+photo, and from the photo with seeded ±1-level noise. Each build renders five clips at
+320x320 (the test's clip and four seeded random ones: jaw, both blinks, both smiles and
+``browInnerUp`` as bumps of random rhythm and size 0.6-1, gaze swinging left and right,
+the head turning 6-14° and nodding up to 4°) and tracks them from PNG folders.
+
+Records: one per clip (``correlation`` per shape: Pearson, truth against tracked; gaze
+only on frames where that eye is open), then one summary per portrait (``mean``, ``min``
+and ``share_at_least_0_9`` per shape over its ten clips).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from _common import emit, machine
+
+SHAPES = ("jawOpen", "mouthSmileLeft", "mouthSmileRight", "eyeBlinkLeft", "eyeBlinkRight",
+          "eyeLookOutLeft", "eyeLookInLeft", "eyeLookOutRight", "eyeLookInRight",
+          "browInnerUp")  # fmt: skip
+RANDOM_CLIPS = (1, 2, 3, 4)
+FRAMES = 48
+
+
+def random_clip(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Curves ``[FRAMES, 52]`` and head angles ``[FRAMES, 3]`` (radians), seeded."""
+    from protocol.arkit import index_of
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(FRAMES) / FRAMES
+
+    def bump() -> np.ndarray:
+        freq, phase, amp = rng.uniform(1, 2.5), rng.uniform(), rng.uniform(0.6, 1.0)
+        return amp * (0.5 - 0.5 * np.cos(2 * np.pi * (freq * t + phase)))
+
+    curves = np.zeros((FRAMES, 52), np.float32)
+    for name in ("jawOpen", "eyeBlinkLeft", "eyeBlinkRight", "mouthSmileLeft",
+                 "mouthSmileRight", "browInnerUp"):  # fmt: skip
+        curves[:, index_of(name)] = bump()
+    gaze = rng.uniform(0.5, 0.8) * np.sin(2 * np.pi * (rng.uniform(1, 2) * t + rng.uniform()))
+    curves[:, index_of("eyeLookOutLeft")] = curves[:, index_of("eyeLookInRight")] = gaze.clip(0)
+    curves[:, index_of("eyeLookInLeft")] = curves[:, index_of("eyeLookOutRight")] = (-gaze).clip(0)
+    head = np.zeros((FRAMES, 3))
+    head[:, 0] = np.radians(rng.uniform(6, 14)) * np.sin(
+        2 * np.pi * (rng.uniform(0.5, 1) * t + rng.uniform())
+    )
+    head[:, 1] = np.radians(rng.uniform(-4, 4)) * np.cos(np.pi * t)
+    return curves, head
+
+
+def correlations(truth: np.ndarray, got: np.ndarray) -> dict[str, float | None]:
+    """Per shape, as ``tests/test_track.correlations``; None where the truth is flat."""
+    from protocol.arkit import index_of
+
+    out: dict[str, float | None] = {}
+    for name in SHAPES:
+        frames = np.ones(len(truth), bool)
+        if name.startswith("eyeLook"):
+            side = "Left" if name.endswith("Left") else "Right"
+            frames = truth[:, index_of(f"eyeBlink{side}")] < 0.5
+        t, g = truth[frames, index_of(name)], got[frames, index_of(name)]
+        ok = t.std() > 0.05 and g.std() > 0
+        out[name] = round(float(np.corrcoef(t, g)[0, 1]), 3) if ok else None
+    return out
+
+
+def round_trip(avatar, curves: np.ndarray, head: np.ndarray) -> dict[str, float | None]:
+    """Render ``curves`` and ``head`` as the test does, track the PNGs, correlate."""
+    from PIL import Image
+
+    from inference_service.track import track
+    from tests.test_track import render_clip
+
+    frames = render_clip(avatar, curves, head)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, f in enumerate(frames):
+            Image.fromarray(f).save(Path(tmp) / f"frame{i:03d}.png")
+        got = track(tmp).animation.curves
+    return correlations(curves, got)
+
+
+def main() -> None:
+    from build import png, portraits
+
+    from inference_service.build.builder import BuildOptions, build_avatar
+    from tests.test_track import known_curves
+
+    clips = {"test": known_curves(), **{f"random{s}": random_clip(s) for s in RANDOM_CLIPS}}
+    base = {"benchmark": "roundtrip", "machine": machine()}
+    for name, img in portraits().items():
+        rows = []
+        for variant in ("photo", "noise1"):
+            photo = img
+            if variant != "photo":
+                nudge = np.random.default_rng(1).integers(-1, 2, img.shape)
+                photo = np.clip(img.astype(np.int16) + nudge, 0, 255).astype(np.uint8)
+            avatar = build_avatar(png(photo), BuildOptions(preset="default"), "0123456789ab",
+                                  lambda s, f, m: None)  # fmt: skip
+            for clip, (curves, head) in clips.items():
+                corr = round_trip(avatar, curves, head)
+                rows.append(corr)
+                emit({**base, "portrait": name, "build": variant, "clip": clip,
+                      "correlation": corr})  # fmt: skip
+        summary = {}
+        for shape in SHAPES:
+            values = np.array([r[shape] for r in rows if r[shape] is not None])
+            summary[shape] = {"mean": round(float(values.mean()), 3),
+                              "min": round(float(values.min()), 3),
+                              "share_at_least_0_9": round(float((values >= 0.9).mean()), 2),
+                              "clips": len(values)}  # fmt: skip
+        emit({**base, "portrait": name, "summary": summary})
+
+
+if __name__ == "__main__":
+    main()
