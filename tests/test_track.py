@@ -20,8 +20,9 @@ What the rendered avatar shows MediaPipe limits what can come back:
   0.89 to 0.84.
 
 This clip on this build is one draw: a build from the photo with every pixel nudged by
-at most one level moves a held shape by up to 0.08 here (eyeLookInRight to 0.89 on one
-such build). ``benchmarks/roundtrip.py`` measures the spread over clips and builds.
+at most one level moves a shape's correlation by up to 0.06 on this clip (browInnerUp to
+0.90) and up to 0.3 on others. ``benchmarks/roundtrip.py`` measures the spread over
+clips and builds.
 
 Gaze reads this well since the builder keeps the lids off the photo's open eyes
 (``coin.fit_coin``'s ``clear``) and the tracker lets the irises decide gaze: before,
