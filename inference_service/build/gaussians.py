@@ -61,11 +61,15 @@ _LIDS = ("eyeBlinkLeft", "eyeBlinkRight")
 SKIN_FILL = (0.75, 0.6, 0.5)
 
 
+def closed_eyes(vertices: np.ndarray, model: HeadModel) -> np.ndarray:
+    """``[V, 3]``: the head of ``vertices`` with both eyes closed (both blinks at 1)."""
+    return vertices + sum(model.arkit_deltas[index_of(n)] for n in _LIDS)
+
+
 def open_and_closed_area(vertices: np.ndarray, model: HeadModel) -> tuple[np.ndarray, np.ndarray]:
     """``[T]`` triangle areas of ``vertices`` and of the same head with both eyes closed."""
     _, area = triangle_frames(vertices, model.triangles)
-    closed = vertices + sum(model.arkit_deltas[index_of(n)] for n in _LIDS)
-    return area, triangle_frames(closed, model.triangles)[1]
+    return area, triangle_frames(closed_eyes(vertices, model), model.triangles)[1]
 
 
 def random_bary(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -350,7 +354,7 @@ def lash_line(
     lid = np.flatnonzero(growth >= LID_GROWTH)
     if not seams or not len(lid):
         return empty
-    closed = rest + sum(model.arkit_deltas[index_of(n)] for n in _LIDS).astype(np.float64)
+    closed = closed_eyes(rest.astype(np.float64), model)
     rng = np.random.default_rng(seed)
     tri = rng.choice(lid, LASH_SAMPLES, p=closed_area[lid] / closed_area[lid].sum())
     bary = random_bary(rng, LASH_SAMPLES)
