@@ -60,7 +60,8 @@ def random_clip(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def correlations(truth: np.ndarray, got: np.ndarray) -> dict[str, float | None]:
-    """Per shape, as ``tests/test_track.correlations``; None where the truth is flat."""
+    """Per shape, as ``tests/test_track.correlations``; None where the truth is flat (no
+    signal to recover), 0 where the tracked curve is (nothing recovered)."""
     from protocol.arkit import index_of
 
     out: dict[str, float | None] = {}
@@ -70,8 +71,10 @@ def correlations(truth: np.ndarray, got: np.ndarray) -> dict[str, float | None]:
             side = "Left" if name.endswith("Left") else "Right"
             frames = truth[:, index_of(f"eyeBlink{side}")] < 0.5
         t, g = truth[frames, index_of(name)], got[frames, index_of(name)]
-        ok = t.std() > 0.05 and g.std() > 0
-        out[name] = round(float(np.corrcoef(t, g)[0, 1]), 3) if ok else None
+        if t.std() <= 0.05:
+            out[name] = None
+        else:
+            out[name] = round(float(np.corrcoef(t, g)[0, 1]), 3) if g.std() > 0 else 0.0
     return out
 
 
