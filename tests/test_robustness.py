@@ -71,7 +71,7 @@ def test_face_turned_45_degrees_builds_facing_the_right_way(client, astronaut_id
     """A face turned 45° (our astronaut rendered from the side, over a plain wall) builds,
     and the fitted camera sits on the side that took the photo (MediaPipe reads large
     turns a little short: 36-41° was measured)."""
-    from inference_service.images import linear_to_srgb
+    from inference_service.cli import linear_to_srgb8
     from protocol.camera import framing_distance, intrinsics_from_fov, orbit
 
     info = client.get(astronaut_id, mesh=False, rig=False).header["avatar"]
@@ -79,7 +79,7 @@ def test_face_turned_45_degrees_builds_facing_the_right_way(client, astronaut_id
     w2c = orbit(info["center"], framing_distance(info["radius"], fov, 0.6), yaw, 0.0)
     r = client.render(astronaut_id, intrinsics_from_fov(size, size, fov), w2c, size, size,
                       background=(0.6, 0.55, 0.5))  # fmt: skip
-    photo = (linear_to_srgb(np.clip(r["rgb"][0], 0, 1)) * 255 + 0.5).astype(np.uint8)
+    photo = linear_to_srgb8(np.clip(r["rgb"][0], 0, 1))
     av = build(Image.fromarray(photo))
     assert av.meta["landmark_rms"] < 0.08
     axis = av.photo_world_to_camera[:3, :3].T @ np.array([0.0, 0.0, 1.0])  # head frame
@@ -93,7 +93,7 @@ def test_statue_builds_in_its_own_stone_colour(portrait):
     in: every view stays as unsaturated as the photo."""
     from PIL import ImageEnhance
 
-    from inference_service.images import linear_to_srgb
+    from inference_service.cli import linear_to_srgb8
     from inference_service.render import render_frames
     from protocol.camera import framing_distance, intrinsics_from_fov, orbit
 
@@ -106,7 +106,7 @@ def test_statue_builds_in_its_own_stone_colour(portrait):
     for yaw in (0.0, 60.0, -60.0, 180.0):
         w2c = orbit(av.center, framing_distance(av.radius, 25.0, 0.9), yaw, 0.0)
         out = render_frames(av, intr[None], w2c[None], 128, 128)
-        img = (linear_to_srgb(np.clip(out["rgb"][0], 0, 1)) * 255 + 0.5).astype(np.uint8)
+        img = linear_to_srgb8(np.clip(out["rgb"][0], 0, 1))
         head = out["alpha"][0] > 0.9
         sat = np.asarray(Image.fromarray(img).convert("HSV"))[..., 1][head] / 255
         assert head.sum() > 2000 and np.percentile(sat, 95) < limit, (yaw, sat.mean())

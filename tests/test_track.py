@@ -103,7 +103,7 @@ def avatar(astronaut_png):
 def render_clip(avatar, curves: np.ndarray, head: np.ndarray) -> np.ndarray:
     """Frames ``[F, SIZE, SIZE, 3]`` uint8 of ``avatar`` with ``curves`` and head angles,
     the whole head in view from the front (``benchmarks/roundtrip.py`` renders alike)."""
-    from inference_service.images import linear_to_srgb
+    from inference_service.cli import linear_to_srgb8
     from inference_service.render import render_frames
 
     # the head turns about the top of the neck, as ``splatface render`` turns it
@@ -113,7 +113,7 @@ def render_clip(avatar, curves: np.ndarray, head: np.ndarray) -> np.ndarray:
     w2c = orbit(avatar.center, framing_distance(avatar.radius, FOV, 0.9))
     out = render_frames(avatar, intr[None], w2c[None], SIZE, SIZE, curves, heads,
                         background=np.full(3, 0.25, np.float32))  # fmt: skip
-    return (linear_to_srgb(np.clip(out["rgb"], 0, 1)) * 255 + 0.5).astype(np.uint8)
+    return linear_to_srgb8(np.clip(out["rgb"], 0, 1))
 
 
 @pytest.fixture(scope="module")
