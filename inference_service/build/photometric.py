@@ -17,12 +17,20 @@ from ..geometry import quat_to_rotmat, rotmat_to_quat, triangle_frames
 #: preset → side in pixels of the square crop around the head that fits work on
 CROP_SIZE = {"fast": 192, "default": 288, "high": 384}
 
+#: The person mask's edge is refined on the photo scaled to at most this side (pixels).
+MATTE_SIDE = 1024
+#: Guided filter window radius, as a share of that image's longer side (8 px at 512):
+#: MediaPipe segments at 256 px, and the window must reach across its blurred edge.
+MATTE_RADIUS = 1 / 64
+MATTE_EPS = 1e-3  # guided filter regulariser, per squared unit of grey level in [0, 1]
+
 _seg_lock = threading.Lock()
 _seg_model = None
 
 
 def person_mask(photo: np.ndarray) -> np.ndarray:
-    """[H, W] bool: where MediaPipe's selfie segmentation sees a person."""
+    """[H, W] bool: where MediaPipe's selfie segmentation sees a person, its edge moved
+    to the photo's own edges (:func:`refine_matte`)."""
     global _seg_model
     import mediapipe as mp
 
@@ -32,7 +40,45 @@ def person_mask(photo: np.ndarray) -> np.ndarray:
         result = _seg_model.process(photo)
     if result.segmentation_mask is None:
         return np.ones(photo.shape[:2], bool)
-    return result.segmentation_mask > 0.5
+    return refine_matte(photo, result.segmentation_mask) > 0.5
+
+
+def box_mean(a: np.ndarray, radius: int) -> np.ndarray:
+    """Mean of ``a`` [H, W] over the (2 radius + 1)² window around each pixel."""
+    from scipy import ndimage
+
+    return ndimage.uniform_filter(a, 2 * radius + 1, mode="reflect")
+
+
+def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -> np.ndarray:
+    """He et al.'s guided filter: ``src`` [H, W] smoothed as a local linear function of
+    ``guide`` [H, W], so its edges snap to the guide's."""
+    mean_g, mean_s = box_mean(guide, radius), box_mean(src, radius)
+    cov = box_mean(guide * src, radius) - mean_g * mean_s
+    var = box_mean(guide * guide, radius) - mean_g * mean_g
+    a = cov / (var + eps)
+    b = mean_s - a * mean_g
+    return box_mean(a, radius) * guide + box_mean(b, radius)
+
+
+def refine_matte(photo: np.ndarray, soft: np.ndarray) -> np.ndarray:
+    """[H, W] float32: the soft segmentation ``soft`` with its edge guided by the photo.
+    MediaPipe's mask reaches 2-3 px past a hair line into the backdrop (measured on the
+    astronaut); pixels there mix the backdrop into the hair the fit learns."""
+    from PIL import Image
+
+    h, w = soft.shape
+    scale = min(1.0, MATTE_SIDE / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    grey = Image.fromarray(photo).convert("L").resize(size, Image.BILINEAR)
+    small = Image.fromarray(soft.astype(np.float32)).resize(size, Image.BILINEAR)
+    guide = np.asarray(grey, np.float32) / 255.0
+    radius = max(1, round(max(size) * MATTE_RADIUS))
+    refined = guided_filter(guide, np.asarray(small, np.float32), radius, MATTE_EPS)
+    refined = refined.astype(np.float32)
+    if size != (w, h):
+        refined = np.asarray(Image.fromarray(refined).resize((w, h), Image.BILINEAR))
+    return refined
 
 
 def _crop_camera(intrinsics, w2c, box, size):
