@@ -3,7 +3,12 @@
 Views: the input photo's (posed with the photo's expression), ±30° and ±60° yaw, the
 right profile, the back and the top, rendered by the service. Metrics (JSON):
 - ``input_view``: PSNR and SSIM (sRGB) against the photo inside the head mask (the
-  render's silhouette where MediaPipe's person segmentation sees the person);
+  render's silhouette where MediaPipe's person segmentation sees the person), the render
+  laid over the photo: a pixel the avatar covers by alpha takes that much of its colour
+  and the rest from the photo, so the silhouette's soft edge is judged by what it
+  covers (the same as comparing the premultiplied render with the photo times alpha).
+  ``psnr_db_on_grey`` lays it over the contact sheet's flat grey instead, which also
+  charges the edge for the grey;
 - per novel view, ``coverage`` (share of the silhouette's interior, 3 px in from its
   edge, with alpha ≥ 0.98: 1.0 means no holes) and ``stray`` (share of pixels more than
   3 px outside the silhouette with alpha ≥ 0.02: 0 means no floaters); the silhouette
@@ -24,16 +29,25 @@ from protocol import Client
 from protocol.arkit import index_of
 from protocol.camera import framing_distance, intrinsics_from_fov, orbit, project
 
+from .images import srgb_to_linear
+
 VIEWS = (("+30", 30, 0), ("-30", -30, 0), ("+60", 60, 0), ("-60", -60, 0), ("profile", -90, 0),
          ("back", 180, 0), ("top", 0, 70))  # fmt: skip
 FOV = 30.0
 HALO = 3  # pixels in from / out from the silhouette
 
 
-def _srgb8(rgb: np.ndarray, alpha: np.ndarray, bg: float = 0.15) -> np.ndarray:
-    from .images import linear_to_srgb
+def _srgb8(rgb: np.ndarray, alpha: np.ndarray, bg: float | np.ndarray = 0.15) -> np.ndarray:
+    """The premultiplied linear ``rgb`` over ``bg`` (linear: a grey level or an
+    ``[H, W, 3]`` image) as 8-bit sRGB."""
+    from .cli import linear_to_srgb8
 
-    return (linear_to_srgb(rgb + (1 - alpha[..., None]) * bg) * 255 + 0.5).astype(np.uint8)
+    return linear_to_srgb8(np.clip(rgb + (1 - alpha[..., None]) * bg, 0, 1))
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    diff = a.astype(float) - b.astype(float)
+    return round(float(10 * np.log10(255**2 / max(np.mean(diff**2), 1e-12))), 2)
 
 
 def _weights(meta: dict[str, Any]) -> np.ndarray:
@@ -103,17 +117,15 @@ def evaluate(client: Client, avatar_id: str, photo: np.ndarray, out: Path,
     r = client.render(avatar_id, intr, w2c, w, h, curves=_weights(meta)[None],
                       passes=("rgb", "alpha"), timeout=600)  # fmt: skip
     rgb, alpha = r["rgb"][0], r["alpha"][0]
-    fit_img = _srgb8(rgb, alpha)
     mask = (alpha > 0.5) & person_mask(photo)
-    fit_on_photo = np.where(alpha[..., None] > 0.5, fit_img, photo)
-    diff = fit_img[mask].astype(float) - photo[mask].astype(float)
-    psnr = float(10 * np.log10(255**2 / max(np.mean(diff**2), 1e-12)))
-    ssim_map = structural_similarity(photo, fit_img, channel_axis=2, full=True)[1].mean(axis=2)
+    fit_on_photo = _srgb8(rgb, alpha, srgb_to_linear(photo / 255.0))
+    ssim_map = structural_similarity(photo, fit_on_photo, channel_axis=2, full=True)[1]
     metrics: dict[str, Any] = {
         "avatar_id": avatar_id,
         "input_view": {
-            "psnr_db": round(psnr, 2),
-            "ssim": round(float(ssim_map[mask].mean()), 4),
+            "psnr_db": _psnr(fit_on_photo[mask], photo[mask]),
+            "psnr_db_on_grey": _psnr(_srgb8(rgb, alpha)[mask], photo[mask]),
+            "ssim": round(float(ssim_map.mean(axis=2)[mask].mean()), 4),
             "mask_pixels": int(mask.sum()),
         },  # fmt: skip
         "views": {},
