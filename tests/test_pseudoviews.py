@@ -3,6 +3,8 @@ is a known function of position, photographed by rendering it."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -309,6 +311,23 @@ def test_coin_holds_barely_seen_gaussians_near_their_colour(monkeypatch):
     monkeypatch.setattr(coin, "COLOUR_WEIGHT", 0.0)
     free, _ = fit()
     assert np.percentile(free, 99) > 10 * np.percentile(drift, 99)  # measured 1.96
+
+
+def test_coin_growth_bounds_how_far_scales_grow():
+    """Gaussians started at half their size grow back to cover the sphere, except those
+    whose ``growth`` is 1: they may shrink, never grow (the builder's teeth and mouth)."""
+    n = 1500
+    true = colour_of(sphere_points(n))
+    views = [_view(splats(n, true), yaw) for yaw in (0, 30, -30)]
+    g, frame = _bound(n, true)
+    small = dataclasses.replace(g, log_scale=g.log_scale + np.float32(np.log(0.5)))
+    held = np.arange(n) % 2 == 0
+    fitted, _ = fit_coin(small, frame, views, "fast", np.ones(n, bool),
+                         schedule=CoinSchedule(60, 2),
+                         growth=np.where(held, 1.0, np.inf))  # fmt: skip
+    grown = fitted.log_scale - small.log_scale
+    assert grown[held].max() <= 1e-6, grown[held].max()
+    assert grown[~held].max() > 0.1, grown[~held].max()  # the free ones did grow
 
 
 def test_coin_can_be_cancelled():

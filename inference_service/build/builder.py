@@ -38,6 +38,7 @@ INNER_REGIONS = ("mouth_socket", "gums_tongue", "teeth", "eyeball_left", "eyebal
 #: Regions whose colours the builder draws (eyeballs; teeth, gums, tongue, the mouth's
 #: inside): the pseudo-views' warped, mirrored or invented pixels do not repaint them.
 DRAWN_REGIONS = ("mouth_socket", "gums_tongue", "teeth", "eyeball_left", "eyeball_right")
+INTERIOR_REGIONS = ("mouth_socket", "gums_tongue", "teeth")
 
 #: A Gaussian's footprint, in standard deviations of its largest scale.
 FOOTPRINT_SIGMAS = 2.0
@@ -217,10 +218,15 @@ def coin_fit(
             splats.means, splats.scales, eyes, intrinsics, world_to_camera
         )
         clear = (lids, resample((eyes * 255).astype(np.uint8), box, size) > 127)
+    # the teeth and mouth keep their size: from the one view that shows them (the photo's,
+    # they are drawn) they grew along its rays, where growing costs nothing, and when the
+    # rest pose closed the lips a tooth stuck out of them as a needle turned views show
+    interior = np.isin(region, [model.region(n) for n in INTERIOR_REGIONS])
+    growth = np.where(interior, 1.0, np.inf)
     fitted, facts = fit_coin(
         gaussians, frame, views, preset, seen,
         progress=lambda f, m: progress("coin", 0.68 + 0.26 * f, m), drawn=drawn,
-        fixed=fixed, opaque=opaque, clear=clear,
+        fixed=fixed, opaque=opaque, clear=clear, growth=growth,
     )  # fmt: skip
     facts.pop("compensation")
     return fitted, {**facts, "size": size}

@@ -107,6 +107,7 @@ def fit_coin(
     fixed: np.ndarray | None = None,  # [N] bool: learn from no view (keep their start)
     opaque: np.ndarray | None = None,  # [N] bool: keep their start opacity
     clear: tuple[np.ndarray, np.ndarray] | None = None,  # [N] bool; [h, w] bool, photo's view
+    growth: np.ndarray | None = None,  # [N] the factor each one's scales may grow by
 ) -> tuple[BoundGaussians, dict]:
     """Fit ``gaussians`` to ``views`` (the photo's first). ``frame``: what
     :func:`~.photometric.bind` returns for them. Returns the fitted Gaussians, the
@@ -122,7 +123,8 @@ def fit_coin(
     cover those pixels: their own alpha there is pulled towards 0 through their opacity
     alone (moved or shrunk, a lid would leave gaps when it closes). The lids' skin over
     the photo's open eyes: an iris learnt on a lid stays put when the eyeball turns, and
-    MediaPipe then reads a third of the gaze."""
+    MediaPipe then reads a third of the gaze. ``growth`` bounds how far each Gaussian's
+    scales may grow (1: they may only shrink; by default they are free)."""
     schedule = schedule or SCHEDULES[preset]
     base, normal, quats, stretch = frame
     g = gaussians
@@ -144,6 +146,8 @@ def fit_coin(
     log_scale = torch.tensor(g.log_scale.astype(np.float64), requires_grad=True)
     start_offset, start_scale = offset.detach().clone(), log_scale.detach().clone()
     start_sh = sh.detach().clone()
+    most = np.full(len(g), np.inf) if growth is None else np.asarray(growth, np.float64)
+    largest = start_scale + torch.log(torch.from_numpy(most))[:, None]
     start_opacity = torch.sigmoid(logits)
     comp = torch.zeros((len(pseudo), 3, 4), dtype=torch.float64)
     comp[:, :, :3] = torch.eye(3, dtype=torch.float64)
@@ -229,6 +233,8 @@ def fit_coin(
             pseudo_losses.append(float(side.detach()) / count)
         loss.backward()
         opt.step()
+        with torch.no_grad():
+            log_scale.copy_(torch.minimum(log_scale, largest))
         losses.append(float(data.detach()))
         progress((it + 1) / schedule.iterations,
                  f"COIN fit {it + 1}/{schedule.iterations}: photo L1 {losses[-1]:.4f}")  # fmt: skip
