@@ -287,11 +287,7 @@ def test_coin_holds_barely_seen_gaussians_near_their_colour(monkeypatch):
     start = np.clip(true + rng.normal(scale=0.1, size=true.shape), 0.02, 1)
     outer, (base, normal, quats, stretch) = _bound(n, start)
     inner, _ = _bound(n, np.full((n, 3), 0.5))
-    both = BoundGaussians(**{
-        name: np.concatenate([getattr(outer, name), getattr(inner, name)])
-        for name in ("triangle", "bary", "offset", "rotation", "log_scale", "opacity_logit",
-                     "sh")
-    })  # fmt: skip
+    both = BoundGaussians.concat([outer, inner])
     both.log_scale[n:] += np.log(0.9)
     frame = (torch.cat([base, 0.9 * base]), torch.cat([normal, normal]),
              torch.cat([quats, quats]), torch.cat([stretch, stretch]))  # fmt: skip

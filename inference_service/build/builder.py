@@ -38,6 +38,7 @@ INNER_REGIONS = ("mouth_socket", "gums_tongue", "teeth", "eyeball_left", "eyebal
 #: Regions whose colours the builder draws (eyeballs; teeth, gums, tongue, the mouth's
 #: inside): the pseudo-views' warped, mirrored or invented pixels do not repaint them.
 DRAWN_REGIONS = ("mouth_socket", "gums_tongue", "teeth", "eyeball_left", "eyeball_right")
+#: The mouth's inside (teeth, gums, tongue, socket): their Gaussians may shrink, not grow.
 INTERIOR_REGIONS = ("mouth_socket", "gums_tongue", "teeth")
 
 #: A Gaussian's footprint, in standard deviations of its largest scale.

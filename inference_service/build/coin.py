@@ -146,8 +146,9 @@ def fit_coin(
     log_scale = torch.tensor(g.log_scale.astype(np.float64), requires_grad=True)
     start_offset, start_scale = offset.detach().clone(), log_scale.detach().clone()
     start_sh = sh.detach().clone()
-    most = np.full(len(g), np.inf) if growth is None else np.asarray(growth, np.float64)
-    largest = start_scale + torch.log(torch.from_numpy(most))[:, None]
+    largest = None
+    if growth is not None:
+        largest = start_scale + torch.log(torch.as_tensor(growth, dtype=torch.float64))[:, None]
     start_opacity = torch.sigmoid(logits)
     comp = torch.zeros((len(pseudo), 3, 4), dtype=torch.float64)
     comp[:, :, :3] = torch.eye(3, dtype=torch.float64)
@@ -233,8 +234,9 @@ def fit_coin(
             pseudo_losses.append(float(side.detach()) / count)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            log_scale.copy_(torch.minimum(log_scale, largest))
+        if largest is not None:
+            with torch.no_grad():
+                log_scale.clamp_(max=largest)
         losses.append(float(data.detach()))
         progress((it + 1) / schedule.iterations,
                  f"COIN fit {it + 1}/{schedule.iterations}: photo L1 {losses[-1]:.4f}")  # fmt: skip
