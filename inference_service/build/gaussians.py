@@ -288,6 +288,11 @@ LASH_LIFT = 0.0013  # metres
 LASH_OPACITY = 0.98
 LASH_SAMPLES = 60_000  # candidate points on the lid triangles, thinned to LASH_SPACING
 LASH_COLUMN = 0.001  # metres: the seam is traced in columns this wide across each eye
+SEAM_FOLD = 0.0008  # metres: a seam column this far off its neighbours' line is a fold
+#: metres: a column this far above the other eye's mirrored seam is a fold (folds rise
+#: 1.3-6 mm above the margin; the two margins differ by up to 1 mm where columns fall apart)
+SEAM_MIRROR = 0.0012
+SEAM_REACH = 0.002  # metres past the other seam's end that it still vouches for
 LASH_DARK = 15  # percentile: the lash colour is the median of the margin's darkest
 LASH_FLOOR = 0.01  # linear RGB: not pitch black
 
@@ -295,9 +300,12 @@ LASH_FLOOR = 0.01  # linear RGB: not pitch black
 def lid_seams(model: HeadModel, rest: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per eye (68-point corners 36-39, then 42-45): the upper lid's front margin
     ``[K]`` vertex ids and where its blink takes them ``[K, 3]`` (the seam of the closed
-    eye). Column by column across the eye, the front vertex the blink moves furthest;
-    columns off the median of their neighbours by more than 0.8 mm (a fold, not the
-    margin) are dropped."""
+    eye). Column by column across the eye, the front vertex the blink moves furthest.
+    Where that is a fold above the margin instead, it is dropped: columns off the median
+    of their neighbours by more than ``SEAM_FOLD``, and columns more than ``SEAM_MIRROR``
+    above the other eye's seam mirrored across the face. A fold at an eye's end has too
+    few neighbours on one side to be out-voted; ICT's mesh is symmetric, and a face
+    nearly so."""
     from scipy.ndimage import median_filter
 
     face = np.unique(model.triangles[model.triangle_region == model.region("face")])
@@ -317,14 +325,31 @@ def lid_seams(model: HeadModel, rest: np.ndarray) -> list[tuple[np.ndarray, np.n
             if len(col) and moved[col].max() > 0.001:
                 ids.append(col[np.argmax(moved[col])])
         ids = np.array(ids, np.int64)
-        if len(ids) < 3:
-            out.append((ids, rest[ids] + delta[ids]))
-            continue
         seam = rest[ids] + delta[ids]
-        med = median_filter(seam[:, 1:], size=(7, 1), mode="nearest")
-        keep = np.abs(seam[:, 1:] - med).max(axis=1) < 0.0008
-        out.append((ids[keep], seam[keep]))
-    return out
+        if len(ids) >= 3:
+            med = median_filter(seam[:, 1:], size=(7, 1), mode="nearest")
+            keep = np.abs(seam[:, 1:] - med).max(axis=1) < SEAM_FOLD
+            ids, seam = ids[keep], seam[keep]
+        out.append((ids, seam))
+    keeps = _below_mirror(out)
+    return [(ids[keep], seam[keep]) for (ids, seam), keep in zip(out, keeps, strict=True)]
+
+
+def _below_mirror(seams: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    """Per seam, ``[K]`` bool: not more than ``SEAM_MIRROR`` above the other seam
+    mirrored in x, where that spans the column's x to within ``SEAM_REACH`` (held level
+    past its ends)."""
+    keeps = []
+    for (_, seam), (_, other) in zip(seams, seams[::-1], strict=True):
+        keep = np.ones(len(seam), bool)
+        if len(other) >= 2:
+            x, z = -other[:, 0], other[:, 2]
+            order = np.argsort(x)
+            x, z = x[order], z[order]
+            inside = (seam[:, 0] >= x[0] - SEAM_REACH) & (seam[:, 0] <= x[-1] + SEAM_REACH)
+            keep[inside] = seam[inside, 2] - np.interp(seam[inside, 0], x, z) <= SEAM_MIRROR
+        keeps.append(keep)
+    return keeps
 
 
 def _polyline_distance(points: np.ndarray, line: np.ndarray) -> np.ndarray:
