@@ -31,15 +31,13 @@ from .views import View
 #: Hair Gaussians as a share of the preset's count (fewer where the hair is thin).
 HAIR_SHARE = 0.25
 
-#: Regions only the photo's own view shows (mouth, eyes): never textured like hair or skin.
-INNER_REGIONS = ("mouth_socket", "gums_tongue", "teeth", "eyeball_left", "eyeball_right",
-                 "eye_sockets")  # fmt: skip
-
-#: Regions whose colours the builder draws (eyeballs; teeth, gums, tongue, the mouth's
-#: inside): the pseudo-views' warped, mirrored or invented pixels do not repaint them.
-DRAWN_REGIONS = ("mouth_socket", "gums_tongue", "teeth", "eyeball_left", "eyeball_right")
 #: The mouth's inside (teeth, gums, tongue, socket): their Gaussians may shrink, not grow.
 INTERIOR_REGIONS = ("mouth_socket", "gums_tongue", "teeth")
+#: Regions whose colours the builder draws (the mouth's inside; eyeballs): the
+#: pseudo-views' warped, mirrored or invented pixels do not repaint them.
+DRAWN_REGIONS = (*INTERIOR_REGIONS, "eyeball_left", "eyeball_right")
+#: Regions only the photo's own view shows (mouth, eyes): never textured like hair or skin.
+INNER_REGIONS = (*DRAWN_REGIONS, "eye_sockets")
 
 #: A Gaussian's footprint, in standard deviations of its largest scale.
 FOOTPRINT_SIGMAS = 2.0
