@@ -13,9 +13,15 @@ photo, and from the photo with seeded ±1-level noise. Each build renders five c
 ``browInnerUp`` as bumps of random rhythm and size 0.6-1, gaze swinging left and right,
 the head turning 6-14° and nodding up to 4°) and tracks them from PNG folders.
 
+Each clip is also tracked after ``LEAD`` frames of a neutral face (the head turning a
+little), once as it is and once calibrated on them (``track(..., neutral=...)``): the
+summed weight those frames read (``rest_weight``, mean per frame, plain against
+calibrated) and the clip's correlations after calibration (``calibrated``).
+
 Records: one per clip (``correlation`` per shape: Pearson, truth against tracked; gaze
-only on frames where that eye is open), then one summary per portrait (``mean``, ``min``
-and ``share_at_least_0_9`` per shape over its ten clips).
+only on frames where that eye is open; ``calibrated`` likewise; ``rest_weight``), then
+one summary per portrait (``mean``, ``min`` and ``share_at_least_0_9`` per shape over
+its ten clips, for both, and the mean rest weights).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ SHAPES = ("jawOpen", "mouthSmileLeft", "mouthSmileRight", "eyeBlinkLeft", "eyeBl
           "browInnerUp")  # fmt: skip
 RANDOM_CLIPS = (1, 2, 3, 4)
 FRAMES = 48
+LEAD = 12  # neutral frames before a clip, for the calibrated track
 
 
 def random_clip(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,19 +85,40 @@ def correlations(truth: np.ndarray, got: np.ndarray) -> dict[str, float | None]:
     return out
 
 
-def round_trip(avatar, curves: np.ndarray, head: np.ndarray) -> dict[str, float | None]:
-    """Render ``curves`` and ``head`` as the test does, track the PNGs, correlate."""
+def _track_frames(frames: np.ndarray, neutral: tuple[int, int] | None = None) -> np.ndarray:
     from PIL import Image
 
     from inference_service.track import track
-    from tests.test_track import render_clip
 
-    frames = render_clip(avatar, curves, head)
     with tempfile.TemporaryDirectory() as tmp:
         for i, f in enumerate(frames):
             Image.fromarray(f).save(Path(tmp) / f"frame{i:03d}.png")
-        got = track(tmp).animation.curves
-    return correlations(curves, got)
+        return track(tmp, neutral=neutral).animation.curves
+
+
+def round_trip(avatar, curves: np.ndarray, head: np.ndarray) -> dict[str, float | None]:
+    """Render ``curves`` and ``head`` as the test does, track the PNGs, correlate."""
+    from tests.test_track import render_clip
+
+    return correlations(curves, _track_frames(render_clip(avatar, curves, head)))
+
+
+def calibrated_round_trip(avatar, curves: np.ndarray, head: np.ndarray) -> dict:
+    """The clip after ``LEAD`` neutral frames (the head swaying 6° about where the clip
+    starts), tracked plain and calibrated on those frames: the weight they read per frame
+    both ways, and the clip's correlations after calibration."""
+    from tests.test_track import render_clip
+
+    lead_head = np.tile(head[:1], (LEAD, 1))
+    lead_head[:, 0] += np.radians(6.0) * np.sin(np.linspace(0, 2 * np.pi, LEAD))
+    lead = render_clip(avatar, np.zeros((LEAD, 52), np.float32), lead_head)
+    frames = np.concatenate([lead, render_clip(avatar, curves, head)])
+    plain, calibrated = _track_frames(frames), _track_frames(frames, (0, LEAD - 1))
+    return {
+        "calibrated": correlations(curves, calibrated[LEAD:]),
+        "rest_weight": {"plain": round(float(plain[:LEAD].sum(1).mean()), 3),
+                        "calibrated": round(float(calibrated[:LEAD].sum(1).mean()), 3)},
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -112,17 +140,26 @@ def main() -> None:
                                   lambda s, f, m: None)  # fmt: skip
             for clip, (curves, head) in clips.items():
                 corr = round_trip(avatar, curves, head)
-                rows.append(corr)
+                cal = calibrated_round_trip(avatar, curves, head)
+                rows.append((corr, cal))
                 emit({**base, "portrait": name, "build": variant, "clip": clip,
-                      "correlation": corr})  # fmt: skip
-        summary = {}
-        for shape in SHAPES:
-            values = np.array([r[shape] for r in rows if r[shape] is not None])
-            summary[shape] = {"mean": round(float(values.mean()), 3),
-                              "min": round(float(values.min()), 3),
-                              "share_at_least_0_9": round(float((values >= 0.9).mean()), 2),
-                              "clips": len(values)}  # fmt: skip
-        emit({**base, "portrait": name, "summary": summary})
+                      "correlation": corr, **cal})  # fmt: skip
+        rest = {k: round(float(np.mean([c["rest_weight"][k] for _, c in rows])), 3)
+                for k in ("plain", "calibrated")}  # fmt: skip
+        emit({**base, "portrait": name, "summary": summarise([r for r, _ in rows]),
+              "summary_calibrated": summarise([c["calibrated"] for _, c in rows]),
+              "rest_weight_mean": rest})  # fmt: skip
+
+
+def summarise(rows: list[dict[str, float | None]]) -> dict[str, dict[str, float]]:
+    summary = {}
+    for shape in SHAPES:
+        values = np.array([r[shape] for r in rows if r[shape] is not None])
+        summary[shape] = {"mean": round(float(values.mean()), 3),
+                          "min": round(float(values.min()), 3),
+                          "share_at_least_0_9": round(float((values >= 0.9).mean()), 2),
+                          "clips": len(values)}  # fmt: skip
+    return summary
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ a Huber loss so that a landmark MediaPipe misplaces pulls only linearly.
   points are on the face.
 - **Smoothing**: a centred Gaussian over time (``smooth`` seconds, 0 disables) within each
   run of tracked frames, so a gap's edges do not leak.
+- **Neutral calibration** (``neutral=``, ``--neutral A-B``): frames in which the face is
+  at rest fit the subject and calibrate the rig, so they read 0 (:func:`calibrate_neutral`).
+  The landmarks wait in memory until the range has passed.
 - **Gaps** (no face found): the frame holds the last tracked pose (before the first face,
   the first one found); :attr:`TrackResult.gaps` lists them as inclusive frame ranges.
 - **Head angles**: the fitted head-to-camera rotation relative to a frontal camera (one
@@ -55,7 +58,7 @@ import functools
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +116,12 @@ GAZE_LIDS = 0.0
 #: Eye distances: a landmark further than this from the model counts linearly (Huber).
 ROBUST_SCALE = 0.05
 MAX_ITERATIONS = 30  # per frame; a warm start converges in a few
+#: Rounds of the neutral calibration (pose fit with the weights held at 0, then the rest
+#: offsets from the misfit); the offsets change by well under 1 % of the eye distance after 3.
+NEUTRAL_ROUNDS = 3
+#: Against the offsets' normal equations' mean eigenvalue: keeps the depth of an offset
+#: that the neutral frames (all seen from the front) barely tell near 0.
+NEUTRAL_RIDGE = 1e-2
 
 
 class TrackError(ValueError):
@@ -469,13 +478,13 @@ class FrameSolver:
     bounded least-squares fit, a few milliseconds a frame from a warm start.
     """
 
-    def __init__(self, rig: TrackingRig) -> None:
+    def __init__(self, rig: TrackingRig, pose_only: bool = False) -> None:
         self.rig = rig
         self.basis = _basis()
         s = len(self.basis.solved)
         self.n = s + 6
         self.lower = np.concatenate([np.zeros(s), np.full(6, -np.inf)])
-        self.upper = np.concatenate([np.ones(s), np.full(6, np.inf)])
+        self.upper = np.concatenate([np.full(s, 0.0 if pose_only else 1.0), np.full(6, np.inf)])
         where = {int(a): i for i, a in enumerate(self.basis.solved)}
         self.gaze_cols = np.array([[where[int(c)] for c in eye] for eye in _GAZE])
         # rows giving (left - right) eye yaw and pitch, radians, of the parameters
@@ -554,6 +563,27 @@ class FrameSolver:
         iod = float(np.linalg.norm(landmarks[33, :2] - landmarks[263, :2]))
         w = np.concatenate([self.basis.weight, np.full(2, IRIS_WEIGHT)])
         return _Targets(target, (np.sqrt(w / w.sum()) / iod)[:, None], iod)
+
+    def offset_equations(
+        self, landmarks: np.ndarray, x: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per point (face landmarks, then the iris centres), the normal equations
+        ``a`` ``[P, 3, 3]``, ``b`` ``[P, 3]`` of the head-frame offset that moves the point's
+        projection onto its landmark, to first order: ``a = J.T J``, ``b = J.T r`` with ``J``
+        ``[P, 2, 3]`` the projection's derivative by a head-frame move and ``r`` the image
+        residual. One frame fixes only the two directions across the line of sight; frames
+        seen from different sides fix the third."""
+        s = len(self.basis.solved)
+        rot = _rotvec_to_matrix(x[s : s + 3])
+        cam = self.points(x[:s])[0] @ rot.T + x[s + 3 :]
+        fx, fy = self.rig.intrinsics[:2]
+        z = cam[:, 2]
+        duv = np.zeros((len(cam), 2, 3))
+        duv[:, 0, 0], duv[:, 1, 1] = fx / z, fy / z
+        duv[:, 0, 2], duv[:, 1, 2] = -fx * cam[:, 0] / z**2, -fy * cam[:, 1] / z**2
+        jac = duv @ rot
+        res = self.rows(landmarks).target - self.project(x, jacobian=False)[0]
+        return np.einsum("pki,pkj->pij", jac, jac), np.einsum("pki,pk->pi", jac, res)
 
     def solve(
         self, landmarks: np.ndarray, x0: np.ndarray, iterations: int = MAX_ITERATIONS
@@ -673,6 +703,39 @@ def fit_subject(
     return solver.rig
 
 
+def calibrate_neutral(
+    rig: TrackingRig, samples: list[np.ndarray], size: tuple[int, int]
+) -> TrackingRig:
+    """The rig with rest offsets from frames ``samples`` (landmarks ``[478, 3]``) in which
+    the face is neutral, so that those frames read weights of 0.
+
+    Without it, a neutral face reads a few tenths of several shapes at once (a rendered
+    avatar: 2-3 in all, ``browDown*``, ``eyeWide*``, ``cheekSquint*``, the smiles), because
+    MediaPipe places its points on a face a little differently from where the
+    correspondence puts them on ICT's mesh, and a face's look (a photo's smile) moves them
+    too. The weights' [0, 1] bounds then turn such an offset into a dead zone: a blink
+    first has to undo the ``eyeWide`` it reads at rest. Each round fits every frame's head
+    pose with the weights held at 0, then moves each point by the offset that best
+    explains its misfit over all the frames (least squares,
+    :meth:`FrameSolver.offset_equations`); the iris centres move the eyeballs' centres.
+    Live Link Face's "calibrate" does the same job on the phone."""
+    xs: list[np.ndarray | None] = [None] * len(samples)
+    for _ in range(NEUTRAL_ROUNDS):
+        solver = FrameSolver(rig, pose_only=True)
+        a, b = 0.0, 0.0
+        for i, lm in enumerate(samples):
+            x0 = xs[i] if xs[i] is not None else solver.initial(lm, size)
+            xs[i] = solver.solve(lm, x0)[0]
+            a_i, b_i = solver.offset_equations(lm, xs[i])
+            a, b = a + a_i, b + b_i
+        # a weak ridge: frames from one side leave the depth of each offset free
+        ridge = NEUTRAL_RIDGE * np.trace(a, axis1=1, axis2=2)[:, None, None] / 3
+        d = np.linalg.solve(a + ridge * np.eye(3), b[..., None])[..., 0]
+        face = len(rig.base)
+        rig = replace(rig, base=rig.base + d[:face], eye_center=rig.eye_center + d[face:])
+    return rig
+
+
 def _subject_solver(subject: np.ndarray, size: tuple[int, int]) -> FrameSolver:
     f = float(np.exp(subject[-1]))
     return FrameSolver(TrackingRig.build(subject[:-1], np.array([f, f, size[0] / 2, size[1] / 2])))
@@ -787,18 +850,25 @@ def track(
     fps: float | None = None,
     smooth: float = DEFAULT_SMOOTH,
     face: int | None = None,
+    neutral: tuple[int, int] | None = None,
     progress: TrackProgress = lambda done, total: None,
 ) -> TrackResult:
-    """Track a video file or a folder of images; see the module notes.
+    """Track a video file or a folder of images; see the module notes. ``neutral``: an
+    inclusive range of frames in which the face is at rest; the identity is fitted on them
+    and they calibrate the rig (:func:`calibrate_neutral`).
 
-    Raises :class:`TrackError` for unreadable input, frames of different sizes, or no face
-    in any frame.
+    Raises :class:`TrackError` for unreadable input, frames of different sizes, no face
+    in any frame, or a neutral range outside the video or with no face in it.
     """
     if not (np.isfinite(smooth) and smooth >= 0):
         raise TrackError(f"smooth must be 0 or more seconds, got {smooth!r}")
+    if neutral is not None and not 0 <= neutral[0] <= neutral[1]:
+        raise TrackError(f"neutral frames must be a range A-B with 0 <= A <= B, got {neutral!r}")
     src = open_frames(source, fps)
     follow = LandmarkTracker(face)
     window = max(1, round(IDENTITY_WINDOW * src.fps))
+    if neutral is not None:
+        window = max(window, neutral[1] + 1)  # landmarks wait until the range has passed
     pending: list[np.ndarray | None] = []  # landmarks waiting for the identity
     fitter: _Fitter | None = None
     size: tuple[int, int] | None = None
@@ -807,9 +877,20 @@ def track(
     def start() -> _Fitter:
         nonlocal t_identity
         good = [p for p in pending if p is not None]
+        if neutral is not None:
+            if neutral[1] >= len(pending):
+                raise TrackError(f"{src.name}: neutral frames {neutral[0]}-{neutral[1]} "
+                                 f"are past its last frame ({len(pending) - 1})")  # fmt: skip
+            good = [p for p in pending[neutral[0] : neutral[1] + 1] if p is not None]
+            if not good:
+                raise TrackError(
+                    f"{src.name}: no face found in neutral frames {neutral[0]}-{neutral[1]}"
+                )
         picks = np.linspace(0, len(good) - 1, min(IDENTITY_FRAMES, len(good))).round()
         t0 = time.perf_counter()
         rig = fit_subject([good[int(i)] for i in np.unique(picks)], size)
+        if neutral is not None:
+            rig = calibrate_neutral(rig, good, size)
         t_identity = time.perf_counter() - t0
         out = _Fitter(rig, size)
         for lm in pending:
@@ -912,10 +993,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="which face to follow when there are several (0 = largest, default)",
     )
     sp.add_argument(
+        "--neutral",
+        metavar="A-B",
+        help="frames (first is 0; a range A-B, inclusive, or one frame) in which the face is "
+        "at rest: the subject is fitted on them and they calibrate the rig so that they read "
+        "weights of 0, as Live Link Face's calibration does (default: none; the first "
+        f"{IDENTITY_WINDOW:g} s fit the subject and a rest face may read some weight)",
+    )
+    sp.add_argument(
         "--json", action="store_true", help="print one JSON object on the last line instead"
     )
     sp.set_defaults(func=cmd_track)
     return sp
+
+
+def parse_frame_range(text: str) -> tuple[int, int]:
+    """``"A-B"`` or ``"A"`` → (A, B), inclusive; SystemExit naming the option otherwise."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
+    if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
+        raise SystemExit(
+            f"splatface track: --neutral must be a frame A or a range A-B with A <= B "
+            f"(frames count from 0), got {text!r}"
+        )
+    return int(m[1]), int(m[2] if m[2] is not None else m[1])
 
 
 def cmd_track(args: argparse.Namespace) -> int:
@@ -926,6 +1026,7 @@ def cmd_track(args: argparse.Namespace) -> int:
         raise SystemExit(f"splatface track: --out must name a .csv file, got {out}")
     if args.face is not None and args.face < 0:
         raise SystemExit("splatface track: --face must be 0 or more (0 = largest)")
+    neutral = None if args.neutral is None else parse_frame_range(args.neutral)
     bar = Progress(1.0, "tracking", not args.json)
     try:
         result = track(
@@ -933,6 +1034,7 @@ def cmd_track(args: argparse.Namespace) -> int:
             fps=args.fps,
             smooth=args.smooth,
             face=args.face,
+            neutral=neutral,
             progress=lambda d, t: bar.update_to(d / t, f"{d}/{t} frames"),
         )
     except TrackError as exc:
@@ -953,6 +1055,7 @@ def cmd_track(args: argparse.Namespace) -> int:
         "frames": anim.frames,
         "fps": anim.fps,
         "gaps": [list(g) for g in result.gaps],
+        "neutral": list(neutral) if neutral is not None else None,
         "timings": result.timings,
         "landmark_rms": round(float(np.nanmedian(result.rms)), 4),
     }

@@ -55,6 +55,7 @@ from inference_service.track import (
     FrameSolver,
     TrackError,
     add_parser,
+    calibrate_neutral,
     eye_angles_from_curves,
     fit_subject,
     head_angles_from_rotation,
@@ -185,11 +186,12 @@ def test_smoothing_stays_within_runs_and_gaps_hold():
     assert 1.0 < out[4] < out[1] < 5.0
 
 
-def synthetic_landmarks(identity, curves, rots, ts, intr):
+def synthetic_landmarks(identity, curves, rots, ts, intr, offset=None):
     """What a perfect MediaPipe would report for the head the fit models: ICT's at the
     stored correspondence, its lids following gaze by ``GAZE_LIDS`` of ``eyeLook*``;
     irises where posing turns the pupils, ``IRIS_DEPTH`` of the way to the eyeballs'
-    front points."""
+    front points. ``offset`` ``[478, 3]`` (head frame, metres) moves every point by a
+    fixed amount, as a real MediaPipe places its points a little off the correspondence."""
     from inference_service.avatar import sphere_center
     from inference_service.headmodel import (
         PART_EYE_LEFT,
@@ -213,6 +215,8 @@ def synthetic_landmarks(identity, curves, rots, ts, intr):
             eye = rest[model.vertex_part == part]
             c = sphere_center(eye)
             pts[k] = c + turn @ (IRIS_DEPTH * (eye[np.argmin(eye[:, 1])] - c))
+        if offset is not None:
+            pts = pts + offset
         w2c = np.eye(4)
         w2c[:3, :3], w2c[:3, 3] = rot, t
         uv, z = project(pts, intr, w2c)
@@ -282,6 +286,72 @@ def test_noisy_landmarks_do_not_spread_the_jaw_over_the_other_mouth_shapes():
         assert w[others].sum() < 0.1
 
 
+def test_neutral_calibration_takes_out_a_fixed_landmark_offset():
+    """Landmarks placed off the correspondence by a fixed few millimetres (as MediaPipe's
+    are on a real or rendered face) read as expression: a neutral face as some weight of
+    many shapes, which the [0, 1] bounds turn into dead zones. Calibrated on neutral
+    frames, the neutral face reads ~0 and the expressions their true weights."""
+    rng = np.random.default_rng(3)
+    intr = intrinsics_from_fov(480, 360, 28.0)
+    identity = rng.normal(size=50) * 0.5
+    offset = np.clip(rng.normal(size=(478, 3)) * 0.0015, -0.003, 0.003)
+    offset[list(IRIS_CENTER)] = 0.0
+    n_rest, n_move = 6, 8
+    curves = np.zeros((n_rest + n_move, 52))
+    for name in ("eyeBlinkLeft", "browInnerUp", "mouthSmileRight"):
+        curves[n_rest:, index_of(name)] = np.linspace(0.0, 0.9, n_move)
+    head = np.zeros((len(curves), 3))
+    head[:, 0] = np.radians(8.0) * np.sin(np.linspace(0, 5, len(curves)))
+    rots = orbit((0.0, 0.0, 0.0), 1.0)[:3, :3] @ head_rotation(*head.T)
+    ts = np.tile([0.0, 0.0, 0.6], (len(curves), 1))
+    lms = synthetic_landmarks(identity, curves, rots, ts, intr, offset)
+    rest = lms[:n_rest]
+
+    def read(rig) -> np.ndarray:
+        solver = FrameSolver(rig)
+        out, x = np.zeros((len(lms), 52)), solver.initial(lms[0], (480, 360))
+        for i, lm in enumerate(lms):
+            x, _ = solver.solve(lm, x)
+            out[i, solver.basis.solved] = x[: len(solver.basis.solved)]
+        return out
+
+    rig = fit_subject(rest, (480, 360))
+    plain, calibrated = read(rig), read(calibrate_neutral(rig, rest, (480, 360)))
+    assert plain[:n_rest].sum(1).min() > 0.5  # what calibration is for
+    assert calibrated[:n_rest].sum(1).mean() < 0.05 and calibrated[:n_rest].sum(1).max() < 0.15
+    for name in ("eyeBlinkLeft", "browInnerUp", "mouthSmileRight"):
+        i = index_of(name)
+        assert np.abs(calibrated[:, i] - curves[:, i]).max() < 0.1, name
+
+
+def test_track_calibrates_on_the_neutral_frames(avatar, tmp_path, capsys):
+    """On the rendered avatar, with MediaPipe: the photo's smile and MediaPipe's own
+    placement read as 2-3 of weight spread over a dozen shapes on a neutral face; the
+    first frames, named neutral, calibrate that away and the blink after them still reads."""
+    n_rest, n_move = 8, 6
+    curves = np.zeros((n_rest + n_move, 52), np.float32)
+    curves[n_rest:, index_of("eyeBlinkRight")] = np.linspace(0.0, 1.0, n_move)
+    head = np.zeros((len(curves), 3))
+    head[:, 0] = np.radians(6.0) * np.sin(np.linspace(0, 4, len(curves)))
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, f in enumerate(render_clip(avatar, curves, head)):
+        Image.fromarray(f).save(folder / f"frame{i}.png")
+    plain = track(folder, smooth=0).animation.curves
+    out = tmp_path / "calibrated.csv"
+    record = run_cli(["track", str(folder), "--out", str(out), "--smooth", "0",
+                      "--neutral", f"0-{n_rest - 1}", "--json"], capsys)  # fmt: skip
+    assert record["neutral"] == [0, n_rest - 1]
+    calibrated = load_animation(out).curves
+    print("weight at rest:", plain[:n_rest].sum(1).mean(), "->", calibrated[:n_rest].sum(1).mean())
+    assert plain[:n_rest].sum(1).mean() > 1.0
+    assert calibrated[:n_rest].sum(1).mean() < 0.5 * plain[:n_rest].sum(1).mean()
+    blink = index_of("eyeBlinkRight")
+    assert np.corrcoef(curves[:, blink], calibrated[:, blink])[0, 1] > 0.9
+    with pytest.raises(TrackError, match="past its last frame"):
+        track(folder, neutral=(10, 20))
+
+
 def _rotvec(r: np.ndarray) -> np.ndarray:
     from scipy.spatial.transform import Rotation
 
@@ -347,6 +417,11 @@ def test_cli_reports_gaps_and_holds_the_pose(clip, tmp_path, capsys):
         np.testing.assert_array_equal(anim.curves[i], anim.curves[9])
         np.testing.assert_array_equal(anim.head_angles[i], anim.head_angles[9])
     assert np.abs(anim.curves[13] - anim.curves[9]).max() > 0  # tracking resumes
+    with pytest.raises(SystemExit, match="no face found in neutral frames 0-1"):
+        run_cli(["track", str(folder), "--out", str(out), "--neutral", "0-1"], capsys)
+    for bad in ("5-2", "-1", "x"):
+        with pytest.raises(SystemExit, match="--neutral must be a frame A or a range A-B"):
+            run_cli(["track", str(folder), "--out", str(out), "--neutral", bad], capsys)
 
 
 def test_no_face_anywhere_is_a_typed_error(tmp_path, capsys):
