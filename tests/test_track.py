@@ -15,8 +15,9 @@ What the rendered avatar shows MediaPipe limits what can come back:
   ``track.MOUTH_SPARSITY``, which lifted it on most other clips). Over the benchmark's
   ten clips on two builds it averages 0.85 (0.69-0.91; 0.80 before). The tracked
   smiles sit on a floor of 0.3-0.4 (the rendered neutral face is the photo's smiling
-  one) at about half gain, and the left one gives way most where the jaw opens, the
-  head turns and the left eye blinks at once;
+  one; ``--neutral`` calibration takes the floor out, see
+  :func:`test_track_calibrates_on_the_neutral_frames`) at about half gain, and the left
+  one gives way most where the jaw opens, the head turns and the left eye blinks at once;
 - reported, held only to respond (correlation > 0): ``browInnerUp`` (0.93; 0.86 on
   average over the benchmark's clips). The
   brows move 3-5 px here and MediaPipe flattens that across the brow (inner points move
