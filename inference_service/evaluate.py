@@ -11,8 +11,11 @@ right profile, the back and the top, rendered by the service. Metrics (JSON):
   charges the edge for the grey;
 - per novel view, ``coverage`` (share of the silhouette's interior, 3 px in from its
   edge, with alpha ≥ 0.98: 1.0 means no holes) and ``stray`` (share of pixels more than
-  3 px outside the silhouette with alpha ≥ 0.02: 0 means no floaters); the silhouette
-  is the render's own alpha > 0.5;
+  3 px outside the silhouette with alpha ≥ 0.02), split into what is not connected to
+  the silhouette (``floaters``: blobs in the air) and the rest, the silhouette's own
+  soft edge reaching further than 3 px (``stray_reach_px``: the 99th percentile of the
+  stray pixels' distance from the silhouette); the silhouette is the render's own
+  alpha > 0.5;
 - at ±30°: whether MediaPipe finds the face, and the RMS distance between its landmarks
   and our posed mesh's (through the stored correspondence), over the inter-ocular
   distance.
@@ -58,14 +61,26 @@ def _weights(meta: dict[str, Any]) -> np.ndarray:
 
 
 def _silhouette_stats(alpha: np.ndarray) -> dict[str, float]:
+    """``coverage`` and ``stray`` (see the module notes); ``floaters``, the share of the
+    outside in blobs of alpha >= 0.02 that do not touch the silhouette (stray alpha that
+    is not the silhouette's own soft edge); ``stray_reach_px``, how far out the stray
+    pixels reach from the silhouette (99th percentile, 0 without any)."""
     from scipy import ndimage
 
     sil = alpha > 0.5
     inner = ndimage.binary_erosion(sil, iterations=HALO)
     outer = ~ndimage.binary_dilation(sil, iterations=HALO)
+    seen = alpha >= 0.02
+    stray = seen & outer
+    blobs, _ = ndimage.label(seen)
+    detached = stray & ~np.isin(blobs, np.unique(blobs[sil]))
+    reach = ndimage.distance_transform_edt(~sil)[stray] if stray.any() else np.zeros(1)
+    share = (lambda m: round(float(m[outer].mean()) if outer.any() else 0.0, 5))  # noqa: E731
     return {
         "coverage": round(float((alpha[inner] >= 0.98).mean()) if inner.any() else 0.0, 4),
-        "stray": round(float((alpha[outer] >= 0.02).mean()) if outer.any() else 0.0, 5),
+        "stray": share(stray),
+        "floaters": share(detached),
+        "stray_reach_px": round(float(np.percentile(reach, 99)), 1),
     }
 
 

@@ -222,9 +222,33 @@ def test_eval_metrics_of_the_sample_portraits(request, tmp_path, service, portra
     for name, v in m["views"].items():
         # measured 0.988-1.0 and <= 0.0002: no holes, no floaters
         assert v["coverage"] >= 0.97 and v["stray"] < 0.005, name
+        assert v["floaters"] <= v["stray"] and v["stray_reach_px"] >= 0, name
     for side in ("+30", "-30"):
         view = m["views"][side]
         assert view["face_found"] and view["landmark_rms"] < 0.1, side  # measured 0.05-0.07
+
+
+def test_eval_tells_floaters_from_a_soft_edge():
+    """``stray`` counts every faint pixel more than 3 px outside the silhouette;
+    ``floaters`` only those in blobs that do not touch it."""
+    from inference_service.evaluate import _silhouette_stats
+
+    yy, xx = np.mgrid[:200, :200]
+    r = np.hypot(yy - 100.0, xx - 100.0)
+    disc = np.clip((60.5 - r) / 1.0, 0.0, 1.0)  # a hard edge: nothing outside
+    clean = _silhouette_stats(disc)
+    assert clean["coverage"] == 1.0 and clean["stray"] == clean["floaters"] == 0.0
+    assert clean["stray_reach_px"] == 0.0
+    soft = np.maximum(disc, 0.5 * np.exp(-np.maximum(r - 60.0, 0.0) / 2.5))  # reaches ~9 px
+    blob = np.hypot(yy - 20.0, xx - 20.0) <= 3.0  # a 29-pixel puff in the air
+    m = _silhouette_stats(np.where(blob, 0.3, soft))
+    outside = 200 * 200 - (r <= 63.5).sum()  # roughly: beyond the 3-px band
+    assert m["floaters"] == pytest.approx(blob.sum() / outside, rel=0.05)
+    assert m["stray"] > 5 * m["floaters"]  # the soft edge is most of it
+    assert 5.0 < m["stray_reach_px"] < 60.0  # the puff is ~50 px out
+    edge_only = _silhouette_stats(soft)
+    assert edge_only["floaters"] == 0.0 and edge_only["stray"] > 0
+    assert 6.0 <= edge_only["stray_reach_px"] <= 10.0
 
 
 def test_eval_lays_the_render_over_the_photo():
