@@ -75,7 +75,10 @@ def _silhouette_stats(alpha: np.ndarray) -> dict[str, float]:
     blobs, _ = ndimage.label(seen)
     detached = stray & ~np.isin(blobs, np.unique(blobs[sil]))
     reach = ndimage.distance_transform_edt(~sil)[stray] if stray.any() else np.zeros(1)
-    share = (lambda m: round(float(m[outer].mean()) if outer.any() else 0.0, 5))  # noqa: E731
+
+    def share(mask: np.ndarray) -> float:
+        return round(float(mask[outer].mean()) if outer.any() else 0.0, 5)
+
     return {
         "coverage": round(float((alpha[inner] >= 0.98).mean()) if inner.any() else 0.0, 4),
         "stray": share(stray),
