@@ -1049,6 +1049,8 @@ def cmd_track(args: argparse.Namespace) -> int:
         raise SystemExit(f"splatface track: cannot write {out}: {exc}") from None
     anim = result.animation
     text = f"tracked {anim.frames} frames ({anim.fps:g} fps) of {args.source} into {out}"
+    if neutral is not None:
+        text += f"\ncalibrated on neutral frames {neutral[0]}-{neutral[1]}"
     if result.gaps:
         text += f"\nno face in frame(s) {result.gaps_text()}: the last pose is held there"
     record = {
