@@ -96,25 +96,20 @@ def _track_frames(frames: np.ndarray, neutral: tuple[int, int] | None = None) ->
         return track(tmp, neutral=neutral).animation.curves
 
 
-def round_trip(avatar, curves: np.ndarray, head: np.ndarray) -> dict[str, float | None]:
-    """Render ``curves`` and ``head`` as the test does, track the PNGs, correlate."""
-    from tests.test_track import render_clip
-
-    return correlations(curves, _track_frames(render_clip(avatar, curves, head)))
-
-
-def calibrated_round_trip(avatar, curves: np.ndarray, head: np.ndarray) -> dict:
-    """The clip after ``LEAD`` neutral frames (the head swaying 6° about where the clip
+def round_trip(avatar, curves: np.ndarray, head: np.ndarray) -> tuple[dict, dict]:
+    """Render ``curves`` and ``head`` as the test does, track the PNGs and correlate; then
+    the same clip after ``LEAD`` neutral frames (the head swaying 6° about where the clip
     starts), tracked plain and calibrated on those frames: the weight they read per frame
     both ways, and the clip's correlations after calibration."""
     from tests.test_track import render_clip
 
+    clip = render_clip(avatar, curves, head)
     lead_head = np.tile(head[:1], (LEAD, 1))
     lead_head[:, 0] += np.radians(6.0) * np.sin(np.linspace(0, 2 * np.pi, LEAD))
-    lead = render_clip(avatar, np.zeros((LEAD, 52), np.float32), lead_head)
-    frames = np.concatenate([lead, render_clip(avatar, curves, head)])
+    frames = np.concatenate([render_clip(avatar, np.zeros((LEAD, 52), np.float32), lead_head),
+                             clip])  # fmt: skip
     plain, calibrated = _track_frames(frames), _track_frames(frames, (0, LEAD - 1))
-    return {
+    return correlations(curves, _track_frames(clip)), {
         "calibrated": correlations(curves, calibrated[LEAD:]),
         "rest_weight": {"plain": round(float(plain[:LEAD].sum(1).mean()), 3),
                         "calibrated": round(float(calibrated[:LEAD].sum(1).mean()), 3)},
@@ -139,8 +134,7 @@ def main() -> None:
             avatar = build_avatar(png(photo), BuildOptions(preset="default"), "0123456789ab",
                                   lambda s, f, m: None)  # fmt: skip
             for clip, (curves, head) in clips.items():
-                corr = round_trip(avatar, curves, head)
-                cal = calibrated_round_trip(avatar, curves, head)
+                corr, cal = round_trip(avatar, curves, head)
                 rows.append((corr, cal))
                 emit({**base, "portrait": name, "build": variant, "clip": clip,
                       "correlation": corr, **cal})  # fmt: skip

@@ -456,6 +456,15 @@ def _bounded_step(a: np.ndarray, g: np.ndarray, lo: np.ndarray, hi: np.ndarray) 
     return d
 
 
+def _d_uv_d_cam(cam: np.ndarray, fx: float, fy: float) -> np.ndarray:
+    """The pinhole projection's derivative ``[P, 2, 3]`` at camera-frame points ``[P, 3]``."""
+    z = cam[:, 2]
+    out = np.zeros((len(cam), 2, 3))
+    out[:, 0, 0], out[:, 1, 1] = fx / z, fy / z
+    out[:, 0, 2], out[:, 1, 2] = -fx * cam[:, 0] / z**2, -fy * cam[:, 1] / z**2
+    return out
+
+
 @dataclass(frozen=True)
 class _Targets:
     """One frame's fit targets ``[P, 2]`` (face landmarks, then iris centres), their row
@@ -544,9 +553,7 @@ class FrameSolver:
         uv = np.stack([fx * cam[:, 0] / z + cx, fy * cam[:, 1] / z + cy], 1)
         if not jacobian:
             return uv, None
-        duv = np.zeros((len(pts), 2, 3))  # d uv / d cam
-        duv[:, 0, 0], duv[:, 1, 1] = fx / z, fy / z
-        duv[:, 0, 2], duv[:, 1, 2] = -fx * cam[:, 0] / z**2, -fy * cam[:, 1] / z**2
+        duv = _d_uv_d_cam(cam, fx, fy)
         face = len(b.landmarks)
         k = IDENTITY_COMPONENTS + 1 if subject else 0
         d_cam = np.zeros((len(pts), 3, self.n + k))
@@ -582,12 +589,7 @@ class FrameSolver:
         s = len(self.basis.solved)
         rot = _rotvec_to_matrix(x[s : s + 3])
         cam = self.points(x[:s])[0] @ rot.T + x[s + 3 :]
-        fx, fy = self.rig.intrinsics[:2]
-        z = cam[:, 2]
-        duv = np.zeros((len(cam), 2, 3))
-        duv[:, 0, 0], duv[:, 1, 1] = fx / z, fy / z
-        duv[:, 0, 2], duv[:, 1, 2] = -fx * cam[:, 0] / z**2, -fy * cam[:, 1] / z**2
-        jac = duv @ rot
+        jac = _d_uv_d_cam(cam, *self.rig.intrinsics[:2]) @ rot
         res = self.rows(landmarks).target - self.project(x, jacobian=False)[0]
         return np.einsum("pki,pkj->pij", jac, jac), np.einsum("pki,pk->pi", jac, res)
 
@@ -851,6 +853,12 @@ class _Fitter:
         self.rms.append(r)
 
 
+def _spread(items: list, count: int) -> list:
+    """At most ``count`` of ``items``, evenly spread from the first to the last."""
+    picks = np.linspace(0, len(items) - 1, min(count, len(items))).round()
+    return [items[int(i)] for i in np.unique(picks)]
+
+
 def track(
     source: str | Path,
     fps: float | None = None,
@@ -892,12 +900,10 @@ def track(
                 raise TrackError(
                     f"{src.name}: no face found in neutral frames {neutral[0]}-{neutral[1]}"
                 )
-        picks = np.linspace(0, len(good) - 1, min(IDENTITY_FRAMES, len(good))).round()
         t0 = time.perf_counter()
-        rig = fit_subject([good[int(i)] for i in np.unique(picks)], size)
+        rig = fit_subject(_spread(good, IDENTITY_FRAMES), size)
         if neutral is not None:
-            picks = np.linspace(0, len(good) - 1, min(NEUTRAL_FRAMES, len(good))).round()
-            rig = calibrate_neutral(rig, [good[int(i)] for i in np.unique(picks)], size)
+            rig = calibrate_neutral(rig, _spread(good, NEUTRAL_FRAMES), size)
         t_identity = time.perf_counter() - t0
         out = _Fitter(rig, size)
         for lm in pending:

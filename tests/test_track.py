@@ -393,11 +393,15 @@ def test_round_trip_recovers_the_curves(clip, kind, tmp_path):
     np.testing.assert_allclose(back.head_angles, anim.head_angles, atol=1e-5)
 
 
-def run_cli(argv: list[str], capsys) -> dict:
+def call_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="splatface")
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
-    assert args.func(args) == 0
+    return args.func(args)
+
+
+def run_cli(argv: list[str], capsys) -> dict:
+    assert call_cli(argv) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
@@ -422,10 +426,7 @@ def test_cli_reports_gaps_and_holds_the_pose(clip, tmp_path, capsys):
     assert np.abs(anim.curves[13] - anim.curves[9]).max() > 0  # tracking resumes
     with pytest.raises(SystemExit, match="no face found in neutral frames 0-1"):
         run_cli(["track", str(folder), "--out", str(out), "--neutral", "0-1"], capsys)
-    parser = argparse.ArgumentParser(prog="splatface")
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["track", str(folder), "--out", str(out), "--neutral", "2-4"])
-    assert args.func(args) == 0
+    assert call_cli(["track", str(folder), "--out", str(out), "--neutral", "2-4"]) == 0
     assert "calibrated on neutral frames 2-4" in capsys.readouterr().out
     for bad in ("5-2", "-1", "x"):
         with pytest.raises(SystemExit, match="--neutral must be a frame A or a range A-B"):
