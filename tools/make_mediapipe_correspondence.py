@@ -56,9 +56,10 @@ def surface(model, vertices, rng):
     return tri, bary, spacing, points, frames[tri]
 
 
-def render_views(model, vertices, rng):
-    """Yield (image uint8 [H,W,3], depth [H,W], Camera) per yaw."""
-    tri, _, spacing, points, frames = surface(model, vertices, rng)
+def render_views(model, vertices, rng, yaws=YAWS, paint=None):
+    """Yield (image uint8 [H,W,3], depth [H,W], Camera) per yaw; ``paint(tri, bary,
+    albedo)`` may draw on the samples' linear albedo ``[N, 3]`` (returning it)."""
+    tri, bary, spacing, points, frames = surface(model, vertices, rng)
     sigma = TANGENT_SIGMA * spacing
     scales = np.stack([sigma, sigma, THICKNESS * sigma], 1)
     quats = rotmat_to_quat(frames)
@@ -67,6 +68,8 @@ def render_views(model, vertices, rng):
     white = srgb_to_linear(np.array([0.92, 0.90, 0.88]))
     albedo[region == "teeth"] = white
     albedo[np.isin(region, ["mouth_socket", "gums_tongue"])] = 0.05
+    if paint is not None:
+        albedo = paint(tri, bary, albedo)
     for side in ("eyeball_left", "eyeball_right"):  # with iris and pupil, as MediaPipe expects
         eye = region == side
         ball = vertices[np.unique(model.triangles[model.triangle_region == model.region(side)])]
@@ -76,7 +79,7 @@ def render_views(model, vertices, rng):
     face = vertices[np.unique(model.triangles[model.triangle_region == model.region("face")])]
     center = 0.5 * (face.min(0) + face.max(0))
     radius = 0.5 * float((face.max(0) - face.min(0))[[0, 2]].max())
-    for yaw in YAWS:
+    for yaw in yaws:
         cam = Camera.from_arrays(
             intrinsics_from_fov(SIZE, SIZE, 30),
             orbit(center, framing_distance(radius, 30, 0.9), yaw, 0.0),
