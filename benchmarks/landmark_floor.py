@@ -58,31 +58,23 @@ def painter(model, corr):
 def main() -> None:
     import make_mediapipe_correspondence as corr_tool
 
-    from inference_service.build import detect
+    from inference_service.evaluate import _landmark_agreement
     from inference_service.headmodel import load_correspondence, load_head_model
     from protocol.arkit import index_of
-    from protocol.camera import project
 
     model, corr = load_head_model(), load_correspondence()
-    weight = corr.weight.astype(np.float64)
     base = {"benchmark": "landmark_floor", "machine": machine()}
     for pose_name, pose in (("rest", {}), ("correspondence_pose", corr_tool.POSE)):
         vertices = model.neutral + sum(w * model.arkit_deltas[index_of(n)] for n, w in pose.items())
-        marks = np.einsum("lk,lkc->lc", corr.bary, vertices[model.triangles[corr.triangle]])
         for skin, paint in (("flat", None), ("drawn", painter(model, corr))):
             rms = {}
             views = corr_tool.render_views(model, vertices, np.random.default_rng(1), YAWS,
                                            paint=paint)  # fmt: skip
             for yaw, (image, _, cam) in zip(YAWS, views, strict=True):
-                faces = detect.detect_faces(image)
-                if not faces:
-                    rms[f"{yaw:+.0f}"] = None
-                    continue
-                lm = detect.face_landmarks(image, faces[0])
-                iod = np.linalg.norm(lm[33, :2] - lm[263, :2])
-                uv, _ = project(marks, [cam.fx, cam.fy, cam.cx, cam.cy], cam.world_to_camera)
-                e2 = ((uv - lm[:, :2]) ** 2).sum(1)
-                rms[f"{yaw:+.0f}"] = round(float(np.sqrt(np.average(e2, weights=weight)) / iod), 4)
+                intrinsics = [cam.fx, cam.fy, cam.cx, cam.cy]
+                found = _landmark_agreement(image, vertices, model.triangles, intrinsics,
+                                            cam.world_to_camera)  # fmt: skip
+                rms[f"{yaw:+.0f}"] = found.get("landmark_rms")
             emit({**base, "pose": pose_name, "skin": skin, "landmark_rms": rms})
 
 
