@@ -51,9 +51,9 @@ EDGE_ON_SIGMA = 1.15
 #: The bust (the neck's skin this far below the chin, and this far from the mesh's cut
 #: across the chest, metres) gets wider Gaussians: every hole novel views showed was there.
 #: Measured on default builds over ``eval``'s seven views: coverage 0.987-0.994 →
-#: 0.990-0.995 (astronaut), 0.981-0.999 → 0.983-0.999 (Grace Hopper), stray alpha no
-#: higher. Widened up to the cut as well, they spill past the chest's end: 0.3-0.4 % more
-#: of the outside (on a built astronaut).
+#: 0.990-0.995 (astronaut), 0.981-0.999 → 0.983-0.999 (Grace Hopper); stray alpha moved
+#: by at most 0.04 % of the outside either way. Widened up to the cut as well, they spill
+#: past the chest's end: 0.3-0.4 % more of the outside (on a built astronaut).
 BUST_BELOW_CHIN = 0.06
 BUST_CLEAR_OF_CUT = 0.015
 BUST_SIGMA = 1.25  # x TANGENT_SIGMA
