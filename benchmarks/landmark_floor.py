@@ -7,8 +7,8 @@ fits weigh them) over the inter-ocular distance. This runs the same measurement 
 ICT head itself, the head the correspondence was built from, rendered as
 ``tools/make_mediapipe_correspondence.py`` renders it (flat skin; and with brows, lips and
 lash lines drawn around their landmark contours, so it looks more like a face), at rest
-and in the pose the correspondence was built in. Whatever an avatar scores, a head whose geometry is
-exactly the mesh's scores this.
+and in the pose the correspondence was built in. Whatever an avatar scores, a head whose
+geometry is exactly the mesh's scores this.
 
 Records: one per head variant with ``landmark_rms`` per yaw.
 """

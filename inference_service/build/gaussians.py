@@ -189,12 +189,13 @@ def on_bust(model: HeadModel, tri: np.ndarray, bary: np.ndarray) -> np.ndarray:
     edge there (on the neutral head)."""
     from scipy.spatial import cKDTree
 
-    t = model.triangles
+    t = model.triangles.astype(np.int64)
     edges = np.sort(np.concatenate([t[:, [0, 1]], t[:, [1, 2]], t[:, [2, 0]]]), axis=1)
-    unique, count = np.unique(edges, axis=0, return_counts=True)
+    key, count = np.unique(edges[:, 0] * len(model.neutral) + edges[:, 1], return_counts=True)
+    open_ends = np.concatenate(np.divmod(key[count == 1], len(model.neutral)))
     neck = np.unique(t[model.triangle_region == model.region("head_neck")])
-    cut = model.neutral[np.intersect1d(unique[count == 1], neck)]
-    points = np.einsum("nk,nkc->nc", bary, model.neutral[model.triangles[tri]])
+    cut = model.neutral[np.intersect1d(open_ends, neck)]
+    points = np.einsum("nk,nkc->nc", bary, model.neutral[t[tri]])
     chin = model.neutral[model.landmarks68[8], 2]
     low = (model.triangle_region[tri] == model.region("head_neck")) & (
         points[:, 2] < chin - BUST_BELOW_CHIN
