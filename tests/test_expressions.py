@@ -371,7 +371,7 @@ def test_blink_closes_the_named_eye(views, side):
     assert drop >= 0.60, f"eyeBlink{side}: the {side.lower()} eye's EAR dropped {drop:.0%}"
 
 
-def test_closed_eyes_show_their_lashes(avatar, camera):
+def test_closed_eyes_show_their_lashes(avatar, face):
     """``gaussians.lash_line``: invisible at rest; with both eyes closed it makes them
     read as closed (without it a closed lid is a blank patch of skin, which MediaPipe
     reads as partly open: on the ``default`` astronaut at 512 px, eye aspect ratio
@@ -384,21 +384,28 @@ def test_closed_eyes_show_their_lashes(avatar, camera):
     lashes = (g.appear > 1) & np.isclose(g.offset, LASH_LIFT)
     assert lashes.sum() > 100
     bare = dataclasses.replace(avatar, gaussians=g.take(~lashes))
-    intr, w2c = camera
-    closed = weights(eyeBlinkLeft=FULL, eyeBlinkRight=FULL)
-    ears, imgs = {}, {}
+    cams = [camera_at(face, yaw) for yaw in YAWS]
+    # pose-major: rest from each camera, then closed from each
+    intr = np.tile(np.stack([c[0] for c in cams]), (2, 1))
+    w2c = np.tile(np.stack([c[1] for c in cams]), (2, 1, 1))
+    curves = np.repeat(np.stack([weights(), weights(eyeBlinkLeft=FULL, eyeBlinkRight=FULL)]),
+                       len(cams), axis=0)  # fmt: skip
+    ears, rest = {}, {}
     for label, av in (("with", avatar), ("without", bare)):
-        out = render_frames(av, intr[None], w2c[None], SIZE, SIZE, np.stack([weights(), closed]))
-        imgs[label] = [linear_to_srgb8(np.clip(f + 1 - a[..., None], 0, 1))
-                       for f, a in zip(out["rgb"], out["alpha"], strict=True)]  # fmt: skip
-        lm = face_landmarks(imgs[label][1], detect_faces(imgs[label][1])[0])[:, :2]
-        ears[label] = [ear(lm, ids) for ids in MP_EYES]
-    assert np.array_equal(imgs["with"][0], imgs["without"][0])  # nothing shows at rest
-    # measured (fast preset): 0.056-0.07 with, 0.064-0.12 without. MediaPipe reads a bare
-    # closed lid differently from build to build (one eye at 0.064 on one), so what the
-    # lashes add is held over both eyes together
-    assert max(ears["with"]) < 0.1, ears
-    assert np.mean(ears["with"]) < 0.8 * np.mean(ears["without"]), ears
+        out = render_frames(av, intr, w2c, SIZE, SIZE, curves)
+        imgs = [linear_to_srgb8(np.clip(f + 1 - a[..., None], 0, 1))
+                for f, a in zip(out["rgb"], out["alpha"], strict=True)]  # fmt: skip
+        rest[label] = imgs[: len(cams)]
+        lms = [face_landmarks(img, detect_faces(img)[0])[:, :2] for img in imgs[len(cams) :]]
+        ears[label] = np.array([[ear(lm, ids) for ids in MP_EYES] for lm in lms])
+    for a, b in zip(rest["with"], rest["without"], strict=True):
+        assert np.array_equal(a, b)  # nothing shows at rest
+    # MediaPipe reads a bare closed lid differently from build to build and view to view
+    # (fast preset, frontal view, over eight builds from the photo with and without
+    # ±1-level noise: the lashes took the eyes' mean ratio to 0.59-0.84 of the bare one's),
+    # so the lashes' effect is held over both eyes and the three views together (0.61-0.74)
+    assert np.median(ears["with"], axis=0).max() < 0.1, ears
+    assert ears["with"].mean() < 0.8 * ears["without"].mean(), ears
 
 
 @pytest.mark.parametrize("side", ["Left", "Right"])

@@ -326,6 +326,24 @@ def test_coin_growth_bounds_how_far_scales_grow():
     assert grown[~held].max() > 0.1, grown[~held].max()  # the free ones did grow
 
 
+def test_coin_shrink_bounds_how_far_tangent_scales_shrink():
+    """Gaussians started at twice their size shrink back, except that those whose
+    ``shrink`` is 1.25 keep their two tangent scales at 1/1.25 of the start or more (the
+    builder's throat: shrunk apart, a surface shows gaps)."""
+    n = 1500
+    true = colour_of(sphere_points(n))
+    views = [_view(splats(n, true), yaw) for yaw in (0, 30, -30)]
+    g, frame = _bound(n, true)
+    big = dataclasses.replace(g, log_scale=g.log_scale + np.float32(np.log(2.0)))
+    held = np.arange(n) % 2 == 0
+    fitted, _ = fit_coin(big, frame, views, "fast", np.ones(n, bool),
+                         schedule=CoinSchedule(60, 2),
+                         shrink=np.where(held, 1.25, np.inf))  # fmt: skip
+    shrunk = fitted.log_scale - big.log_scale
+    assert shrunk[held, :2].min() >= -np.log(1.25) - 1e-6, shrunk[held, :2].min()
+    assert shrunk[~held, :2].min() < -np.log(1.25) - 0.05, shrunk[~held, :2].min()
+
+
 def test_coin_can_be_cancelled():
     n = 500
     s = splats(n)

@@ -14,13 +14,15 @@ from inference_service.avatar import Avatar
 from inference_service.build import texture as tx
 from inference_service.build.gaussians import (
     BUST_BELOW_CHIN,
-    BUST_CLEAR_OF_CUT,
+    BUST_DENSITY,
     BUST_SIGMA,
     COLOUR_FACING,
+    COUNTS,
+    DENSITY,
     FILL,
+    TANGENT_SIGMA,
     TONGUE_FILL,
     make_gaussians,
-    on_bust,
 )
 from inference_service.geometry import triangle_frames
 from inference_service.headmodel import PART_TONGUE, load_head_model
@@ -259,29 +261,33 @@ def test_gaussians_take_the_texture_colour_at_their_place(model, baked):
         np.testing.assert_allclose(colour[i], ref, atol=1e-5)  # float32 weights
 
 
-def test_the_bust_clear_of_the_cut_gets_wider_gaussians(model, baked):
+def test_the_bust_gets_denser_wider_overlapping_gaussians(model, baked):
     g = make_gaussians(model, baked, "fast")
-    bust = on_bust(model, g.triangle, g.bary)
-    # the mesh's open edges, counted triangle by triangle
-    uses: dict[tuple[int, int], int] = {}
-    for a, b, c in model.triangles.tolist():
-        for e in ((a, b), (b, c), (c, a)):
-            key = (min(e), max(e))
-            uses[key] = uses.get(key, 0) + 1
-    neck_triangles = model.triangles[model.triangle_region == model.region("head_neck")]
-    neck = set(np.unique(neck_triangles).tolist())
-    cut = model.neutral[sorted({v for e, n in uses.items() if n == 1 for v in e if v in neck})]
-    points = np.einsum("nk,nkc->nc", g.bary, model.neutral[model.triangles[g.triangle]])
-    on_neck = model.triangle_region[g.triangle] == model.region("head_neck")
-    low = on_neck & (points[:, 2] < model.neutral[model.landmarks68[8], 2] - BUST_BELOW_CHIN)
-    gap = np.array([np.linalg.norm(cut - p, axis=1).min() for p in points[low]])
-    np.testing.assert_array_equal(bust[low], gap > BUST_CLEAR_OF_CUT)
-    assert not bust[~low].any()
-    assert 0 < bust.sum() < low.sum()  # some of the low neck is near the cut, some not
+    chin = model.neutral[model.landmarks68[8], 2]
+    neck_region = model.region("head_neck")
+    # the bust, triangle by triangle: the neck's whose centre is that far below the chin
+    bust = np.array([
+        r == neck_region and model.neutral[list(t), 2].mean() < chin - BUST_BELOW_CHIN
+        for t, r in zip(model.triangles.tolist(), model.triangle_region.tolist(), strict=True)
+    ])  # fmt: skip
+    neck = (model.triangle_region == neck_region) & ~bust
+    face = model.triangle_region == model.region("face")
+    assert 0 < bust.sum() < (model.triangle_region == neck_region).sum()
+    _, area = triangle_frames(model.neutral, model.triangles)
+    counts = np.bincount(g.triangle, minlength=len(area))
+    per_area = {k: counts[m].sum() / area[m].sum() for k, m in (("bust", bust), ("neck", neck))}
+    ratio = per_area["bust"] / per_area["neck"]
+    assert abs(ratio / (BUST_DENSITY / DENSITY["head_neck"]) - 1) < 0.03, ratio
+    # the extra Gaussians come on top: the face keeps its share of the preset's count
+    weights = [DENSITY[n] * area[model.triangle_region == model.region(n)].sum()
+               for n in model.region_names]  # fmt: skip
+    plain = DENSITY["face"] * area[face].sum() / sum(weights)
+    assert abs(counts[face].sum() / (COUNTS["fast"] * plain) - 1) < 0.03
     sigma = np.exp(g.log_scale[:, 0].astype(np.float64))
-    rest = on_neck & ~bust
-    np.testing.assert_allclose(sigma[bust], BUST_SIGMA * sigma[rest][0], rtol=1e-5)
-    np.testing.assert_allclose(sigma[rest], sigma[rest][0], rtol=1e-5)
+    for where, factor in ((bust, BUST_SIGMA), (neck, 1.0)):
+        on = where[g.triangle]
+        spacing = np.sqrt(area[where].sum() / on.sum())
+        np.testing.assert_allclose(sigma[on], factor * TANGENT_SIGMA * spacing, rtol=1e-3)
 
 
 def test_pull_push_fills_from_the_nearest_known_texels():

@@ -41,6 +41,19 @@ INNER_REGIONS = (*DRAWN_REGIONS, "eye_sockets")
 
 #: A Gaussian's footprint, in standard deviations of its largest scale.
 FOOTPRINT_SIGMAS = 2.0
+#: The face's skin more than THROAT_BELOW_CHIN (metres, at rest) below the chin: the
+#: throat and the top of the chest, where a photo shows collars and ties. Fitted freely,
+#: Grace Hopper's shrank and thinned along her tie's and collar's edges into cracks that
+#: turned views saw through (coverage at ±30° 0.990/0.988); held opaque and shrinking to
+#: no less than 1/THROAT_SHRINK of their size, 0.999/0.998, 0.1 dB lower at the photo.
+THROAT_BELOW_CHIN = 0.01
+THROAT_SHRINK = 1.25
+#: How far the fit may grow a Gaussian's scales (the mouth's inside may not grow at all).
+#: Unbounded, a few hundred grew to 1-3 cm, wide sheets whose edges turned views saw as a
+#: haze beside the head: stray alpha 0.5-1.0 % of the outside at ±30° and ±60°, an orange
+#: glow before Grace Hopper's glasses reaching 17 px out. At 3x, 0.1-0.5 % reaching 6-7 px
+#: (coverage unchanged), at 0.1 dB of input-view PSNR; at 2x, 0.3 dB for a little less.
+MAX_GROWTH = 3.0
 
 #: ``progress(stage, fraction, message)``; may raise to cancel the build.
 Progress = Callable[[str, float, str], None]
@@ -205,10 +218,14 @@ def coin_fit(
     fixed = (region == model.region("face")) & _reaches(
         splats.means, splats.scales, mouth, intrinsics, world_to_camera
     )
-    # the neck (and the clothing the photo puts on it) and the head's skin outside the face
-    # are opaque: the pseudo-views' fills must not thin them into holes (leaving the face
-    # free keeps its outline where MediaPipe reads it in turned views)
-    opaque = (region == model.region("head_neck")) & ~scalp
+    # the neck (and the clothing the photo puts on it), the throat and the head's skin
+    # outside the face are opaque: the pseudo-views' fills must not thin them into holes
+    # (leaving the face free keeps its outline where MediaPipe reads it in turned views)
+    at_rest = np.einsum("nk,nkc->nc", gaussians.bary, rest[model.triangles[gaussians.triangle]])
+    throat = (region == model.region("face")) & (
+        at_rest[:, 2] < rest[model.landmarks68[8], 2] - THROAT_BELOW_CHIN
+    )
+    opaque = ((region == model.region("head_neck")) & ~scalp) | throat
     # the skin whose footprint reaches the photo's open eyes must not cover them: there
     # only the eyeballs, which turn, may show the iris
     clear = None
@@ -219,13 +236,15 @@ def coin_fit(
         clear = (lids, resample((eyes * 255).astype(np.uint8), box, size) > 127)
     # the teeth and mouth keep their size: from the one view that shows them (the photo's,
     # they are drawn) they grew along its rays, where growing costs nothing, and when the
-    # rest pose closed the lips a tooth stuck out of them as a needle turned views show
+    # rest pose closed the lips a tooth stuck out of them as a needle turned views show;
+    # the rest may grow MAX_GROWTH x
     interior = np.isin(region, [model.region(n) for n in INTERIOR_REGIONS])
-    growth = np.where(interior, 1.0, np.inf)
+    growth = np.where(interior, 1.0, MAX_GROWTH)
     fitted, facts = fit_coin(
         gaussians, frame, views, preset, seen,
         progress=lambda f, m: progress("coin", 0.68 + 0.26 * f, m), drawn=drawn,
         fixed=fixed, opaque=opaque, clear=clear, growth=growth,
+        shrink=np.where(throat, THROAT_SHRINK, np.inf),
     )  # fmt: skip
     facts.pop("compensation")
     return fitted, {**facts, "size": size}

@@ -108,6 +108,7 @@ def fit_coin(
     opaque: np.ndarray | None = None,  # [N] bool: keep their start opacity
     clear: tuple[np.ndarray, np.ndarray] | None = None,  # [N] bool; [h, w] bool, photo's view
     growth: np.ndarray | None = None,  # [N] the factor each one's scales may grow by
+    shrink: np.ndarray | None = None,  # [N] the factor its tangent scales may shrink by
 ) -> tuple[BoundGaussians, dict]:
     """Fit ``gaussians`` to ``views`` (the photo's first). ``frame``: what
     :func:`~.photometric.bind` returns for them. Returns the fitted Gaussians, the
@@ -124,7 +125,9 @@ def fit_coin(
     alone (moved or shrunk, a lid would leave gaps when it closes). The lids' skin over
     the photo's open eyes: an iris learnt on a lid stays put when the eyeball turns, and
     MediaPipe then reads a third of the gaze. ``growth`` bounds how far each Gaussian's
-    scales may grow (1: they may only shrink; by default they are free)."""
+    scales may grow (1: they may only shrink; by default they are free), ``shrink`` how
+    far its two tangent scales may shrink (a surface's Gaussians shrunk apart leave gaps
+    between them that turned views see through)."""
     schedule = schedule or SCHEDULES[preset]
     base, normal, quats, stretch = frame
     g = gaussians
@@ -149,6 +152,10 @@ def fit_coin(
     largest = None
     if growth is not None:
         largest = start_scale + torch.log(torch.as_tensor(growth, dtype=torch.float64))[:, None]
+    smallest = None
+    if shrink is not None:
+        factor = torch.log(torch.as_tensor(shrink, dtype=torch.float64))
+        smallest = start_scale[:, :2] - factor[:, None]
     start_opacity = torch.sigmoid(logits)
     comp = torch.zeros((len(pseudo), 3, 4), dtype=torch.float64)
     comp[:, :, :3] = torch.eye(3, dtype=torch.float64)
@@ -237,6 +244,9 @@ def fit_coin(
         if largest is not None:
             with torch.no_grad():
                 log_scale.clamp_(max=largest)
+        if smallest is not None:
+            with torch.no_grad():
+                log_scale[:, :2].clamp_(min=smallest)
         losses.append(float(data.detach()))
         progress((it + 1) / schedule.iterations,
                  f"COIN fit {it + 1}/{schedule.iterations}: photo L1 {losses[-1]:.4f}")  # fmt: skip
