@@ -309,19 +309,26 @@ def test_coin_holds_barely_seen_gaussians_near_their_colour(monkeypatch):
     assert np.percentile(free, 99) > 10 * np.percentile(drift, 99)  # measured 1.96
 
 
-def test_coin_growth_bounds_how_far_scales_grow():
-    """Gaussians started at half their size grow back to cover the sphere, except those
-    whose ``growth`` is 1: they may shrink, never grow (the builder's teeth and mouth)."""
+def _fit_resized(factor: float, bound: str, value: float) -> tuple[np.ndarray, np.ndarray]:
+    """Fit Gaussians started at ``factor`` x their size, every other one (``held``)
+    bounded by ``fit_coin``'s keyword ``bound`` at ``value`` (the rest unbounded);
+    returns the change in log-scale ``[N, 3]`` and ``held``."""
     n = 1500
     true = colour_of(sphere_points(n))
     views = [_view(splats(n, true), yaw) for yaw in (0, 30, -30)]
     g, frame = _bound(n, true)
-    small = dataclasses.replace(g, log_scale=g.log_scale + np.float32(np.log(0.5)))
+    start = dataclasses.replace(g, log_scale=g.log_scale + np.float32(np.log(factor)))
     held = np.arange(n) % 2 == 0
-    fitted, _ = fit_coin(small, frame, views, "fast", np.ones(n, bool),
+    fitted, _ = fit_coin(start, frame, views, "fast", np.ones(n, bool),
                          schedule=CoinSchedule(60, 2),
-                         growth=np.where(held, 1.0, np.inf))  # fmt: skip
-    grown = fitted.log_scale - small.log_scale
+                         **{bound: np.where(held, value, np.inf)})  # fmt: skip
+    return fitted.log_scale - start.log_scale, held
+
+
+def test_coin_growth_bounds_how_far_scales_grow():
+    """Gaussians started at half their size grow back to cover the sphere, except those
+    whose ``growth`` is 1: they may shrink, never grow (the builder's teeth and mouth)."""
+    grown, held = _fit_resized(0.5, "growth", 1.0)
     assert grown[held].max() <= 1e-6, grown[held].max()
     assert grown[~held].max() > 0.1, grown[~held].max()  # the free ones did grow
 
@@ -330,16 +337,7 @@ def test_coin_shrink_bounds_how_far_tangent_scales_shrink():
     """Gaussians started at twice their size shrink back, except that those whose
     ``shrink`` is 1.25 keep their two tangent scales at 1/1.25 of the start or more (the
     builder's throat: shrunk apart, a surface shows gaps)."""
-    n = 1500
-    true = colour_of(sphere_points(n))
-    views = [_view(splats(n, true), yaw) for yaw in (0, 30, -30)]
-    g, frame = _bound(n, true)
-    big = dataclasses.replace(g, log_scale=g.log_scale + np.float32(np.log(2.0)))
-    held = np.arange(n) % 2 == 0
-    fitted, _ = fit_coin(big, frame, views, "fast", np.ones(n, bool),
-                         schedule=CoinSchedule(60, 2),
-                         shrink=np.where(held, 1.25, np.inf))  # fmt: skip
-    shrunk = fitted.log_scale - big.log_scale
+    shrunk, held = _fit_resized(2.0, "shrink", 1.25)
     assert shrunk[held, :2].min() >= -np.log(1.25) - 1e-6, shrunk[held, :2].min()
     assert shrunk[~held, :2].min() < -np.log(1.25) - 0.05, shrunk[~held, :2].min()
 
