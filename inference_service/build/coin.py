@@ -241,11 +241,10 @@ def fit_coin(
             pseudo_losses.append(float(side.detach()) / count)
         loss.backward()
         opt.step()
-        if largest is not None:
-            with torch.no_grad():
+        with torch.no_grad():
+            if largest is not None:
                 log_scale.clamp_(max=largest)
-        if smallest is not None:
-            with torch.no_grad():
+            if smallest is not None:
                 log_scale[:, :2].clamp_(min=smallest)
         losses.append(float(data.detach()))
         progress((it + 1) / schedule.iterations,
