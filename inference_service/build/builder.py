@@ -21,7 +21,15 @@ from .coin import fit_coin, photo_seen
 from .diffusion import EnhanceModels
 from .enhance import build_stage as enhance_stage
 from .fit import fit_geometry
-from .gaussians import COUNTS, lash_line, lid_layer, make_gaussians
+from .gaussians import (
+    COUNTS,
+    LID_GROWTH,
+    lash_line,
+    lid_growth,
+    lid_layer,
+    make_gaussians,
+    open_and_closed_area,
+)
 from .hair import MIN_SHELL, HairShell, fit_hair, hair_gaussians
 from .photometric import CROP_SIZE, bind, person_mask, photo_crop, resample
 from .pseudoviews import Splats, make_pseudo_views, splats_labels
@@ -35,7 +43,8 @@ HAIR_SHARE = 0.25
 INTERIOR_REGIONS = ("mouth_socket", "gums_tongue", "teeth")
 #: Regions whose colours the builder draws (the mouth's inside; eyeballs): the
 #: pseudo-views' warped, mirrored or invented pixels do not repaint them.
-DRAWN_REGIONS = (*INTERIOR_REGIONS, "eyeball_left", "eyeball_right")
+EYEBALL_REGIONS = ("eyeball_left", "eyeball_right")
+DRAWN_REGIONS = (*INTERIOR_REGIONS, *EYEBALL_REGIONS)
 #: Regions only the photo's own view shows (mouth, eyes): never textured like hair or skin.
 INNER_REGIONS = (*DRAWN_REGIONS, "eye_sockets")
 
@@ -54,6 +63,19 @@ THROAT_SHRINK = 1.25
 #: glow before Grace Hopper's glasses reaching 17 px out. At 3x, 0.1-0.5 % reaching 6-7 px
 #: (coverage unchanged), at 0.1 dB of input-view PSNR; at 2x, 0.3 dB for a little less.
 MAX_GROWTH = 3.0
+#: What shows of a closed eye is the lid layer (``gaussians.lid_layer``, LID_LIFT in front
+#: of the lid's own skin); anything the fit moved in front of it shows through. Free, the
+#: fit lifted and grew Gaussians there: a black 4.7 mm lash Gaussian 1.5 mm off the
+#: astronaut's left lid, pupil Gaussians up to 7 mm off Grace Hopper's eyeballs (and on
+#: a closing lid, flat splats of 3x their size stand off the curved skin at their edges).
+#: MediaPipe read such a closed eye as a third open and the round trip's blinks
+#: read 0.75-0.83 on some builds. So the eyeballs' Gaussians and those on the closing
+#: lids' skin (the lid layer's triangles) keep their offsets; the eyeballs' keep their
+#: size (at 1.5x, Grace Hopper's gaze read 0.68-0.88 against 0.78-0.93) and the lids'
+#: may grow LID_SKIN_GROWTH x. Five clips each, one build: astronaut (±1-level noise)
+#: blinks 0.80/0.97 to 0.95/0.96; Grace Hopper 0.75/0.93 to 0.95/0.93, her gaze
+#: 0.57-0.88 to 0.78-0.93.
+LID_SKIN_GROWTH = 1.5
 
 #: ``progress(stage, fraction, message)``; may raise to cancel the build.
 Progress = Callable[[str, float, str], None]
@@ -237,14 +259,19 @@ def coin_fit(
     # the teeth and mouth keep their size: from the one view that shows them (the photo's,
     # they are drawn) they grew along its rays, where growing costs nothing, and when the
     # rest pose closed the lips a tooth stuck out of them as a needle turned views show;
-    # the rest may grow MAX_GROWTH x
+    # the eyeballs keep theirs and their offsets, and the closing lids' skin its offsets
+    # (see LID_SKIN_GROWTH); the rest may grow MAX_GROWTH x
     interior = np.isin(region, [model.region(n) for n in INTERIOR_REGIONS])
-    growth = np.where(interior, 1.0, MAX_GROWTH)
+    eyeball = np.isin(region, [model.region(n) for n in EYEBALL_REGIONS])
+    area, closed_area = open_and_closed_area(rest, model)
+    lid_skin = lid_growth(area, closed_area, model)[gaussians.triangle] >= LID_GROWTH
+    growth = np.where(interior | eyeball, 1.0, np.where(lid_skin, LID_SKIN_GROWTH, MAX_GROWTH))
+    held = eyeball | lid_skin
     fitted, facts = fit_coin(
         gaussians, frame, views, preset, seen,
         progress=lambda f, m: progress("coin", 0.68 + 0.26 * f, m), drawn=drawn,
         fixed=fixed, opaque=opaque, clear=clear, growth=growth,
-        shrink=np.where(throat, THROAT_SHRINK, np.inf),
+        shrink=np.where(throat, THROAT_SHRINK, np.inf), drift=np.where(held, 0.0, np.inf),
     )  # fmt: skip
     facts.pop("compensation")
     return fitted, {**facts, "size": size}

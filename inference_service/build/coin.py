@@ -109,6 +109,7 @@ def fit_coin(
     clear: tuple[np.ndarray, np.ndarray] | None = None,  # [N] bool; [h, w] bool, photo's view
     growth: np.ndarray | None = None,  # [N] the factor each one's scales may grow by
     shrink: np.ndarray | None = None,  # [N] the factor its tangent scales may shrink by
+    drift: np.ndarray | None = None,  # [N] metres each may move along its normal
 ) -> tuple[BoundGaussians, dict]:
     """Fit ``gaussians`` to ``views`` (the photo's first). ``frame``: what
     :func:`~.photometric.bind` returns for them. Returns the fitted Gaussians, the
@@ -127,7 +128,8 @@ def fit_coin(
     MediaPipe then reads a third of the gaze. ``growth`` bounds how far each Gaussian's
     scales may grow (1: they may only shrink; by default they are free), ``shrink`` how
     far its two tangent scales may shrink (a surface's Gaussians shrunk apart leave gaps
-    between them that turned views see through)."""
+    between them that turned views see through), ``drift`` how far (metres) each may move
+    along its normal from its start offset, either way (by default it is free)."""
     schedule = schedule or SCHEDULES[preset]
     base, normal, quats, stretch = frame
     g = gaussians
@@ -156,6 +158,10 @@ def fit_coin(
     if shrink is not None:
         factor = torch.log(torch.as_tensor(shrink, dtype=torch.float64))
         smallest = start_scale[:, :2] - factor[:, None]
+    nearest = farthest = None
+    if drift is not None:
+        bound = torch.as_tensor(drift, dtype=torch.float64)
+        nearest, farthest = start_offset - bound, start_offset + bound
     start_opacity = torch.sigmoid(logits)
     comp = torch.zeros((len(pseudo), 3, 4), dtype=torch.float64)
     comp[:, :, :3] = torch.eye(3, dtype=torch.float64)
@@ -246,6 +252,8 @@ def fit_coin(
                 log_scale.clamp_(max=largest)
             if smallest is not None:
                 log_scale[:, :2].clamp_(min=smallest)
+            if nearest is not None:
+                offset.clamp_(min=nearest, max=farthest)
         losses.append(float(data.detach()))
         progress((it + 1) / schedule.iterations,
                  f"COIN fit {it + 1}/{schedule.iterations}: photo L1 {losses[-1]:.4f}")  # fmt: skip
