@@ -68,13 +68,13 @@ MAX_GROWTH = 3.0
 #: fit lifted and grew Gaussians there: a black 4.7 mm lash Gaussian 1.5 mm off the
 #: astronaut's left lid, pupil Gaussians up to 7 mm off Grace Hopper's eyeballs (and on
 #: a closing lid, flat splats of 3x their size stand off the curved skin at their edges).
-#: MediaPipe read such a closed eye as a third open and the round trip's blinks
-#: read 0.75-0.83 on some builds. So the eyeballs' Gaussians and those on the closing
-#: lids' skin (the lid layer's triangles) keep their offsets; the eyeballs' keep their
-#: size (at 1.5x, Grace Hopper's gaze read 0.68-0.88 against 0.78-0.93) and the lids'
-#: may grow LID_SKIN_GROWTH x. Five clips each, one build: astronaut (±1-level noise)
-#: blinks 0.80/0.97 to 0.95/0.96; Grace Hopper 0.75/0.93 to 0.95/0.93, her gaze
-#: 0.57-0.88 to 0.78-0.93.
+#: MediaPipe read such a closed eye as a third open. So the eyeballs' Gaussians and
+#: those on the closing lids' skin (the lid layer's triangles) keep their offsets; the
+#: eyeballs' keep their size (at 1.5x, one build of Grace Hopper read her gaze at
+#: 0.68-0.88 over five clips, against 0.78-0.93) and the lids' may grow LID_SKIN_GROWTH x.
+#: ``benchmarks/roundtrip.py`` (ten clips, two builds each): blinks 0.85/0.88 to
+#: 0.955/0.955 (astronaut), 0.81/0.94 to 0.94/0.94 (Grace Hopper; her gaze 0.70-0.83 to
+#: 0.74-0.92), at 0.1 dB of her input view's PSNR.
 LID_SKIN_GROWTH = 1.5
 
 #: ``progress(stage, fraction, message)``; may raise to cancel the build.
