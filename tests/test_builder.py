@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference_service.build.builder import BuildOptions, build_avatar
+from inference_service.build.builder import EYEBALL_REGIONS, BuildOptions, build_avatar
 from inference_service.build.detect import Face, eye_openings, face_landmarks, mouth_opening
 from inference_service.build.gaussians import LID_GROWTH, lid_growth, open_and_closed_area
 from inference_service.build.hair import MIN_SHELL
@@ -119,7 +119,7 @@ def check_nothing_rises_through_a_closed_lid(av) -> None:
     growth = lid_growth(area, closed, model)[g.triangle]
     # margins about the builder's threshold: float32 vertices move a triangle's growth a little
     folds, near = growth >= LID_GROWTH + 0.01, growth >= LID_GROWTH - 0.01
-    eyeballs = np.isin(region, [model.region("eyeball_left"), model.region("eyeball_right")])
+    eyeballs = np.isin(region, [model.region(n) for n in EYEBALL_REGIONS])
     ordinary = g.appear == 0
     held = (folds | eyeballs) & ordinary
     assert held.sum() > 1000

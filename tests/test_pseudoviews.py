@@ -309,20 +309,27 @@ def test_coin_holds_barely_seen_gaussians_near_their_colour(monkeypatch):
     assert np.percentile(free, 99) > 10 * np.percentile(drift, 99)  # measured 1.96
 
 
-def _fit_resized(factor: float, bound: str, value: float) -> tuple[np.ndarray, np.ndarray]:
-    """Fit Gaussians started at ``factor`` x their size, every other one (``held``)
-    bounded by ``fit_coin``'s keyword ``bound`` at ``value`` (the rest unbounded);
-    returns the change in log-scale ``[N, 3]`` and ``held``."""
+def _fit_half_held(field: str, start_value, bound: str, value: float):
+    """Fit Gaussians whose ``field`` (``log_scale`` or ``offset``) starts at
+    ``start_value(g.<field>)``, every other one (``held``) bounded by ``fit_coin``'s keyword
+    ``bound`` at ``value`` (the rest unbounded); returns the change in ``field`` and
+    ``held``."""
     n = 1500
     true = colour_of(sphere_points(n))
     views = [_view(splats(n, true), yaw) for yaw in (0, 30, -30)]
     g, frame = _bound(n, true)
-    start = dataclasses.replace(g, log_scale=g.log_scale + np.float32(np.log(factor)))
+    start = dataclasses.replace(g, **{field: start_value(getattr(g, field))})
     held = np.arange(n) % 2 == 0
     fitted, _ = fit_coin(start, frame, views, "fast", np.ones(n, bool),
                          schedule=CoinSchedule(60, 2),
                          **{bound: np.where(held, value, np.inf)})  # fmt: skip
-    return fitted.log_scale - start.log_scale, held
+    return getattr(fitted, field) - getattr(start, field), held
+
+
+def _fit_resized(factor: float, bound: str, value: float) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussians started at ``factor`` x their size (see :func:`_fit_half_held`): the
+    change in log-scale ``[N, 3]`` and ``held``."""
+    return _fit_half_held("log_scale", lambda s: s + np.float32(np.log(factor)), bound, value)
 
 
 def test_coin_growth_bounds_how_far_scales_grow():
@@ -346,15 +353,7 @@ def test_coin_drift_bounds_how_far_gaussians_move():
     """Gaussians started 2 cm inside the sphere move back out towards it, except those
     whose ``drift`` is 0: they keep their offset, either way (the builder's eyeballs and
     closing lids: moved off their surface, an iris splat pokes through the closed lid)."""
-    n = 1500
-    true = colour_of(sphere_points(n))
-    views = [_view(splats(n, true), yaw) for yaw in (0, 30, -30)]
-    g, frame = _bound(n, true)
-    start = dataclasses.replace(g, offset=np.full(n, -0.02, np.float32))
-    held = np.arange(n) % 2 == 0
-    fitted, _ = fit_coin(start, frame, views, "fast", np.ones(n, bool),
-                         schedule=CoinSchedule(60, 2), drift=np.where(held, 0, np.inf))  # fmt: skip
-    moved = fitted.offset - start.offset
+    moved, held = _fit_half_held("offset", lambda o: np.full_like(o, -0.02), "drift", 0.0)
     assert np.abs(moved[held]).max() <= 1e-9, np.abs(moved[held]).max()
     # the free ones at the views' silhouettes rose (measured 13 mm at the 99th percentile;
     # those facing a view gain nothing by moving along its rays)
