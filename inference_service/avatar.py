@@ -41,8 +41,11 @@ class BoundGaussians:
             ``appear`` (opacity times ``clip(2 (stretch - 1) / (appear - 1) - 1, 0, 1)``,
             stretch = sqrt of the area ratio), so shapes that stretch it a little (brows)
             leave it unseen.
+            Below -1, the reverse: opaque at rest, fading out from halfway to
+            ``-appear`` and gone at ``-appear``.
             Closing lids are drawn this way: one colour per Gaussian cannot be both the
-            lashes and iris an open lid's fold lies over and the skin a closed lid shows.
+            lashes and iris an open lid's fold lies over and the skin a closed lid shows,
+            so the fold fades out as a skin layer over it fades in.
     """
 
     triangle: np.ndarray
@@ -221,8 +224,8 @@ class Avatar:
             (g.rotation.shape == (n, 4) and g.log_scale.shape == (n, 3), "bad rotation/scale"),
             (g.opacity_logit.shape == (n,), "bad opacity shape"),
             (
-                g.appear.shape == (n,) and bool(np.all((g.appear == 0) | (g.appear > 1))),
-                "appear must be [N], each 0 or above 1",
+                g.appear.shape == (n,) and bool(np.all((g.appear == 0) | (np.abs(g.appear) > 1))),
+                "appear must be [N], each 0, above 1 or below -1",
             ),
             (g.sh.ndim == 3 and g.sh.shape[0] == n and g.sh.shape[2] == 3, "bad SH shape"),
             (self.photo_intrinsics.shape == (4,), "bad photo intrinsics"),

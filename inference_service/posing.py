@@ -126,7 +126,7 @@ def pose(
         st.rotation, st.base_scale, np.ascontiguousarray(r), s, np.ascontiguousarray(t, np.float64),
     )  # fmt: skip
     opacities = st.opacities.copy()
-    if len(st.fading):  # a few hundred lid Gaussians: their stretch from the posed scale
+    if len(st.fading):  # a few thousand lid Gaussians: their stretch from the posed scale
         stretch = scales[st.fading, 0] / (st.base_scale[st.fading, 0] * s)
         opacities[st.fading] *= appear_factor(stretch, st.appear)
     return PosedGaussians(means, quats, scales, opacities, g.sh)
@@ -151,9 +151,10 @@ class _Static:
 
 def appear_factor(stretch: np.ndarray, appear: np.ndarray) -> np.ndarray:
     """Opacity factor of Gaussians with ``appear`` > 1 at triangle ``stretch``: 0 up to
-    halfway from 1 to ``appear``, rising linearly to 1 at ``appear`` (see
-    ``BoundGaussians.appear``)."""
-    return np.clip(2.0 * (stretch - 1.0) / (appear - 1.0) - 1.0, 0.0, 1.0)
+    halfway from 1 to ``appear``, rising linearly to 1 at ``appear``; for ``appear`` < -1
+    the reverse, 1 falling to 0 at ``-appear`` (see ``BoundGaussians.appear``)."""
+    ramp = np.clip(2.0 * (stretch - 1.0) / (np.abs(appear) - 1.0) - 1.0, 0.0, 1.0)
+    return np.where(appear > 0, ramp, 1.0 - ramp)
 
 
 def static_arrays(avatar: Avatar) -> _Static:
@@ -175,8 +176,8 @@ def static_arrays(avatar: Avatar) -> _Static:
         rotation=np.ascontiguousarray(g.rotation, exact(g.rotation)),
         base_scale=np.exp(g.log_scale.astype(np.float64)),
         opacities=1.0 / (1.0 + np.exp(-g.opacity_logit.astype(np.float64))),
-        fading=np.flatnonzero(g.appear > 0),
-        appear=g.appear[g.appear > 0].astype(np.float64),
+        fading=np.flatnonzero(g.appear != 0),
+        appear=g.appear[g.appear != 0].astype(np.float64),
     )
 
 
@@ -202,6 +203,6 @@ def pose_reference(
         rot = r @ rot
         scales = scales * s
     opac = 1.0 / (1.0 + np.exp(-g.opacity_logit.astype(np.float64)))
-    fading = g.appear > 0
+    fading = g.appear != 0
     opac[fading] *= appear_factor(stretch[fading], g.appear[fading].astype(np.float64))
     return PosedGaussians(means, rotmat_to_quat(rot), scales, opac, g.sh)

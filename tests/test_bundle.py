@@ -97,7 +97,9 @@ def ict_avatar(n=3000, sh_degree=1, seed=1) -> Avatar:
         log_scale=np.log(rng.uniform(2e-4, 4e-3, (n, 3))).astype(np.float32),
         opacity_logit=rng.normal(0, 2, n).astype(np.float32),
         sh=rng.normal(0, 0.3, (n, (sh_degree + 1) ** 2, 3)).astype(np.float32),
-        appear=np.where(rng.random(n) < 0.2, rng.uniform(1.05, 2.0, n), 0).astype(np.float32),
+        appear=(
+            np.where(rng.random(n) < 0.2, rng.uniform(1.05, 2.0, n), 0) * rng.choice([-1, 1], n)
+        ).astype(np.float32),  # fading in, fading out
     )
     return Avatar("a1b2c3d4e5f6", "ict", m.neutral.astype(np.float32), m.triangles,
                   m.arkit_deltas, g, np.array([500.0, 500, 256, 256]), np.eye(4),
@@ -392,8 +394,9 @@ def pose_from_bundle(files, weights, head=None):
         sigma = c * sigma
     alpha = 1 / (1 + np.exp(-g["opacity_logit"].astype(np.float64)))
     growth = np.sqrt(area[k] / np.maximum(rest_area[k], 1e-20))
-    fades = g["appear"] > 0
-    alpha[fades] *= np.clip(2 * (growth[fades] - 1) / (g["appear"][fades] - 1) - 1, 0, 1)
+    ramp = np.clip(2 * (growth - 1) / (np.abs(g["appear"]) - 1) - 1, 0, 1)
+    alpha[g["appear"] > 0] *= ramp[g["appear"] > 0]
+    alpha[g["appear"] < 0] *= 1 - ramp[g["appear"] < 0]
     return mu, rot, sigma, alpha, g["sh"]
 
 

@@ -28,8 +28,13 @@ def random_gaussians(tri: np.ndarray, rng: np.random.Generator) -> BoundGaussian
         log_scale=rng.normal(np.log(3e-3), 0.5, (n, 3)).astype(np.float32),
         opacity_logit=rng.normal(0, 2, n).astype(np.float32),
         sh=rng.normal(size=(n, 4, 3)).astype(np.float32),
-        # a third fade in as their triangle grows (lid Gaussians), the rest are ordinary
-        appear=np.where(np.arange(n) % 3 == 0, rng.uniform(1.1, 2.0, n), 0).astype(np.float32),
+        # a third fade in as their triangle grows (lid layer), a sixth fade out (the folds
+        # it covers), the rest are ordinary
+        appear=np.select(
+            [np.arange(n) % 3 == 0, np.arange(n) % 6 == 1],
+            [rng.uniform(1.1, 2.0, n), -rng.uniform(1.1, 2.0, n)],
+            0,
+        ).astype(np.float32),
     )
 
 
@@ -180,20 +185,22 @@ def test_warmup_runs():
 
 
 def test_fading_gaussians_follow_their_triangles_growth():
-    """``appear``: transparent at rest and up to halfway to the stated growth in length,
-    opaque from it on, linear between; ordinary Gaussians keep their opacity."""
+    """``appear`` above 1: transparent at rest and up to halfway to the stated growth in
+    length, opaque from it on, linear between; below -1 the reverse (fading out);
+    ordinary Gaussians keep their opacity."""
     verts = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]]) * 0.01
     deltas = np.zeros((52, 3, 3))
     deltas[index_of("eyeBlinkLeft")] = verts  # weight w scales the triangle by (1 + w)
     g = BoundGaussians(
-        triangle=np.zeros(2, np.int32), bary=np.full((2, 3), 1 / 3, np.float32),
-        offset=np.zeros(2, np.float32), rotation=np.tile(np.float32([1, 0, 0, 0]), (2, 1)),
-        log_scale=np.full((2, 3), -6, np.float32), opacity_logit=np.zeros(2, np.float32),
-        sh=np.zeros((2, 1, 3), np.float32), appear=np.float32([1.5, 0.0]),
+        triangle=np.zeros(3, np.int32), bary=np.full((3, 3), 1 / 3, np.float32),
+        offset=np.zeros(3, np.float32), rotation=np.tile(np.float32([1, 0, 0, 0]), (3, 1)),
+        log_scale=np.full((3, 3), -6, np.float32), opacity_logit=np.zeros(3, np.float32),
+        sh=np.zeros((3, 1, 3), np.float32), appear=np.float32([1.5, 0.0, -1.5]),
     )  # fmt: skip
     av = make_avatar(verts, np.array([[0, 1, 2]]), deltas, g)
     for w, expect in ((0.0, 0.0), (0.2, 0.0), (0.375, 0.5), (0.5, 1.0), (0.9, 1.0)):
         weights = np.zeros(52)
         weights[index_of("eyeBlinkLeft")] = w
         for posed in (pose(av, weights), pose_reference(av, weights)):
-            np.testing.assert_allclose(posed.opacities, [0.5 * expect, 0.5], atol=1e-9)
+            np.testing.assert_allclose(posed.opacities, [0.5 * expect, 0.5, 0.5 * (1 - expect)],
+                                       atol=1e-9)  # fmt: skip

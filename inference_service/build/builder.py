@@ -24,6 +24,7 @@ from .fit import fit_geometry
 from .gaussians import (
     COUNTS,
     LID_GROWTH,
+    fading_folds,
     lash_line,
     lid_growth,
     lid_layer,
@@ -149,9 +150,9 @@ def build_avatar(
     )  # fmt: skip
 
     # after the fit: at the photo's pose the lid layer and the lashes of a closed eye are
-    # invisible, and they must not learn
+    # invisible, and they must not learn; the folds they cover fade as they appear
     closing = [lid_layer(model, rest, gaussians), lash_line(model, rest, gaussians)]
-    gaussians = BoundGaussians.concat([gaussians, *closing])
+    gaussians = fading_folds(model, rest, BoundGaussians.concat([gaussians, *closing]))
     progress("finish", 0.95, f"{len(gaussians)} Gaussians")
     name = options.name or f"avatar-{avatar_id[:6]}"
     meta = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -247,7 +248,15 @@ LID_APPEAR = 0.6
 LID_LIFT = 0.001  # metres
 LID_OVERLAP = 1.5
 LID_DENSITY = 6.0
-LID_SKIN_RING = (0.004, 0.015)  # metres from the lid layer: the skin that lends its colour
+#: The lid layer's colour: per Gaussian, from the LID_SKIN_K nearest of the lighter half of
+#: the skin (not stretching) that lies within LID_SKIN_RING (metres) of the closed lid. A
+#: per-eye median of a 4-15 mm ring (before) took in the brows' and the socket's shadow:
+#: the astronaut's closed lids were tan patches, 0.09 darker (sRGB) than the skin around.
+LID_SKIN_RING = (0.0005, 0.006)
+LID_SKIN_K = 24
+#: The ordinary Gaussians on the lid layer's triangles fade out (``fading_folds``) from half
+#: LID_VANISH of the way to closed to LID_VANISH of the way, after the layer is opaque.
+LID_VANISH = 0.9
 
 
 def lid_growth(area: np.ndarray, closed_area: np.ndarray, model: HeadModel) -> np.ndarray:
@@ -255,6 +264,41 @@ def lid_growth(area: np.ndarray, closed_area: np.ndarray, model: HeadModel) -> n
     ``closed_area`` with both eyes closed (1 outside the face and where they shrink)."""
     growth = np.sqrt(np.maximum(closed_area, area) / np.maximum(area, 1e-20))
     return np.where(model.triangle_region == model.region("face"), growth, 1.0)
+
+
+def _lid_colour(
+    model: HeadModel,
+    rest: np.ndarray,
+    gaussians: BoundGaussians,
+    tri: np.ndarray,
+    bary: np.ndarray,
+    growth: np.ndarray,
+) -> np.ndarray:
+    """``[N, 3]`` linear RGB of lid-layer Gaussians at ``tri``/``bary``: the skin around
+    the closed lid, interpolated by inverse squared distance with the eyes closed, so the
+    closed lid takes the tone of the skin it meets (see ``LID_SKIN_RING``). The lighter
+    half only: lashes, brows and the folds' shadows are not the lid's colour."""
+    from scipy.spatial import cKDTree
+
+    closed = closed_eyes(rest, model)
+    points = np.einsum("nk,nkc->nc", bary, closed[model.triangles[tri]])
+    have = np.einsum("nk,nkc->nc", gaussians.bary, closed[model.triangles[gaussians.triangle]])
+    skin = (
+        (gaussians.appear == 0)
+        & (growth[gaussians.triangle] < 1.05)
+        & (model.triangle_region[gaussians.triangle] == model.region("face"))
+    )
+    near, _ = cKDTree(points).query(have, distance_upper_bound=LID_SKIN_RING[1])
+    ring = skin & np.isfinite(near) & (near > LID_SKIN_RING[0])
+    rgb = eval_sh(gaussians.sh[:, :1], None)  # the view-independent colour
+    lum = rgb @ np.array([0.2126, 0.7152, 0.0722])
+    if ring.any():
+        ring &= lum >= np.median(lum[ring])
+    if ring.sum() < LID_SKIN_K:  # a head without skin around its eyes
+        return np.tile(srgb_to_linear(np.array(SKIN_FILL)), (len(tri), 1))
+    dist, idx = cKDTree(have[ring]).query(points, k=LID_SKIN_K)
+    weight = 1.0 / np.maximum(dist, 1e-4) ** 2
+    return np.einsum("nk,nkc->nc", weight, rgb[ring][idx]) / weight.sum(1, keepdims=True)
 
 
 def lid_layer(
@@ -265,10 +309,8 @@ def lid_layer(
 
     The ordinary Gaussians on the lids' folds take the photo's colour where the fold lies
     while the eye is open: lashes and iris, which spread over the closed eye as a dark
-    patch. This layer gives the closed lid its skin: per eye, the median colour of
-    ``gaussians`` (fitted) on the skin around the lid."""
-    from scipy.spatial import cKDTree
-
+    patch (``fading_folds`` fades them out). This layer gives the closed lid its skin,
+    coloured from ``gaussians`` (fitted) on the skin around it (``_lid_colour``)."""
     area, closed_area = open_and_closed_area(rest, model)
     growth = lid_growth(area, closed_area, model)
     lid = growth >= LID_GROWTH
@@ -283,21 +325,7 @@ def lid_layer(
     sigma = TANGENT_SIGMA * LID_OVERLAP * spacing / growth[tri]  # at rest; grows with the lid
     log_scale = np.log(np.stack([sigma, sigma, THICKNESS * sigma], 1))
 
-    points = np.einsum("nk,nkc->nc", bary, rest[model.triangles[tri]])
-    have = np.einsum("nk,nkc->nc", gaussians.bary, rest[model.triangles[gaussians.triangle]])
-    skin_ok = (model.triangle_region[gaussians.triangle] == model.region("face")) & (
-        growth[gaussians.triangle] < 1.05
-    )
-    rgb = eval_sh(gaussians.sh[:, :1], None)  # the view-independent colour
-    colour = np.tile(srgb_to_linear(np.array(SKIN_FILL)), (count, 1))
-    for side in (-1.0, 1.0):
-        mine = np.sign(points[:, 0]) == side
-        if not mine.any():
-            continue
-        near, _ = cKDTree(points[mine]).query(have, distance_upper_bound=LID_SKIN_RING[1])
-        ring = skin_ok & np.isfinite(near) & (near > LID_SKIN_RING[0])
-        if ring.sum() >= 5:
-            colour[mine] = np.median(rgb[ring], axis=0)
+    colour = _lid_colour(model, rest, gaussians, tri, bary, growth)
     k = gaussians.sh.shape[1]
     sh = np.zeros((count, k, 3), np.float32)
     sh[:, 0] = rgb_to_sh0(colour)
@@ -334,6 +362,22 @@ SEAM_MIRROR = 0.0012
 SEAM_REACH = 0.002  # metres past the other seam's end that it still vouches for
 LASH_DARK = 15  # percentile: the lash colour is the median of the margin's darkest
 LASH_FLOOR = 0.01  # linear RGB: not pitch black
+
+
+def fading_folds(model: HeadModel, rest: np.ndarray, gaussians: BoundGaussians) -> BoundGaussians:
+    """``gaussians`` with the ordinary ones on the lid layer's triangles (growth of
+    LID_GROWTH or more) fading out as the lids close (``appear`` below -1, LID_VANISH).
+
+    They carry the open lid's fold: lashes and iris, stretched up to 1.7x over the closed
+    eye. The lid layer, lifted 1 mm, hides most of them, but at the eye's corners, where
+    the lid curves back, the widest stood in front of it as dark strokes (astronaut: 4.8
+    mm wide, 1.2 mm nearer the camera than the layer)."""
+    area, closed_area = open_and_closed_area(rest, model)
+    growth = lid_growth(area, closed_area, model)[gaussians.triangle]
+    fold = (gaussians.appear == 0) & (growth >= LID_GROWTH)
+    appear = gaussians.appear.copy()
+    appear[fold] = -(1 + LID_VANISH * (growth[fold] - 1))
+    return replace(gaussians, appear=appear.astype(np.float32))
 
 
 def lid_seams(model: HeadModel, rest: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
