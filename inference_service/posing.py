@@ -126,7 +126,7 @@ def pose(
         st.rotation, st.base_scale, np.ascontiguousarray(r), s, np.ascontiguousarray(t, np.float64),
     )  # fmt: skip
     opacities = st.opacities.copy()
-    if len(st.fading):  # a few thousand lid Gaussians: their stretch from the posed scale
+    if len(st.fading):  # the lids' ~2,000 (layer, lashes, folds): stretch from posed scale
         stretch = scales[st.fading, 0] / (st.base_scale[st.fading, 0] * s)
         opacities[st.fading] *= appear_factor(stretch, st.appear)
     return PosedGaussians(means, quats, scales, opacities, g.sh)
