@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from inference_service.build.hair import MIN_SHELL, _silhouette, fit_hair, scalp_vertices
+from inference_service.build.hair import LOBES, MIN_SHELL, _silhouette, fit_hair, scalp_vertices
 from inference_service.headmodel import load_head_model
 from protocol.camera import framing_distance, intrinsics_from_fov, orbit, project
 
@@ -28,32 +28,46 @@ def setup():
     return model, verts, intr, w2c, uv, bald, scalp, temple
 
 
-def test_temples_are_beside_the_face_and_apart_from_the_scalp(setup):
+def test_temples_are_beside_the_face_and_below_the_scalp_down_to_the_lobes(setup):
     model, verts, *_, scalp, temple = setup
     assert temple.any() and not (scalp & temple).any()
     corners = verts[model.landmarks68[[36, 45]]]
-    assert (np.abs(verts[temple, 0]) > 0.03).all()  # off the midline, at the sides
+    eye_z = corners[:, 2].mean()
     assert (verts[temple, 1] > corners[:, 1].mean()).all()  # behind the eyes
-    assert (verts[temple, 2] > corners[:, 2].mean() - 0.03).all()  # above the ears
+    assert (verts[temple, 2] > eye_z - LOBES).all()  # above the ear lobes
+    above_ears = temple & (verts[:, 2] > eye_z - 0.02)
+    assert above_ears.any() and (np.abs(verts[above_ears, 0]) > 0.03).all()  # at the sides
+    below_ears = temple & (verts[:, 2] < eye_z - 0.03)
+    assert (np.abs(verts[below_ears, 0]) < 0.01).any()  # and round the back
 
 
 def test_a_bob_covers_the_temples_and_a_bare_head_leaves_them_skin(setup):
     model, verts, intr, w2c, uv, bald, _, temple = setup
     photo = np.full((SIZE, SIZE, 3), 128, np.uint8)
     eye_row = uv[model.landmarks68[[36, 45]], 1].mean()
-    # hair 25 px out from the head above the ears; none at all on the bare head
+    # hair 25 px out from the head down to the ears; none at all on the bare head
+    cut = int(eye_row + 0.06 * SIZE)
     bob = bald | ndimage.binary_dilation(bald, iterations=25)
-    bob[int(eye_row + 0.06 * SIZE) :] = bald[int(eye_row + 0.06 * SIZE) :]
+    bob[cut:] = bald[cut:]
     bare = fit_hair(model, verts, photo, bald, intr, w2c)
     hair = fit_hair(model, verts, photo, bob, intr, w2c)
 
     assert not bare.scalp[temple].any() and (bare.thickness[temple] == 0).all()
-    on_rim = temple & hair.measured
+    # below where the photo's hair ends the sides stay skin
+    below = temple & hair.measured & (uv[:, 1] > cut + 8)
+    assert below.sum() > 5 and not hair.scalp[below].any()
+    on_rim = temple & hair.measured & (uv[:, 1] < cut - 8)
     assert on_rim.sum() > 20
     assert hair.scalp[on_rim].mean() > 0.9
     assert np.median(hair.thickness[on_rim]) > 3 * MIN_SHELL
     # the rest of the scalp is hair in both
     assert hair.scalp.sum() > bare.scalp.sum() + on_rim.sum() // 2
+    # hair down past the ears covers the sides below them too
+    long = fit_hair(model, verts, photo, bald | ndimage.binary_dilation(bald, iterations=25),
+                    intr, w2c)  # fmt: skip
+    eye_z = verts[model.landmarks68[[36, 45]], 2].mean()
+    sides = temple & long.measured & (verts[:, 2] < eye_z - 0.03)
+    assert sides.sum() > 5 and long.scalp[sides].mean() > 0.9
 
 
 def test_a_bald_head_grows_no_shell(setup):
