@@ -2,8 +2,9 @@
 
 The skull is given a shell: each scalp vertex is pushed out along its normal by a hair
 thickness. ICT's face region reaches back past the temples to the ears, so the temples
-are scalp too where the silhouette shows hair beside them (a bob, hair over the ears);
-where it does not (short hair, a receding hairline) they stay skin. Where the scalp lies
+are scalp too where the silhouette shows hair beside them (a bob, hair over the ears), and
+so are the sides and back of the head below the ears down to the ear lobes; where it
+does not (short hair, a receding hairline) they stay skin. Where the scalp lies
 on the head's outline in the photo, the thickness is measured directly: march outwards
 from the vertex, in the image, until leaving the person mask. Elsewhere (the back of the
 head, the crown seen from the front) it is unobserved, and is spread over the scalp from
