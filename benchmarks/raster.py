@@ -5,8 +5,10 @@ flat discs sized to their spacing, opacity 0.98), seen from 20° yaw, the head f
 the frame. Backends: ``cpu`` (numba), and in the same run the ``reference`` (numpy, no
 backward) and ``torch`` (plain vectorised torch, autograd) where one run is predicted to
 finish within a minute, and ``cuda`` (gsplat) when present. Ratios are against the
-reference's forward time for the same scene. Also: the one-off numba compile time on a
-cold cache, and a warm start's load time from the cache.
+reference's forward time for the same scene; the cpu backend's forward+backward also
+against the same compositing behind the projection's torch twin (``projection.py``,
+autograd: what the cpu backend ran before it had a hand-written projection). Also: the
+one-off numba compile time on a cold cache, and a warm start's load time from the cache.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from inference_service.build.gaussians import THICKNESS, sample_surface
 from inference_service.geometry import rotmat_to_quat, triangle_frames
 from inference_service.headmodel import load_head_model
 from kernels import Camera, has_cuda, rasterize
+from kernels.cpu import RasterizeTiles
+from kernels.projection import project
 from kernels.torch_dense import rasterize_torch
 from protocol.camera import framing_distance, intrinsics_from_fov, orbit
 
@@ -110,10 +114,23 @@ def measure_scene(args, cam, size, seconds_per_unit) -> list[dict]:
         out.append({"backend": "reference", "forward_ms": round(ref_ms, 1),
                     "forward_backward_ms": None, "ratio_forward_vs_reference": 1.0})  # fmt: skip
 
+    def cpu_pair_torch_projection(ts):
+        means, quats, scales, opacities, colors = ts
+        p = project(means, quats, scales, colors, cam, size, size)
+        rgb, alpha, _, _ = RasterizeTiles.apply(
+            p.means2d, p.conics, p.colors, opacities, p.depths, p.normals, p.radii, size,
+            size, torch.zeros(3, dtype=means.dtype), False, False,
+        )  # fmt: skip
+        return rgb, alpha
+
     f, fb = timed(cpu_forward, 5), timed(forward_backward(cpu_pair, args), 5)
+    twin = timed(forward_backward(cpu_pair_torch_projection, args), 5)
     out.append({"backend": "cpu", "forward_ms": f["median_ms"],
                 "forward_backward_ms": fb["median_ms"], "forward_p90_ms": f["p90_ms"],
                 "forward_backward_p90_ms": fb["p90_ms"],
+                "forward_backward_torch_projection_ms": twin["median_ms"],
+                "ratio_forward_backward_vs_torch_projection":
+                    round(twin["median_ms"] / fb["median_ms"], 2),
                 "ratio_forward_vs_reference": ratio(ref_ms, f["median_ms"]),
                 "fps_forward": round(1000 / f["median_ms"], 1)})  # fmt: skip
 

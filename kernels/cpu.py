@@ -1,13 +1,13 @@
 """The CPU backend: tiled compositing in numba, forward and backward.
 
-Pipeline (per image): torch projects the Gaussians (``projection.py``); here they are
+Pipeline (per image): numba projects the Gaussians (``cpu_projection.py``); here they are
 sorted front to back once, binned into 16x16 tiles by a counting sort (so every tile's
 list stays in depth order), and composited per tile in parallel. Each Gaussian touches
 only the pixels of its 3-sigma box inside the tile, and a pixel stops once its
 transmittance would reach 1e-4; a tile stops when all its pixels have. The backward pass
-walks each tile's list back to front, rebuilding transmittance from the final value, and
-writes one gradient row per (tile, Gaussian) entry, so threads never write the same
-memory; the rows are then summed per Gaussian.
+walks each tile's list back to front, rebuilding transmittance from the final value; each
+worker thread adds its tiles' gradients into rows of its own, so threads never write the
+same memory, and the workers' rows are summed at the end.
 
 The maths is exactly ``reference.rasterize_reference`` (tests hold them to 1e-4).
 Kernels compile on first use and are cached on disk (``cache=True``).
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from numba import get_num_threads, njit, prange
 
+from .cpu_projection import ProjectGaussians, project_gaussians
 from .reference import ALPHA_MAX, ALPHA_MIN, T_MIN
 
 TILE = 16
@@ -183,12 +184,14 @@ def _forward_tile(t, tiles_x, offsets, entries, boxes, means2d, conics, colors, 
 @njit(parallel=True, cache=True, fastmath={"contract", "afn"})
 def backward_tiles(offsets, entries, boxes, means2d, conics, colors, opacities, trans_final,
                    last, background, grad_rgb, grad_alpha, width, height, workers):  # fmt: skip
-    """Gradient rows per entry: [E, 9] = d/d(mean2d x, y), d/d(conic a, b, c),
-    d/d(opacity), d/d(colour r, g, b), for loss gradients on rgb and alpha."""
+    """Gradients per Gaussian and worker: [workers, N, 9] = d/d(mean2d x, y),
+    d/d(conic a, b, c), d/d(opacity), d/d(colour r, g, b), for loss gradients on rgb and
+    alpha. Each worker adds into its own rows; the caller sums over workers."""
     tiles_x = (width + TILE - 1) // TILE
     n_tiles = offsets.shape[0] - 1
-    out = np.zeros((entries.shape[0], 9))
+    grads = np.zeros((workers, means2d.shape[0], 9))
     for worker in prange(workers):
+        out = grads[worker]
         tcur = np.empty((TILE, TILE))
         behind = np.empty((TILE, TILE, 3))  # colour of what lies behind, / T after
         prev_alpha = np.empty((TILE, TILE))
@@ -197,7 +200,7 @@ def backward_tiles(offsets, entries, boxes, means2d, conics, colors, opacities, 
             _backward_tile(t, tiles_x, offsets, entries, boxes, means2d, conics, colors,
                            opacities, trans_final, last, background, grad_rgb, grad_alpha,
                            width, height, tcur, behind, prev_alpha, prev_color, out)  # fmt: skip
-    return out
+    return grads
 
 
 @njit(cache=True, fastmath={"contract", "afn"})
@@ -246,7 +249,7 @@ def _backward_tile(t, tiles_x, offsets, entries, boxes, means2d, conics, colors,
                 bg_dot = 0.0
                 for ch in range(3):
                     gc = grad_rgb[i, j, ch]
-                    out[k, 6 + ch] += alpha * t_before * gc
+                    out[g, 6 + ch] += alpha * t_before * gc
                     behind[li, lj, ch] = (
                         prev_alpha[li, lj] * prev_color[li, lj, ch]
                         + (1.0 - prev_alpha[li, lj]) * behind[li, lj, ch]
@@ -260,114 +263,13 @@ def _backward_tile(t, tiles_x, offsets, entries, boxes, means2d, conics, colors,
                 d_alpha += (grad_alpha[i, j] - bg_dot) * tail
                 if raw > ALPHA_MAX:
                     continue  # clamped: no gradient to opacity or shape
-                out[k, 5] += d_alpha * gauss
+                out[g, 5] += d_alpha * gauss
                 d_power = d_alpha * alpha
-                out[k, 0] += d_power * (ca * dx + cb * dy)
-                out[k, 1] += d_power * (cc * dy + cb * dx)
-                out[k, 2] += -0.5 * dx * dx * d_power
-                out[k, 3] += -dx * dy * d_power
-                out[k, 4] += -0.5 * dy * dy * d_power
-
-
-@njit(cache=True)
-def sum_entries(entries, rows, n):
-    out = np.zeros((n, rows.shape[1]))
-    for k in range(entries.shape[0]):
-        out[entries[k]] += rows[k]
-    return out
-
-
-@njit(parallel=True, cache=True)
-def project_gaussians(means, quats, scales, w2c, fx, fy, cx, cy, near, far, width, height):
-    """``reference.project`` for the inference path (no gradients), one Gaussian per
-    iteration. Returns means2d [N,2], conics [N,3], depths [N], normals [N,3], radii [N]."""
-    n = means.shape[0]
-    means2d = np.zeros((n, 2))
-    conics = np.zeros((n, 3))
-    depths = np.zeros(n)
-    normals = np.zeros((n, 3))
-    radii = np.zeros(n, np.int64)
-    lim_x_pos = (width - cx) / fx + 0.3 * (0.5 * width / fx)
-    lim_x_neg = cx / fx + 0.3 * (0.5 * width / fx)
-    lim_y_pos = (height - cy) / fy + 0.3 * (0.5 * height / fy)
-    lim_y_neg = cy / fy + 0.3 * (0.5 * height / fy)
-    for g in prange(n):
-        p = np.zeros(3)
-        for r in range(3):
-            p[r] = (
-                w2c[r, 0] * means[g, 0]
-                + w2c[r, 1] * means[g, 1]
-                + w2c[r, 2] * means[g, 2]
-                + w2c[r, 3]
-            )
-        x, y, z = p[0], p[1], p[2]
-        depths[g] = z
-        if not (z > near and z < far):
-            continue
-        qn = math.sqrt(quats[g, 0] ** 2 + quats[g, 1] ** 2 + quats[g, 2] ** 2 + quats[g, 3] ** 2)
-        qw, qx, qy, qz = quats[g, 0] / qn, quats[g, 1] / qn, quats[g, 2] / qn, quats[g, 3] / qn
-        rq = np.empty((3, 3))
-        rq[0, 0], rq[0, 1], rq[0, 2] = (
-            1 - 2 * (qy * qy + qz * qz),
-            2 * (qx * qy - qw * qz),
-            2 * (qx * qz + qw * qy),
-        )
-        rq[1, 0], rq[1, 1], rq[1, 2] = (
-            2 * (qx * qy + qw * qz),
-            1 - 2 * (qx * qx + qz * qz),
-            2 * (qy * qz - qw * qx),
-        )
-        rq[2, 0], rq[2, 1], rq[2, 2] = (
-            2 * (qx * qz - qw * qy),
-            2 * (qy * qz + qw * qx),
-            1 - 2 * (qx * qx + qy * qy),
-        )
-        m = np.empty((3, 3))  # camera-from-local rotation, columns scaled
-        for r in range(3):
-            for c in range(3):
-                m[r, c] = (
-                    w2c[r, 0] * rq[0, c] + w2c[r, 1] * rq[1, c] + w2c[r, 2] * rq[2, c]
-                ) * scales[g, c]
-        cov = np.empty((3, 3))
-        for r in range(3):
-            for c in range(3):
-                cov[r, c] = m[r, 0] * m[c, 0] + m[r, 1] * m[c, 1] + m[r, 2] * m[c, 2]
-        tx = z * min(max(x / z, -lim_x_neg), lim_x_pos)
-        ty = z * min(max(y / z, -lim_y_neg), lim_y_pos)
-        j00, j02 = fx / z, -fx * tx / (z * z)
-        j11, j12 = fy / z, -fy * ty / (z * z)
-        # cov2d = J cov J^T with J = [[j00, 0, j02], [0, j11, j12]]
-        a = (
-            j00 * (j00 * cov[0, 0] + j02 * cov[2, 0])
-            + j02 * (j00 * cov[0, 2] + j02 * cov[2, 2])
-            + 0.3
-        )
-        b = j00 * (j11 * cov[0, 1] + j12 * cov[0, 2]) + j02 * (j11 * cov[2, 1] + j12 * cov[2, 2])
-        c = (
-            j11 * (j11 * cov[1, 1] + j12 * cov[2, 1])
-            + j12 * (j11 * cov[1, 2] + j12 * cov[2, 2])
-            + 0.3
-        )
-        det = a * c - b * b
-        mx, my = fx * x / z + cx, fy * y / z + cy
-        mid = 0.5 * (a + c)
-        lam = mid + math.sqrt(max(mid * mid - det, 0.1))
-        rad = math.ceil(3.0 * math.sqrt(lam))
-        if det <= 0 or mx + rad <= 0 or mx - rad >= width or my + rad <= 0 or my - rad >= height:
-            continue
-        radii[g] = rad
-        means2d[g, 0], means2d[g, 1] = mx, my
-        conics[g, 0], conics[g, 1], conics[g, 2] = c / det, -b / det, a / det
-        k = 0
-        for c2 in range(1, 3):
-            if scales[g, c2] < scales[g, k]:
-                k = c2
-        sign = 1.0
-        nx, ny, nz = m[0, k] / scales[g, k], m[1, k] / scales[g, k], m[2, k] / scales[g, k]
-        if nx * x + ny * y + nz * z > 0:
-            sign = -1.0
-        normals[g, 0], normals[g, 1], normals[g, 2] = sign * nx, sign * ny, sign * nz
-    return means2d, conics, depths, normals, radii
+                out[g, 0] += d_power * (ca * dx + cb * dy)
+                out[g, 1] += d_power * (cc * dy + cb * dx)
+                out[g, 2] += -0.5 * dx * dx * d_power
+                out[g, 3] += -dx * dy * d_power
+                out[g, 4] += -0.5 * dy * dy * d_power
 
 
 def composite(means2d, conics, colors, opacities, depths, normals, radii, width, height,
@@ -439,7 +341,7 @@ class RasterizeTiles(torch.autograd.Function):
         g_alpha = np.zeros((h, w)) if g_alpha is None else _np(g_alpha)
         rows = backward_tiles(offsets, entries, boxes, m2d, con, col, op, trans, last, bg,
                               g_rgb, g_alpha, width, height, get_num_threads())  # fmt: skip
-        grads = torch.from_numpy(sum_entries(entries, rows, len(m2d)))
+        grads = torch.from_numpy(rows.sum(axis=0))
         d_m, d_c, d_col, d_o = ctx.dtypes
         return (grads[:, 0:2].to(d_m), grads[:, 2:5].to(d_c), grads[:, 6:9].to(d_col),
                 grads[:, 5].to(d_o), None, None, None, None, None, None, None, None)  # fmt: skip
@@ -450,16 +352,20 @@ def rasterize_cpu(means, quats, scales, opacities, colors, camera, width, height
                   ) -> dict[str, torch.Tensor]:  # fmt: skip
     """Passes as tensors [H,W,...]; rgb and alpha are differentiable with respect to
     means, quats, scales, opacities and colours/SH. Passes not asked for are skipped."""
-    from .projection import project
+    means2d, conics, depths, normals, radii = ProjectGaussians.apply(
+        means, quats, scales, camera, width, height
+    )
+    if colors.dim() == 3:
+        from .projection import eval_sh
 
-    proj = project(means, quats, scales, colors, camera, width, height)
+        colors = eval_sh(colors, means - torch.as_tensor(camera.position, dtype=means.dtype))
     bg = (
         torch.zeros(3, dtype=means.dtype)
         if background is None
         else torch.as_tensor(background, dtype=means.dtype)
     )
     rgb, alpha, depth, normal = RasterizeTiles.apply(
-        proj.means2d, proj.conics, proj.colors, opacities, proj.depths, proj.normals,
-        proj.radii, width, height, bg, "depth" in passes, "normal" in passes,
+        means2d, conics, colors, opacities, depths, normals, radii, width, height, bg,
+        "depth" in passes, "normal" in passes,
     )  # fmt: skip
     return {"rgb": rgb, "alpha": alpha, "depth": depth, "normal": normal}

@@ -1,9 +1,10 @@
 """Per-Gaussian work in torch: EWA projection and SH colour, differentiable by autograd.
 
 The same maths as ``reference.project`` (which stays the readable twin), vectorised over
-Gaussians. Only the per-pixel compositing needs hand-written kernels (``cpu.py``);
-torch's autograd carries gradients from 2-D means, conics and colours back to the 3-D
-parameters.
+Gaussians; torch's autograd carries gradients from 2-D means, conics and colours back to
+the 3-D parameters. The plain-torch rasterizer (``torch_dense.py``) projects with it,
+and tests hold the CPU backend's hand-written projection (``cpu_projection.py``) and its
+gradients to it.
 """
 
 from __future__ import annotations
