@@ -168,12 +168,19 @@ def _segment(means, quats, scales, opacities, camera, width, height, backend, la
 
 
 def warmup(backend: str = "auto") -> None:
-    """Load (or, on a cold cache, compile) a backend's kernels with a one-pixel render."""
+    """Load (or, on a cold cache, compile) a backend's kernels with a one-pixel render;
+    on the cpu backend also the fitting path's (torch in, gradients back): on a cold
+    cache those take seconds more, which a first build would otherwise pay."""
     cam = Camera(1.0, 1.0, 0.5, 0.5, np.eye(4))
-    one = np.array([[0.0, 0.0, 1.0]])
-    rasterize(one, np.array([[1.0, 0, 0, 0]]), np.full((1, 3), 0.1), np.ones(1),
-              np.ones((1, 1, 3)), cam, 1, 1, ("rgb", "alpha", "depth", "normal"),
-              backend=backend)  # fmt: skip
+    args = (np.array([[0.0, 0.0, 1.0]]), np.array([[1.0, 0, 0, 0]]), np.full((1, 3), 0.1),
+            np.full(1, 0.5), np.ones((1, 1, 3)))  # fmt: skip
+    rasterize(*args, cam, 1, 1, ("rgb", "alpha", "depth", "normal"), backend=backend)
+    if (default_backend() if backend == "auto" else backend) == "cpu":
+        import torch
+
+        ts = [torch.tensor(a, requires_grad=True) for a in args]
+        out = rasterize(*ts, cam, 1, 1, ("rgb", "alpha"), backend="cpu")
+        (out.rgb.sum() + out.alpha.sum()).backward()
 
 
 __all__ = ["BACKENDS", "Camera", "PASS_NAMES", "Passes", "default_backend", "has_cuda",

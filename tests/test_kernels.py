@@ -159,6 +159,19 @@ def test_warmup_runs():
     warmup("reference")
 
 
+def test_cpu_warmup_readies_the_fitting_kernels():
+    """In a fresh process, ``warmup("cpu")`` leaves the backward kernels a build's fit
+    uses compiled (or loaded from the cache), not only the rendering ones."""
+    code = (
+        "import kernels; kernels.warmup('cpu');"
+        "from kernels import cpu, cpu_projection as p;"
+        "print(len(cpu.backward_tiles.signatures), len(p.project_gaussians_backward.signatures))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       check=True)  # fmt: skip
+    assert [int(v) for v in r.stdout.split()] == [1, 1]
+
+
 def test_compiled_kernels_are_cached_on_disk(tmp_path):
     """A second process loads the kernels from the cache instead of compiling them."""
     code = (
