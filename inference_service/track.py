@@ -25,8 +25,9 @@ a Huber loss so that a landmark MediaPipe misplaces pulls only linearly.
   centre to its front (the pupils), turned by the ``eyeLook*`` weights, so gaze is
   solved together with the lids, and weighted (``IRIS_WEIGHT``) so that the irises
   decide it. A weak prior (``GAZE_COUPLING``) keeps the two eyes turning together.
-  Under a closed lid MediaPipe still places an iris, so gaze during a blink follows
-  that guess or the other eye. The lids' part of ``eyeLook*`` is left out of the fit
+  Under a closed lid MediaPipe still places an iris, a guess: as an eye shuts
+  (``EYE_SHUT``, from MediaPipe's lids) its iris counts for less and its gaze holds where
+  it was (``GAZE_HOLD``). The lids' part of ``eyeLook*`` is left out of the fit
   (``GAZE_LIDS``): MediaPipe's lids close in a blink the way ICT's follow a downward look,
   and with it in, closing lids read as looking down.
 - **Left at 0**: ``tongueOut`` (MediaPipe has no tongue landmarks). ``cheekPuff`` is
@@ -86,6 +87,8 @@ UNSOLVED = ("tongueOut",)
 
 IRIS = tuple(range(468, 478))  # MediaPipe's iris landmarks; the rest are face surface
 IRIS_CENTER = (473, 468)  # subject's left eye, right eye
+#: Per eye, as IRIS_CENTER: MediaPipe's upper and lower lid at the middle, then the corners.
+LIDS = ((386, 374, 362, 263), (159, 145, 33, 133))
 IDENTITY_FRAMES = 5  # frames fitted for the identity, spread over the first window
 IDENTITY_WINDOW = 2.0  # seconds of video the identity frames come from
 IDENTITY_ROUNDS = 8  # alternations of the identity fit
@@ -105,6 +108,18 @@ IRIS_DEPTH = 0.75
 #: shapes also move the lids, by a fraction of a millimetre, about MediaPipe's jitter on
 #: them: at weight 2 the lids' misfit under head yaw swung gaze by up to half its range.
 IRIS_WEIGHT = 32.0
+#: The lids' opening (upper to lower lid over corner to corner, MediaPipe's) below which an
+#: eye's iris centre counts for nothing, and above which it counts fully. Under a closed
+#: lid MediaPipe still places an iris, and on renders of a blink at 0.7 or more it put the
+#: astronaut's left one 0.07 of the eye distance across (against gaze) and lower: read as
+#: gaze, a blink rolled the eye. Her open eyes measure 0.36-0.42, a blink of 0.5 0.20 (its
+#: iris still right), 0.6 and more 0.06-0.07. Kept low, for narrow and squinting eyes
+#: (and ICT's own closed lids, at the correspondence's points, measure 0.13).
+EYE_SHUT = (0.07, 0.11)
+#: Per squared unit of ``eyeLook*`` weight, how firmly a shut eye's gaze stays where it
+#: was the frame before (scaled by how shut it is): far above the priors, which would
+#: otherwise pull it to 0 over a blink.
+GAZE_HOLD = 1e-2
 #: Per squared radian the two eyes' yaw or pitch differ: eyes turn together (vergence at
 #: filming distances is a few degrees). Kept weak: a half-closed eye's misread iris must
 #: not drag the open one (at 4e-4, eyeLookInRight on the round trip fell 0.95 to 0.90).
@@ -474,6 +489,9 @@ class _Targets:
     target: np.ndarray
     row_w: np.ndarray
     iod: float
+    #: ``[2]`` per eye (as IRIS_CENTER), 0 open to 1 shut (``EYE_SHUT``): its iris's row
+    #: weight is scaled by 1 - shut
+    shut: np.ndarray
 
     def weigh(self, uv: np.ndarray) -> tuple[np.ndarray, float]:
         """Row weights for projections ``uv`` under a Huber loss on each point's error (so a
@@ -483,6 +501,19 @@ class _Targets:
         huber = np.minimum(1.0, ROBUST_SCALE / np.maximum(err, 1e-12))
         rho = np.where(huber < 1.0, 2 * ROBUST_SCALE * err - ROBUST_SCALE**2, err**2)
         return self.row_w * np.sqrt(huber), float((self.row_w**2 * self.iod**2 * rho).sum())
+
+
+def _smoothstep(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    t = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
+def lid_opening(landmarks: np.ndarray) -> np.ndarray:
+    """``[2]`` per eye (as IRIS_CENTER): MediaPipe's lid gap at the middle over the eye's
+    width, from landmarks ``[478, 2+]``."""
+    p = landmarks[:, :2]
+    return np.array([np.linalg.norm(p[up] - p[low]) / max(np.linalg.norm(p[a] - p[b]), 1e-9)
+                     for up, low, a, b in LIDS])  # fmt: skip
 
 
 class FrameSolver:
@@ -574,8 +605,11 @@ class FrameSolver:
         target = np.concatenate([landmarks[self.basis.landmarks, :2],
                                  landmarks[list(IRIS_CENTER), :2]])  # fmt: skip
         iod = float(np.linalg.norm(landmarks[33, :2] - landmarks[263, :2]))
+        shut = 1.0 - _smoothstep(lid_opening(landmarks), *EYE_SHUT)
         w = np.concatenate([self.basis.weight, np.full(2, IRIS_WEIGHT)])
-        return _Targets(target, (np.sqrt(w / w.sum()) / iod)[:, None], iod)
+        total = w.sum()  # the same in every frame: a shut eye does not reweigh the rest
+        w[-2:] *= 1.0 - shut
+        return _Targets(target, (np.sqrt(w / total) / iod)[:, None], iod, shut)
 
     def offset_equations(
         self, landmarks: np.ndarray, x: np.ndarray
@@ -605,6 +639,12 @@ class FrameSolver:
     ) -> tuple[np.ndarray, float]:
         rows = self.rows(landmarks)
         prior, slope = self.prior_h, self.prior_g  # cost x.prior.x + slope.x
+        if rows.shut.any():  # + GAZE_HOLD shut |gaze - gaze before|^2, per eye
+            hold = np.zeros(self.n)
+            for e in range(2):
+                hold[self.gaze_cols[e]] = GAZE_HOLD * rows.shut[e]
+            before = np.clip(x0, self.lower, self.upper)
+            prior, slope = prior + np.diag(hold), slope - 2 * hold * before
 
         def linearise(x: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
             uv, jac = self.project(x)

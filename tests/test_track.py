@@ -50,9 +50,11 @@ import pytest
 from PIL import Image
 
 from inference_service.track import (
+    EYE_SHUT,
     GAZE_LIDS,
     IRIS_CENTER,
     IRIS_DEPTH,
+    LIDS,
     FrameSolver,
     TrackError,
     add_parser,
@@ -60,6 +62,7 @@ from inference_service.track import (
     eye_angles_from_curves,
     fit_subject,
     head_angles_from_rotation,
+    lid_opening,
     smooth_tracks,
     track,
 )
@@ -285,6 +288,47 @@ def test_noisy_landmarks_do_not_spread_the_jaw_over_the_other_mouth_shapes():
         w[solver.basis.solved] = x[: len(solver.basis.solved)]
         assert abs(w[index_of("jawOpen")] - 0.8) < 0.06
         assert w[others].sum() < 0.1
+
+
+def test_shut_eyes_hold_their_gaze_whatever_irises_mediapipe_guesses():
+    """Under a closed lid MediaPipe still reports an iris, a guess (on renders of a blink,
+    0.07 of the eye distance across, against the gaze). As MediaPipe's lids close
+    (``lid_opening`` below ``EYE_SHUT``) the iris stops counting and the gaze holds the
+    frame before's (the priors alone would pull it to 0); open eyes' irises, moved the
+    same way, move the gaze."""
+    curves = np.zeros((3, 52))
+    curves[:, index_of("eyeLookOutLeft")] = curves[:, index_of("eyeLookInRight")] = 0.4
+    curves[1, index_of("eyeBlinkLeft")] = curves[1, index_of("eyeBlinkRight")] = 1.0
+    front = np.tile(orbit((0.0, 0.0, 0.0), 1.0)[:3, :3], (3, 1, 1))
+    intr = intrinsics_from_fov(480, 360, 28.0)
+    lms = synthetic_landmarks(np.zeros(50), curves, front, np.tile([0.0, 0.0, 0.6], (3, 1)),
+                              intr)  # fmt: skip
+    iod = np.linalg.norm(lms[0][33, :2] - lms[0][263, :2])
+    for (up, low, a, b), iris in zip(LIDS, IRIS_CENTER, strict=True):
+        # MediaPipe's upper and lower lid points meet on a shut eye (0.06-0.07 of its width
+        # on renders of a blink); the correspondence's sit on ICT's closed lid 0.13 apart
+        width = np.linalg.norm(lms[1][a, :2] - lms[1][b, :2])
+        lms[1][up, :2] = lms[1][low, :2] - [0.0, 0.04 * width]
+        for lm in lms[1:]:
+            lm[iris, :2] += np.array([-0.07, 0.03]) * iod  # across and down
+    shut, open_ = lid_opening(lms[1]), lid_opening(lms[2])
+    assert shut.max() < EYE_SHUT[0] < EYE_SHUT[1] < open_.min()
+    solver = FrameSolver(fit_subject(lms[:1], (480, 360)))
+
+    def gaze(x):  # per eye: yaw and pitch weights (out - in, up - down)
+        return np.array([[x[c[0]] - x[c[1]], x[c[2]] - x[c[3]]] for c in solver.gaze_cols])
+
+    x0, _ = solver.solve(lms[0], solver.initial(lms[0], (480, 360)))
+    x_shut, _ = solver.solve(lms[1], x0)
+    x_open, _ = solver.solve(lms[2], x0)
+    assert min(x_shut[index_of_solved(solver, f"eyeBlink{e}")] for e in ("Left", "Right")) > 0.8
+    assert np.abs(gaze(x0)[:, 0]).min() > 0.3
+    np.testing.assert_allclose(gaze(x_shut), gaze(x0), atol=0.02)
+    assert np.abs(gaze(x_open) - gaze(x0)).max() > 0.2
+
+
+def index_of_solved(solver: FrameSolver, name: str) -> int:
+    return int(np.flatnonzero(solver.basis.solved == index_of(name))[0])
 
 
 def test_neutral_calibration_takes_out_a_fixed_landmark_offset():
