@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from numba import get_num_threads, njit, prange
 
-from .cpu_projection import ProjectGaussians, project_gaussians
+from .cpu_projection import ProjectGaussians, _np, project_gaussians
 from .reference import ALPHA_MAX, ALPHA_MIN, T_MIN
 
 TILE = 16
@@ -306,10 +306,6 @@ def rasterize_numpy(means, quats, scales, opacities, colors, camera, width, heig
         "depth" in passes, "normal" in passes,
     )  # fmt: skip
     return {"rgb": rgb, "alpha": alpha, "depth": depth, "normal": normal}
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().to(torch.float64).cpu().numpy())
 
 
 class RasterizeTiles(torch.autograd.Function):

@@ -81,6 +81,17 @@ def _limits(fx, fy, cx, cy, width, height):
 
 
 @njit(cache=True)
+def _jacobian(x, y, z, fx, fy, limits):
+    """The clamped tangents ``tx``, ``ty`` (camera x, y with x/z and y/z held within
+    ``limits``, :func:`_limits`) and the perspective's Jacobian there: j00, j02, j11, j12
+    of J = [[j00, 0, j02], [0, j11, j12]]."""
+    x_neg, x_pos, y_neg, y_pos = limits
+    tx = z * min(max(x / z, -x_neg), x_pos)
+    ty = z * min(max(y / z, -y_neg), y_pos)
+    return tx, ty, fx / z, -fx * tx / (z * z), fy / z, -fy * ty / (z * z)
+
+
+@njit(cache=True)
 def _cov2d(j00, j02, j11, j12, cv):
     """``J cov J^T`` plus EPS2D on the diagonal, J = [[j00, 0, j02], [0, j11, j12]]."""
     c00, c01, c02, c11, c12, c22 = cv
@@ -100,7 +111,7 @@ def project_gaussians(means, quats, scales, w2c, fx, fy, cx, cy, near, far, widt
     depths = np.zeros(n)
     normals = np.zeros((n, 3))
     radii = np.zeros(n, np.int64)
-    x_neg, x_pos, y_neg, y_pos = _limits(fx, fy, cx, cy, width, height)
+    limits = _limits(fx, fy, cx, cy, width, height)
     for g in prange(n):
         x, y, z = _camera_point(w2c, means[g])
         depths[g] = z
@@ -108,9 +119,8 @@ def project_gaussians(means, quats, scales, w2c, fx, fy, cx, cy, near, far, widt
             continue
         _, _, rot = _camera_frame(w2c, quats[g])
         cv, _ = _covariance(rot, scales[g])
-        tx = z * min(max(x / z, -x_neg), x_pos)
-        ty = z * min(max(y / z, -y_neg), y_pos)
-        a, b, c = _cov2d(fx / z, -fx * tx / (z * z), fy / z, -fy * ty / (z * z), cv)
+        _, _, j00, j02, j11, j12 = _jacobian(x, y, z, fx, fy, limits)
+        a, b, c = _cov2d(j00, j02, j11, j12, cv)
         det = a * c - b * b
         mx, my = fx * x / z + cx, fy * y / z + cy
         mid = 0.5 * (a + c)
@@ -140,7 +150,8 @@ def project_gaussians_backward(means, quats, scales, w2c, fx, fy, cx, cy, width,
     d_means = np.zeros((n, 3))
     d_quats = np.zeros((n, 4))
     d_scales = np.zeros((n, 3))
-    x_neg, x_pos, y_neg, y_pos = _limits(fx, fy, cx, cy, width, height)
+    limits = _limits(fx, fy, cx, cy, width, height)
+    x_neg, x_pos, y_neg, y_pos = limits
     for g in prange(n):
         if radii[g] == 0:
             continue
@@ -148,10 +159,7 @@ def project_gaussians_backward(means, quats, scales, w2c, fx, fy, cx, cy, width,
         qn, (qw, qx, qy, qz), rot = _camera_frame(w2c, quats[g])
         cv, m = _covariance(rot, scales[g])
         c00, c01, c02, c11, c12, c22 = cv
-        ux, uy = x / z, y / z
-        tx = z * min(max(ux, -x_neg), x_pos)
-        ty = z * min(max(uy, -y_neg), y_pos)
-        j00, j02, j11, j12 = fx / z, -fx * tx / (z * z), fy / z, -fy * ty / (z * z)
+        tx, ty, j00, j02, j11, j12 = _jacobian(x, y, z, fx, fy, limits)
         a, b, c = _cov2d(j00, j02, j11, j12, cv)
         inv2 = 1.0 / ((a * c - b * b) * (a * c - b * b))
         # conics (c, -b, a) / det → cov2d's entries a, b, c; G = [[ga, gb], [gb, gc]]
@@ -220,11 +228,11 @@ def project_gaussians_backward(means, quats, scales, w2c, fx, fy, cx, cy, width,
         d_z = -fx * x / z2 * gm0 - fy * y / z2 * gm1
         d_z += -fx / z2 * dj00 + 2 * fx * tx / z3 * dj02
         d_z += -fy / z2 * dj11 + 2 * fy * ty / z3 * dj12
-        if ux < -x_neg or ux > x_pos:
+        if x / z < -x_neg or x / z > x_pos:
             d_z += d_tx * tx / z
         else:
             d_x += d_tx
-        if uy < -y_neg or uy > y_pos:
+        if y / z < -y_neg or y / z > y_pos:
             d_z += d_ty * ty / z
         else:
             d_y += d_ty
