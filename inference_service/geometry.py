@@ -1,4 +1,4 @@
-"""Small vectorised rotation helpers (numpy). Quaternions are (w, x, y, z)."""
+"""Small vectorised geometry helpers (numpy). Quaternions are (w, x, y, z)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ __all__ = [
     "edge_adjacency",
     "quat_to_rotmat",
     "rotmat_to_quat",
+    "smoothstep",
     "triangle_frames",
     "vertex_normals",
 ]
@@ -73,3 +74,9 @@ def edge_adjacency(triangles: np.ndarray, n: int):
     m = coo_matrix((np.ones(2 * len(a)), (np.r_[a, b], np.r_[b, a])), shape=(n, n)).tocsr()
     m.data[:] = 1.0
     return m
+
+
+def smoothstep(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """0 at or below ``lo``, 1 at or above ``hi``, a smooth cubic ramp between."""
+    t = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+    return t * t * (3 - 2 * t)

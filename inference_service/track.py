@@ -69,6 +69,7 @@ from protocol.arkit import ARKIT_NAMES, index_of
 from protocol.camera import orbit
 from protocol.errors import ProtocolError
 
+from .geometry import smoothstep
 from .headmodel import load_correspondence, load_head_model
 from .posing import GAZE_PITCH, GAZE_YAW, eye_lift, eye_turn
 from .torch_threads import one_torch_thread
@@ -503,11 +504,6 @@ class _Targets:
         return self.row_w * np.sqrt(huber), float((self.row_w**2 * self.iod**2 * rho).sum())
 
 
-def _smoothstep(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    t = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
-    return t * t * (3 - 2 * t)
-
-
 def lid_opening(landmarks: np.ndarray) -> np.ndarray:
     """``[2]`` per eye (as IRIS_CENTER): MediaPipe's lid gap at the middle over the eye's
     width, from landmarks ``[478, 2+]``."""
@@ -605,7 +601,7 @@ class FrameSolver:
         target = np.concatenate([landmarks[self.basis.landmarks, :2],
                                  landmarks[list(IRIS_CENTER), :2]])  # fmt: skip
         iod = float(np.linalg.norm(landmarks[33, :2] - landmarks[263, :2]))
-        shut = 1.0 - _smoothstep(lid_opening(landmarks), *EYE_SHUT)
+        shut = 1.0 - smoothstep(lid_opening(landmarks), *EYE_SHUT)
         w = np.concatenate([self.basis.weight, np.full(2, IRIS_WEIGHT)])
         total = w.sum()  # the same in every frame: a shut eye does not reweigh the rest
         w[-2:] *= 1.0 - shut

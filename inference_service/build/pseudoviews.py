@@ -29,6 +29,7 @@ import kernels
 from kernels import Camera
 from protocol.camera import framing_distance, intrinsics_from_fov, orbit
 
+from ..geometry import smoothstep
 from ..images import srgb_to_linear
 from .photometric import resample
 from .views import (
@@ -103,11 +104,6 @@ def ring_cameras(
         (Camera.from_arrays(intr, orbit(center, distance, yaw, pitch)), yaw, pitch)
         for yaw, pitch in plan.ring
     ]
-
-
-def _smoothstep(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    t = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
-    return t * t * (3 - 2 * t)
 
 
 def _facing(points: np.ndarray, normals: np.ndarray, position: np.ndarray) -> np.ndarray:
@@ -193,7 +189,7 @@ def photo_view(
     body = resample((person * 255).astype(np.uint8), box, size) > 127
     cos = _facing(unproject(out.depth, camera), out.normal @ camera.world_to_camera[:3, :3],
                   camera.position)  # fmt: skip
-    trust = np.where(out.segment == LABEL_SKIN, _smoothstep(cos, *PHOTO_GRAZING), 1.0)
+    trust = np.where(out.segment == LABEL_SKIN, smoothstep(cos, *PHOTO_GRAZING), 1.0)
     conf = np.where((out.alpha > 0.5) & body, trust, 0.0).astype(np.float32)
     source = np.where(conf > 0, SOURCE_PHOTO, SOURCE_NONE).astype(np.uint8)
     return View(camera, image, conf, out.depth, out.alpha, source)
@@ -261,7 +257,7 @@ def _pseudo_view(
         warped, valid = warp(values, s_depth, s_cam, depth, cam, DEPTH_TOLERANCE)
         ok = valid & solid & (warped[..., 3] > 0.99)
         cos = _facing(points, normals, s_cam.position)
-        cover.append(np.where(ok, _smoothstep(cos, *GRAZING), 0.0))
+        cover.append(np.where(ok, smoothstep(cos, *GRAZING), 0.0))
         colours.append(warped[..., :3])
 
     fill = out.rgb / np.maximum(alpha, 1e-6)[..., None]
