@@ -21,7 +21,13 @@ calibrated) and the clip's correlations after calibration (``calibrated``).
 Records: one per clip (``correlation`` per shape: Pearson, truth against tracked; gaze
 only on frames where that eye is open; ``calibrated`` likewise; ``rest_weight``), then
 one summary per portrait (``mean``, ``min`` and ``share_at_least_0_9`` per shape over
-its ten clips, for both, and the mean rest weights).
+its ten clips, for both, and the mean rest weights), and its ``pose_leak``: how far the
+expressions turn the tracked head. MediaPipe's landmarks are one network's guess at the
+whole face, and on our renders a one-sided smile rolls its eyes, nose and brows by
+0.5-1.6 degrees and an open jaw scales them by 2-3 %; what the fit takes as head motion
+no shape carries. Per angle (yaw, pitch, roll), the tracked angle's error in degrees
+regressed on the animated shapes' true weights over the ten clips (an offset per clip):
+degrees per unit of weight (``LEAK_SHAPES``), and the error left (``residual_deg``).
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ SHAPES = ("jawOpen", "mouthSmileLeft", "mouthSmileRight", "eyeBlinkLeft", "eyeBl
 RANDOM_CLIPS = (1, 2, 3, 4)
 FRAMES = 48
 LEAD = 12  # neutral frames before a clip, for the calibrated track
+#: The shapes the clips animate, one column each (the right eye's gaze mirrors the left's).
+LEAK_SHAPES = ("jawOpen", "mouthSmileLeft", "mouthSmileRight", "eyeBlinkLeft", "eyeBlinkRight",
+               "browInnerUp", "eyeLookOutLeft", "eyeLookInLeft")  # fmt: skip
 
 
 def random_clip(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +94,30 @@ def correlations(truth: np.ndarray, got: np.ndarray) -> dict[str, float | None]:
     return out
 
 
-def _track_frames(frames: np.ndarray, neutral: tuple[int, int] | None = None) -> np.ndarray:
+def pose_leak(clips: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, dict]:
+    """From ``(curves [F, 52], true head angles [F, 3], tracked ones [F, 3])`` per clip
+    (radians): per angle, the least-squares degrees of error per unit of each
+    ``LEAK_SHAPES`` weight, with an offset per clip, and the RMS error left."""
+    from protocol.arkit import index_of
+
+    cols = [index_of(n) for n in LEAK_SHAPES]
+    x = np.concatenate([np.concatenate([c[:, cols], np.eye(len(clips))[[k] * len(c)]], 1)
+                        for k, (c, _, _) in enumerate(clips)])  # fmt: skip
+    err = np.degrees(np.concatenate([got - truth for _, truth, got in clips]))
+    coef = np.linalg.lstsq(x, err, rcond=None)[0]
+    left = np.sqrt(((err - x @ coef) ** 2).mean(0))
+    per_shape = coef[: len(cols)]
+    return {angle: {**{n: round(float(v), 2) for n, v in zip(LEAK_SHAPES, per_shape[:, a],
+                                                              strict=True)},
+                    "residual_deg": round(float(left[a]), 2)}
+            for a, angle in enumerate(("yaw", "pitch", "roll"))}  # fmt: skip
+
+
+def _track_frames(
+    frames: np.ndarray, neutral: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Curves ``[F, 52]`` and head angles ``[F, 3]`` (radians) tracked from PNGs of
+    ``frames``."""
     from PIL import Image
 
     from inference_service.track import track
@@ -93,14 +125,16 @@ def _track_frames(frames: np.ndarray, neutral: tuple[int, int] | None = None) ->
     with tempfile.TemporaryDirectory() as tmp:
         for i, f in enumerate(frames):
             Image.fromarray(f).save(Path(tmp) / f"frame{i:03d}.png")
-        return track(tmp, neutral=neutral).animation.curves
+        animation = track(tmp, neutral=neutral).animation
+        return animation.curves, animation.head_angles
 
 
-def round_trip(avatar, curves: np.ndarray, head: np.ndarray) -> tuple[dict, dict]:
+def round_trip(avatar, curves: np.ndarray, head: np.ndarray) -> tuple[dict, dict, np.ndarray]:
     """Render ``curves`` and ``head`` as the test does, track the PNGs and correlate; then
     the same clip after ``LEAD`` neutral frames (the head swaying 6° about where the clip
     starts), tracked plain and calibrated on those frames: the weight they read per frame
-    both ways, and the clip's correlations after calibration."""
+    both ways, and the clip's correlations after calibration. Also the head angles
+    tracked from the clip."""
     from tests.test_track import render_clip
 
     clip = render_clip(avatar, curves, head)
@@ -108,12 +142,13 @@ def round_trip(avatar, curves: np.ndarray, head: np.ndarray) -> tuple[dict, dict
     lead_head[:, 0] += np.radians(6.0) * np.sin(np.linspace(0, 2 * np.pi, LEAD))
     frames = np.concatenate([render_clip(avatar, np.zeros((LEAD, 52), np.float32), lead_head),
                              clip])  # fmt: skip
-    plain, calibrated = _track_frames(frames), _track_frames(frames, (0, LEAD - 1))
-    return correlations(curves, _track_frames(clip)), {
+    plain, calibrated = _track_frames(frames)[0], _track_frames(frames, (0, LEAD - 1))[0]
+    got, angles = _track_frames(clip)
+    return correlations(curves, got), {
         "calibrated": correlations(curves, calibrated[LEAD:]),
         "rest_weight": {"plain": round(float(plain[:LEAD].sum(1).mean()), 3),
                         "calibrated": round(float(calibrated[:LEAD].sum(1).mean()), 3)},
-    }  # fmt: skip
+    }, angles  # fmt: skip
 
 
 def main() -> None:
@@ -125,7 +160,7 @@ def main() -> None:
     clips = {"test": known_curves(), **{f"random{s}": random_clip(s) for s in RANDOM_CLIPS}}
     base = {"benchmark": "roundtrip", "machine": machine()}
     for name, img in portraits().items():
-        rows = []
+        rows, poses = [], []
         for variant in ("photo", "noise1"):
             photo = img
             if variant != "photo":
@@ -134,15 +169,16 @@ def main() -> None:
             avatar = build_avatar(png(photo), BuildOptions(preset="default"), "0123456789ab",
                                   lambda s, f, m: None)  # fmt: skip
             for clip, (curves, head) in clips.items():
-                corr, cal = round_trip(avatar, curves, head)
+                corr, cal, angles = round_trip(avatar, curves, head)
                 rows.append((corr, cal))
+                poses.append((curves, head, angles))
                 emit({**base, "portrait": name, "build": variant, "clip": clip,
                       "correlation": corr, **cal})  # fmt: skip
         rest = {k: round(float(np.mean([c["rest_weight"][k] for _, c in rows])), 3)
                 for k in ("plain", "calibrated")}  # fmt: skip
         emit({**base, "portrait": name, "summary": summarise([r for r, _ in rows]),
               "summary_calibrated": summarise([c["calibrated"] for _, c in rows]),
-              "rest_weight_mean": rest})  # fmt: skip
+              "rest_weight_mean": rest, "pose_leak": pose_leak(poses)})  # fmt: skip
 
 
 def summarise(rows: list[dict[str, float | None]]) -> dict[str, dict[str, float]]:
