@@ -28,6 +28,15 @@ whole face, and on our renders a one-sided smile rolls its eyes, nose and brows 
 no shape carries. Per angle (yaw, pitch, roll), the tracked angle's error in degrees
 regressed on the animated shapes' true weights over the ten clips (an offset per clip):
 degrees per unit of weight (``LEAK_SHAPES``), and the error left (``residual_deg``).
+
+Which shapes can a round trip recover at all? Per build, one record of MediaPipe's
+``response`` to each shape the tracker solves: the build rendered from the front as the
+clips are, at rest and with that shape alone at weight 1, MediaPipe's landmarks (and iris
+centres) on both, against the tracker's own rig (the subject fitted on the rest frame)
+moved by the same shape. ``along_rig``: MediaPipe's motion projected on the rig's, over
+the rig's (1 = MediaPipe sees the shape move the points as the rig does; 0 = it sees
+nothing of it); ``mediapipe_pct``/``rig_pct``: RMS motion of the 25 points the rig moves
+most, in % of the eye distance. The summary averages them over the two builds.
 """
 
 from __future__ import annotations
@@ -113,6 +122,54 @@ def pose_leak(clips: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[st
             for a, angle in enumerate(("yaw", "pitch", "roll"))}  # fmt: skip
 
 
+def mediapipe_response(avatar) -> dict[str, dict[str, float | None]]:
+    """Per solved shape: MediaPipe's landmark motion against the tracking rig's (see the
+    module notes)."""
+    from inference_service.track import (
+        IRIS_CENTER,
+        FrameSolver,
+        LandmarkTracker,
+        _basis,
+        fit_subject,
+    )
+    from protocol.arkit import ARKIT_NAMES
+    from tests.test_track import render_clip
+
+    basis = _basis()
+    shapes = len(basis.solved)
+    curves = np.zeros((1 + shapes, 52), np.float32)
+    curves[1 + np.arange(shapes), basis.solved] = 1.0
+    frames = render_clip(avatar, curves, np.zeros((len(curves), 3)))
+    found = [LandmarkTracker()(f) for f in frames]
+    rest = found[0]
+    if rest is None:
+        raise RuntimeError("MediaPipe finds no face on the build's rest render")
+    size = (frames.shape[2], frames.shape[1])
+    rig = FrameSolver(fit_subject([rest], size), pose_only=True)  # weights held at 0
+    x = rig.solve(rest, rig.initial(rest, size))[0]
+    at_rest = rig.project(x, jacobian=False)[0]
+    points = np.r_[basis.landmarks, IRIS_CENTER]  # rig rows -> MediaPipe indices
+    iod = float(np.linalg.norm(rest[33, :2] - rest[263, :2]))
+    out: dict[str, dict[str, float | None]] = {}
+    for i, lm in enumerate(found[1:]):
+        posed = x.copy()
+        posed[i] = 1.0
+        rig_move = rig.project(posed, jacobian=False)[0] - at_rest
+        top = np.argsort(-np.linalg.norm(rig_move, axis=1))[:25]
+        rig_pct = 100 * float(np.sqrt((rig_move[top] ** 2).sum(1).mean())) / iod
+        entry: dict[str, float | None] = {"along_rig": None, "mediapipe_pct": None,
+                                          "rig_pct": round(rig_pct, 2)}  # fmt: skip
+        if lm is not None:
+            seen = (lm - rest)[points, :2]
+            along = float((seen * rig_move).sum() / max((rig_move**2).sum(), 1e-12))
+            entry["along_rig"] = round(along, 2)
+            entry["mediapipe_pct"] = round(
+                100 * float(np.sqrt((seen[top] ** 2).sum(1).mean())) / iod, 2
+            )
+        out[ARKIT_NAMES[basis.solved[i]]] = entry
+    return out
+
+
 def _track_frames(
     frames: np.ndarray, neutral: tuple[int, int] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -160,7 +217,7 @@ def main() -> None:
     clips = {"test": known_curves(), **{f"random{s}": random_clip(s) for s in RANDOM_CLIPS}}
     base = {"benchmark": "roundtrip", "machine": machine()}
     for name, img in portraits().items():
-        rows, poses = [], []
+        rows, poses, responses = [], [], []
         for variant in ("photo", "noise1"):
             photo = img
             if variant != "photo":
@@ -168,6 +225,9 @@ def main() -> None:
                 photo = np.clip(img.astype(np.int16) + nudge, 0, 255).astype(np.uint8)
             avatar = build_avatar(png(photo), BuildOptions(preset="default"), "0123456789ab",
                                   lambda s, f, m: None)  # fmt: skip
+            response = mediapipe_response(avatar)
+            responses.append(response)
+            emit({**base, "portrait": name, "build": variant, "response": response})
             for clip, (curves, head) in clips.items():
                 corr, cal, angles = round_trip(avatar, curves, head)
                 rows.append((corr, cal))
@@ -178,7 +238,20 @@ def main() -> None:
                 for k in ("plain", "calibrated")}  # fmt: skip
         emit({**base, "portrait": name, "summary": summarise([r for r, _ in rows]),
               "summary_calibrated": summarise([c["calibrated"] for _, c in rows]),
-              "rest_weight_mean": rest, "pose_leak": pose_leak(poses)})  # fmt: skip
+              "rest_weight_mean": rest, "pose_leak": pose_leak(poses),
+              "response_mean": mean_response(responses)})  # fmt: skip
+
+
+def mean_response(builds: list[dict[str, dict]]) -> dict[str, dict[str, float | None]]:
+    """Each shape's ``mediapipe_response`` figures averaged over builds (None where a build
+    found no face)."""
+    out = {}
+    for shape, first in builds[0].items():
+        out[shape] = {}
+        for key in first:
+            values = [b[shape][key] for b in builds]
+            out[shape][key] = None if None in values else round(float(np.mean(values)), 2)
+    return out
 
 
 def summarise(rows: list[dict[str, float | None]]) -> dict[str, dict[str, float]]:
