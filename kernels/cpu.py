@@ -102,12 +102,13 @@ def forward_tiles(offsets, entries, boxes, means2d, conics, colors, opacities, d
     # parallel loop costs more than the compositing of a small tile
     for worker in prange(workers):
         done = np.empty((TILE, TILE), np.bool_)
+        live = np.empty(TILE, np.int64)  # per row of the tile, pixels not yet done
         acc = np.empty((TILE, TILE, 7))  # r, g, b, depth, normal x, y, z
         for t in range(worker, n_tiles, workers):
             _forward_tile(
                 t, tiles_x, offsets, entries, boxes, means2d, conics, colors, opacities,
                 depths, normals, background, width, height, want_depth, want_normal, done,
-                acc, rgb, alpha_out, trans, depth, normal, last,
+                live, acc, rgb, alpha_out, trans, depth, normal, last,
             )  # fmt: skip
     return rgb, alpha_out, trans, depth, normal, last
 
@@ -115,12 +116,13 @@ def forward_tiles(offsets, entries, boxes, means2d, conics, colors, opacities, d
 @njit(cache=True, fastmath={"contract", "afn"})
 def _forward_tile(t, tiles_x, offsets, entries, boxes, means2d, conics, colors, opacities,
                   depths, normals, background, width, height, want_depth, want_normal, done,
-                  acc, rgb, alpha_out, trans, depth, normal, last):  # fmt: skip
+                  live, acc, rgb, alpha_out, trans, depth, normal, last):  # fmt: skip
     x0 = (t % tiles_x) * TILE
     y0 = (t // tiles_x) * TILE
     x1 = min(x0 + TILE, width)
     y1 = min(y0 + TILE, height)
     done[:] = False
+    live[:] = x1 - x0
     acc[:] = 0.0
     active = (x1 - x0) * (y1 - y0)
     for k in range(offsets[t], offsets[t + 1]):
@@ -134,6 +136,8 @@ def _forward_tile(t, tiles_x, offsets, entries, boxes, means2d, conics, colors, 
         mx, my = means2d[g, 0], means2d[g, 1]
         ca, cb, cc = conics[g, 0], conics[g, 1], conics[g, 2]
         for i in range(ilo, ihi + 1):
+            if live[i - y0] == 0:  # a saturated row: nothing left to blend in it
+                continue
             dy = i + 0.5 - my
             ja, jb = _row_span(dy, mx, ca, cb, cc, cutoff, jlo, jhi)
             for j in range(ja, jb + 1):
@@ -151,6 +155,7 @@ def _forward_tile(t, tiles_x, offsets, entries, boxes, means2d, conics, colors, 
                 tn = tc * (1.0 - alpha)
                 if tn <= T_MIN:
                     done[li, lj] = True
+                    live[li] -= 1
                     active -= 1
                     continue
                 w = alpha * tc
@@ -196,17 +201,19 @@ def backward_tiles(offsets, entries, boxes, means2d, conics, colors, opacities, 
         behind = np.empty((TILE, TILE, 3))  # colour of what lies behind, / T after
         prev_alpha = np.empty((TILE, TILE))
         prev_color = np.empty((TILE, TILE, 3))
+        row_last = np.empty(TILE, np.int64)  # per row of the tile, the largest ``last``
         for t in range(worker, n_tiles, workers):
             _backward_tile(t, tiles_x, offsets, entries, boxes, means2d, conics, colors,
                            opacities, trans_final, last, background, grad_rgb, grad_alpha,
-                           width, height, tcur, behind, prev_alpha, prev_color, out)  # fmt: skip
+                           width, height, tcur, behind, prev_alpha, prev_color, row_last,
+                           out)  # fmt: skip
     return grads
 
 
 @njit(cache=True, fastmath={"contract", "afn"})
 def _backward_tile(t, tiles_x, offsets, entries, boxes, means2d, conics, colors, opacities,
                    trans_final, last, background, grad_rgb, grad_alpha, width, height, tcur,
-                   behind, prev_alpha, prev_color, out):  # fmt: skip
+                   behind, prev_alpha, prev_color, row_last, out):  # fmt: skip
     x0 = (t % tiles_x) * TILE
     y0 = (t // tiles_x) * TILE
     x1 = min(x0 + TILE, width)
@@ -214,10 +221,16 @@ def _backward_tile(t, tiles_x, offsets, entries, boxes, means2d, conics, colors,
     behind[:] = 0.0
     prev_alpha[:] = 0.0
     prev_color[:] = 0.0
+    row_last[:] = 0
     for i in range(y0, y1):
         for j in range(x0, x1):
             tcur[i - y0, j - x0] = trans_final[i, j]
-    for k in range(offsets[t + 1] - 1, offsets[t] - 1, -1):
+            row_last[i - y0] = max(row_last[i - y0], last[i, j])
+    # entries after the last one any pixel blended (behind saturated pixels) add nothing
+    start = offsets[t]
+    for li in range(y1 - y0):
+        start = max(start, row_last[li])
+    for k in range(start - 1, offsets[t] - 1, -1):
         g = entries[k]
         jlo, jhi = max(x0, boxes[g, 0]), min(x1 - 1, boxes[g, 1])
         ilo, ihi = max(y0, boxes[g, 2]), min(y1 - 1, boxes[g, 3])
@@ -228,6 +241,8 @@ def _backward_tile(t, tiles_x, offsets, entries, boxes, means2d, conics, colors,
             continue
         cutoff = math.log(ALPHA_MIN / o)
         for i in range(ilo, ihi + 1):
+            if k >= row_last[i - y0]:
+                continue
             dy = i + 0.5 - my
             ja, jb = _row_span(dy, mx, ca, cb, cc, cutoff, jlo, jhi)
             for j in range(ja, jb + 1):
