@@ -78,6 +78,20 @@ def test_empty_scene():
     assert out.alpha.max() == 0 and np.isinf(out.depth).all() and out.normal.max() == 0
 
 
+def test_depth_order_is_numpys_stable_argsort():
+    """The cpu backend's radix sort against ``np.argsort(kind="stable")``: ties keep their
+    order, negatives and zeros sort as floats, magnitudes far apart share no digits."""
+    from kernels.cpu import depth_order
+
+    rng = np.random.default_rng(4)
+    z = rng.normal(size=5000) * 10.0 ** rng.uniform(-6, 6, 5000)
+    z[1::7] = z[::7][: len(z[1::7])]  # ties
+    z[::101] = 0.0
+    narrow = rng.uniform(0.5, 0.5 + 1e-9, 3000)  # a head's depths: high digits all alike
+    for depths in (z, narrow, np.round(narrow, 12), np.zeros(0), np.array([2.0])):
+        np.testing.assert_array_equal(depth_order(depths), np.argsort(depths, kind="stable"))
+
+
 def loss_weights(w, h, seed=9):
     rng = np.random.default_rng(seed)
     return rng.normal(size=(h, w, 3)), rng.normal(size=(h, w))
