@@ -70,35 +70,49 @@ def depth_order(depths):
     return order
 
 
-@njit(cache=True)
-def bin_tiles(order, means2d, radii, width, height):
+@njit(parallel=True, cache=True)
+def bin_tiles(order, means2d, radii, width, height, workers):
     """Tile lists in depth order. Returns offsets [n_tiles + 1], entries [E] (Gaussian
-    ids), boxes [N, 4] (inclusive pixel ranges j0, j1, i0, i1)."""
+    ids), boxes [N, 4] (inclusive pixel ranges j0, j1, i0, i1).
+
+    Each worker bins one run of ``order``: it counts its entries per tile, then writes
+    them after those of the runs before it, so each tile's list stays in depth order."""
     tiles_x = (width + TILE - 1) // TILE
-    tiles_y = (height + TILE - 1) // TILE
-    n = means2d.shape[0]
+    n_tiles = tiles_x * ((height + TILE - 1) // TILE)
+    n, m = means2d.shape[0], order.shape[0]
     boxes = np.full((n, 4), -1, np.int64)
-    counts = np.zeros(tiles_x * tiles_y + 1, np.int64)
-    for g in order:
-        j0, j1, i0, i1 = _pixel_box(means2d[g, 0], means2d[g, 1], radii[g], width, height)
-        boxes[g, 0], boxes[g, 1], boxes[g, 2], boxes[g, 3] = j0, j1, i0, i1
-        if j0 > j1 or i0 > i1:
-            continue
-        for ty in range(i0 // TILE, i1 // TILE + 1):
-            for tx in range(j0 // TILE, j1 // TILE + 1):
-                counts[ty * tiles_x + tx + 1] += 1
-    offsets = np.cumsum(counts)
-    entries = np.empty(offsets[-1], np.int64)
-    fill = offsets[:-1].copy()
-    for g in order:
-        j0, j1, i0, i1 = boxes[g, 0], boxes[g, 1], boxes[g, 2], boxes[g, 3]
-        if j0 > j1 or i0 > i1:
-            continue
-        for ty in range(i0 // TILE, i1 // TILE + 1):
-            for tx in range(j0 // TILE, j1 // TILE + 1):
-                t = ty * tiles_x + tx
-                entries[fill[t]] = g
-                fill[t] += 1
+    counts = np.zeros((workers, n_tiles), np.int64)
+    for w in prange(workers):
+        for k in range(w * m // workers, (w + 1) * m // workers):
+            g = order[k]
+            j0, j1, i0, i1 = _pixel_box(means2d[g, 0], means2d[g, 1], radii[g], width, height)
+            boxes[g, 0], boxes[g, 1], boxes[g, 2], boxes[g, 3] = j0, j1, i0, i1
+            if j0 > j1 or i0 > i1:
+                continue
+            for ty in range(i0 // TILE, i1 // TILE + 1):
+                for tx in range(j0 // TILE, j1 // TILE + 1):
+                    counts[w, ty * tiles_x + tx] += 1
+    offsets = np.zeros(n_tiles + 1, np.int64)
+    fill = np.empty((workers, n_tiles), np.int64)
+    total = 0
+    for t in range(n_tiles):
+        offsets[t] = total
+        for w in range(workers):
+            fill[w, t] = total
+            total += counts[w, t]
+    offsets[n_tiles] = total
+    entries = np.empty(total, np.int64)
+    for w in prange(workers):
+        for k in range(w * m // workers, (w + 1) * m // workers):
+            g = order[k]
+            j0, j1, i0, i1 = boxes[g, 0], boxes[g, 1], boxes[g, 2], boxes[g, 3]
+            if j0 > j1 or i0 > i1:
+                continue
+            for ty in range(i0 // TILE, i1 // TILE + 1):
+                for tx in range(j0 // TILE, j1 // TILE + 1):
+                    t = ty * tiles_x + tx
+                    entries[fill[w, t]] = g
+                    fill[w, t] += 1
     return offsets, entries, boxes
 
 
@@ -328,7 +342,7 @@ def composite(means2d, conics, colors, opacities, depths, normals, radii, width,
     Returns the forward kernel's outputs and the binning (for the backward pass)."""
     visible = np.flatnonzero(radii > 0)
     order = visible[depth_order(np.ascontiguousarray(depths[visible]))]
-    offsets, entries, boxes = bin_tiles(order, means2d, radii, width, height)
+    offsets, entries, boxes = bin_tiles(order, means2d, radii, width, height, get_num_threads())
     outs = forward_tiles(offsets, entries, boxes, means2d, conics, colors, opacities, depths,
                          normals, background, width, height, want_depth, want_normal,
                          get_num_threads())  # fmt: skip
