@@ -24,8 +24,8 @@ one summary per portrait (``mean``, ``min`` and ``share_at_least_0_9`` per shape
 its ten clips, for both, and the mean rest weights), and its ``pose_leak``: how far the
 expressions turn the tracked head. MediaPipe's landmarks are one network's guess at the
 whole face, and on our renders a one-sided smile rolls its eyes, nose and brows by
-0.5-1.6 degrees and an open jaw scales them by 2-3 %; what the fit takes as head motion
-no shape carries. Per angle (yaw, pitch, roll), the tracked angle's error in degrees
+0.25-1.7 degrees and an open jaw scales them by 1.8-3.4 %; what the fit takes as head
+motion no shape carries. Per angle (yaw, pitch, roll), the tracked angle's error in degrees
 regressed on the animated shapes' true weights over the ten clips (an offset per clip):
 degrees per unit of weight (``LEAK_SHAPES``), and the error left (``residual_deg``).
 
