@@ -14,7 +14,7 @@ from inference_service.build.coin import CoinSchedule, fit_coin
 from inference_service.build.pseudoviews import (
     INPAINT_TRUST,
     LABEL_SKIN,
-    HairTexture,
+    PatchTexture,
     Splats,
     make_pseudo_views,
 )
@@ -149,14 +149,14 @@ def test_hair_texture_is_cut_from_hair_and_the_same_from_every_view():
     image[hair, 0] = 0.1
     image[hair, 1] = 0.2 + 0.4 * rng.random(hair.sum())
     image[hair, 2] = 0.1
-    tex = HairTexture.from_photo(image, hair, 0.002, np.zeros(3), rng)
+    tex = PatchTexture.from_photo(image, hair, 0.002, np.zeros(3), rng)
     assert tex is not None
     pts = rng.normal(scale=0.1, size=(5000, 3))
     col = tex(pts)
     assert (col[:, 0] < 0.15).all() and (col[:, 1] > 0.15).all()  # hair only, no red
     assert col[:, 1].std() > 0.03  # a texture, not a flat colour
     np.testing.assert_array_equal(tex(pts[::-1]), col[::-1])  # a function of the point
-    assert HairTexture.from_photo(image, np.zeros_like(hair), 0.002, np.zeros(3), rng) is None
+    assert PatchTexture.from_photo(image, np.zeros_like(hair), 0.002, np.zeros(3), rng) is None
 
 
 def _bound(n: int, colours: np.ndarray) -> tuple[BoundGaussians, tuple]:

@@ -1,6 +1,6 @@
 """The texture: the atlas rasteriser against a per-texel reference, texels on the mesh,
-the mirror fill, no holes, fills within their region's colours, Gaussians sampling it,
-and avatars keeping it."""
+the mirror fill, no holes, fills within their region's colours, unseen skin's detail,
+Gaussians sampling it, and avatars keeping it."""
 
 from __future__ import annotations
 
@@ -288,6 +288,49 @@ def test_the_bust_gets_denser_wider_overlapping_gaussians(model, baked):
         on = where[g.triangle]
         spacing = np.sqrt(area[where].sum() / on.sum())
         np.testing.assert_allclose(sigma[on], factor * TANGENT_SIGMA * spacing, rtol=1e-3)
+
+
+def _fine_detail(image: np.ndarray) -> np.ndarray:
+    """``[H, W]``: log luminance less its local mean (a texel's relative detail)."""
+    from scipy import ndimage
+
+    lum = np.log(image.astype(np.float64).mean(axis=2) + 1.0)
+    return np.abs(lum - ndimage.gaussian_filter(lum, 2.0))
+
+
+def test_unseen_skin_carries_the_photos_skin_detail_not_a_flat_fill(model, camera, baked):
+    from scipy import ndimage
+
+    intr, w2c = camera
+    rng = np.random.default_rng(3)
+    grain = ndimage.gaussian_filter(rng.normal(size=(SIZE, SIZE)), 1.0)
+    grain *= 0.15 / grain.std()  # skin-like: +-15 % in brightness, a pixel or two across
+    photo = np.clip(smooth_photo() * (1.0 + grain[..., None]), 0, 255).astype(np.uint8)
+    person = np.ones((SIZE, SIZE), bool)
+    hair = srgb_to_linear(np.array(HAIR))
+    grainy = tx.bake_texture(model, model.neutral, photo, intr, w2c, person, hair, "fast")
+
+    at = tx.atlas(model, tx.ATLAS_UNIT["fast"])
+    x, y, side = tx._rect("face", at)
+    region = np.full(grainy.source.shape, -1)
+    rows, cols = np.divmod(at.pixel, at.width)
+    region[rows, cols] = model.triangle_region[at.triangle]
+    face = (region == model.region("face"))[y : y + side, x : x + side]
+    label = grainy.source[y : y + side, x : x + side]
+    known = face & np.isin(label, [tx.SOURCE_PHOTO, tx.SOURCE_MIRROR])
+    interior = ndimage.binary_erosion(face, np.ones((9, 9), bool))
+    reach = 2 * tx.DETAIL_FADE * side + 6  # past the fade, and the filter's reach
+    far = interior & (label == tx.SOURCE_FILLED) & (ndimage.distance_transform_edt(~known) > reach)
+    seen = interior & ndimage.binary_erosion(known, np.ones((9, 9), bool))
+    assert far.sum() > 200 and seen.sum() > 2000
+    fine = _fine_detail(grainy.image[y : y + side, x : x + side])
+    plain = _fine_detail(baked.image[y : y + side, x : x + side])
+    assert fine[far].mean() > 0.25 * fine[seen].mean()  # the seen skin's detail, blended
+    assert plain[far].mean() < 0.1 * fine[seen].mean()  # a smooth photo lends none
+    # the detail is relative: the fill's colour stays what it was
+    mean = grainy.image[y : y + side, x : x + side][far].mean(axis=0)
+    np.testing.assert_allclose(mean, baked.image[y : y + side, x : x + side][far].mean(axis=0),
+                               atol=6)  # fmt: skip
 
 
 def test_pull_push_fills_from_the_nearest_known_texels():

@@ -113,8 +113,9 @@ def _facing(points: np.ndarray, normals: np.ndarray, position: np.ndarray) -> np
     return np.nan_to_num(np.sum(normals * ray, axis=-1))
 
 
-class HairTexture:
-    """A solid hair texture: the 3-D point picks a patch of the photo's hair.
+class PatchTexture:
+    """A solid texture: the 3-D point picks a patch cut from the photo (the hair here;
+    the skin's relative detail in :mod:`.texture`).
 
     Space is cut into cubes of the patch's size on three planes (x-z for the back and
     front, y-z for the sides, x-y for the top); each cube shows one patch, chosen by
@@ -131,8 +132,8 @@ class HairTexture:
     def from_photo(
         cls, image: np.ndarray, hair: np.ndarray, metres_per_px: float, center: np.ndarray,
         rng: np.random.Generator,
-    ) -> HairTexture | None:  # fmt: skip
-        """Cut patches where ``hair`` [H, W] is true throughout; None if too few fit."""
+    ) -> PatchTexture | None:  # fmt: skip
+        """Hair: cut patches where ``hair`` [H, W] is true throughout; None if too few fit."""
         from scipy import ndimage
 
         s = max(4, int(round(PATCH * image.shape[0])))
@@ -220,7 +221,7 @@ def make_pseudo_views(
     labels = front_passes.segment
     metres_per_px = float(np.median(front.depth[front.confidence > 0])) / crop_camera.fx
     hair = (labels == LABEL_HAIR) & (front.confidence > 0)
-    texture = HairTexture.from_photo(front.image, hair, metres_per_px, center,
+    texture = PatchTexture.from_photo(front.image, hair, metres_per_px, center,
                                      np.random.default_rng(seed))  # fmt: skip
 
     views = [front]
@@ -240,7 +241,7 @@ def _pseudo_view(
     splats: Splats, cam: Camera, size: int, yaw: float, pitch: float,
     src: np.ndarray, src_depth: np.ndarray, src_cam: Camera,
     mirror_src: np.ndarray, mirror_depth: np.ndarray, mirror_cam: Camera,
-    texture: HairTexture | None,
+    texture: PatchTexture | None,
 ) -> View:  # fmt: skip
     """One pseudo-view: photo, mirrored photo and fill blended by their trust."""
     out = splats.render(cam, size, ("rgb", "alpha", "depth", "normal", "segment"))

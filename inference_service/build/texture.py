@@ -1,6 +1,7 @@
 """The head's colour as a texture: the photo projected into ICT's UV space where it saw
 the surface, mirrored across the face's symmetry where it did not, inpainted from the
-skin around it elsewhere; eyes, teeth, gums and mouth interior drawn.
+skin around it elsewhere (with the photo's own skin texture over it); eyes, teeth, gums
+and mouth interior drawn.
 
 The atlas. ICT's UVs are UDIM-like tiles (``floor(u)``): the face in tile 0, head and
 neck with the mouth and eye sockets in 1, gums and tongue in 2, teeth in 3, and both
@@ -46,6 +47,7 @@ from .gaussians import (
     _eye_colours,
     _on,
 )
+from .pseudoviews import PatchTexture
 
 #: Face square's side in pixels per preset (the atlas is twice as wide).
 ATLAS_UNIT = {"fast": 512, "default": 1024, "high": 1024}
@@ -70,6 +72,16 @@ MIN_KNOWN = 20
 #: Unseen skin takes the colour of the known skin near it, fading into its region's
 #: median (hair colour for the scalp) over this share of its square's side.
 NEAR_RADIUS = 1 / 16
+#: Unseen face and neck skin is not left flat: over its smooth fill lies the photo's own
+#: skin texture, as the ratio of known skin to its trend, in patches of this share of
+#: the face square's side (a solid texture on the 3-D points, :class:`PatchTexture`).
+DETAIL_PATCH = 1 / 20
+#: Patches kept, from the smoother half of those cut: brows, lids, lips and glasses rims
+#: are features, not texture.
+DETAIL_PATCHES = 48
+#: The detail fades in from this far from the known skin to full at twice it (share of
+#: a square's side): near the photo's edge the fill carries the photo's own colours.
+DETAIL_FADE = 1 / 64
 #: Triangles rasterised per batch (bounds the candidate arrays' memory).
 BATCH = 4096
 
@@ -391,7 +403,9 @@ def bake_texture(
         COLOUR_FACING, ramping in over FACING_RAMP) take its colour; others take their
         mirror image's (x → -x) where the photo saw that; the rest of each region is
         filled from the known texels around it (pull-push), fading with distance into
-        the face's median colour (``hair_colour`` on the scalp above the eyes); eyes
+        the face's median colour (``hair_colour`` on the scalp above the eyes), and
+        unseen face and neck skin away from the photo's edge takes the seen skin's
+        relative detail over that (:data:`DETAIL_PATCH`); eyes
         are drawn (pupil, iris of the photo's colour, sclera), mouth, gums and teeth
         take fixed colours.
     """
@@ -440,6 +454,9 @@ def bake_texture(
     groups = [(region == model.region("face"), face_median), (neck, face_median),
               (scalp, scalp_colour)]  # fmt: skip
     spread = _fill_skin(grid, label, at, known, groups)
+    detail = _skin_detail(grid, at, face, points, 0.5 * (v.min(0) + v.max(0)))
+    if detail is not None:
+        _add_detail(grid, at, known, (region == model.region("face")) | neck, points, detail)
     _pad(grid, label, at, spread)
     return Texture(image=_srgb8(grid), source=label, uvs=at.uvs, triangle_uvs=at.triangle_uvs)
 
@@ -476,6 +493,77 @@ def _fill_skin(
                 grid[rows[todo], cols[todo]] = target
             label[rows[todo], cols[todo]] = SOURCE_FILLED
     return spread
+
+
+def _skin_detail(
+    grid: np.ndarray, at: Atlas, known: np.ndarray, points: np.ndarray, center: np.ndarray
+) -> PatchTexture | None:
+    """The face's known skin (``known``: ``[M]`` bool over the texels of ``at``) as a
+    solid texture of its ratio to its trend (a plane per patch and channel, so a cheek's
+    shading is not copied); None if too little is known."""
+    x, y, side = _rect("face", at)
+    rows, cols = np.divmod(at.pixel, at.width)
+    weight = np.zeros((side, side))
+    weight[rows[known] - y, cols[known] - x] = 1.0
+    h = max(4, int(round(DETAIL_PATCH * side / 2)))
+    s = 2 * h + 1
+    inside = np.zeros((side, side), bool)  # patch centres: known throughout the patch
+    inside[h:-h, h:-h] = (_box_mean(weight, h) > 1.0 - 1e-9)[h:-h, h:-h]
+    ys, xs = np.nonzero(inside)
+    if len(ys) < DETAIL_PATCHES:
+        return None
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(ys), size=min(8 * DETAIL_PATCHES, len(ys)), replace=False)
+    image = grid[y : y + side, x : x + side]
+    patches = np.stack([image[r - h : r + h + 1, c - h : c + h + 1]
+                        for r, c in zip(ys[pick], xs[pick], strict=True)])  # fmt: skip
+    v, u = np.mgrid[-h : h + 1, -h : h + 1] / h
+    design = np.stack([np.ones(s * s), u.ravel(), v.ravel()], axis=1)
+    flat = patches.reshape(len(patches), s * s, 3).astype(np.float64)
+    trend = design @ (np.linalg.pinv(design) @ flat)
+    ratio = flat / np.maximum(trend, 1e-4)
+    energy = np.abs(np.log(np.maximum(ratio, 1e-3))).mean(axis=(1, 2))
+    smooth = np.flatnonzero(energy <= np.median(energy))
+    keep = rng.choice(smooth, size=min(DETAIL_PATCHES, len(smooth)), replace=False)
+    # metres per texel, from known texels and their right-hand neighbours
+    index = np.full(at.width * at.height, -1, np.int64)
+    index[at.pixel] = np.arange(len(at.pixel))
+    k = np.flatnonzero(known)
+    right = index[at.pixel[k] + 1]
+    ok = right >= 0
+    step = np.linalg.norm(points[k[ok]] - points[right[ok]], axis=1)
+    patches = ratio[keep].reshape(len(keep), s, s, 3).astype(np.float32)
+    return PatchTexture(patches, s * float(np.median(step)), center)
+
+
+def _add_detail(
+    grid: np.ndarray,
+    at: Atlas,
+    known: np.ndarray,
+    skin: np.ndarray,
+    points: np.ndarray,
+    detail: PatchTexture,
+) -> None:
+    """Multiply, in place, the unknown texels of ``skin`` (``[M]`` bool) by ``detail``,
+    fading in with their distance from the known texels of their square."""
+    from scipy import ndimage
+
+    rows, cols = np.divmod(at.pixel, at.width)
+    tile_of = at.tile[at.triangle]
+    for t in np.unique(tile_of[skin & ~known]):
+        todo = np.flatnonzero(skin & ~known & (tile_of == t))
+        x, y, side = _rect(TILE_NAMES[t], at)
+        unknown = np.ones((side, side), bool)
+        mine = known & (tile_of == t)
+        unknown[rows[mine] - y, cols[mine] - x] = False
+        fade = np.ones((len(todo), 1))
+        if not unknown.all():
+            far = ndimage.distance_transform_edt(unknown)[rows[todo] - y, cols[todo] - x]
+            fade[:, 0] = np.clip(far / (DETAIL_FADE * side) - 1.0, 0.0, 1.0)
+        some = fade[:, 0] > 0
+        todo, fade = todo[some], fade[some]
+        ratio = detail(points[todo])
+        grid[rows[todo], cols[todo]] *= (1.0 + fade * (ratio - 1.0)).astype(np.float32)
 
 
 def _pad(grid: np.ndarray, label: np.ndarray, at: Atlas, spread: dict[int, np.ndarray]) -> None:
