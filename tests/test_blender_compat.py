@@ -187,15 +187,19 @@ def _assert_same_render(got: dict, direct: dict, w2c: np.ndarray) -> None:
     assert got["alpha"].mean() > 0.05, "the avatar is not in view"
     for name in ("rgb", "alpha"):
         assert_close_renders(got[name], direct[name][0], name)
-    # covered in both (a pixel at the edge of coverage, alpha under 1 %, may flip)
+    # covered in both (a pixel at the edge of coverage, alpha under 1 %, may flip); depth
+    # is the alpha-weighted mean z, so on the silhouette, where the float32 matrices move
+    # a pixel's alpha by a few 1e-3 (as above), its depth moves by up to a millimetre or
+    # so (seen: 1.09 mm at alpha 0.10, every other pixel within 0.03 mm)
     hit = np.isfinite(direct["depth"][0])
     both = hit & (got["depth"] != 1e10)
-    assert np.abs(got["depth"][both] - direct["depth"][0][both]).max() < 1e-3
+    depth_diff = np.abs(got["depth"][both] - direct["depth"][0][both])
+    assert np.quantile(depth_diff, 0.999) < 1e-4 and depth_diff.max() < 5e-3
     flipped = both ^ hit | (~hit & (got["depth"] != 1e10))
     assert flipped.mean() < 1e-3 and (direct["alpha"][0][flipped] < 0.01).all()
     c2w = np.linalg.inv(w2c)[:3, :3]
-    normal_diff = np.abs(got["normal"] - direct["normal"][0] @ c2w.T).max(-1)
-    assert normal_diff[~flipped].max() < 2e-2
+    normal_diff = np.abs(got["normal"] - direct["normal"][0] @ c2w.T).max(-1)[~flipped]
+    assert np.quantile(normal_diff, 0.999) < 2e-3 and normal_diff.max() < 0.1  # as depth's
 
 
 def _direct_render(direct, avatar_id, w2c, size, curves, head) -> dict:
