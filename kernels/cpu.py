@@ -40,7 +40,9 @@ def _pixel_box(mx, my, r, width, height):
 def depth_order(depths):
     """``np.argsort(depths, kind="stable")`` for float64 ``depths`` without NaNs, as a
     radix sort (11-bit digits of the float's bits, made to order as the floats do; digits
-    every depth shares are skipped): 0.9 ms for 41k depths where argsort takes 3.7."""
+    every depth shares are skipped): 0.9 ms for 41k depths where argsort takes 3.7. The
+    one difference: -0.0 sorts before 0.0 instead of tying with it (camera depths are
+    beyond the near plane, so neither occurs here)."""
     n = depths.shape[0]
     bits = depths.view(np.uint64)
     keys = np.empty(n, np.uint64)
