@@ -125,6 +125,7 @@ def pose_leak(clips: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[st
 def mediapipe_response(avatar) -> dict[str, dict[str, float | None]]:
     """Per solved shape: MediaPipe's landmark motion against the tracking rig's (see the
     module notes)."""
+    from inference_service.headmodel import eye_distance
     from inference_service.track import (
         IRIS_CENTER,
         FrameSolver,
@@ -149,7 +150,7 @@ def mediapipe_response(avatar) -> dict[str, dict[str, float | None]]:
     x = rig.solve(rest, rig.initial(rest, size))[0]
     at_rest = rig.project(x, jacobian=False)[0]
     points = np.r_[basis.landmarks, IRIS_CENTER]  # rig rows -> MediaPipe indices
-    iod = float(np.linalg.norm(rest[33, :2] - rest[263, :2]))
+    iod = eye_distance(rest)
     out: dict[str, dict[str, float | None]] = {}
     for i, lm in enumerate(found[1:]):
         posed = x.copy()

@@ -90,7 +90,7 @@ def _silhouette_stats(alpha: np.ndarray) -> dict[str, float]:
 def _landmark_agreement(img: np.ndarray, verts: np.ndarray, tris: np.ndarray, intr, w2c):
     """MediaPipe on a render vs our mesh's landmarks in the same view (rest pose)."""
     from .build import detect
-    from .headmodel import load_correspondence, load_head_model
+    from .headmodel import eye_distance, load_correspondence, load_head_model
 
     faces = detect.detect_faces(img)
     if not faces:
@@ -104,7 +104,7 @@ def _landmark_agreement(img: np.ndarray, verts: np.ndarray, tris: np.ndarray, in
         return {"face_found": True}
     ours = np.einsum("lk,lkc->lc", corr.bary, verts[tris[corr.triangle]])
     uv, _ = project(ours, intr, w2c)
-    iod = np.linalg.norm(lm[33, :2] - lm[263, :2])
+    iod = eye_distance(lm)
     rms = float(np.sqrt((((uv - lm[:, :2]) ** 2).sum(1) * corr.weight).sum() / corr.weight.sum()))
     return {"face_found": True, "landmark_rms": round(rms / iod, 4)}
 

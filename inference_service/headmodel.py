@@ -36,6 +36,16 @@ MEDIAPIPE_TO_68 = {
     61: 48, 291: 54, 0: 51, 17: 57, 13: 62, 14: 66,  # mouth corners, lips
     152: 8,  # chin
 }  # fmt: skip
+#: MediaPipe's outer eye corners, subject's right then left.
+EYE_CORNERS = (33, 263)
+
+
+def eye_distance(landmarks: np.ndarray) -> float:
+    """Image distance between the outer eye corners of MediaPipe landmarks ``[478, 2+]``:
+    the face's scale, in which every landmark error here is stated (builder, tracker,
+    ``eval``), so that figures compare across photo sizes."""
+    a, b = EYE_CORNERS
+    return float(np.linalg.norm(landmarks[a, :2] - landmarks[b, :2]))
 
 
 def ict_to_arkit_name(ict: str) -> str:

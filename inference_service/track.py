@@ -70,7 +70,7 @@ from protocol.camera import orbit
 from protocol.errors import ProtocolError
 
 from .geometry import smoothstep
-from .headmodel import load_correspondence, load_head_model
+from .headmodel import eye_distance, load_correspondence, load_head_model
 from .posing import GAZE_PITCH, GAZE_YAW, eye_lift, eye_turn
 from .torch_threads import one_torch_thread
 
@@ -600,7 +600,7 @@ class FrameSolver:
     def rows(self, landmarks: np.ndarray) -> _Targets:
         target = np.concatenate([landmarks[self.basis.landmarks, :2],
                                  landmarks[list(IRIS_CENTER), :2]])  # fmt: skip
-        iod = float(np.linalg.norm(landmarks[33, :2] - landmarks[263, :2]))
+        iod = eye_distance(landmarks)
         shut = 1.0 - smoothstep(lid_opening(landmarks), *EYE_SHUT)
         w = np.concatenate([self.basis.weight, np.full(2, IRIS_WEIGHT)])
         total = w.sum()  # the same in every frame: a shut eye does not reweigh the rest

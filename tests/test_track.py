@@ -49,6 +49,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from inference_service.headmodel import eye_distance
 from inference_service.track import (
     EYE_SHUT,
     GAZE_LIDS,
@@ -277,7 +278,7 @@ def test_noisy_landmarks_do_not_spread_the_jaw_over_the_other_mouth_shapes():
     lms = synthetic_landmarks(rng.normal(size=50) * 0.5, curves, front,
                               np.tile([0.0, 0.0, 0.6], (frames, 1)), intr)  # fmt: skip
     solver = FrameSolver(fit_subject(lms[:3], (480, 360)))
-    iod = np.linalg.norm(lms[0][33, :2] - lms[0][263, :2])
+    iod = eye_distance(lms[0])
     others = [i for i, n in enumerate(ARKIT_NAMES) if n.startswith(("jaw", "mouth"))
               and n != "jawOpen"]  # fmt: skip
     for _ in range(3):
@@ -303,7 +304,7 @@ def test_shut_eyes_hold_their_gaze_whatever_irises_mediapipe_guesses():
     intr = intrinsics_from_fov(480, 360, 28.0)
     lms = synthetic_landmarks(np.zeros(50), curves, front, np.tile([0.0, 0.0, 0.6], (3, 1)),
                               intr)  # fmt: skip
-    iod = np.linalg.norm(lms[0][33, :2] - lms[0][263, :2])
+    iod = eye_distance(lms[0])
     for (up, low, a, b), iris in zip(LIDS, IRIS_CENTER, strict=True):
         # MediaPipe's upper and lower lid points meet on a shut eye (0.06-0.07 of its width
         # on renders of a blink); the correspondence's sit on ICT's closed lid 0.13 apart

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..headmodel import MEDIAPIPE_TO_68, HeadModel
+from ..headmodel import MEDIAPIPE_TO_68, HeadModel, eye_distance
 
 MIN_DISTANCE = 0.8  # metres: the assumed camera is never closer than this to the head
 
@@ -58,6 +58,6 @@ def align(model: HeadModel, landmarks: np.ndarray, size: tuple[int, int]) -> Ali
     w2c[:3, 3] = [(t[0] - cx) / s, (t[1] - cy) / s, distance]
 
     fitted = s * model_pts @ r.T + t
-    eyes = np.linalg.norm(landmarks[33, :2] - landmarks[263, :2])
+    eyes = eye_distance(landmarks)
     rms = float(np.sqrt(((fitted[:, :2] - image_pts[:, :2]) ** 2).sum(1).mean()) / eyes)
     return Alignment(np.array([f, f, cx, cy]), w2c, rms)

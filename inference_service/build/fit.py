@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..headmodel import Correspondence, HeadModel
+from ..headmodel import Correspondence, HeadModel, eye_distance
 from ..torch_threads import one_torch_thread
 from .align import Alignment
 
@@ -93,7 +93,7 @@ def fit_geometry(
     )  # [52, L, 3]
     target = torch.tensor(landmarks[:, :2], dtype=dt)
     weight = torch.tensor(corr.weight, dtype=dt)
-    iod = float(np.linalg.norm(landmarks[33, :2] - landmarks[263, :2]))
+    iod = eye_distance(landmarks)
     f0, cx, cy = float(init.intrinsics[0]), float(init.intrinsics[2]), float(init.intrinsics[3])
 
     alpha = torch.zeros(k, dtype=dt, requires_grad=True)
