@@ -143,7 +143,9 @@ class Atlas:
         tile: ``[T]`` int8 index into :data:`TILE_NAMES`.
         uvs, triangle_uvs: as in :class:`Texture`.
         pixel: ``[M]`` int64 flat index (row * width + column) of each covered texel.
+        row, col: ``[M]`` int64 its row and column.
         triangle: ``[M]`` int32 the triangle covering its centre.
+        texel_tile: ``[M]`` int8 that triangle's square (``tile[triangle]``).
         bary: ``[M, 3]`` float64 the centre's barycentric coordinates on it.
         corner: ``[M, 3]`` int32 that triangle's vertices.
         interp: ``[M, V]`` sparse (CSR): ``interp @ vertices`` puts each texel on the mesh.
@@ -155,7 +157,10 @@ class Atlas:
     uvs: np.ndarray
     triangle_uvs: np.ndarray
     pixel: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
     triangle: np.ndarray
+    texel_tile: np.ndarray
     bary: np.ndarray
     corner: np.ndarray
     interp: csr_matrix
@@ -326,7 +331,9 @@ def atlas(model: HeadModel, unit: int) -> Atlas:
     corner = model.triangles[triangle].astype(np.int32)
     rows = np.repeat(np.arange(len(pixel)), 3)
     interp = csr_matrix((bary.ravel(), (rows, corner.ravel())), (len(pixel), len(model.neutral)))
-    out = Atlas(width, height, tile, uvs, triangle_uvs, pixel, triangle, bary, corner, interp)
+    row, col = np.divmod(pixel, width)
+    out = Atlas(width, height, tile, uvs, triangle_uvs, pixel, row, col, triangle,
+                tile[triangle], bary, corner, interp)  # fmt: skip
     if len(_ATLAS) >= 4:
         _ATLAS.clear()
     _ATLAS[(id(model), unit)] = (model, out)
@@ -411,7 +418,7 @@ def bake_texture(
     """
     at = atlas(model, ATLAS_UNIT[preset])
     region = model.triangle_region[at.triangle]
-    rows, cols = np.divmod(at.pixel, at.width)
+    rows, cols = at.row, at.col
     # every texel as a point on ``vertices``: all of them may hide what lies behind them
     # from the photo; skin takes its colour from the photo, the rest is drawn
     v = vertices.astype(np.float64)
@@ -472,8 +479,7 @@ def _fill_skin(
     ``at``, and its target colour) from its known texels in the same square
     (:func:`inpaint`), or with its target where it has fewer than MIN_KNOWN. Returns
     the fills of squares one group holds entirely (padding reuses them)."""
-    rows, cols = np.divmod(at.pixel, at.width)
-    tile_of = at.tile[at.triangle]
+    rows, cols, tile_of = at.row, at.col, at.texel_tile
     spread: dict[int, np.ndarray] = {}
     for member, target in groups:
         for t in np.unique(tile_of[member]):
@@ -487,7 +493,7 @@ def _fill_skin(
                 weight[rows[group & known] - y, cols[group & known] - x] = 1.0
                 filled = inpaint(grid[y : y + side, x : x + side], weight, target)
                 grid[rows[todo], cols[todo]] = _at(filled, rows[todo] - y, cols[todo] - x)
-                if group.sum() == np.count_nonzero(at.tile[at.triangle] == t):
+                if group.sum() == np.count_nonzero(tile_of == t):
                     spread[t] = filled
             else:
                 grid[rows[todo], cols[todo]] = target
@@ -502,7 +508,7 @@ def _skin_detail(
     solid texture of its ratio to its trend (a plane per patch and channel, so a cheek's
     shading is not copied); None if too little is known."""
     x, y, side = _rect("face", at)
-    rows, cols = np.divmod(at.pixel, at.width)
+    rows, cols = at.row, at.col
     weight = np.zeros((side, side))
     weight[rows[known] - y, cols[known] - x] = 1.0
     h = max(4, int(round(DETAIL_PATCH * side / 2)))
@@ -525,12 +531,13 @@ def _skin_detail(
     energy = np.abs(np.log(np.maximum(ratio, 1e-3))).mean(axis=(1, 2))
     smooth = np.flatnonzero(energy <= np.median(energy))
     keep = rng.choice(smooth, size=min(DETAIL_PATCHES, len(smooth)), replace=False)
-    # metres per texel, from known texels and their right-hand neighbours
+    # metres per texel, from known texels and their right-hand neighbours in one square
     index = np.full(at.width * at.height, -1, np.int64)
     index[at.pixel] = np.arange(len(at.pixel))
     k = np.flatnonzero(known)
     right = index[at.pixel[k] + 1]
     ok = right >= 0
+    ok[ok] = at.texel_tile[right[ok]] == at.texel_tile[k[ok]]
     step = np.linalg.norm(points[k[ok]] - points[right[ok]], axis=1)
     patches = ratio[keep].reshape(len(keep), s, s, 3).astype(np.float32)
     return PatchTexture(patches, s * float(np.median(step)), center)
@@ -548,8 +555,7 @@ def _add_detail(
     fading in with their distance from the known texels of their square."""
     from scipy import ndimage
 
-    rows, cols = np.divmod(at.pixel, at.width)
-    tile_of = at.tile[at.triangle]
+    rows, cols, tile_of = at.row, at.col, at.texel_tile
     for t in np.unique(tile_of[skin & ~known]):
         todo = np.flatnonzero(skin & ~known & (tile_of == t))
         x, y, side = _rect(TILE_NAMES[t], at)
