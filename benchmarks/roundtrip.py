@@ -210,7 +210,7 @@ def round_trip(avatar, curves: np.ndarray, head: np.ndarray) -> tuple[dict, dict
 
 
 def main() -> None:
-    from build import png, portraits
+    from build import nudged, png, portraits
 
     from inference_service.build.builder import BuildOptions, build_avatar
     from tests.test_track import known_curves
@@ -220,10 +220,7 @@ def main() -> None:
     for name, img in portraits().items():
         rows, poses, responses = [], [], []
         for variant in ("photo", "noise1"):
-            photo = img
-            if variant != "photo":
-                nudge = np.random.default_rng(1).integers(-1, 2, img.shape)
-                photo = np.clip(img.astype(np.int16) + nudge, 0, 255).astype(np.uint8)
+            photo = nudged(img, 0 if variant == "photo" else 1)
             avatar = build_avatar(png(photo), BuildOptions(preset="default"), "0123456789ab",
                                   lambda s, f, m: None)  # fmt: skip
             response = mediapipe_response(avatar)
