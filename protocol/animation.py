@@ -20,9 +20,11 @@ and ``AppleARKitFaceSupport`` in Unreal Engine, Faceit's and other public import
 - *Timecode* ``HH:MM:SS:FF.mmm``: Epic's importer reads the last field as a fractional frame
   number (``FF`` frames plus ``.mmm`` thousandths of a frame, a sub-frame), at a rate the file
   does not state. Epic infers 60 fps when any ``FF`` exceeds 30, else 30. Here: when the
-  seconds field changes within the file, the rate is the largest ``FF`` + 1 rounded up to a
-  common rate (24, 25, 30, 48, 50, 60, 100, 120); in a take shorter than one second, Epic's
-  rule (30, or 60 once ``FF`` reaches 30). Files without timecodes have ``fps`` None.
+  seconds field changes within the file, the rate is the largest ``FF`` + 1, or the common
+  rate (24, 25, 30, 48, 50, 60, 100, 120) up to 5 % above it (a recording that dropped the
+  last frames of every second); in a take shorter than one second, Epic's rule (30, or 60
+  once ``FF`` reaches 30), so a file of ours under a second long reads at 30 or 60 fps.
+  Files without timecodes have ``fps`` None.
 - *Column order*: real captures (quoted byte for byte by several importers) follow Unreal's
   ``EARFaceBlendShape`` order, which is Apple's, except ``JawRight`` before ``JawLeft`` and
   ``MouthRight`` before ``MouthLeft``; ``save_livelink_csv`` writes that order. Some captures
@@ -91,6 +93,7 @@ LLF_COLUMNS: tuple[str, ...] = (
 )
 LLF_BLENDSHAPE_COUNT = 61
 COMMON_FPS: tuple[int, ...] = (24, 25, 30, 48, 50, 60, 100, 120)
+DROP_TOLERANCE = 0.05  # largest FF + 1 this far below a common rate reads as that rate
 #: Bookkeeping columns read past in CSVs (any case).
 IGNORED_COLUMNS: tuple[str, ...] = ("frame", "time", "timestamp")
 #: Weights outside this range are taken for another scale (percentages...) and refused;
@@ -268,7 +271,10 @@ def infer_fps(timecodes: Sequence[str]) -> float | None:
         return None
     top = max(int(p[3]) for p in parsed)
     if len({p[:3] for p in parsed}) > 1:  # FF wrapped at least once
-        return next((float(r) for r in COMMON_FPS if r > top), None)
+        # a common rate up to DROP_TOLERANCE above, where the seconds' last frames were
+        # dropped; else the rate the frames show (our own files at 15 fps, say)
+        rate = next((r for r in COMMON_FPS if top < r <= (top + 1) * (1 + DROP_TOLERANCE)), None)
+        return float(rate or top + 1)
     return next((float(r) for r in (30, 60) if r > top), None)
 
 
@@ -296,7 +302,13 @@ def load_animation(path: str | os.PathLike) -> Animation:
 
 
 def _load_npy(path: Path) -> Animation:
-    curves = np.load(path, allow_pickle=False)
+    try:
+        curves = np.load(path, allow_pickle=False)
+    except (EOFError, ValueError) as exc:
+        raise ValueError(f"not a .npy array ({exc})") from None
+    if not isinstance(curves, np.ndarray):
+        curves.close()
+        raise ValueError("a .npz archive, not a .npy array: save one array with numpy.save")
     if curves.ndim == 1 and curves.shape[0] == NUM_SHAPES:
         curves = curves[None]
     if curves.ndim != 2 or curves.shape[1] != NUM_SHAPES:
@@ -437,7 +449,7 @@ def _load_csv(path: Path) -> Animation:
         count = None
         if count_col is not None and count_col < len(row):
             count = _number(row[count_col], line, header[count_col])
-            if count < 0 or count != int(count):
+            if not math.isfinite(count) or count < 0 or count != int(count):
                 raise ValueError(
                     f"line {line}: BlendShapeCount {row[count_col]!r} is not a count of shapes"
                 )
@@ -450,6 +462,8 @@ def _load_csv(path: Path) -> Animation:
             timecodes.append(row[tc_col])
         cells.append(["0"] * len(numeric) if empty else [row[c] for c in numeric])
     try:
+        if any("_" in cell for cell_row in cells for cell in cell_row):
+            raise ValueError  # numpy, as float(), reads "0_5" as 5
         values = np.array(cells, dtype=np.float64).reshape(len(cells), len(numeric))
     except ValueError:
         for (line, _), cell_row in zip(body, cells, strict=True):
@@ -514,6 +528,8 @@ def _is_number(text: str) -> bool:
 
 def _number(text: str, line: int, column: str) -> float:
     try:
+        if "_" in text:  # float() reads "0_5" as 5
+            raise ValueError
         return float(text)
     except ValueError:
         what = "is empty" if text == "" else f"{text!r} is not a number"

@@ -51,7 +51,7 @@ def llf_row(timecode: str, values: dict[str, float] | None = None, count: int = 
 # -- round trips ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fps", [24, 25, 30, 50, 60])
+@pytest.mark.parametrize("fps", [15, 24, 25, 30, 50, 60, 90])
 def test_livelink_round_trip(tmp_path, fps):
     src = random_animation(frames=int(fps * 1.5) + 3, fps=fps, seed=fps)
     f = tmp_path / "take.csv"
@@ -232,6 +232,9 @@ def test_fps_inferred_from_timecodes():
     assert infer_fps(codes(60, 50)[10:] + []) == 60  # under a second, FF past 30: 60
     assert infer_fps(codes(60, 20)) == 30  # under a second, FF below 30: Epic's 30
     assert infer_fps(codes(60, 80)[1::2]) == 60  # dropped frames still wrap at 59
+    assert infer_fps(codes(60, 80)[:58] + codes(60, 80)[60:]) == 60  # second's last frames lost
+    for fps in (10, 15, 90, 240):  # what track writes for other videos reads back as it is
+        assert infer_fps(codes(fps, fps + 5)) == fps
     assert infer_fps([]) is None
 
 
@@ -270,6 +273,9 @@ def test_unknown_columns_list_the_valid_names(tmp_path):
          "column BlendShapeCount: 'x' is not a number"),
         (["Timecode", "BlendShapeCount", "JawOpen"], [["00:00:00:00.000", 60.5, 0.1]],
          "BlendShapeCount '60.5' is not a count"),
+        (["Timecode", "BlendShapeCount", "JawOpen"], [["00:00:00:00.000", "inf", 0.1]],
+         "BlendShapeCount 'inf' is not a count"),
+        (["frame", "JawOpen"], [[0, "0_5"]], "line 2, column JawOpen: '0_5' is not a number"),
         (["0.1"] * 52, [[0.1] * 52], "line 1 is numbers, not a header"),
         (["frame", "JawOpen"], [], "a header but no frames"),
     ],
@@ -295,6 +301,14 @@ def test_file_level_errors(tmp_path):
         load_animation(tmp_path / "nope.csv")
     with pytest.raises(ValueError, match="take.json: curves must be a .csv"):
         load_animation(tmp_path / "take.json")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "text.npy").write_text("jawOpen\n0.5\n")
+    np.savez(tmp_path / "archive.npz", curves=np.zeros((2, 52)))
+    (tmp_path / "archive.npz").rename(tmp_path / "archive.npy")
+    for name, message in (("empty", "not a .npy array"), ("text", "not a .npy array"),
+                          ("archive", "a .npz archive, not a .npy array")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"{name}.npy: {message}"):
+            load_animation(tmp_path / f"{name}.npy")
     np.save(tmp_path / "c51.npy", np.zeros((4, 51), np.float32))
     with pytest.raises(ValueError, match="c51.npy: wrong curve count.*\\[4, 51\\]"):
         load_animation(tmp_path / "c51.npy")
