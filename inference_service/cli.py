@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -255,6 +256,28 @@ class Mp4Writer:
         self.tmp.unlink(missing_ok=True)
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0 (a frame rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def frame_number(text: str) -> int:
+    """argparse type: a row of the curves, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a frame number, 0 or more, got {text!r}")
+    return value
+
+
 def parse_range(text: str) -> tuple[int, int]:
     try:
         a, b = (int(v) for v in text.split(":"))
@@ -463,22 +486,26 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.bundle:
         return export_bundle(args)
+    if args.range and args.frame is not None:
+        raise SystemExit("splatface export: give --frame or --range, not both")
     anim = read_animation(args.curves)
+    if anim is None and (args.range or args.frame is not None):
+        raise SystemExit("splatface export: --frame and --range pick rows of --curves; give it")
     curves = None if anim is None else anim.curves
     out = Path(args.out)
+    if args.range:
+        frames = list(range(args.range[0], args.range[1] + 1))
+        paths = [out / f"frame_{i:05d}.ply" for i in frames]
+    else:
+        frames, paths = [args.frame or 0], [out]
+    if curves is not None and frames[-1] >= len(curves):
+        raise SystemExit(
+            f"splatface export: frame {frames[-1]} asked for, the curves have {len(curves)} "
+            f"(0 to {len(curves) - 1})"
+        )
     with connect(args) as client:
         info = avatar_info(client, args.avatar)
         heads = animation_heads(anim, info, not args.no_head_motion)
-        if args.range:
-            a, b = args.range
-            if curves is not None and b >= len(curves):
-                raise SystemExit(
-                    f"splatface export: frame {b} asked for, the curves have {len(curves)}"
-                )
-            frames = list(range(a, b + 1))
-            paths = [out / f"frame_{i:05d}.ply" for i in frames]
-        else:
-            frames, paths = [args.frame], [out]
         bar = Progress(len(frames), "exporting", not args.json)
         try:
             for k, (i, path) in enumerate(zip(frames, paths, strict=True)):
@@ -724,7 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--fps",
-        type=float,
+        type=positive_float,
         help="frame rate of the MP4 preview (default: the curves file's, else 30)",
     )
     sp.add_argument(
@@ -777,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the rigged bundle instead: head.glb (52 ARKit morph targets), gaussians.npz "
         "(triangle bindings), rest.ply, bundle.json; see docs/rigged-bundle.md",
     )
-    sp.add_argument("--frame", type=int, default=0, help="row of --curves to export (default: 0)")
+    sp.add_argument("--frame", type=frame_number, help="row of --curves to export (default: 0)")
     sp.add_argument(
         "--range",
         type=parse_range,

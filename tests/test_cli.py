@@ -143,7 +143,19 @@ def test_export_frame_and_range(tmp_path, service, astronaut_id):
     assert not np.allclose(a["x"], b["x"])
     bad = run("export", astronaut_id, "--endpoint", service.endpoint, "--out", folder,
               "--curves", npy, "--range", "2:9", check=False)  # fmt: skip
-    assert bad.returncode != 0 and "4" in bad.stderr
+    assert bad.returncode != 0 and "the curves have 4 (0 to 3)" in bad.stderr
+    for extra, message in (
+        (("--curves", npy, "--frame", 4), "the curves have 4 (0 to 3)"),
+        (("--curves", npy, "--frame", -1), "0 or more, got '-1'"),
+        (("--frame", 1), "give it"),
+        (("--curves", npy, "--frame", 1, "--range", "0:1"), "not both"),
+    ):
+        bad = run("export", astronaut_id, "--endpoint", service.endpoint, "--out", one, *extra,
+                  check=False)  # fmt: skip
+        assert bad.returncode != 0 and message in bad.stderr, (extra, bad.stderr)
+    bad = run("render", astronaut_id, "--endpoint", service.endpoint, "--out", folder, "--curves",
+              npy, "--fps", "nan", check=False)  # fmt: skip
+    assert bad.returncode != 0 and "positive number, got 'nan'" in bad.stderr
 
 
 def test_errors_are_clear_and_typed(tmp_path, service):
