@@ -2,8 +2,10 @@
 
 Layout: ``ROOT/<id>/avatar.npz`` and ``ROOT/<id>/meta.json``. A save writes a hidden
 ``.tmp-*`` folder, fsyncs every file and the folder, then renames it to ``<id>`` (atomic
-on POSIX and NTFS); a process killed mid-save leaves only a ``.tmp-*`` folder, which the
-next start removes. ``meta.json`` records the npz's SHA-256, checked on load.
+on POSIX and NTFS); a process killed mid-save leaves only a ``.tmp-*`` folder, which a
+later start removes once nothing has written to it for :data:`STALE_SECONDS` (another
+service on the same store may be saving into a fresh one). ``meta.json`` records the npz's
+SHA-256, checked on load.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .avatar import FORMAT_VERSION, Avatar
 
 log = logging.getLogger(__name__)
 ID_RE = re.compile(r"^[0-9a-f]{12}$")
+STALE_SECONDS = 600.0  # an unfinished save this long untouched was interrupted
 
 
 class Store:
@@ -38,8 +41,9 @@ class Store:
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         for stale in self.root.glob(".tmp-*"):
-            log.warning("removing unfinished avatar %s left by an interrupted save", stale.name)
-            shutil.rmtree(stale, ignore_errors=True)
+            if _untouched_for(stale) > STALE_SECONDS:
+                log.warning("removing unfinished avatar %s left by an interrupted save", stale.name)
+                shutil.rmtree(stale, ignore_errors=True)
         for stale in self.root.glob(".trash-*"):
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -94,7 +98,12 @@ class Store:
             raise ProtocolError(errors.NOT_FOUND, f"no avatar {avatar_id!r}") from None
         except (OSError, ValueError) as exc:
             raise ProtocolError(errors.INTERNAL, f"avatar {avatar_id} is damaged: {exc}") from None
-        if not isinstance(meta, dict) or meta.get("id") != avatar_id:
+        if (
+            not isinstance(meta, dict)
+            or meta.get("id") != avatar_id
+            or not isinstance(meta.get("name"), str)
+            or not isinstance(meta.get("created", ""), str)
+        ):
             raise ProtocolError(errors.INTERNAL, f"avatar {avatar_id} has a damaged meta.json")
         return meta
 
@@ -111,6 +120,8 @@ class Store:
                 arrays = {k: z[k] for k in z.files}
             return Avatar.from_arrays(avatar_id, str(meta.get("name", "")), arrays, meta)
         except (OSError, ValueError) as exc:
+            if isinstance(exc, FileNotFoundError) and not self._dir(avatar_id).exists():
+                raise ProtocolError(errors.NOT_FOUND, f"no avatar {avatar_id!r}") from None
             raise ProtocolError(
                 errors.INTERNAL, f"avatar {avatar_id} is damaged and cannot be loaded: {exc}"
             ) from None
@@ -123,6 +134,8 @@ class Store:
                 continue
             try:
                 meta = self.meta(d.name)
+                if not (d / "avatar.npz").is_file():
+                    raise ProtocolError(errors.INTERNAL, f"avatar {d.name} has no avatar.npz")
             except ProtocolError as exc:
                 log.warning("%s", exc.message)
                 continue
@@ -151,6 +164,17 @@ class Store:
         os.rename(src, trash)
         fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _untouched_for(folder: Path) -> float:
+    """Seconds since anything in ``folder`` (or the folder itself) was last written."""
+    import time
+
+    try:
+        times = [folder.stat().st_mtime, *(f.stat().st_mtime for f in folder.iterdir())]
+    except OSError:  # gone meanwhile: its save finished or failed
+        return 0.0
+    return time.time() - max(times)
 
 
 def summary(meta: dict[str, Any]) -> dict[str, Any]:

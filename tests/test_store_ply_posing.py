@@ -12,7 +12,7 @@ from inference_service.avatar import Avatar, BoundGaussians
 from inference_service.export.ply import ply_bytes, property_names
 from inference_service.geometry import quat_to_rotmat, rotmat_to_quat
 from inference_service.posing import pose, split_transform
-from inference_service.store import Store
+from inference_service.store import STALE_SECONDS, Store
 from protocol import errors
 from protocol.arkit import index_of
 from protocol.errors import ProtocolError
@@ -80,14 +80,46 @@ def test_damaged_avatars_are_skipped_and_refused(tmp_path):
     (tmp_path / "cccccccccccc").mkdir()  # no meta.json
     (tmp_path / "dddddddddddd").mkdir()
     (tmp_path / "dddddddddddd" / "meta.json").write_text("{not json")
+    for damaged, meta in (("eeeeeeeeeeee", {}), ("ffffffffffff", {"name": "x", "created": 5}),
+                          ("999999999999", {"name": "x"})):  # fmt: skip
+        (tmp_path / damaged).mkdir()
+        (tmp_path / damaged / "meta.json").write_text(json.dumps({"id": damaged, **meta}))
+    (tmp_path / "eeeeeeeeeeee" / "avatar.npz").write_bytes(b"x")
+    (tmp_path / "ffffffffffff" / "avatar.npz").write_bytes(b"x")  # 999999999999 has none
     assert [m["id"] for m in store.list()] == ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]
+    with pytest.raises(ProtocolError, match="2 avatars are named 'tiny'"):  # past the damaged
+        store.resolve("tiny")
+    with pytest.raises(ProtocolError, match="no avatar with id or name 'nobody'"):
+        store.resolve("nobody")
+
+
+def test_an_avatar_deleted_while_it_loads_is_not_found_not_damaged(tmp_path):
+    class Racing(Store):
+        def meta(self, avatar_id):
+            meta = super().meta(avatar_id)
+            self.delete(avatar_id)  # another request deletes it between the two reads
+            return meta
+
+    store = Racing(tmp_path)
+    store.save(tiny_avatar())
+    with pytest.raises(ProtocolError) as e:
+        store.load("0123456789ab")
+    assert e.value.code == errors.NOT_FOUND
 
 
 def test_unfinished_saves_are_removed_on_start(tmp_path):
-    (tmp_path / ".tmp-0123456789ab-dead").mkdir()
-    (tmp_path / ".tmp-0123456789ab-dead" / "avatar.npz").write_bytes(b"half")
+    import os
+    import time
+
+    for name in ("dead", "live"):
+        (tmp_path / f".tmp-0123456789ab-{name}").mkdir()
+        (tmp_path / f".tmp-0123456789ab-{name}" / "avatar.npz").write_bytes(b"half")
+    old = time.time() - STALE_SECONDS - 60
+    for f in (tmp_path / ".tmp-0123456789ab-dead", tmp_path / ".tmp-0123456789ab-dead/avatar.npz"):
+        os.utime(f, (old, old))
     store = Store(tmp_path)
-    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+    # another service on the store may be saving into the fresh one: it stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-0123456789ab-live"]
     assert store.list() == []
 
 
