@@ -484,6 +484,8 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from protocol.files import atomic_write
 
+    from .export.ply import frame_file_name
+
     if args.bundle:
         return export_bundle(args)
     if args.range and args.frame is not None:
@@ -495,7 +497,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.range:
         frames = list(range(args.range[0], args.range[1] + 1))
-        paths = [out / f"frame_{i:05d}.ply" for i in frames]
+        paths = [out / frame_file_name(i, frames[-1]) for i in frames]
     else:
         frames, paths = [args.frame or 0], [out]
     if curves is not None and frames[-1] >= len(curves):

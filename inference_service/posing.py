@@ -15,6 +15,8 @@ from .geometry import rotmat_to_quat, triangle_frames
 #: are about the comfortable range of human gaze).
 GAZE_YAW = np.radians(30.0)
 GAZE_PITCH = np.radians(25.0)
+MAX_TRANSLATION = 1e4  # metres: float32 still resolves about a millimetre here
+MAX_SCALE = 1e3  # a head transform's uniform scale, either way
 _GAZE_NAMES = tuple(
     f"eyeLook{d}{side}" for side in ("Left", "Right") for d in ("Out", "In", "Up", "Down")
 )
@@ -45,16 +47,22 @@ def split_transform(m: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
     """A rigid-plus-uniform-scale ``[4, 4]`` → (rotation [3,3], scale, translation [3]).
 
     Raises ``ValueError`` for a bottom row other than (0, 0, 0, 1), a mirror, shear or
-    non-uniform scale (a Gaussian cannot follow those exactly).
+    non-uniform scale (a Gaussian cannot follow those exactly), or a translation or scale
+    beyond :data:`MAX_TRANSLATION` and :data:`MAX_SCALE` (float32 positions and ``.ply``
+    files would lose the head's millimetres, or overflow).
     """
     m = np.asarray(m, np.float64)
     if not np.allclose(m[3], (0, 0, 0, 1), atol=1e-6):
         raise ValueError("head transform's last row must be (0, 0, 0, 1)")
+    if not np.abs(m[:3, 3]).max() <= MAX_TRANSLATION:
+        raise ValueError(f"head transform's translation is beyond {MAX_TRANSLATION:g} m")
     a = m[:3, :3]
     det = np.linalg.det(a)
     if det <= 0:
         raise ValueError("head transform must not mirror or collapse (determinant <= 0)")
     s = det ** (1 / 3)
+    if not 1 / MAX_SCALE <= s <= MAX_SCALE:
+        raise ValueError(f"head transform's scale {s:.3g} is beyond {MAX_SCALE:g} either way")
     r = a / s
     if not np.allclose(r @ r.T, np.eye(3), atol=1e-3):
         raise ValueError("head transform must be rotation, uniform scale and translation")

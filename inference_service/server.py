@@ -26,7 +26,7 @@ import zmq
 import kernels
 from protocol import errors, messages
 from protocol.arkit import ARKIT_NAMES, check_curves, reorder
-from protocol.codec import PROTOCOL_VERSION, decode, encode
+from protocol.codec import PROTOCOL_VERSION, decode, encode, request_op_and_id
 from protocol.errors import ProtocolError
 from protocol.files import atomic_write
 
@@ -35,7 +35,7 @@ from .avatar import Avatar
 from .build.builder import BuildOptions
 from .build.diffusion import EnhanceModels, ModelFolderError, check_ready, has_diffusers
 from .export.bundle import bundle_zip
-from .export.ply import ply_bytes, write_ply
+from .export.ply import frame_file_name, ply_bytes, write_ply
 from .jobs import JobManager
 from .posing import pose, split_transform
 from .render import frame_count, render_frames
@@ -198,7 +198,10 @@ class Service:
     # -- dispatch -------------------------------------------------------------------
 
     def _dispatch(self, frames: list[Any]) -> list[Any] | None:
-        identity, body = frames[0], frames[1:]
+        # a DEALER's frames follow its identity; a REQ socket puts an empty frame between,
+        # and takes its reply only behind one
+        envelope = 2 if len(frames) > 2 and not memoryview(frames[1]).nbytes else 1
+        route, body = frames[:envelope], frames[envelope:]
         op, req_id = None, None
         try:
             msg = decode(body)
@@ -216,16 +219,18 @@ class Service:
                 )
             fields, arrays = messages.validate(msg)
             if op in POOL_OPS:
-                self._submit(identity, op, req_id, fields, arrays)
+                self._submit(route, op, req_id, fields, arrays)
                 return None
             header, out = getattr(self, "_op_" + op)(fields, arrays)
         except ProtocolError as exc:
-            return [identity, *self._error(op, req_id, exc)]
+            if op is None:  # refused while decoding: answer the id the caller waits on
+                op, req_id = request_op_and_id(body)
+            return [*route, *self._error(op, req_id, exc)]
         except Exception as exc:  # a bug: answer, log, keep serving
             log.exception("internal error in %s", op)
             err = ProtocolError(errors.INTERNAL, str(exc), remote_traceback=traceback.format_exc())
-            return [identity, *self._error(op, req_id, err)]
-        return [identity, *self._ok(op, req_id, header, out)]
+            return [*route, *self._error(op, req_id, err)]
+        return [*route, *self._ok(op, req_id, header, out)]
 
     @staticmethod
     def _ok(op, req_id, header: dict[str, Any], arrays=None) -> list[Any]:
@@ -245,14 +250,14 @@ class Service:
             }
         )
 
-    def _submit(self, identity, op, req_id, fields, arrays) -> None:
+    def _submit(self, route, op, req_id, fields, arrays) -> None:
         with self._pending_lock:
             if self._pending >= MAX_PENDING:
                 raise ProtocolError(errors.BUSY, f"{self._pending} requests in progress; try later")
             self._pending += 1
-        self._pool.submit(self._work, identity, op, req_id, fields, arrays)
+        self._pool.submit(self._work, route, op, req_id, fields, arrays)
 
-    def _work(self, identity, op, req_id, fields, arrays) -> None:
+    def _work(self, route, op, req_id, fields, arrays) -> None:
         try:
             header, out = getattr(self, "_op_" + op)(fields, arrays)
             reply = self._ok(op, req_id, header, out)
@@ -272,7 +277,7 @@ class Service:
             sock.connect(self._reply_addr)
             self._local.push = sock
             self._pushes.append(sock)
-        sock.send_multipart([identity, *reply], copy=False)
+        sock.send_multipart([*route, *reply], copy=False)
 
     def _avatar(self, ref: str) -> Avatar:
         avatar_id = self.store.resolve(ref)
@@ -458,7 +463,10 @@ class Service:
         if fields["format"] == "bundle":
             return self._export_bundle(avatar, fields)
         curves, heads = self._curves(fields, arrays), self._heads(arrays)
-        available = frame_count(curves, heads) if (curves is not None or heads is not None) else 1
+        try:
+            available = frame_count(curves, heads)
+        except ValueError as exc:
+            raise ProtocolError(errors.BAD_REQUEST, str(exc)) from None
 
         def posed(i: int):
             pick = lambda a: None if a is None else a[0 if len(a) == 1 else i]  # noqa: E731
@@ -482,9 +490,10 @@ class Service:
             frames = [i]
         else:
             a, b = fields["frames"]
-            if not 0 <= a <= b:
+            if not 0 <= a <= b <= messages.MAX_FRAME:
                 raise ProtocolError(
-                    errors.BAD_REQUEST, f"frames must be [a, b] with 0 <= a <= b, got {[a, b]}"
+                    errors.BAD_REQUEST,
+                    f"frames must be [a, b] with 0 <= a <= b <= {messages.MAX_FRAME}, got {[a, b]}",
                 )
             if b - a + 1 > messages.MAX_FRAMES:
                 raise ProtocolError(
@@ -502,7 +511,7 @@ class Service:
         written = []
         for i in frames:
             self._check_stop()
-            written.append(str(write_ply(folder / f"frame_{i:05d}.ply", posed(i))))
+            written.append(str(write_ply(folder / frame_file_name(i, frames[-1]), posed(i))))
         return {"format": "ply", "folder": str(folder), "files": written}, None
 
     def _export_bundle(self, avatar, fields):

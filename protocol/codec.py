@@ -88,27 +88,7 @@ def decode(frames: Sequence[Any], limits: Limits = REQUEST_LIMITS) -> Message:
     """Frames → :class:`Message`; raises :class:`ProtocolError` on anything malformed."""
     if not frames:
         raise ProtocolError(errors.BAD_REQUEST, "empty message")
-    raw = _frame_bytes(frames[0])
-    if raw.nbytes > limits.max_header_bytes:
-        raise ProtocolError(
-            errors.TOO_LARGE,
-            f"header is {raw.nbytes} bytes, limit {limits.max_header_bytes}",
-        )
-    try:
-        header = msgpack.unpackb(
-            raw,
-            raw=False,
-            strict_map_key=True,
-            max_str_len=limits.max_header_bytes,
-            max_bin_len=limits.max_header_bytes,
-            max_array_len=100_000,
-            max_map_len=10_000,
-            max_ext_len=0,
-        )
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError(errors.BAD_REQUEST, f"header is not valid msgpack: {exc}") from None
-    if not isinstance(header, dict):
-        raise ProtocolError(errors.BAD_REQUEST, "header must be a msgpack map")
+    header = _header(frames[0], limits)
     specs = header.pop("arrays", [])
     if not isinstance(specs, list):
         raise ProtocolError(errors.BAD_REQUEST, "'arrays' must be a list")
@@ -145,6 +125,45 @@ def decode(frames: Sequence[Any], limits: Limits = REQUEST_LIMITS) -> Message:
             )
         arrays[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
     return Message(header, arrays)
+
+
+def _header(frame: Any, limits: Limits) -> dict[str, Any]:
+    """The header frame as a map, within ``limits``."""
+    raw = _frame_bytes(frame)
+    if raw.nbytes > limits.max_header_bytes:
+        raise ProtocolError(
+            errors.TOO_LARGE,
+            f"header is {raw.nbytes} bytes, limit {limits.max_header_bytes}",
+        )
+    try:
+        header = msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=limits.max_header_bytes,
+            max_bin_len=limits.max_header_bytes,
+            max_array_len=100_000,
+            max_map_len=10_000,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(errors.BAD_REQUEST, f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(errors.BAD_REQUEST, "header must be a msgpack map")
+    return header
+
+
+def request_op_and_id(frames: Sequence[Any], limits: Limits = REQUEST_LIMITS) -> tuple[Any, Any]:
+    """``op`` and ``id`` of a request that :func:`decode` refused past its header (an array
+    too large, a frame missing), so the error reply reaches the caller that waits on that
+    id; (None, None) when the header itself is unreadable."""
+    try:
+        header = _header(frames[0], limits) if frames else {}
+    except ProtocolError:
+        return None, None
+    req_id = header.get("id")
+    ok = isinstance(req_id, str) and len(req_id) <= 64
+    return header.get("op"), req_id if ok else None
 
 
 def _check_spec(spec: Any, limits: Limits) -> tuple[str, np.dtype, tuple[int, ...]]:

@@ -20,6 +20,7 @@ from .errors import ProtocolError
 MAX_NAME = 128
 MAX_ID = 64
 MAX_FRAMES = 1024
+MAX_FRAME = MAX_FRAMES * 1000  # the highest frame number an export may name
 MAX_SIZE = 4096
 MAX_IMAGE_BYTES = 64 << 20
 MAX_PATH = 4096
@@ -135,7 +136,7 @@ OPS: dict[str, OpSpec] = {
         {
             "avatar": _AVATAR,
             "format": Field("str", default="ply", choices=EXPORT_FORMATS),
-            "frame": Field("int", lo=0, hi=MAX_FRAMES * 1000, default=0),
+            "frame": Field("int", lo=0, hi=MAX_FRAME, default=0),
             "frames": Field("list", item="int", length=2),
             "to": Field("str", default="reply", choices=("reply", "folder")),
             "curve_names": _CURVE_NAMES,
@@ -186,7 +187,7 @@ def validate(msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     Unknown fields are dropped; unknown arrays are an error (they cost bytes).
     """
     op = msg.header.get("op")
-    if op not in OPS:
+    if not isinstance(op, str) or op not in OPS:
         raise ProtocolError(errors.UNKNOWN_OP, f"unknown op {op!r}; known ops: {', '.join(OPS)}")
     spec = OPS[op]
     fields: dict[str, Any] = {}

@@ -141,6 +141,56 @@ def test_export_range_to_service_folder(client, astronaut_id):
     with pytest.raises(ProtocolError) as e:
         client.export(astronaut_id, curves=curves, frames=(1, 9), to="folder")
     assert e.value.code == errors.BAD_REQUEST and "5 frames" in e.value.message
+    # past frame 99999 the names grow a digit, so a sequence still sorts by name
+    files = client.export(astronaut_id, frames=(99_999, 100_000), to="folder").header["files"]
+    assert [f.rsplit("/", 1)[-1] for f in files] == ["frame_099999.ply", "frame_100000.ply"]
+    for bad in ((0, 10**15), (2, 1)):
+        with pytest.raises(ProtocolError, match="0 <= a <= b <= 1024000"):
+            client.export(astronaut_id, frames=bad, to="folder")
+
+
+def test_bad_export_requests(client, astronaut_id):
+    far = np.eye(4)
+    far[:3, 3] = 1e300  # overflows float32 positions
+    huge = np.diag([1e6, 1e6, 1e6, 1.0])
+    for kwargs, words in (
+        ({"curves": np.zeros((3, 52), np.float32), "head": np.tile(np.eye(4), (2, 1, 1))},
+         "disagree"),
+        ({"head": far}, "translation is beyond"),
+        ({"head": huge}, "scale 1e+06 is beyond"),
+    ):  # fmt: skip
+        with pytest.raises(ProtocolError) as e:
+            client.export(astronaut_id, **kwargs)
+        assert e.value.code == errors.BAD_REQUEST and words in e.value.message, e.value
+    assert_serving(client)
+
+
+def test_errors_found_while_decoding_reach_the_waiting_caller(service):
+    # refused past a readable header (a client matches replies by id, and would time out)
+    image = [{"name": "image", "dtype": "uint8", "shape": [4]}]
+    for frames in (
+        [_hdr(op="build", arrays=image)],  # its frame missing
+        [_hdr(op="build", arrays=[{**image[0], "dtype": "complex64"}]), b"x" * 32],
+        [_hdr(op="build", arrays=[{**image[0], "shape": [300 << 20]}]), b"x"],
+    ):
+        reply = raw(service.endpoint, frames)
+        assert reply.header["ok"] is False and reply.header["error"]["code"] in (
+            errors.BAD_REQUEST, errors.TOO_LARGE)  # fmt: skip
+        assert reply.header["id"] == "r" and reply.header["op"] == "build"
+
+
+def test_req_sockets_are_answered(service):
+    s = zmq.Context.instance().socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(service.endpoint)
+    try:
+        for _ in range(2):  # a REQ socket alternates: the second send needs the first reply
+            s.send_multipart(encode({"protocol": 1, "op": "hello", "id": "q"}))
+            assert s.poll(20_000), "no reply"
+            reply = decode(s.recv_multipart(), REPLY_LIMITS)
+            assert reply.header["ok"] and reply.header["service"] == "splatface"
+    finally:
+        s.close()
 
 
 def test_progress_events(client, astronaut_png):
@@ -251,6 +301,7 @@ BAD_MESSAGES = {
         errors.BAD_REQUEST,
     ),
     "unknown op": ([_hdr(op="explode")], errors.UNKNOWN_OP),
+    "op not a string": ([_hdr(op=["render"])], errors.UNKNOWN_OP),
     "wrong version": (
         [msgpack.packb({"protocol": 99, "op": "hello", "id": "r"})],
         errors.UNSUPPORTED_VERSION,

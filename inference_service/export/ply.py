@@ -18,6 +18,12 @@ from protocol.files import atomic_write
 from ..posing import PosedGaussians
 
 
+def frame_file_name(frame: int, last: int) -> str:
+    """``frame_NNNNN.ply``, padded to five digits or to ``last``'s width if wider, so a
+    sequence's files sort by name in frame order."""
+    return f"frame_{frame:0{max(5, len(str(last)))}d}.ply"
+
+
 def property_names(num_bases: int) -> list[str]:
     rest = 3 * (num_bases - 1)
     return (
