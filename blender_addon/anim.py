@@ -64,23 +64,38 @@ def find_fcurves(id_data: bpy.types.ID) -> Any:
 
 
 def _write_curve(fcurves: Any, path: str, index: int, frames: np.ndarray, values: Any) -> None:
-    """Replace the F-curve ``path[index]`` with linear keys ``(frames, values)``."""
-    fc = fcurves.find(path, index=index)
-    if fc is not None:
-        fcurves.remove(fc)
-    fc = fcurves.new(path, index=index)
-    fc.keyframe_points.add(len(frames))
+    """Key ``path[index]`` linearly at ``(frames, values)`` (ascending frames), replacing
+    the keys the F-curve had within that span; keys before and after it stay as they were
+    (the artist's own, or another take's)."""
     co = np.empty((len(frames), 2), np.float32)
     co[:, 0] = frames
     co[:, 1] = values
+    interp = np.full(len(frames), _linear(), np.int32)
+    fc = fcurves.find(path, index=index)
+    if fc is not None:
+        n = len(fc.keyframe_points)
+        old = np.empty(2 * n, np.float32)
+        old_interp = np.empty(n, np.int32)
+        fc.keyframe_points.foreach_get("co", old)
+        fc.keyframe_points.foreach_get("interpolation", old_interp)
+        old = old.reshape(n, 2)
+        keep = (old[:, 0] < frames[0]) | (old[:, 0] > frames[-1])
+        co = np.concatenate([old[keep], co])
+        interp = np.concatenate([old_interp[keep], interp])
+        order = np.argsort(co[:, 0], kind="stable")
+        co, interp = co[order], interp[order]
+        fcurves.remove(fc)
+    fc = fcurves.new(path, index=index)
+    fc.keyframe_points.add(len(co))
     fc.keyframe_points.foreach_set("co", co.ravel())
-    fc.keyframe_points.foreach_set("interpolation", [_linear()] * len(frames))
+    fc.keyframe_points.foreach_set("interpolation", interp.tolist())
     fc.update()
 
 
 def key_shapes(key: bpy.types.Key, plan: KeyframePlan, names: tuple[str, ...]) -> int:
-    """Key ``plan`` onto ``key``'s blocks named ``names`` (plan column order); returns the
-    number of F-curves written. Existing keys on those curves are replaced."""
+    """Key ``plan`` onto ``key``'s blocks named ``names`` (plan column order; a name not
+    among the blocks, such as "", is skipped); returns the number of F-curves written.
+    Existing keys on those curves within the plan's frames are replaced."""
     fcurves = fcurves_for(key, f"{key.user.name}_splatface")
     frames = np.asarray(plan.frames, np.float32)
     written = 0

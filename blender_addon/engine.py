@@ -241,9 +241,10 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
             _prefault(result, reply)
         try:
             layer = reply.result()
-        except ProtocolError as exc:
+        except Exception as exc:  # any failure fails the frame: never a blank one saved
             self.end_result(result, cancel=True)
-            self._fail(f"splatface service ({settings.endpoint}): {exc.message} [{exc.code}]")
+            why = f"{exc.message} [{exc.code}]" if isinstance(exc, ProtocolError) else repr(exc)
+            self._fail(f"splatface service ({settings.endpoint}): {why}")
             return
         t3 = time.perf_counter()
         c2w = np.linalg.inv(camera.world_to_camera)[:3, :3]
@@ -326,9 +327,12 @@ class ViewportState:
         signature = b"".join(np.ascontiguousarray(x).tobytes() for x in parts)
         if signature == self.signature:
             return None
+        try:
+            client, timeout = runtime.client(), runtime.settings().timeout
+        except (ValueError, OSError) as exc:
+            self.error = str(exc)
+            return None
         self.signature = signature
-        client = runtime.client()
-        timeout = runtime.settings().timeout
 
         def work() -> np.ndarray:
             layer = render_layers(client, frames, camera, timeout, ("rgb", "alpha", "depth"))

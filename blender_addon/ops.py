@@ -14,6 +14,7 @@ from typing import Any
 
 import bpy
 import numpy as np
+import zmq
 from bpy_extras.io_utils import ExportHelper, ImportHelper
 
 from . import anim, avatar, prefs, props, runtime
@@ -32,6 +33,16 @@ def _error_text(exc: BaseException) -> str:
     if isinstance(exc, ProtocolError):
         return f"{exc.message} [{exc.code}]"
     return str(exc) or type(exc).__name__
+
+
+def _client(op: bpy.types.Operator) -> Client | None:
+    """The shared client, or None once ``op`` has reported why there is none (a malformed
+    endpoint, unreadable CurveZMQ keys)."""
+    try:
+        return runtime.client()
+    except (ValueError, OSError) as exc:
+        op.report({"ERROR"}, str(exc))
+        return None
 
 
 def _report_error(message: str) -> None:
@@ -110,7 +121,9 @@ class SPLATFACE_OT_refresh(bpy.types.Operator):
     bl_label = "Refresh avatars"
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        client = runtime.client()
+        client = _client(self)
+        if client is None:
+            return {"CANCELLED"}
 
         def done(future: Future) -> None:
             exc = future.exception()
@@ -171,7 +184,10 @@ class SPLATFACE_OT_import_avatar(bpy.types.Operator):
                 self.report({"ERROR"}, "no avatar selected")
                 return {"CANCELLED"}
             avatar_id = st.avatars[st.avatar_index].avatar_id
-        fetch_and_create(runtime.client(), avatar_id)
+        client = _client(self)
+        if client is None:
+            return {"CANCELLED"}
+        fetch_and_create(client, avatar_id)
         return {"FINISHED"}
 
 
@@ -192,7 +208,9 @@ class SPLATFACE_OT_delete_avatar(bpy.types.Operator):
     def execute(self, context: bpy.types.Context) -> set[str]:
         st = props.state()
         avatar_id = st.avatars[st.avatar_index].avatar_id
-        client = runtime.client()
+        client = _client(self)
+        if client is None:
+            return {"CANCELLED"}
 
         def work() -> list[dict[str, Any]]:
             client.delete(avatar_id)
@@ -303,7 +321,13 @@ class SPLATFACE_OT_build(bpy.types.Operator, ImportHelper):
             self.report({"ERROR"}, f"no such image: {path}")
             return {"CANCELLED"}
         props.state().faces.clear()
-        start_build(path, self.avatar_name or Path(path).stem, self.preset, self.face, self.enhance)
+        try:
+            start_build(
+                path, self.avatar_name or Path(path).stem, self.preset, self.face, self.enhance
+            )
+        except (ValueError, OSError) as exc:
+            self.report({"ERROR"}, f"cannot start the build: {exc}")
+            return {"CANCELLED"}
         return {"FINISHED"}
 
 
@@ -322,10 +346,14 @@ class SPLATFACE_OT_build_face(bpy.types.Operator):
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         st = props.state()
-        start_build(
-            st.build_image, f"{st.build_name}-face{self.face}", st.build_preset, self.face,
-            st.build_enhance,
-        )  # fmt: skip
+        try:
+            start_build(
+                st.build_image, f"{st.build_name}-face{self.face}", st.build_preset, self.face,
+                st.build_enhance,
+            )  # fmt: skip
+        except (ValueError, OSError) as exc:
+            self.report({"ERROR"}, f"cannot start the build: {exc}")
+            return {"CANCELLED"}
         return {"FINISHED"}
 
 
@@ -350,11 +378,13 @@ class SPLATFACE_OT_cancel_build(bpy.types.Operator):
 
 @dataclass(frozen=True)
 class CurvesImport:
-    """What :func:`import_curves` keyed: frames per shape, and the head's rotation path
-    ("" when the take had no head angles or head motion was off)."""
+    """What :func:`import_curves` keyed: frames per shape, the head's rotation path
+    ("" when the take had no head angles or head motion was off), and the shapes the file
+    has no column for (left as they were)."""
 
     frames: int
     head_path: str
+    missing: tuple[str, ...] = ()
 
 
 def import_curves(
@@ -363,7 +393,9 @@ def import_curves(
     """Key a curves file (Live Link Face CSV, splatface CSV, .npy) onto ``proxy``'s shape
     keys at the scene frame rate, and the take's head rotation (Live Link Face's
     HeadYaw/Pitch/Roll, see ``protocol.head_rotation``) onto its head empty, which sits at
-    the neck pivot, so the head turns as ``splatface render --curves`` turns it."""
+    the neck pivot, so the head turns as ``splatface render --curves`` turns it. Keys
+    within the take's frames are replaced, keys outside them kept; shapes the file has no
+    column for keep their keys (``missing``)."""
     scene = bpy.context.scene
     take = load_animation(path)
     scene_fps = scene.render.fps / scene.render.fps_base
@@ -378,8 +410,8 @@ def import_curves(
             raise ValueError(f"{proxy.name} has no head empty to key the head rotation on")
         angles = plan_keyframes(take.head_angles, take.fps, scene_fps, start_frame)
         head_path = anim.key_rotation(head, angles.frames, head_rotation(*angles.values.T))
-    anim.key_shapes(key, plan, ARKIT_NAMES)
-    return CurvesImport(len(plan.frames), head_path)
+    anim.key_shapes(key, plan, tuple("" if n in take.missing else n for n in ARKIT_NAMES))
+    return CurvesImport(len(plan.frames), head_path, take.missing)
 
 
 class SPLATFACE_OT_import_curves(bpy.types.Operator, ImportHelper):
@@ -417,6 +449,12 @@ class SPLATFACE_OT_import_curves(bpy.types.Operator, ImportHelper):
             return {"CANCELLED"}
         head = f" and the head's {done.head_path}" if done.head_path else ""
         self.report({"INFO"}, f"keyed {done.frames} frames on {proxy.name}{head}")
+        if done.missing:
+            self.report(
+                {"WARNING"},
+                f"the file has no column for {len(done.missing)} shape(s), left as they were: "
+                + ", ".join(done.missing),
+            )
         return {"FINISHED"}
 
 
@@ -508,7 +546,7 @@ class SPLATFACE_OT_export_ply(bpy.types.Operator, ExportHelper):
                 self.frame_start,
                 self.frame_end,
             )
-        except (ProtocolError, ValueError, OSError) as exc:
+        except (ProtocolError, ValueError, OSError, zmq.ZMQError) as exc:
             self.report({"ERROR"}, f"export failed: {_error_text(exc)}")
             return {"CANCELLED"}
         self.report({"INFO"}, f"wrote {len(files)} file(s), last {files[-1]}")

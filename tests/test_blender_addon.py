@@ -284,6 +284,62 @@ def test_endpoint_from_environment(monkeypatch, addon):
     assert runtime.client().endpoint == _prefs().endpoint
 
 
+def test_a_malformed_endpoint_is_reported_by_every_operator_not_a_traceback(
+    scene, astronaut_id, astronaut_png, tmp_path
+):
+    from blender_addon import props
+
+    proxy = import_avatar(bpy, astronaut_id)
+    add_camera_from_opencv(bpy, scene, orbit((0, 0, 0), 0.9), FOV, 32)
+    photo = tmp_path / "p.png"
+    photo.write_bytes(astronaut_png)
+    st = props.state()
+    st.avatars.add().avatar_id = astronaut_id
+    st.avatar_index = 0
+    p = _prefs()
+    old = p.endpoint
+    try:
+        for endpoint, words in (("127.0.0.1:5555", "must start with tcp://"),
+                                ("tcp://127.0.0.1", "needs a port")):  # fmt: skip
+            p.endpoint = endpoint
+            bpy.context.view_layer.objects.active = proxy
+            calls = (
+                bpy.ops.splatface.refresh,
+                lambda: bpy.ops.splatface.import_avatar(avatar_id=astronaut_id),
+                bpy.ops.splatface.delete_avatar,
+                lambda: bpy.ops.splatface.build(filepath=str(photo), preset="fast"),
+                lambda: bpy.ops.splatface.export_ply(filepath=str(tmp_path / "x.ply")),
+                bpy.ops.render.render,
+            )
+            for call in calls:
+                with pytest.raises(RuntimeError) as e:
+                    call()
+                assert words in str(e.value) and "Traceback" not in str(e.value), str(e.value)
+            assert not st.building
+    finally:
+        p.endpoint = old
+        st.avatars.clear()
+
+
+def test_a_failed_frame_fails_the_render_and_saves_no_blank_frame(
+    scene, astronaut_id, tmp_path, monkeypatch
+):
+    from blender_addon import engine
+
+    import_avatar(bpy, astronaut_id)
+    add_camera_from_opencv(bpy, scene, orbit((0, 0, 0), 0.9), FOV, 32)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("socket went away")  # not a ProtocolError
+
+    monkeypatch.setattr(engine, "render_layers", broken)
+    scene.render.filepath = str(tmp_path / "fr_")
+    scene.frame_start, scene.frame_end = 1, 2
+    with pytest.raises(RuntimeError, match="socket went away"):
+        bpy.ops.render.render(animation=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_auto_start_runs_the_configured_python_and_unregister_stops_it(
     scene, service, tmp_path, monkeypatch
 ):

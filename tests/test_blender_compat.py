@@ -388,11 +388,27 @@ def test_import_live_link_face_csv_resamples_to_scene_fps(scene, avatar_id, tmp_
     values = avatar.evaluated_curves(proxy.evaluated_get(depsgraph), depsgraph)
     assert values[ARKIT_NAMES.index("jawOpen")] == pytest.approx(0.25, abs=1e-4)
 
-    # a second import replaces the keys, it does not add a second curve
+    # a second import replaces the keys within its frames, it does not add a second curve;
+    # keys before it (here the first take's) stay
     assert bpy.ops.splatface.import_curves(filepath=str(path), start_frame=11) == {"FINISHED"}
     fcurves = anim.find_fcurves(key)
     assert len([f for f in fcurves if f.data_path == 'key_blocks["jawOpen"].value']) == 1
     assert anim.shape_value(key, "jawOpen", 23) == pytest.approx(0.5, abs=1e-4)
+    assert anim.shape_value(key, "jawOpen", 5) == pytest.approx(4 / 24, abs=1e-4)
+    fc = anim.find_fcurves(key).find('key_blocks["jawOpen"].value')
+    assert [k.co[0] for k in fc.keyframe_points] == list(range(1, 36))
+
+    # a file without a shape's column leaves that shape's keys alone, and says so
+    from blender_addon.ops import import_curves
+
+    only_jaw = tmp_path / "jaw.csv"
+    only_jaw.write_text("jawOpen\n0.2\n0.4\n")
+    before = anim.shape_value(key, "mouthLeft", 13)
+    done = import_curves(proxy, str(only_jaw), 100)
+    assert "mouthLeft" in done.missing and "jawOpen" not in done.missing
+    assert len(done.missing) == 51
+    assert anim.shape_value(key, "mouthLeft", 13) == pytest.approx(before, abs=1e-6)
+    assert anim.shape_value(key, "jawOpen", 100) == pytest.approx(0.2, abs=1e-6)
 
     bad = tmp_path / "bad.csv"
     bad.write_text("jawOpen,eyeBlinkMiddle\n0.1,0.2\n")

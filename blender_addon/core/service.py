@@ -5,6 +5,7 @@ report progress; no ``bpy`` here (the operators feed these from preferences).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import threading
 import time
@@ -55,6 +56,8 @@ class ConnectionSettings:
         s = self.resolved()
         if not s.endpoint.startswith(("tcp://", "ipc://", "inproc://")):
             raise ValueError(f"service endpoint {s.endpoint!r} must start with tcp:// or ipc://")
+        if s.endpoint.startswith("tcp://") and not re.fullmatch(r"tcp://[^/]+:\d{1,5}", s.endpoint):
+            raise ValueError(f"service endpoint {s.endpoint!r} needs a port: tcp://HOST:PORT")
         curve = CurveKeys.from_dir(s.curve_keys) if s.curve_keys else None
         return Client(s.endpoint, timeout=s.timeout, retries=1, curve=curve)
 
