@@ -426,6 +426,10 @@ class Service:
         if fields["near"] >= fields["far"]:
             raise ProtocolError(errors.BAD_REQUEST, "near must be less than far")
         w, h, passes = fields["width"], fields["height"], tuple(dict.fromkeys(fields["passes"]))
+        if not passes:
+            raise ProtocolError(
+                errors.BAD_REQUEST, f"passes is empty; name some of {', '.join(messages.PASSES)}"
+            )
         channels = sum({"rgb": 3, "alpha": 1, "depth": 1, "normal": 3}[p] for p in passes)
         nbytes = f * w * h * channels * 4
         if nbytes > messages.MAX_RENDER_BYTES:

@@ -67,8 +67,9 @@ class Client:
         endpoint: e.g. ``tcp://127.0.0.1:5555``.
         timeout: seconds to wait for each reply before giving up on that attempt.
         retries: further attempts after a timeout (socket closed and reopened each time),
-            so a service that restarts is picked up again. ``build`` is never retried:
-            a retry could start the same build twice.
+            so a service that restarts is picked up again. ``build``, ``render`` and
+            ``export`` are never retried: a retry would start the same work again beside
+            the first (pass them a ``timeout`` long enough for it).
         curve: keys for a CurveZMQ-secured service.
     """
 
@@ -308,6 +309,7 @@ class Client:
                 "head": None if head is None else np.asarray(head, np.float64).reshape(-1, 4, 4),
             },
             timeout=timeout,
+            retries=0,
         )
 
     def delete(self, avatar: str) -> dict[str, Any]:

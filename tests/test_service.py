@@ -344,6 +344,7 @@ BAD_RENDERS = {
     ),
     "mirrored head": ({"head": np.diag([-1.0, 1, 1, 1])[None]}, errors.BAD_REQUEST, "mirror"),
     "unknown row order": ({"fields": {"rows": "left_right"}}, errors.BAD_REQUEST, "bottom_up"),
+    "no passes": ({"fields": {"passes": []}}, errors.BAD_REQUEST, "passes is empty"),
     "unknown curve name": (
         {"curves": np.zeros((1, 1), np.float32), "fields": {"curve_names": ["jawOpenWide"]}},
         errors.BAD_REQUEST,
