@@ -64,7 +64,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protocol.animation import Animation, save_livelink_csv
+from protocol.animation import Animation, load_animation, save_livelink_csv
 from protocol.arkit import ARKIT_NAMES, index_of
 from protocol.camera import orbit
 from protocol.errors import ProtocolError
@@ -234,6 +234,7 @@ class LandmarkTracker:
     def __init__(self, face: int | None = None) -> None:
         self.face = face
         self.box: tuple[float, float, float, float] | None = None
+        self.most_faces = 0  # the most faces detection found in one frame
 
     def __call__(self, img: np.ndarray) -> np.ndarray | None:
         """``[478, 3]`` pixels, or None when no face is found."""
@@ -246,7 +247,9 @@ class LandmarkTracker:
                 pass  # lost it: look over the whole frame
         h, w = img.shape[:2]
         try:
-            face = detect.choose_face(detect.detect_faces(img), self.face, None, (w, h))
+            faces = detect.detect_faces(img)
+            self.most_faces = max(self.most_faces, len(faces))
+            face = detect.choose_face(faces, self.face, None, (w, h))
             return self._near(img, face.box)
         except ProtocolError:
             self.box = None
@@ -970,6 +973,11 @@ def track(
         raise TrackError(f"{src.name}: no frames")
     if fitter is None:
         if all(p is None for p in pending):
+            if face is not None and 0 < follow.most_faces <= face:
+                raise TrackError(
+                    f"{src.name}: face {face} asked for, but no frame shows more than "
+                    f"{follow.most_faces} face(s) (0 = largest)"
+                )
             raise TrackError(f"{src.name}: no face found in any of its {done} frames")
         fitter = start()
 
@@ -1100,11 +1108,18 @@ def cmd_track(args: argparse.Namespace) -> int:
         text += f"\ncalibrated on neutral frames {neutral[0]}-{neutral[1]}"
     if result.gaps:
         text += f"\nno face in frame(s) {result.gaps_text()}: the last pose is held there"
+    read_back = load_animation(out).fps
+    if read_back is not None and abs(read_back - anim.fps) > 1e-6:
+        # Live Link Face timecodes state no rate: readers infer it (protocol.animation)
+        text += (f"\nnote: readers of the CSV will take it as {read_back:g} fps (its timecodes "
+                 f"cannot state {anim.fps:g} fps for this take): give --fps {anim.fps:g} to "
+                 "render")  # fmt: skip
     record = {
         "out": str(out),
         "source": str(args.source),
         "frames": anim.frames,
         "fps": anim.fps,
+        "fps_read_back": read_back,
         "gaps": [list(g) for g in result.gaps],
         "neutral": list(neutral) if neutral is not None else None,
         "timings": result.timings,

@@ -460,7 +460,7 @@ def test_cli_reports_gaps_and_holds_the_pose(clip, tmp_path, capsys):
     record = run_cli(["track", str(folder), "--out", str(out), "--fps", "25", "--json"], capsys)
     assert record["gaps"] == [[0, 1], [10, 12]] and record["frames"] == len(order)
     anim = load_animation(out)  # over a second: the timecodes tell the rate
-    assert anim.fps == 25 and anim.frames == len(order)
+    assert anim.fps == 25 and anim.frames == len(order) and record["fps_read_back"] == 25
     np.testing.assert_array_equal(anim.curves[0], anim.curves[2])  # the first pose found
     np.testing.assert_array_equal(anim.curves[1], anim.curves[2])
     for i in (10, 11, 12):  # the last pose before the gap
@@ -471,6 +471,10 @@ def test_cli_reports_gaps_and_holds_the_pose(clip, tmp_path, capsys):
         run_cli(["track", str(folder), "--out", str(out), "--neutral", "0-1"], capsys)
     assert call_cli(["track", str(folder), "--out", str(out), "--neutral", "2-4"]) == 0
     assert "calibrated on neutral frames 2-4" in capsys.readouterr().out
+    # a rate whole frames cannot state: the CSV reads back at another, and track says so
+    assert call_cli(["track", str(folder), "--out", str(out), "--fps", "12.5"]) == 0
+    said = capsys.readouterr().out
+    assert "readers of the CSV will take it as 13 fps" in said and "--fps 12.5" in said
     for bad in ("5-2", "-1", "x"):
         with pytest.raises(SystemExit, match="--neutral must be a frame A or a range A-B"):
             run_cli(["track", str(folder), "--out", str(out), "--neutral", bad], capsys)
@@ -488,6 +492,17 @@ def test_no_face_anywhere_is_a_typed_error(tmp_path, capsys):
         run_cli(["track", str(folder), "--out", str(tmp_path / "x.csv")], capsys)
     with pytest.raises(SystemExit, match="--out must name a .csv"):
         run_cli(["track", str(folder), "--out", str(tmp_path / "x.txt")], capsys)
+
+
+def test_a_face_index_past_the_faces_found_says_so(tmp_path):
+    import skimage.data
+
+    folder = tmp_path / "one person"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(skimage.data.astronaut()).save(folder / f"{i}.png")
+    with pytest.raises(TrackError, match="face 1 asked for, but no frame shows more than 1 face"):
+        track(folder, face=1)
 
 
 def test_bad_inputs_are_typed_errors(tmp_path):
