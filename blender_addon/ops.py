@@ -272,7 +272,7 @@ def start_build(image_path: str, name: str, preset: str, face: int, enhance: boo
         fetch_and_create(client, status["avatar_id"])
         runtime.submit(client.avatars, lambda f: f.exception() or _apply_list(f.result()))
 
-    return runtime.submit(work, done)
+    return runtime.submit(work, done, on=runtime.build_worker)
 
 
 def _apply_status(status: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ DRAIN_INTERVAL_S = 0.05
 
 main_queue = MainQueue()
 _worker: Worker | None = None
+_build_worker: Worker | None = None
 _client: Client | None = None
 _client_settings: ConnectionSettings | None = None
 _client_lock = threading.Lock()
@@ -37,6 +38,15 @@ def worker() -> Worker:
     if _worker is None:
         _worker = Worker()
     return _worker
+
+
+def build_worker() -> Worker:
+    """A thread of its own for builds: a build follows its job for minutes, and the
+    viewport, lists and exports must not wait behind it on :func:`worker`."""
+    global _build_worker
+    if _build_worker is None:
+        _build_worker = Worker("splatface-build")
+    return _build_worker
 
 
 def client() -> Client:
@@ -71,10 +81,14 @@ def _is_extension() -> bool:
 
 
 def submit(
-    fn: Callable[[], Any], then: Callable[[Future], Any] | None = None, key: str | None = None
+    fn: Callable[[], Any],
+    then: Callable[[Future], Any] | None = None,
+    key: str | None = None,
+    on: Callable[[], Worker] = worker,
 ) -> Future:
-    """Run ``fn`` on the worker; ``then(future)`` runs on the main thread afterwards."""
-    future = worker().submit(fn, key=key)
+    """Run ``fn`` on the worker (``on``: :func:`worker` or :func:`build_worker`);
+    ``then(future)`` runs on the main thread afterwards."""
+    future = on().submit(fn, key=key)
     if then is not None:
         on_main_thread(future, main_queue, then)
     return future
@@ -91,7 +105,7 @@ def settle(timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         ran = main_queue.drain(budget_s=1.0)
-        if not ran and not worker().busy():
+        if not ran and not worker().busy() and not build_worker().busy():
             if not main_queue.drain():
                 return
         if time.monotonic() > deadline:
@@ -112,10 +126,11 @@ def tag_redraw() -> None:
 
 def shutdown() -> None:
     """Stop the worker, close the socket, stop a service we started."""
-    global _worker, _client, local_service
-    if _worker is not None:
-        _worker.stop()
-        _worker = None
+    global _worker, _build_worker, _client, local_service
+    for w in (_worker, _build_worker):
+        if w is not None:
+            w.stop()
+    _worker = _build_worker = None
     with _client_lock:
         if _client is not None:
             _client.close()

@@ -59,7 +59,7 @@ def scene(addon):
     return reset_scene(bpy)
 
 
-def test_build_from_photo_with_progress(scene, astronaut_png, tmp_path):
+def test_build_from_photo_with_progress(scene, astronaut_png, tmp_path, client):
     from blender_addon import avatar, props
 
     photo = tmp_path / "portrait.png"
@@ -71,6 +71,12 @@ def test_build_from_photo_with_progress(scene, astronaut_png, tmp_path):
     from blender_addon import runtime
 
     deadline = time.monotonic() + 300
+    while not st.build_job and time.monotonic() < deadline:
+        runtime.main_queue.drain()
+        time.sleep(0.01)
+    # other requests (viewport, lists, exports) do not wait behind the build
+    runtime.submit(lambda: None).result(timeout=60)
+    assert client.status(st.build_job)["state"] in ("queued", "running")
     while st.building and time.monotonic() < deadline:
         runtime.main_queue.drain()
         fractions.append(st.build_fraction)

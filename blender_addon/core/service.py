@@ -132,11 +132,13 @@ def run_build(
     on_status: Callable[[dict[str, Any]], None] | None = None,
     cancel: threading.Event | None = None,
     poll: float = 0.1,
-    timeout: float = 600.0,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """Build an avatar, calling ``on_status(status)`` after every poll (from this thread).
 
-    Setting ``cancel`` asks the service to cancel the job. ``enhance``: diffusion weight
+    Setting ``cancel`` asks the service to cancel the job, as does passing ``timeout``
+    seconds (None: no limit; a build with diffusion fill on a CPU takes many minutes, and
+    a service that stops answering fails the status poll anyway). ``enhance``: diffusion weight
     folders as the protocol's build option (None: the service's choice). Returns the final
     status when done; raises :class:`ProtocolError` (``cancelled``, ``no_face``,
     ``timeout``, ``bad_request`` for an unusable ``enhance`` folder...).
@@ -144,7 +146,7 @@ def run_build(
     job = client.build(image, name=name, preset=preset, face=face, enhance=enhance)
     since = 0
     asked_cancel = False
-    deadline = time.monotonic() + timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         if cancel is not None and cancel.is_set() and not asked_cancel:
             client.cancel(job)
@@ -157,7 +159,7 @@ def run_build(
             return st
         if st["state"] in ("failed", "cancelled"):
             raise ProtocolError.from_dict(st.get("error"))
-        if time.monotonic() > deadline:
+        if deadline is not None and time.monotonic() > deadline:
             client.cancel(job)
             raise ProtocolError(errors.TIMEOUT, f"build {job} took longer than {timeout:.0f} s")
         time.sleep(poll)
