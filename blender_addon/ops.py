@@ -399,7 +399,8 @@ def import_curves(
     scene = bpy.context.scene
     take = load_animation(path)
     scene_fps = scene.render.fps / scene.render.fps_base
-    plan = plan_keyframes(take.curves, take.fps, scene_fps, start_frame)
+    times = take.row_times()  # a capture's dropped frames keep their time
+    plan = plan_keyframes(take.curves, take.fps, scene_fps, start_frame, times)
     key = proxy.data.shape_keys
     if key is None:
         raise ValueError(f"{proxy.name} has no shape keys")
@@ -408,7 +409,7 @@ def import_curves(
     if head_motion and take.head_angles is not None:
         if head is None or head.splatface.role != "HEAD":
             raise ValueError(f"{proxy.name} has no head empty to key the head rotation on")
-        angles = plan_keyframes(take.head_angles, take.fps, scene_fps, start_frame)
+        angles = plan_keyframes(take.head_angles, take.fps, scene_fps, start_frame, times)
         head_path = anim.key_rotation(head, angles.frames, head_rotation(*angles.values.T))
     anim.key_shapes(key, plan, tuple("" if n in take.missing else n for n in ARKIT_NAMES))
     return CurvesImport(len(plan.frames), head_path, take.missing)

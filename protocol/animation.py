@@ -213,6 +213,17 @@ class Animation:
     def frames(self) -> int:
         return len(self.curves)
 
+    def row_times(self) -> np.ndarray | None:
+        """Seconds of each row after the first, from the timecodes at ``fps``: a capture
+        that dropped frames has gaps here that counting rows would close. None without
+        timecodes and a rate, or when they do not increase (a take across midnight)."""
+        if self.timecodes is None or self.fps is None:
+            return None
+        t = np.array([timecode_seconds(tc, self.fps) for tc in self.timecodes])
+        if len(t) > 1 and not np.all(np.diff(t) > 0):
+            return None
+        return t - t[0]
+
     def head_transforms(self, pivot: Sequence[float] | np.ndarray) -> np.ndarray:
         """Head-to-world transforms ``[F, 4, 4]``: the recorded head rotation about ``pivot``.
 
@@ -453,7 +464,8 @@ def _load_csv(path: Path) -> Animation:
                 raise ValueError(
                     f"line {line}: BlendShapeCount {row[count_col]!r} is not a count of shapes"
                 )
-        empty = count == 0 and len(row) == max(count_col, tc_col or 0) + 1
+        # an untracked row may stop after its count and timecode, or leave the rest empty
+        empty = count == 0 and len(row) <= width and not any(row[max(count_col, tc_col or 0) + 1 :])
         if len(row) != width and not empty:
             raise ValueError(f"line {line} has {len(row)} values, the header has {width} columns")
         untracked.append(count == 0)

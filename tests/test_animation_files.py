@@ -68,6 +68,20 @@ def test_livelink_round_trip(tmp_path, fps):
     assert (tmp_path / "again.csv").read_text() == f.read_text()
 
 
+def test_row_times_follow_the_timecodes_through_dropped_frames(tmp_path):
+    rows = [i for i in range(130) if i % 60 not in (20, 21)]  # 60 fps, two dropped a second
+    codes = tuple(format_timecode(3600 + i / 60, 60) for i in rows)
+    f = tmp_path / "take.csv"
+    save_livelink_csv(f, Animation(curves=np.zeros((len(rows), 52)), timecodes=codes))
+    got = load_animation(f)
+    assert got.fps == 60
+    np.testing.assert_allclose(got.row_times(), (np.array(rows) - rows[0]) / 60, atol=1e-9)
+    assert load_animation(f).row_times()[-1] == pytest.approx(129 / 60)
+    assert Animation(curves=np.zeros((2, 52)), fps=30.0).row_times() is None  # no timecodes
+    across_midnight = ("23:59:59:59.000", "00:00:00:00.000")
+    assert Animation(np.zeros((2, 52)), fps=60.0, timecodes=across_midnight).row_times() is None
+
+
 def test_written_layout_is_live_link_face(tmp_path):
     f = tmp_path / "take.csv"
     save_livelink_csv(f, np.zeros((3, 52), np.float32), fps=60)
@@ -191,11 +205,13 @@ def test_rows_without_a_face_hold_the_tracked_frame(tmp_path):
         ["00:00:00:01.000", 61, 0.2, 0.1, 0, 0],
         ["00:00:00:02.000", 0, 0, 0, 0, 0],  # lost the face: holds the frame before
         ["00:00:00:03.000", 61, 0.6, 0.3, 0, 0],
+        ["00:00:00:04.000", 0, ""],  # a trailing comma, or empty cells: no face either
+        ["00:00:00:05.000", 0, "", "", ""],
     ]
     got = load_animation(write(tmp_path, header, rows))
-    np.testing.assert_allclose(got.curves[:, index_of("jawOpen")], [0.2, 0.2, 0.2, 0.6])
-    np.testing.assert_allclose(got.head_angles[:, 0], [0.1, 0.1, 0.1, 0.3])
-    assert len(got.timecodes) == 4
+    np.testing.assert_allclose(got.curves[:, index_of("jawOpen")], [0.2, 0.2, 0.2, 0.6, 0.6, 0.6])
+    np.testing.assert_allclose(got.head_angles[:, 0], [0.1, 0.1, 0.1, 0.3, 0.3, 0.3])
+    assert len(got.timecodes) == 6
     with pytest.raises(ValueError, match="no frame has tracking data"):
         load_animation(write(tmp_path, header, [rows[0], rows[2]]))
 

@@ -475,7 +475,7 @@ def test_head_rotation_keys_follow_the_empty_rotation_mode(scene, avatar_id, tmp
 
     path = tmp_path / "take.csv"
     take = _head_take(path)
-    plan = plan_keyframes(take.head_angles, take.fps, 24.0, 1)
+    plan = plan_keyframes(take.head_angles, take.fps, 24.0, 1, take.row_times())
     for mode, data_path in (("QUATERNION", "rotation_quaternion"), ("ZYX", "rotation_euler")):
         proxy = import_avatar(bpy, avatar_id)
         proxy.parent.rotation_mode = mode

@@ -186,6 +186,19 @@ def test_plan_resamples_60_fps_take_to_24_fps_scene():
     assert plan.values[:, 0] == pytest.approx(np.arange(25) / 24.0, abs=1e-6)
 
 
+def test_plan_places_rows_at_their_times_so_dropped_frames_keep_the_length():
+    t = np.arange(601) / 60.0  # ten seconds at 60 fps, a linear ramp
+    kept = np.arange(601) % 60 < 58  # the last two frames of every second dropped
+    curves = np.tile(t[kept, None], (1, 3)).astype(np.float32)
+    plan = plan_keyframes(curves, 60.0, 24.0, start_frame=1, times=t[kept])
+    assert plan.frames[-1] == 1 + int(np.floor(t[kept][-1] * 24 + 1e-9))  # 9.95 s, not 9.63
+    assert plan.values[:, 0] == pytest.approx(np.arange(len(plan.frames)) / 24.0, abs=1e-6)
+    short = plan_keyframes(curves, 60.0, 24.0, start_frame=1)  # rows counted: plays short
+    assert len(short.frames) < len(plan.frames)
+    with pytest.raises(ValueError, match="increasing"):
+        plan_keyframes(curves[:3], 60.0, 24.0, times=[0.0, 0.1, 0.1])
+
+
 def test_plan_keeps_float64_angles_and_any_column_count():
     angles = np.stack([np.linspace(0, 0.6, 61), np.zeros(61), np.linspace(0, -0.3, 61)], 1)
     plan = plan_keyframes(angles, 60.0, 24.0, start_frame=1)

@@ -28,7 +28,11 @@ class KeyframePlan:
 
 
 def plan_keyframes(
-    curves: np.ndarray, take_fps: float | None, scene_fps: float, start_frame: float = 1.0
+    curves: np.ndarray,
+    take_fps: float | None,
+    scene_fps: float,
+    start_frame: float = 1.0,
+    times: np.ndarray | None = None,
 ) -> KeyframePlan:
     """One key per scene frame covering the take.
 
@@ -38,6 +42,10 @@ def plan_keyframes(
         take_fps: the take's frame rate; None keys one row per scene frame.
         scene_fps: ``scene.render.fps / scene.render.fps_base``.
         start_frame: scene frame of the take's first row.
+        times: ``[F]`` seconds of each row after the first (increasing), as the take's
+            timecodes say (``Animation.row_times``); rows are then placed at their own
+            times, so a capture that dropped frames keeps its length. None: rows are
+            ``1 / take_fps`` apart.
     """
     curves = np.asarray(curves)
     if not np.issubdtype(curves.dtype, np.floating):
@@ -46,13 +54,18 @@ def plan_keyframes(
         raise ValueError(f"curves must be [frames, shapes] with frames > 0, got {curves.shape}")
     if not scene_fps > 0 or (take_fps is not None and not take_fps > 0):
         raise ValueError("frame rates must be positive")
-    if take_fps is None or abs(take_fps - scene_fps) < 1e-9:
+    if times is not None:
+        t_take = np.asarray(times, np.float64)
+        if t_take.shape != (len(curves),) or not np.all(np.diff(t_take) > 0):
+            raise ValueError(f"times must be [{len(curves)}] increasing seconds")
+        t_take = t_take - t_take[0]
+    elif take_fps is None or abs(take_fps - scene_fps) < 1e-9:
         frames = start_frame + np.arange(len(curves), dtype=np.float64)
         return KeyframePlan(frames, curves.copy())
-    duration = (len(curves) - 1) / take_fps
-    count = int(np.floor(duration * scene_fps + 1e-9)) + 1
+    else:
+        t_take = np.arange(len(curves)) / take_fps
+    count = int(np.floor(t_take[-1] * scene_fps + 1e-9)) + 1
     t_scene = np.arange(count) / scene_fps
-    t_take = np.arange(len(curves)) / take_fps
     values = np.stack(
         [np.interp(t_scene, t_take, curves[:, i]) for i in range(curves.shape[1])], axis=1
     )
