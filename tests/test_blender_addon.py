@@ -186,6 +186,7 @@ def test_animation_render_reuses_frame_memory_and_gives_it_back(
     add_camera_from_opencv(bpy, scene, w2c, FOV, 64)
     scene.frame_start, scene.frame_end = 1, 3
     scene.render.filepath = str(tmp_path / "frame_")
+    scene.render.image_settings.file_format = "PNG"  # reset_scene keeps another test's EXR
     seen: list[tuple[int, bool, bool, np.ndarray]] = []
 
     def after_frame(sc, *_args) -> None:
