@@ -205,7 +205,7 @@ def _open_video(path: Path, fps: float | None) -> FrameSource:
         gen = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
         meta = next(gen)
     except (OSError, RuntimeError, StopIteration) as exc:
-        raise TrackError(f"{path}: not a readable video ({str(exc).strip()[:300]})") from None
+        raise TrackError(f"{path}: not a readable video ({_ffmpeg_reason(exc)})") from None
     rate = float(fps or meta.get("fps") or DEFAULT_FPS)
     try:
         total = int(imageio_ffmpeg.count_frames_and_secs(str(path))[0])
@@ -214,13 +214,25 @@ def _open_video(path: Path, fps: float | None) -> FrameSource:
     w, h = meta["size"]
 
     def frames() -> Iterator[np.ndarray]:
+        done = 0
         try:
             for buf in gen:
                 yield np.frombuffer(buf, np.uint8).reshape(h, w, 3)
+                done += 1
+        except (OSError, RuntimeError) as exc:
+            raise TrackError(
+                f"{path}: unreadable after frame {done} ({_ffmpeg_reason(exc)})"
+            ) from None
         finally:
             gen.close()
 
     return FrameSource(str(path), rate, total, frames())
+
+
+def _ffmpeg_reason(exc: BaseException, keep: int = 300) -> str:
+    """The end of an ffmpeg error, where it says why (its start is the version banner)."""
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    return text if len(text) <= keep else "..." + text[-keep:]
 
 
 # -- landmarks ---------------------------------------------------------------------------
