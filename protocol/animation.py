@@ -59,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .arkit import ARKIT_NAMES, NUM_SHAPES, check_curves
+from .arkit import ARKIT_NAMES, NUM_SHAPES, WEIGHT_LIMITS, check_curves
 from .files import atomic_write
 
 
@@ -96,9 +96,6 @@ COMMON_FPS: tuple[int, ...] = (24, 25, 30, 48, 50, 60, 100, 120)
 DROP_TOLERANCE = 0.05  # largest FF + 1 this far below a common rate reads as that rate
 #: Bookkeeping columns read past in CSVs (any case).
 IGNORED_COLUMNS: tuple[str, ...] = ("frame", "time", "timestamp")
-#: Weights outside this range are taken for another scale (percentages...) and refused;
-#: inside it they are clamped to [0, 1].
-WEIGHT_LIMITS = (-1.0, 2.0)
 
 assert len(LLF_COLUMNS) == 2 + LLF_BLENDSHAPE_COUNT
 assert sorted(n.lower() for n in LLF_SHAPE_NAMES) == sorted(n.lower() for n in ARKIT_NAMES)

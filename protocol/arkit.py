@@ -84,14 +84,19 @@ def reorder(values: np.ndarray, names: Sequence[str]) -> np.ndarray:
     return out
 
 
+#: Weights outside this range are taken for another scale (percentages...) and refused;
+#: inside it they are clamped to [0, 1].
+WEIGHT_LIMITS = (-1.0, 2.0)
+
+
 def check_curves(curves: np.ndarray) -> np.ndarray:
-    """Validate curves ``[F, 52]``: NaN/inf rejected, weights clamped to [0, 1], float32."""
+    """Validate curves ``[F, 52]``: NaN/inf and weights outside :data:`WEIGHT_LIMITS`
+    rejected, the rest clamped to [0, 1], float32."""
     curves = np.asarray(curves)
     if curves.ndim != 2 or curves.shape[1] != NUM_SHAPES:
         raise ValueError(f"curves must have shape [frames, 52], got {list(curves.shape)}")
     if not np.issubdtype(curves.dtype, np.floating) and not np.issubdtype(curves.dtype, np.integer):
         raise ValueError(f"curves must be numeric, got dtype {curves.dtype}")
-    curves = curves.astype(np.float32, copy=False)
     bad = ~np.isfinite(curves)
     if bad.any():
         frame, shape = np.argwhere(bad)[0]
@@ -99,4 +104,13 @@ def check_curves(curves: np.ndarray) -> np.ndarray:
             f"curves contain NaN or infinite values (first at frame {frame}, "
             f"shape {ARKIT_NAMES[shape]})"
         )
-    return np.clip(curves, 0.0, 1.0)
+    lo, hi = WEIGHT_LIMITS
+    outside = (curves < lo) | (curves > hi)
+    if outside.any():
+        frame, shape = np.argwhere(outside)[0]
+        raise ValueError(
+            f"weight {float(curves[frame, shape]):g} for {ARKIT_NAMES[shape]} at frame {frame} "
+            f"is far outside [0, 1] (another scale, such as percentages?); weights are 0..1, "
+            f"values within [{lo:g}, {hi:g}] are clamped"
+        )
+    return np.clip(curves.astype(np.float32, copy=False), 0.0, 1.0)

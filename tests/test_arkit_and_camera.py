@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -41,6 +43,11 @@ def test_check_curves_clamps_and_rejects_nan():
         check_curves(c)
     with pytest.raises(ValueError, match=r"\[frames, 52\]"):
         check_curves(np.zeros((3, 51)))
+    for far in (50.0, -3.0, 1e300):  # percentages, another scale: refused, not clamped
+        c = np.zeros((1, 52))
+        c[0, index_of("jawOpen")] = far
+        with pytest.raises(ValueError, match=re.escape(f"weight {far:g} for jawOpen at frame 0")):
+            check_curves(c)
 
 
 def test_ict_expressions_map_to_arkit_with_subject_left_at_plus_x():
