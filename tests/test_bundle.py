@@ -19,6 +19,7 @@ from plyfile import PlyData
 from inference_service.avatar import Avatar, BoundGaussians
 from inference_service.export.bundle import FILES, bundle_files, bundle_zip
 from inference_service.export.gltf import mesh_glb
+from inference_service.export.ply import srgb_sh
 from inference_service.headmodel import load_head_model
 from inference_service.posing import pose
 from protocol.arkit import ARKIT_NAMES, index_of
@@ -490,9 +491,11 @@ def test_rest_ply_is_the_rest_pose_in_inria_layout(ict):
     assert_same_quats(np.stack([v[f"rot_{i}"] for i in range(4)], 1), ref.quats, 1e-6)
     alpha = 1 / (1 + np.exp(-v["opacity"].astype(np.float64)))
     np.testing.assert_allclose(alpha, ref.opacities, rtol=1e-5, atol=1e-6)  # ply clips at 1e-7
-    np.testing.assert_array_equal(np.stack([v[f"f_dc_{i}"] for i in range(3)], 1), ref.sh[:, 0])
+    sh = srgb_sh(ref.sh)  # sRGB, as every .ply the service writes (test_store_ply_posing)
+    np.testing.assert_array_equal(np.stack([v[f"f_dc_{i}"] for i in range(3)], 1),
+                                  sh[:, 0].astype(np.float32))  # fmt: skip
     rest = np.stack([v[f"f_rest_{i}"] for i in range(9)], 1).reshape(-1, 3, 3)  # channel-major
-    np.testing.assert_array_equal(rest.transpose(0, 2, 1), ref.sh[:, 1:])
+    np.testing.assert_array_equal(rest.transpose(0, 2, 1), sh[:, 1:].astype(np.float32))
 
 
 # ---------------------------------------------------------------- (d) the zip and its doc
@@ -535,6 +538,14 @@ def test_zip_holds_exactly_the_documented_files_deterministically(ict):
     for row in documented_table("`bundle.json`"):
         documented_keys |= {k.strip().strip("`") for k in row[0].split(",")}
     assert set(manifest) == documented_keys
+
+
+def test_bundle_json_keeps_the_avatars_name_as_it_is():
+    from inference_service.export.bundle import manifest
+
+    av = dataclasses.replace(tiny_avatar(), name='Ada  [take  2] "q"')
+    assert json.loads(bundle_files(av)["bundle.json"])["avatar"]["name"] == av.name
+    assert manifest(av)["avatar"]["name"] == av.name
 
 
 def test_gaussians_npz_matches_its_documented_table(ict):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 
 import numpy as np
@@ -11,8 +13,10 @@ from plyfile import PlyData
 from inference_service.avatar import Avatar, BoundGaussians
 from inference_service.export.ply import ply_bytes, property_names
 from inference_service.geometry import quat_to_rotmat, rotmat_to_quat
+from inference_service.images import srgb_to_linear
 from inference_service.posing import pose, split_transform
 from inference_service.store import STALE_SECONDS, Store
+from kernels.sh import C0, rgb_to_sh0
 from protocol import errors
 from protocol.arkit import index_of
 from protocol.errors import ProtocolError
@@ -137,7 +141,7 @@ def test_invalid_avatar_is_not_saved(tmp_path):
 def test_ply_has_inria_layout_and_values():
     av = tiny_avatar(sh_degree=1)
     posed = pose(av)
-    ply = PlyData.read(__import__("io").BytesIO(ply_bytes(posed)))
+    ply = PlyData.read(io.BytesIO(ply_bytes(posed)))
     v = ply["vertex"]
     names = [p.name for p in v.properties]
     assert names == property_names(4)
@@ -156,16 +160,42 @@ def test_ply_has_inria_layout_and_values():
     assert all(p.val_dtype in ("f4", "float32") for p in v.properties)
     assert ply.text is False and ply.byte_order == "<"
     np.testing.assert_allclose(np.stack([v["x"], v["y"], v["z"]], 1), posed.means, atol=1e-6)
-    sh = av.gaussians.sh
+    sh = av.gaussians.sh.astype(np.float64)
+    # colour in sRGB, as viewers of the layout show 0.5 + C0 * f_dc; higher degrees scaled by
+    # the sRGB curve's slope at the DC colour (a central difference here)
+    linear = np.clip(C0 * sh[:, 0] + 0.5, 0, 1)
+    shown = 0.5 + C0 * np.stack([v[f"f_dc_{i}"] for i in range(3)], 1)
+    np.testing.assert_allclose(shown, textbook_srgb(linear), atol=1e-6)
+    slope = (textbook_srgb(linear + 1e-6) - textbook_srgb(linear - 1e-6)) / 2e-6
+    rest = sh[:, 1:] * slope[:, None, :]
     # f_rest is channel-major: all red coefficients first, then green, then blue
-    np.testing.assert_allclose(v["f_rest_0"], sh[:, 1, 0], atol=1e-6)
-    np.testing.assert_allclose(v["f_rest_2"], sh[:, 3, 0], atol=1e-6)
-    np.testing.assert_allclose(v["f_rest_3"], sh[:, 1, 1], atol=1e-6)
-    np.testing.assert_allclose(v["f_rest_8"], sh[:, 3, 2], atol=1e-6)
+    np.testing.assert_allclose(v["f_rest_0"], rest[:, 0, 0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(v["f_rest_2"], rest[:, 2, 0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(v["f_rest_3"], rest[:, 0, 1], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(v["f_rest_8"], rest[:, 2, 2], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(1 / (1 + np.exp(-v["opacity"])), posed.opacities, atol=1e-6)
     np.testing.assert_allclose(np.exp(v["scale_0"]), posed.scales[:, 0], rtol=1e-5)
     q = np.stack([v[f"rot_{i}"] for i in range(4)], 1)
     np.testing.assert_allclose(np.abs((q * posed.quats).sum(1)), 1, atol=1e-6)
+
+
+def textbook_srgb(c: np.ndarray) -> np.ndarray:
+    """IEC 61966-2-1's encoding, written out for the tests."""
+    c = np.asarray(c, np.float64)
+    return np.where(c <= 0.0031308, 12.92 * c, 1.055 * np.abs(c) ** (1 / 2.4) - 0.055)
+
+
+def test_ply_shows_the_photos_colour_in_viewers():
+    """A texel the photo shows as sRGB (200, 150, 120) is stored linear in the avatar; a
+    viewer of the .ply (0.5 + C0 * f_dc, no decoding) must show (200, 150, 120) again."""
+    av = tiny_avatar(n=1)
+    photo = np.array([[200, 150, 120]]) / 255.0
+    sh = av.gaussians.sh.copy()
+    sh[:, 0] = rgb_to_sh0(srgb_to_linear(photo))
+    posed = dataclasses.replace(pose(av), sh=sh)
+    v = PlyData.read(io.BytesIO(ply_bytes(posed)))["vertex"]
+    shown = 0.5 + C0 * np.stack([v[f"f_dc_{i}"] for i in range(3)], 1)
+    np.testing.assert_allclose(shown * 255, [[200, 150, 120]], atol=0.01)
 
 
 def test_quaternion_round_trip():

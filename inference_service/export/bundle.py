@@ -168,7 +168,11 @@ def bundle_zip(avatar: Avatar) -> bytes:
 def _json(obj) -> bytes:
     """Indented JSON with lists of numbers kept on one line each."""
     text = json.dumps(obj, indent=2)
-    text = re.sub(r"\[([^\[\]{}\"]*)\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+
+    def flat(m: re.Match) -> str:  # strings (names may hold brackets) stay as they are
+        return m.group(0) if m.group(1) is None else "[" + " ".join(m.group(1).split()) + "]"
+
+    text = re.sub(r'"(?:[^"\\]|\\.)*"|\[([^\[\]{}"]*)\]', flat, text)
     return (text + "\n").encode("utf-8")
 
 

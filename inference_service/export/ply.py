@@ -5,6 +5,12 @@ Binary little-endian, one ``vertex`` element with float properties, in this orde
 ``x y z nx ny nz f_dc_0..2 f_rest_0..M opacity scale_0..2 rot_0..3``, where f_rest is
 channel-major (all red coefficients, then green, then blue), opacity is a logit, scale a
 log and rot a (w, x, y, z) quaternion. Normals are written as zeros, as 3DGS does.
+
+Colour is sRGB, as the layout's other writers (3DGS trains on sRGB photos) and its
+viewers take it: ``0.5 + C0 * f_dc`` is the colour shown. Avatars hold linear colour
+(the service renders in linear light and encodes sRGB on output), so the DC term is
+converted exactly and higher SH degrees by the transfer curve's slope at the DC colour
+(first order; builds fit degree 0 only).
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from kernels.sh import C0
 from protocol.files import atomic_write
 
+from ..images import linear_to_srgb
 from ..posing import PosedGaussians
 
 
@@ -33,13 +41,28 @@ def property_names(num_bases: int) -> list[str]:
     )
 
 
+def srgb_sh(sh: np.ndarray) -> np.ndarray:
+    """Linear-light SH coefficients ``[N, K, 3]`` → the sRGB ones a ``.ply`` holds: the DC
+    colour through the sRGB curve, the rest scaled by its slope there."""
+    linear = np.clip(C0 * sh[:, 0, :].astype(np.float64) + 0.5, 0.0, 1.0)
+    out = np.empty(sh.shape, np.float64)
+    out[:, 0, :] = (linear_to_srgb(linear) - 0.5) / C0
+    if sh.shape[1] > 1:
+        slope = np.where(
+            linear <= 0.0031308, 12.92, 1.055 / 2.4 * np.maximum(linear, 0.0031308) ** (-1.4 / 2.4)
+        )
+        out[:, 1:, :] = sh[:, 1:, :] * slope[:, None, :]
+    return out
+
+
 def ply_bytes(g: PosedGaussians) -> bytes:
     n, k = g.sh.shape[:2]
     names = property_names(k)
     rows = np.zeros((n, len(names)), "<f4")
     rows[:, 0:3] = g.means
-    rows[:, 6:9] = g.sh[:, 0, :]
-    rows[:, 9 : 9 + 3 * (k - 1)] = g.sh[:, 1:, :].transpose(0, 2, 1).reshape(n, -1)
+    sh = srgb_sh(g.sh)
+    rows[:, 6:9] = sh[:, 0, :]
+    rows[:, 9 : 9 + 3 * (k - 1)] = sh[:, 1:, :].transpose(0, 2, 1).reshape(n, -1)
     op = np.clip(g.opacities, 1e-7, 1 - 1e-7)
     rows[:, -8] = np.log(op / (1 - op))
     rows[:, -7:-4] = np.log(np.maximum(g.scales, 1e-12))
