@@ -35,6 +35,36 @@ def test_tiny_face_is_refused_with_the_size_it_needs(portrait):
     assert "18 px" in message and "at least 24 px" in message
 
 
+def pasted(astronaut, size: tuple[int, int], face_px: float):
+    """The astronaut scaled so her face is ``face_px`` across, on a grey photo of ``size``;
+    and her face's box there."""
+    s = face_px / 95.0  # her face is about 95 px across in the 512 px original
+    small = np.asarray(Image.fromarray(astronaut).resize((round(512 * s),) * 2, Image.BILINEAR))
+    img = np.full((size[1], size[0], 3), 128, np.uint8)
+    x, y = size[0] // 4, size[1] // 3
+    img[y : y + small.shape[0], x : x + small.shape[1]] = small
+    return img, (x + 177 * s, y + 83 * s, x + 273 * s, y + 178 * s)
+
+
+@pytest.mark.parametrize("size, face_px", [((1920, 1440), 64), ((4000, 3000), 100)])
+def test_small_faces_in_large_photos_are_found(astronaut, size, face_px):
+    """The detectors see a face down to about 1/20 of what they are given: these are found
+    in overlapping squares of the photo, not in the whole of it."""
+    from inference_service.build.detect import _iou, detect_faces
+
+    img, true = pasted(astronaut, size, face_px)
+    assert max(_iou(f.box, true) for f in detect_faces(img)) > 0.5
+
+
+def test_a_face_box_is_searched_on_its_own(astronaut):
+    from inference_service.build.detect import _iou, choose_face, detect_faces
+
+    img, true = pasted(astronaut, (4000, 3000), 48)  # too small even for the squares
+    assert all(_iou(f.box, true) < 0.5 for f in detect_faces(img))
+    face = choose_face(detect_faces(img, near=list(true)), None, list(true), (4000, 3000))
+    assert _iou(face.box, true) > 0.5
+
+
 def test_small_photo_builds(portrait):
     av = build(portrait.resize((192, 192)))  # a face of about 36 px
     assert av.meta["source"] == {"width": 192, "height": 192} and av.meta["landmark_rms"] < 0.06

@@ -109,7 +109,7 @@ def build_avatar(
     h, w = photo.shape[:2]
 
     progress("detect", 0.10, f"looking for faces in the {w}x{h} photo")
-    faces = detect.detect_faces(photo)
+    faces = detect.detect_faces(photo, near=options.face_box)
     on_faces([f.to_dict() for f in faces])
     face = detect.choose_face(faces, options.face, options.face_box, (w, h))
     progress("landmarks", 0.30, f"{len(faces)} face(s) found; finding landmarks")
