@@ -278,6 +278,21 @@ def frame_number(text: str) -> int:
     return value
 
 
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """argparse type: ``X0,Y0,X1,Y1`` in pixels, X0 < X1 and Y0 < Y1."""
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if (
+        len(box) != 4
+        or not all(math.isfinite(v) for v in box)
+        or not (box[0] < box[2] and box[1] < box[3])
+    ):
+        raise argparse.ArgumentTypeError(f"must be X0,Y0,X1,Y1 with X0 < X1, Y0 < Y1: {text!r}")
+    return box
+
+
 def parse_range(text: str) -> tuple[int, int]:
     try:
         a, b = (int(v) for v in text.split(":"))
@@ -373,7 +388,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise SystemExit(f"splatface build: cannot read {photo}: {exc}") from None
     box = None
     if args.face_box:
-        box = [float(v) for v in args.face_box.split(",")]
+        box = list(args.face_box)
     enhance = enhance_folders(args.enhance)
     t0 = time.monotonic()
     with connect(args) as client:
@@ -719,7 +734,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--face", type=int, help="which face when there are several (0 = largest, default)"
     )
     sp.add_argument(
-        "--face-box", metavar="X0,Y0,X1,Y1", help="use the face overlapping this pixel box"
+        "--face-box",
+        type=parse_box,
+        metavar="X0,Y0,X1,Y1",
+        help="use the face overlapping this pixel box",
     )
     sp.add_argument(
         "--preset",

@@ -36,15 +36,17 @@ def decode_image(data: bytes | memoryview, max_pixels: int = MAX_PIXELS) -> np.n
                     errors.TOO_LARGE,
                     f"image is {w}x{h} = {w * h / 1e6:.0f} MP, limit {max_pixels / 1e6:.0f} MP",
                 )
-            im = ImageOps.exif_transpose(im)
+            im = _upright(im)
             im.load()
     except ProtocolError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ProtocolError(errors.TOO_LARGE, f"image is too large to decode: {exc}") from None
+    except UnidentifiedImageError as exc:
         raise ProtocolError(
             errors.BAD_IMAGE, f"not a readable image (PNG, JPEG, WebP, TIFF, BMP...): {exc}"
         ) from None
-    except (OSError, ValueError, SyntaxError) as exc:
+    except Exception as exc:  # decoders raise OSError, ValueError, RuntimeError, struct.error...
         raise ProtocolError(errors.BAD_IMAGE, f"the image is truncated or corrupt: {exc}") from None
     if min(im.size) < MIN_SIDE:
         raise ProtocolError(
@@ -53,18 +55,45 @@ def decode_image(data: bytes | memoryview, max_pixels: int = MAX_PIXELS) -> np.n
     return _to_rgb8(im)
 
 
+_ORIENTATION = {2: (Image.Transpose.FLIP_LEFT_RIGHT,), 3: (Image.Transpose.ROTATE_180,),
+                4: (Image.Transpose.FLIP_TOP_BOTTOM,), 5: (Image.Transpose.TRANSPOSE,),
+                6: (Image.Transpose.ROTATE_270,), 7: (Image.Transpose.TRANSVERSE,),
+                8: (Image.Transpose.ROTATE_90,)}  # fmt: skip
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """``im`` turned as its EXIF orientation says; where Pillow cannot rewrite an odd
+    EXIF block, the orientation tag alone is applied."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - a malformed tag elsewhere in the EXIF block
+        try:
+            orientation = int(im.getexif().get(0x0112, 1))
+        except Exception:  # noqa: BLE001 - no usable EXIF at all: as stored
+            orientation = 1
+        for step in _ORIENTATION.get(orientation, ()):
+            im = im.transpose(step)
+        return im
+
+
 def _to_rgb8(im: Image.Image) -> np.ndarray:
     mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or a.max() > 255 else 255.0
+        if mode == "F" and a.max() <= 1.0:  # floating-point images hold 0..1
+            top = 1.0
+        else:
+            top = 65535.0 if mode.startswith("I;16") or a.max() > 255 else 255.0
         g = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(g[..., None], 3, axis=2)
-    if "A" in mode or (mode == "P" and "transparency" in im.info):
-        rgba = np.asarray(im.convert("RGBA"), dtype=np.float64)
-        alpha = rgba[..., 3:] / 255.0
-        rgb = rgba[..., :3] * alpha + 128.0 * (1 - alpha)
-        return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    if "A" in mode or "transparency" in im.info:
+        rgba = np.asarray(im.convert("RGBA"))
+        out = np.empty(rgba.shape[:2] + (3,), np.uint8)
+        for r in range(0, len(rgba), 256):  # composited on mid-grey in strips: no 8k float copies
+            part = rgba[r : r + 256].astype(np.float32)
+            alpha = part[..., 3:] / 255.0
+            out[r : r + 256] = np.clip(part[..., :3] * alpha + 128.0 * (1 - alpha) + 0.5, 0, 255)
+        return out
     return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
 
 

@@ -99,6 +99,33 @@ def test_decompression_bomb_refused_before_decoding():
     assert e.value.code == errors.TOO_LARGE and "81 MP" in e.value.message
 
 
+def test_a_bomb_past_pillows_own_limit_is_too_large_too():
+    bomb = save(Image.new("1", (15000, 15000)), "PNG")  # 225 MP: Pillow itself refuses it
+    with pytest.raises(ProtocolError) as e:
+        decode_image(bomb)
+    assert e.value.code == errors.TOO_LARGE
+
+
+def test_an_odd_exif_tag_does_not_lose_the_orientation():
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "Cam"
+    data = bytearray(save(Image.fromarray(RGB), "JPEG", exif=exif.tobytes(), quality=95))
+    data[data.find(b"\x01\x0f\x00\x02") + 1] = 0x25  # Make renumbered as a LONG tag, still text
+    out = decode_image(bytes(data))  # Pillow cannot rewrite this EXIF block
+    assert out.shape == (40, 30, 3)
+    assert np.abs(out.astype(int) - np.rot90(RGB, k=-1)).mean() < 3
+
+
+def test_key_colour_transparency_and_float_images():
+    rgb = RGB.copy()
+    rgb[:, :20] = 0  # black is the transparent key colour
+    out = decode_image(save(Image.fromarray(rgb), "PNG", transparency=(0, 0, 0)))
+    assert tuple(out[0, 0]) == (128, 128, 128) and tuple(out[0, 39]) == tuple(rgb[0, 39])
+    ramp = np.tile(np.linspace(0, 1, 40, dtype=np.float32), (30, 1))  # float images hold 0..1
+    out = decode_image(save(Image.fromarray(ramp, "F"), "TIFF"))
+    assert np.abs(out[..., 0].astype(int) - np.round(ramp * 255)).max() <= 1
+
+
 def test_srgb_round_trip():
     c = np.linspace(0, 1, 50)
     np.testing.assert_allclose(linear_to_srgb(srgb_to_linear(c)), c, atol=1e-12)

@@ -169,11 +169,13 @@ def face_landmarks(img: np.ndarray, face: Face) -> np.ndarray:
     side = 2.2 * max(x1 - x0, y1 - y0)
     cx, cy = 0.5 * (x0 + x1), 0.5 * (y0 + y1)
     left, top = cx - side / 2, cy - side / 2
-    # Crop with padding so faces at the border keep a centred crop.
-    pad = int(np.ceil(side))
-    padded = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
-    il, it = int(round(left)) + pad, int(round(top)) + pad
-    crop = padded[it : it + int(side), il : il + int(side)]
+    # Crop, padding past the photo's border by its edge pixels, so faces at the border
+    # keep a centred crop (only the crop is padded: a close-up in an 8k photo is large).
+    il, it, n = int(round(left)), int(round(top)), int(side)
+    inside = img[max(it, 0) : max(0, min(it + n, h)), max(il, 0) : max(0, min(il + n, w))]
+    by, bx = min(max(-it, 0), n), min(max(-il, 0), n)
+    ih, iw = inside.shape[:2]
+    crop = np.pad(inside, ((by, n - by - ih), (bx, n - bx - iw), (0, 0)), mode="edge")
     crop = _resize(crop, MESH_CROP / crop.shape[0])
     with _lock:
         result = _model("mesh").process(crop)
@@ -186,8 +188,8 @@ def face_landmarks(img: np.ndarray, face: Face) -> np.ndarray:
     lm = result.multi_face_landmarks[0].landmark
     k = int(side) / crop.shape[0]
     pts = np.array([[p.x, p.y, p.z] for p in lm]) * crop.shape[0] * k
-    pts[:, 0] += il - pad
-    pts[:, 1] += it - pad
+    pts[:, 0] += il
+    pts[:, 1] += it
     return pts
 
 
@@ -225,7 +227,7 @@ def choose_face(
     if side < MIN_FACE_PX:
         raise ProtocolError(
             errors.FACE_TOO_SMALL,
-            f"the face is {side:.0f} px across; at least {MIN_FACE_PX} px is needed",
+            f"the face is {np.floor(side):.0f} px across; at least {MIN_FACE_PX} px is needed",
         )
     return face
 
