@@ -38,6 +38,7 @@ def decode_image(data: bytes | memoryview, max_pixels: int = MAX_PIXELS) -> np.n
                 )
             im = _upright(im)
             im.load()
+            im = _to_srgb(im)
     except ProtocolError:
         raise
     except Image.DecompressionBombError as exc:
@@ -73,6 +74,22 @@ def _upright(im: Image.Image) -> Image.Image:
             orientation = 1
         for step in _ORIENTATION.get(orientation, ()):
             im = im.transpose(step)
+        return im
+
+
+def _to_srgb(im: Image.Image) -> Image.Image:
+    """``im`` converted from its embedded colour profile (a phone's Display P3, Adobe RGB,
+    a CMYK press profile) to sRGB; as it is without one, or if the profile is unusable."""
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA", "CMYK"):
+        return im
+    from PIL import ImageCms
+
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        out = "RGBA" if im.mode == "RGBA" else "RGB"
+        return ImageCms.profileToProfile(im, source, ImageCms.createProfile("sRGB"), outputMode=out)
+    except (ImageCms.PyCMSError, OSError, ValueError):
         return im
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,6 +125,22 @@ def test_key_colour_transparency_and_float_images():
     ramp = np.tile(np.linspace(0, 1, 40, dtype=np.float32), (30, 1))  # float images hold 0..1
     out = decode_image(save(Image.fromarray(ramp, "F"), "TIFF"))
     assert np.abs(out[..., 0].astype(int) - np.round(ramp * 255)).max() <= 1
+
+
+def test_an_embedded_colour_profile_is_converted_to_srgb():
+    """A phone photo in Display P3 (Blender's own P3 profile, shipped with bpy)."""
+    import importlib.util
+
+    from PIL import ImageCms
+
+    bpy_dir = Path(importlib.util.find_spec("bpy").submodule_search_locations[0])
+    p3 = next(bpy_dir.glob("*/datafiles/colormanagement/icc/srgb_p3d65_display.icc"))
+    red = np.full((30, 40, 3), (220, 30, 30), np.uint8)
+    srgb, p3_profile = ImageCms.createProfile("sRGB"), ImageCms.ImageCmsProfile(str(p3))
+    in_p3 = ImageCms.profileToProfile(Image.fromarray(red), srgb, p3_profile)
+    assert np.abs(np.asarray(in_p3).astype(int) - red).max() > 10  # other numbers in P3
+    data = save(in_p3, "PNG", icc_profile=p3.read_bytes())
+    assert np.abs(decode_image(data).astype(int) - red).max() <= 3
 
 
 def test_srgb_round_trip():
