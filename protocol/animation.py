@@ -59,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .arkit import ARKIT_NAMES, NUM_SHAPES, WEIGHT_LIMITS, check_curves
+from .arkit import ARKIT_NAMES, NUM_SHAPES, check_curves, check_weight_range
 from .files import atomic_write
 
 
@@ -338,24 +338,12 @@ def _load_npy(path: Path) -> Animation:
         raise ValueError(
             f"{_describe(curves[frame, shape])} weight at frame {frame}, shape {ARKIT_NAMES[shape]}"
         )
-    _check_weight_range(curves, lambda f: f"frame {f}")
+    check_weight_range(curves)
     return Animation(curves=curves)
 
 
 def _describe(value: float) -> str:
     return "NaN" if math.isnan(value) else "infinite"
-
-
-def _check_weight_range(curves: np.ndarray, where) -> None:
-    lo, hi = WEIGHT_LIMITS
-    outside = (curves < lo) | (curves > hi)
-    if outside.any():
-        frame, shape = np.argwhere(outside)[0]
-        raise ValueError(
-            f"weight {curves[frame, shape]:g} for {ARKIT_NAMES[shape]} at {where(frame)} is "
-            f"far outside [0, 1] (another scale, such as percentages?); weights are 0..1, "
-            f"values within [{lo:g}, {hi:g}] are clamped"
-        )
 
 
 def _read_rows(path: Path) -> list[list[str]]:
@@ -499,7 +487,7 @@ def _load_csv(path: Path) -> Animation:
     curves = np.zeros((frames, NUM_SHAPES), np.float64)
     for c, idx in shape_cols:
         curves[:, idx] = values[:, col_of[c]]
-    _check_weight_range(curves, lambda f: f"frame {f} (line {body[f][0]})")
+    check_weight_range(curves, lambda f: f"frame {f} (line {body[f][0]})")
     head = None
     if head_cols:
         head = np.stack([values[:, col_of[head_cols[i]]] for i in range(3)], axis=1)

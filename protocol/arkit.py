@@ -104,13 +104,19 @@ def check_curves(curves: np.ndarray) -> np.ndarray:
             f"curves contain NaN or infinite values (first at frame {frame}, "
             f"shape {ARKIT_NAMES[shape]})"
         )
+    check_weight_range(curves)
+    return np.clip(curves.astype(np.float32, copy=False), 0.0, 1.0)
+
+
+def check_weight_range(curves: np.ndarray, where=lambda frame: f"frame {frame}") -> None:
+    """Refuse weights outside :data:`WEIGHT_LIMITS`, naming the first one's shape and
+    ``where(frame)`` (a file's line, say)."""
     lo, hi = WEIGHT_LIMITS
     outside = (curves < lo) | (curves > hi)
     if outside.any():
         frame, shape = np.argwhere(outside)[0]
         raise ValueError(
-            f"weight {float(curves[frame, shape]):g} for {ARKIT_NAMES[shape]} at frame {frame} "
+            f"weight {float(curves[frame, shape]):g} for {ARKIT_NAMES[shape]} at {where(frame)} "
             f"is far outside [0, 1] (another scale, such as percentages?); weights are 0..1, "
             f"values within [{lo:g}, {hi:g}] are clamped"
         )
-    return np.clip(curves.astype(np.float32, copy=False), 0.0, 1.0)
