@@ -85,11 +85,10 @@ class SPLATFACE_OT_connect(bpy.types.Operator):
     bl_label = "Connect"
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        try:
-            client, settings = runtime.client(), runtime.settings()
-        except (ValueError, OSError) as exc:
-            self.report({"ERROR"}, str(exc))
+        client = _client(self)
+        if client is None:
             return {"CANCELLED"}
+        settings = runtime.settings()
         st = props.state()
         st.status = f"connecting to {settings.endpoint}…"
 
@@ -275,6 +274,17 @@ def start_build(image_path: str, name: str, preset: str, face: int, enhance: boo
     return runtime.submit(work, done, on=runtime.build_worker)
 
 
+def _start_build(op: bpy.types.Operator, *args: Any) -> set[str]:
+    """:func:`start_build` for an operator: FINISHED, or CANCELLED once ``op`` has
+    reported why the build could not start (an unreadable photo, a malformed endpoint)."""
+    try:
+        start_build(*args)
+    except (ValueError, OSError) as exc:
+        op.report({"ERROR"}, f"cannot start the build: {exc}")
+        return {"CANCELLED"}
+    return {"FINISHED"}
+
+
 def _apply_status(status: dict[str, Any]) -> None:
     st = props.state()
     st.build_job = status.get("job", "")
@@ -321,14 +331,8 @@ class SPLATFACE_OT_build(bpy.types.Operator, ImportHelper):
             self.report({"ERROR"}, f"no such image: {path}")
             return {"CANCELLED"}
         props.state().faces.clear()
-        try:
-            start_build(
-                path, self.avatar_name or Path(path).stem, self.preset, self.face, self.enhance
-            )
-        except (ValueError, OSError) as exc:
-            self.report({"ERROR"}, f"cannot start the build: {exc}")
-            return {"CANCELLED"}
-        return {"FINISHED"}
+        name = self.avatar_name or Path(path).stem
+        return _start_build(self, path, name, self.preset, self.face, self.enhance)
 
 
 class SPLATFACE_OT_build_face(bpy.types.Operator):
@@ -346,15 +350,10 @@ class SPLATFACE_OT_build_face(bpy.types.Operator):
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         st = props.state()
-        try:
-            start_build(
-                st.build_image, f"{st.build_name}-face{self.face}", st.build_preset, self.face,
-                st.build_enhance,
-            )  # fmt: skip
-        except (ValueError, OSError) as exc:
-            self.report({"ERROR"}, f"cannot start the build: {exc}")
-            return {"CANCELLED"}
-        return {"FINISHED"}
+        return _start_build(
+            self, st.build_image, f"{st.build_name}-face{self.face}", st.build_preset, self.face,
+            st.build_enhance,
+        )  # fmt: skip
 
 
 class SPLATFACE_OT_cancel_build(bpy.types.Operator):
