@@ -114,6 +114,9 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
 
 
+_SRGB_KNEE = 0.0031308  # linear value where the sRGB curve turns from line to power
+
+
 def srgb_to_linear(c: np.ndarray) -> np.ndarray:
     c = np.asarray(c, np.float64)
     return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
@@ -121,4 +124,10 @@ def srgb_to_linear(c: np.ndarray) -> np.ndarray:
 
 def linear_to_srgb(c: np.ndarray) -> np.ndarray:
     c = np.clip(np.asarray(c, np.float64), 0.0, 1.0)
-    return np.where(c <= 0.0031308, c * 12.92, 1.055 * np.power(c, 1 / 2.4) - 0.055)
+    return np.where(c <= _SRGB_KNEE, c * 12.92, 1.055 * np.power(c, 1 / 2.4) - 0.055)
+
+
+def linear_to_srgb_slope(c: np.ndarray) -> np.ndarray:
+    """The derivative of :func:`linear_to_srgb` at ``c`` (in [0, 1])."""
+    c = np.asarray(c, np.float64)
+    return np.where(c <= _SRGB_KNEE, 12.92, 1.055 / 2.4 * np.maximum(c, _SRGB_KNEE) ** (-1.4 / 2.4))

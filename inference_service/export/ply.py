@@ -22,7 +22,7 @@ import numpy as np
 from kernels.sh import C0
 from protocol.files import atomic_write
 
-from ..images import linear_to_srgb
+from ..images import linear_to_srgb, linear_to_srgb_slope
 from ..posing import PosedGaussians
 
 
@@ -48,10 +48,7 @@ def srgb_sh(sh: np.ndarray) -> np.ndarray:
     out = np.empty(sh.shape, np.float64)
     out[:, 0, :] = (linear_to_srgb(linear) - 0.5) / C0
     if sh.shape[1] > 1:
-        slope = np.where(
-            linear <= 0.0031308, 12.92, 1.055 / 2.4 * np.maximum(linear, 0.0031308) ** (-1.4 / 2.4)
-        )
-        out[:, 1:, :] = sh[:, 1:, :] * slope[:, None, :]
+        out[:, 1:, :] = sh[:, 1:, :] * linear_to_srgb_slope(linear)[:, None, :]
     return out
 
 
