@@ -64,7 +64,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protocol.animation import Animation, load_animation, save_livelink_csv
+from protocol.animation import Animation, infer_fps, save_livelink_csv
 from protocol.arkit import ARKIT_NAMES, index_of
 from protocol.camera import orbit
 from protocol.errors import ProtocolError
@@ -1111,7 +1111,7 @@ def cmd_track(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     try:
-        save_livelink_csv(out, result.animation)
+        timecodes = save_livelink_csv(out, result.animation)
     except OSError as exc:
         raise SystemExit(f"splatface track: cannot write {out}: {exc}") from None
     anim = result.animation
@@ -1120,7 +1120,7 @@ def cmd_track(args: argparse.Namespace) -> int:
         text += f"\ncalibrated on neutral frames {neutral[0]}-{neutral[1]}"
     if result.gaps:
         text += f"\nno face in frame(s) {result.gaps_text()}: the last pose is held there"
-    read_back = load_animation(out).fps
+    read_back = infer_fps(timecodes)
     if read_back is not None and abs(read_back - anim.fps) > 1e-6:
         # Live Link Face timecodes state no rate: readers infer it (protocol.animation)
         text += (f"\nnote: readers of the CSV will take it as {read_back:g} fps (its timecodes "

@@ -538,8 +538,9 @@ def _number(text: str, line: int, column: str) -> float:
 
 def save_livelink_csv(
     path: str | os.PathLike, animation: Animation | np.ndarray, fps: float | None = None
-) -> None:
-    """Write a Live Link Face CSV (``LLF_COLUMNS``, BlendShapeCount 61), atomically.
+) -> tuple[str, ...]:
+    """Write a Live Link Face CSV (``LLF_COLUMNS``, BlendShapeCount 61), atomically;
+    returns the timecodes written (:func:`infer_fps` of them is the rate readers take).
 
     ``animation`` may be an :class:`Animation` or curves ``[F, 52]``. Timecodes are the
     animation's own, or generated from 00:00:00:00.000 at ``fps`` (else the animation's
@@ -564,3 +565,4 @@ def save_livelink_csv(
     for tc, row in zip(timecodes, values, strict=True):
         lines.append(f"{tc},{LLF_BLENDSHAPE_COUNT}," + ",".join(f"{v:.6f}" for v in row))
     atomic_write(Path(path), ("\n".join(lines) + "\n").encode("utf-8"))
+    return tuple(timecodes)
