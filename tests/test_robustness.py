@@ -65,6 +65,38 @@ def test_a_face_box_is_searched_on_its_own(astronaut):
     assert _iou(face.box, true) > 0.5
 
 
+ASTRONAUT_FACE = (178.0, 83.0, 273.0, 178.0)  # her detected face box
+
+
+def test_a_false_box_beside_a_face_gives_way_to_the_face(astronaut):
+    """The face mesh searches twice the box, so a false box below-left of the face finds
+    the face's landmarks; they are not the box's own, and the face itself is used."""
+    from inference_service.build.detect import Face, locate_face
+
+    faces = [Face((150.0, 150.0, 300.0, 300.0), 0.6), Face(ASTRONAUT_FACE, 0.9)]
+    face, landmarks = locate_face(astronaut, faces, None, None)
+    assert face is faces[1] and 178 < landmarks[:, 0].mean() < 273
+
+
+def test_a_false_box_without_landmarks_gives_way_to_the_face(astronaut):
+    from inference_service.build.detect import Face, locate_face
+
+    img = np.full((1024, 1024, 3), 128, np.uint8)
+    img[:512, :512] = astronaut
+    faces = [Face((600.0, 600.0, 900.0, 900.0), 0.6), Face(ASTRONAUT_FACE, 0.9)]
+    assert locate_face(img, faces, None, None)[0] is faces[1]
+
+
+def test_a_false_box_asked_for_is_refused_naming_where_the_face_is(astronaut):
+    from inference_service.build.detect import Face, locate_face
+
+    faces = [Face((150.0, 150.0, 300.0, 300.0), 0.6), Face(ASTRONAUT_FACE, 0.9)]
+    with pytest.raises(ProtocolError) as e:
+        locate_face(astronaut, faces, 0, None)
+    assert e.value.code == errors.NO_FACE and "no landmarks of its own" in e.value.message
+    assert len(e.value.details["faces"]) == 2
+
+
 def test_small_photo_builds(portrait):
     av = build(portrait.resize((192, 192)))  # a face of about 36 px
     assert av.meta["source"] == {"width": 192, "height": 192} and av.meta["landmark_rms"] < 0.06

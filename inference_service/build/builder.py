@@ -111,11 +111,13 @@ def build_avatar(
     progress("detect", 0.10, f"looking for faces in the {w}x{h} photo")
     faces = detect.detect_faces(photo, near=options.face_box)
     on_faces([f.to_dict() for f in faces])
-    face = detect.choose_face(faces, options.face, options.face_box, (w, h))
     progress("landmarks", 0.30, f"{len(faces)} face(s) found; finding landmarks")
-    landmarks = detect.face_landmarks(photo, face)
+    face, landmarks = detect.locate_face(photo, faces, options.face, options.face_box)
 
-    progress("align", 0.45, "placing the head model")
+    used = faces.index(face)
+    asked = options.face is not None or options.face_box is not None
+    skipped = "" if asked or not used else f"face {used} used: the larger have no landmarks; "
+    progress("align", 0.45, f"{skipped}placing the head model")
     model = load_head_model()
     start = align(model, landmarks, (w, h))
     progress("fit", 0.50, "fitting head shape, expression, pose and focal length")
@@ -162,7 +164,7 @@ def build_avatar(
         "preset": options.preset,
         "source": {"width": w, "height": h},
         "faces": [f.to_dict() for f in faces],
-        "face": faces.index(face),
+        "face": used,
         "landmark_rms": round(fit.rms, 4),
         "landmark_rms_before_fit": round(fit.rms_initial, 4),
         "focal_px": round(float(fit.intrinsics[0]), 1),

@@ -20,6 +20,9 @@ TILE_INPUT = 320  # a square reaches the detectors this big (they see 128-192 px
 SURE_SCORE = 0.8  # a face this sure in the whole view ends the search
 MESH_CROP = 512  # landmarks are found on a square crop of this size around the face
 MIN_FACE_PX = 24
+#: Without a face asked for, this many detections are tried, largest first, until one
+#: has landmarks of its own (a false box, say a patch of clothing, gives way to the next).
+FACE_TRIES = 4
 
 
 @dataclass(frozen=True)
@@ -223,13 +226,52 @@ def choose_face(
         face = faces[index]
     else:
         face = faces[0]
-    side = max(face.box[2] - face.box[0], face.box[3] - face.box[1])
+    side = _side(face)
     if side < MIN_FACE_PX:
         raise ProtocolError(
             errors.FACE_TOO_SMALL,
             f"the face is {np.floor(side):.0f} px across; at least {MIN_FACE_PX} px is needed",
         )
     return face
+
+
+def locate_face(
+    img: np.ndarray, faces: list[Face], index: int | None, box: list[float] | None
+) -> tuple[Face, np.ndarray]:
+    """The face to build and its landmarks (see :func:`face_landmarks`).
+
+    The face mesh searches a crop of twice the box, so a false box beside a real face can
+    return the real face's landmarks: landmarks count as the box's own only where their
+    centre lies in it. A face asked for (``index``, ``box``) must pass; otherwise the
+    first of the :data:`FACE_TRIES` largest that does is used, and failing all, the
+    largest one's error is raised."""
+    h, w = img.shape[:2]
+    face = choose_face(faces, index, box, (w, h))
+    asked = index is not None or box is not None
+    tries = [face] if asked else [f for f in faces[:FACE_TRIES] if _side(f) >= MIN_FACE_PX]
+    first: ProtocolError | None = None
+    for face in tries:
+        try:
+            landmarks = face_landmarks(img, face)
+            cx, cy = landmarks[:, :2].mean(axis=0)
+            x0, y0, x1, y1 = face.box
+            if not (x0 <= cx <= x1 and y0 <= cy <= y1):
+                raise ProtocolError(
+                    errors.NO_FACE,
+                    f"the face at {face.to_dict()['box']} has no landmarks of its own: the "
+                    f"ones found lie around ({cx:.0f}, {cy:.0f}), outside it; choose that "
+                    "face instead",
+                    {"faces": [f.to_dict() for f in faces]},
+                )
+            return face, landmarks
+        except ProtocolError as e:
+            first = first or e
+    assert first is not None
+    raise first
+
+
+def _side(face: Face) -> float:
+    return max(face.box[2] - face.box[0], face.box[3] - face.box[1])
 
 
 #: MediaPipe face-mesh indices of the inner lip contour, in order around the mouth.
