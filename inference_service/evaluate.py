@@ -109,6 +109,16 @@ def _landmark_agreement(img: np.ndarray, verts: np.ndarray, tris: np.ndarray, in
     return {"face_found": True, "landmark_rms": round(rms / iod, 4)}
 
 
+def _square_around(mask: np.ndarray) -> tuple[float, float, float] | None:
+    """The square (x0, y0, side) centred on ``mask``'s pixels and holding them; None if
+    it has none."""
+    ys, xs = np.nonzero(mask)
+    if not xs.size:
+        return None
+    side = float(max(np.ptp(xs), np.ptp(ys)) + 1)
+    return (0.5 * (xs.min() + xs.max() + 1 - side), 0.5 * (ys.min() + ys.max() + 1 - side), side)
+
+
 def evaluate(client: Client, avatar_id: str, photo: np.ndarray, out: Path,
              size: int = 384) -> dict[str, Any]:  # fmt: skip
     """Render the views, measure, write ``contact_sheet.png`` and ``metrics.json``."""
@@ -135,7 +145,7 @@ def evaluate(client: Client, avatar_id: str, photo: np.ndarray, out: Path,
     r = client.render(avatar_id, intr, w2c, w, h, curves=_weights(meta)[None],
                       passes=("rgb", "alpha"), timeout=600)  # fmt: skip
     rgb, alpha = r["rgb"][0], r["alpha"][0]
-    mask = (alpha > 0.5) & person_mask(photo)
+    mask = (alpha > 0.5) & person_mask(photo, _square_around(alpha > 0.5))
     fit_on_photo = _srgb8(rgb, alpha, srgb_to_linear(photo / 255.0))
     ssim_map = structural_similarity(photo, fit_on_photo, channel_axis=2, full=True)[1]
     metrics: dict[str, Any] = {

@@ -65,6 +65,50 @@ def test_a_face_box_is_searched_on_its_own(astronaut):
     assert _iou(face.box, true) > 0.5
 
 
+ASTRONAUT_HEAD = (106.0, 21.0, 233.0)  # the square box of her fitted head (x0, y0, side)
+
+
+def test_a_small_head_in_a_large_photo_is_segmented_around_it(astronaut):
+    """MediaPipe segments a 256 px copy: a 157 px head in a 4000 px photo is lost in the
+    whole photo's, and found in a square around it."""
+    from inference_service.build.photometric import person_mask
+
+    s = 157 / ASTRONAUT_HEAD[2]
+    img, _ = pasted(astronaut, (4000, 3000), 95 * s)
+    x, y = 1000, 1000  # where pasted() puts her, from its quarter and third of the photo
+    head = (x + ASTRONAUT_HEAD[0] * s, y + ASTRONAUT_HEAD[1] * s, ASTRONAUT_HEAD[2] * s)
+    size = round(512 * s)
+    own = person_mask(astronaut)
+    truth = np.zeros((3000, 4000), bool)
+    truth[y : y + size, x : x + size] = np.asarray(
+        Image.fromarray(own).resize((size, size), Image.NEAREST)
+    )
+
+    near = np.zeros_like(truth)  # the head's box: what the fit's crop of the photo holds
+    near[round(head[1]) : round(head[1] + head[2]), round(head[0]) : round(head[0] + head[2])] = 1
+
+    def iou(mask):
+        return (mask & truth & near).sum() / ((mask | truth) & near).sum()
+
+    assert iou(person_mask(img, head)) > 0.95
+    assert iou(person_mask(img)) < 0.5  # measured 0.0: what the head box is for
+
+
+def test_a_small_face_in_a_large_photo_builds_from_the_photo(astronaut):
+    """Measured before the head box: no photo pixel reached the fit (its L1 was 0 from
+    the start) and no hair was grown, a bald grey head."""
+    img, _ = pasted(astronaut, (1920, 1440), 64)
+    av = build(Image.fromarray(img))
+    assert av.meta["coin_fit"]["l1_start"] > 0.01
+    assert av.meta["gaussians"] > 16000  # measured 16.7k with hair, 13.7k without
+
+
+def test_a_portrait_is_segmented_whole(astronaut):
+    from inference_service.build.photometric import person_mask
+
+    assert np.array_equal(person_mask(astronaut, ASTRONAUT_HEAD), person_mask(astronaut))
+
+
 ASTRONAUT_FACE = (178.0, 83.0, 273.0, 178.0)  # her detected face box
 
 

@@ -125,7 +125,8 @@ def build_avatar(
 
     progress("hair", 0.55, "measuring hair from the person's silhouette")
     posed = fit.photo_vertices(model)
-    person = person_mask(photo)
+    head, _ = photo_crop(posed, fit.intrinsics, fit.world_to_camera, CROP_SIZE[options.preset])
+    person = person_mask(photo, head)
     shell = fit_hair(model, posed, photo, person, fit.intrinsics, fit.world_to_camera)
     # an open mouth shows teeth and the mouth's inside; where the fitted lips do not open
     # as far, its colours would land on the lips and keep the rest mouth looking open
