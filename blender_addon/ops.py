@@ -20,7 +20,7 @@ from bpy_extras.io_utils import ExportHelper, ImportHelper
 from . import anim, avatar, prefs, props, runtime
 from ._protocol import ARKIT_NAMES, Client, ProtocolError, head_rotation, load_animation
 from .core.curves import plan_keyframes
-from .core.service import ConnectionSettings, is_loopback, run_build
+from .core.service import ConnectionSettings, may_start_local, run_build
 
 PRESETS = [
     ("fast", "Fast", "About 3 s on a laptop CPU"),
@@ -60,7 +60,7 @@ def _hello(client: Client, settings: ConnectionSettings) -> dict[str, Any]:
     try:
         return client.hello("splatface-blender")
     except ProtocolError as exc:
-        if not (exc.code == "timeout" and settings.auto_start and is_loopback(settings.endpoint)):
+        if not (exc.code == "timeout" and may_start_local(settings)):
             raise
     runtime.ensure_local_service(settings)
     return client.hello("splatface-blender")

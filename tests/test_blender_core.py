@@ -6,6 +6,7 @@ import ctypes
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,7 +17,12 @@ from blender_addon.core.curves import plan_keyframes
 from blender_addon.core.jobs import MainQueue, Worker, on_main_thread
 from blender_addon.core.memory import FrameMemory
 from blender_addon.core.passes import EMPTY_DEPTH, Layer, composite, to_blender
-from blender_addon.core.service import ConnectionSettings, is_loopback, run_build
+from blender_addon.core.service import (
+    ConnectionSettings,
+    is_loopback,
+    may_start_local,
+    run_build,
+)
 from protocol import ProtocolError
 from protocol.camera import project
 
@@ -311,6 +317,17 @@ def test_endpoint_from_environment_overrides_preferences():
     env = {"SPLATFACE_ENDPOINT": "tcp://farm:6000"}
     assert s.resolved(env).endpoint == "tcp://farm:6000"
     assert is_loopback("tcp://127.0.0.1:1") and not is_loopback("tcp://farm:6000")
+
+
+def test_a_service_is_started_only_on_this_machine_and_without_keys():
+    assert is_loopback("tcp://[::1]:5555") and is_loopback("tcp://localhost:5555")
+    assert not is_loopback("tcp://127.farm.example:5555")  # a host name, not 127.x
+    local = ConnectionSettings(endpoint="tcp://127.0.0.1:5555", auto_start=True)
+    assert may_start_local(local)
+    assert not may_start_local(replace(local, auto_start=False))
+    assert not may_start_local(replace(local, endpoint="tcp://farm:6000"))
+    # a service started here would run without keys and refuse the keyed client
+    assert not may_start_local(replace(local, curve_keys="/keys"))
 
 
 def test_unreachable_service_times_out_with_a_clear_error():

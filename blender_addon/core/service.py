@@ -167,7 +167,21 @@ def run_build(
 
 def is_loopback(endpoint: str) -> bool:
     """True for ``ipc://`` and ``tcp://`` on 127.x/localhost/::1 (where we may start one)."""
+    import ipaddress
+
     if endpoint.startswith("ipc://"):
         return True
     host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def may_start_local(settings: ConnectionSettings) -> bool:
+    """Whether a service may be started for ``settings`` when none answers: only on this
+    machine, and not for CurveZMQ keys (a service started here would run without them,
+    and refuse the keyed client)."""
+    return settings.auto_start and is_loopback(settings.endpoint) and not settings.curve_keys
