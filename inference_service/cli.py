@@ -83,7 +83,10 @@ def wait_ready(proc: subprocess.Popen, timeout: float, log_path: Path) -> str:
 
 @contextlib.contextmanager
 def connect(args: argparse.Namespace) -> Iterator[Client]:
-    curve = CurveKeys.from_dir(args.curve_keys) if args.curve_keys else None
+    try:
+        curve = CurveKeys.from_dir(args.curve_keys) if args.curve_keys is not None else None
+    except ValueError as exc:
+        raise SystemExit(f"splatface {args.command}: {exc}") from None
     if args.endpoint:
         with Client(args.endpoint, timeout=args.timeout, curve=curve) as c:
             yield c
@@ -94,6 +97,14 @@ def connect(args: argparse.Namespace) -> Iterator[Client]:
 
 
 # -- output helpers -------------------------------------------------------------------
+
+
+def refuse(args: argparse.Namespace, message: str) -> int:
+    """Report a command's own refusal (as JSON too under ``--json``); exit status 2."""
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"code": "cli", "message": message}}))
+    print(f"splatface {args.command}: {message}", file=sys.stderr)
+    return 2
 
 
 class Progress:
@@ -339,22 +350,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+#: What ``splatface keys`` writes into its folder; secret keys are readable by their owner only.
+KEY_FILES = ("server.key", "server.key_secret", "client.key", "client.key_secret",
+             "authorized_clients/client.key")  # fmt: skip
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     import shutil
+    import tempfile
 
     import zmq.auth
 
     folder = Path(args.folder)
-    (folder / "authorized_clients").mkdir(parents=True, exist_ok=True)
-    for name in ("server", "client"):
-        if (folder / f"{name}.key_secret").exists() and not args.force:
-            print(
-                f"splatface keys: {folder / (name + '.key_secret')} exists (use --force)",
-                file=sys.stderr,
-            )
-            return 2
-        zmq.auth.create_certificates(folder, name)
-    shutil.copy(folder / "client.key", folder / "authorized_clients" / "client.key")
+    existing = [name for name in KEY_FILES if (folder / name).exists()]
+    if existing and not args.force:
+        return refuse(args, f"{folder} already holds {', '.join(existing)}; nothing was "
+                            "written (--force replaces them)")  # fmt: skip
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (folder / "authorized_clients").mkdir(mode=0o700, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".tmp-keys-", dir=folder) as tmp:
+            for name in ("server", "client"):
+                zmq.auth.create_certificates(tmp, name)
+            made = Path(tmp)
+            (made / "authorized_clients").mkdir()
+            shutil.copy(made / "client.key", made / "authorized_clients" / "client.key")
+            for name in KEY_FILES:  # secrets first: a key never waits for its pair
+                (made / name).chmod(0o600 if name.endswith("_secret") else 0o644)
+            for name in sorted(KEY_FILES, key=lambda n: not n.endswith("_secret")):
+                os.replace(made / name, folder / name)
+    except OSError as exc:
+        return refuse(args, f"cannot write keys into {folder}: {exc}")
     emit(
         args,
         {"folder": str(folder)},
@@ -879,5 +905,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"error": {"code": exc.code, "message": exc.message}}))
         print(f"splatface {args.command}: {exc.code}: {exc.message}", file=sys.stderr)
         return 1
+    except SystemExit as exc:
+        if isinstance(exc.code, str) and getattr(args, "json", False):
+            print(json.dumps({"error": {"code": "cli", "message": exc.code}}))
+        raise
     except KeyboardInterrupt:
         return 130

@@ -26,6 +26,7 @@ import zmq
 import kernels
 from protocol import errors, messages
 from protocol.arkit import ARKIT_NAMES, check_curves, reorder
+from protocol.client import load_key_file
 from protocol.codec import PROTOCOL_VERSION, decode, encode, request_op_and_id
 from protocol.errors import ProtocolError
 from protocol.files import atomic_write
@@ -72,6 +73,26 @@ def bind_address(endpoint: str) -> str:
     )
 
 
+def check_server_keys(folder: Path) -> tuple[bytes, bytes]:
+    """The service's (public, secret) keys from ``folder``, every authorized client's key
+    checked first: pyzmq's authenticator only logs a key file it cannot read, and then
+    lets no client in. ValueError naming what is missing or malformed."""
+    clients = folder / "authorized_clients"
+    if not (folder / "server.key_secret").is_file() or not clients.is_dir():
+        raise ValueError(
+            f"{folder} must hold server.key_secret and authorized_clients/ "
+            "(run 'splatface keys DIR')"
+        )
+    public, secret = load_key_file(folder / "server.key_secret", secret=True)
+    keys = sorted(clients.glob("*.key"))
+    if not keys:
+        raise ValueError(f"{clients} holds no client key (*.key): no client could connect")
+    for key in keys:
+        load_key_file(key)
+    assert secret is not None
+    return public, secret
+
+
 class Service:
     """Serve until :meth:`stop`. ``device``: auto, cpu or cuda. ``enhance``: diffusion
     weight folders builds use unless a request names its own (checked here, so a bad
@@ -87,6 +108,8 @@ class Service:
         workers: int = 2,
         enhance: EnhanceModels | None = None,
     ) -> None:
+        if curve_keys is not None and not str(curve_keys).strip():
+            raise ValueError("--curve-keys is empty: give the folder 'splatface keys' wrote")
         if not is_loopback_endpoint(endpoint) and curve_keys is None:
             raise ValueError(
                 f"refusing to listen on {endpoint}: it is reachable from other machines. "
@@ -103,7 +126,9 @@ class Service:
             check_ready(enhance)
         self.enhance = enhance
         self.endpoint = endpoint
-        self.curve_keys = Path(curve_keys) if curve_keys else None
+        self.curve_keys = Path(curve_keys) if curve_keys is not None else None
+        if self.curve_keys is not None:
+            check_server_keys(self.curve_keys)
         self.store = Store(store)
         self.exports = Path(exports) if exports else self.store.root / "exports"
         self.jobs = JobManager(self.store)
@@ -176,20 +201,12 @@ class Service:
             self._ctx.term()
 
     def _setup_curve(self, router: zmq.Socket):
-        import zmq.auth
         from zmq.auth.thread import ThreadAuthenticator
 
-        secret_file = self.curve_keys / "server.key_secret"
-        clients = self.curve_keys / "authorized_clients"
-        if not secret_file.is_file() or not clients.is_dir():
-            raise ValueError(
-                f"{self.curve_keys} must hold server.key_secret and authorized_clients/ "
-                "(run 'splatface keys DIR')"
-            )
-        public, secret = zmq.auth.load_certificate(secret_file)
+        public, secret = check_server_keys(self.curve_keys)
         auth = ThreadAuthenticator(self._ctx)
         auth.start()
-        auth.configure_curve(domain="*", location=str(clients))
+        auth.configure_curve(domain="*", location=str(self.curve_keys / "authorized_clients"))
         router.curve_secretkey = secret
         router.curve_publickey = public
         router.curve_server = True

@@ -39,6 +39,30 @@ def _curves_array(curves: Curves | None, curve_names: list[str] | None) -> np.nd
     return np.asarray(curves, np.float32)
 
 
+def load_key_file(path: str | Path, secret: bool = False) -> tuple[bytes, bytes | None]:
+    """(public, secret) Z85 keys of a key file written by ``splatface keys`` (pyzmq's
+    format); ``secret``: the secret key must be there too. ValueError naming the file when
+    it is missing or unreadable or lacks a well-formed key."""
+    import zmq.auth
+    from zmq.utils import z85
+
+    path = Path(path)
+    try:
+        public, secret_key = zmq.auth.load_certificate(path)
+    except OSError as exc:
+        raise ValueError(f"cannot read the key file {path}: {exc.strerror or exc}") from None
+    except ValueError:  # no key line in it
+        public = secret_key = None
+    for kind, key in (("public", public), ("secret", secret_key if secret else b"0" * 40)):
+        try:
+            ok = key is not None and len(key) == 40 and len(z85.decode(key)) == 32
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{path} holds no well-formed {kind} key (run 'splatface keys DIR')")
+    return public, secret_key
+
+
 @dataclass(frozen=True)
 class CurveKeys:
     """CurveZMQ keys a client needs: the server's public key and its own key pair (Z85)."""
@@ -49,15 +73,21 @@ class CurveKeys:
 
     @classmethod
     def from_dir(cls, folder: str | Path) -> CurveKeys:
-        """Load ``server.key`` and ``client.key_secret`` written by ``splatface keys``."""
-        import zmq.auth
-
+        """Load ``server.key`` and ``client.key_secret`` written by ``splatface keys``;
+        ValueError naming what is missing or malformed."""
         folder = Path(folder)
-        server_public, _ = zmq.auth.load_certificate(folder / "server.key")
-        public, secret = zmq.auth.load_certificate(folder / "client.key_secret")
-        if secret is None:
-            raise ValueError(f"{folder / 'client.key_secret'} holds no secret key")
+        if not folder.is_dir():
+            raise ValueError(f"CurveZMQ key folder {folder} does not exist")
+        server_public, _ = load_key_file(folder / "server.key")
+        public, secret = load_key_file(folder / "client.key_secret", secret=True)
+        assert secret is not None
         return cls(server_public, public, secret)
+
+
+#: Socket monitor events that mean the service turned the connection away in the
+#: handshake (a CurveZMQ service and a client without keys, or with unknown ones).
+_REFUSALS = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+             zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)  # fmt: skip
 
 
 class Client:
@@ -87,6 +117,7 @@ class Client:
         self.curve = curve
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
         self._lock = threading.RLock()
 
     # -- plumbing -----------------------------------------------------------------
@@ -95,16 +126,52 @@ class Client:
         if self._sock is None:
             s = self._ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
-            if self.curve is not None:
-                s.curve_serverkey = self.curve.server_public
-                s.curve_publickey = self.curve.public
-                s.curve_secretkey = self.curve.secret
-            s.connect(self.endpoint)
+            try:
+                if self.curve is not None:
+                    s.curve_serverkey = self.curve.server_public
+                    s.curve_publickey = self.curve.public
+                    s.curve_secretkey = self.curve.secret
+                self._monitor = s.get_monitor_socket(sum(_REFUSALS))
+                s.connect(self.endpoint)
+            except zmq.ZMQError:
+                self._close_monitor(s)
+                s.close(linger=0)
+                raise
             self._sock = s
         return self._sock
 
+    def _close_monitor(self, sock: zmq.Socket) -> None:
+        if self._monitor is not None:
+            sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+
+    def _refusal(self) -> str | None:
+        """Why the service refused the handshake, if the monitor saw it do so."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            if self.curve is None and event in _REFUSALS:
+                return (
+                    "it needs CurveZMQ keys: pass the folder holding server.key and "
+                    "client.key_secret that 'splatface keys' wrote (--curve-keys)"
+                )
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                return (
+                    "it does not know this client's key: add client.key to its "
+                    "authorized_clients/ folder"
+                )
+            if event in _REFUSALS:
+                return (
+                    "the CurveZMQ handshake failed: server.key is not the service's "
+                    "key, or the service runs without keys"
+                )
+        return None
+
     def _reset(self) -> None:
         if self._sock is not None:
+            self._close_monitor(self._sock)
             self._sock.close(linger=0)
             self._sock = None
 
@@ -145,7 +212,13 @@ class Client:
                     on_sent()
                 deadline = time.monotonic() + timeout
                 while (remaining := deadline - time.monotonic()) > 0:
-                    if not sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                    if not sock.poll(min(int(remaining * 1000) + 1, 250), zmq.POLLIN):
+                        if (why := self._refusal()) is not None:
+                            self._reset()
+                            raise ProtocolError(
+                                errors.REFUSED,
+                                f"{self.endpoint} refused the connection: {why}",
+                            )
                         continue
                     reply = decode(sock.recv_multipart(copy=False), REPLY_LIMITS)
                     if reply.header.get("id") != req_id:

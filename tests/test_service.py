@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import socket
 import subprocess
 import sys
@@ -493,15 +494,82 @@ def test_curve_security(tmp_path):
     try:
         with Client(svc.endpoint, timeout=10, curve=CurveKeys.from_dir(keys)) as c:
             assert_serving(c)
-        wrong = CurveKeys.from_dir(stranger)
-        impostor = CurveKeys(CurveKeys.from_dir(keys).server_public, wrong.public, wrong.secret)
-        for curve in (impostor, None):
-            with Client(svc.endpoint, timeout=1.5, retries=0, curve=curve) as c:
+        wrong, right = CurveKeys.from_dir(stranger), CurveKeys.from_dir(keys)
+        unknown = CurveKeys(right.server_public, wrong.public, wrong.secret)
+        wrong_server = CurveKeys(wrong.server_public, right.public, right.secret)
+        cases = [
+            (unknown, "add client.key to its authorized_clients/ folder"),
+            (wrong_server, "server.key is not the service's key, or the service runs without"),
+            (None, "it needs CurveZMQ keys: pass the folder holding server.key and client.key"),
+        ]
+        for curve, why in cases:
+            # refused in the handshake, and said so at once: not a 30 s "is it running?"
+            with Client(svc.endpoint, timeout=20, retries=2, curve=curve) as c:
+                t = time.monotonic()
                 with pytest.raises(ProtocolError) as e:
                     c.hello()
-                assert e.value.code == errors.TIMEOUT
+                assert e.value.code == errors.REFUSED and why in e.value.message
+                assert time.monotonic() - t < 5
     finally:
         svc.stop()
+
+
+def keys_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "inference_service", "keys", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_keys_are_private_and_never_half_replaced(tmp_path):
+    folder = tmp_path / "keys"
+    assert keys_cli(str(folder)).returncode == 0
+    for name in ("server.key_secret", "client.key_secret"):
+        assert (folder / name).stat().st_mode & 0o077 == 0, name
+    assert (folder / "server.key").stat().st_mode & 0o777 == 0o644
+    # a client's folder holds server.key and client.key_secret: refused whole, untouched
+    client = tmp_path / "client"
+    client.mkdir()
+    for name in ("server.key", "client.key_secret"):
+        (client / name).write_bytes((folder / name).read_bytes())
+    before = {p.name: p.read_bytes() for p in client.iterdir()}
+    r = keys_cli(str(client), "--json")
+    assert r.returncode == 2 and "server.key, client.key_secret" in r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["error"]["code"] == "cli"
+    assert {p.name: p.read_bytes() for p in client.iterdir()} == before
+    old = (folder / "server.key_secret").read_bytes()
+    assert keys_cli(str(folder), "--force").returncode == 0
+    assert (folder / "server.key_secret").read_bytes() != old
+    assert not list(folder.glob(".tmp-*"))
+
+
+def test_bad_curve_keys_are_refused_by_name(tmp_path):
+    folder = tmp_path / "keys"
+    assert keys_cli(str(folder)).returncode == 0
+    (folder / "authorized_clients" / "laptop.key").write_text("not a key\n")
+    public_only = tmp_path / "public_only"
+    public_only.mkdir()
+    (public_only / "server.key_secret").write_bytes((folder / "server.key").read_bytes())
+    (public_only / "authorized_clients").mkdir()
+    cases = {
+        str(folder): "laptop.key holds no well-formed public key",
+        str(public_only): "server.key_secret holds no well-formed secret key",
+        str(tmp_path / "missing"): "must hold server.key_secret",
+        "": "--curve-keys is empty",  # an unset variable must not mean "no security"
+    }
+    for keys, message in cases.items():
+        r = subprocess.run(
+            [sys.executable, "-m", "inference_service", "serve", "--endpoint", "tcp://0.0.0.0:0",
+             "--store", str(tmp_path / "store"), "--curve-keys", keys],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # a client's own keys: named, no traceback, --json answered
+    r = subprocess.run(
+        [sys.executable, "-m", "inference_service", "avatars", "--endpoint",
+         "tcp://127.0.0.1:9", "--curve-keys", str(public_only), "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 1 and "server.key" in r.stderr and "Traceback" not in r.stderr
+    assert "cannot read the key file" in json.loads(r.stdout.splitlines()[-1])["error"]["message"]
 
 
 @pytest.mark.parametrize("endpoint", ["tcp://0.0.0.0:0", "tcp://*:0"])
