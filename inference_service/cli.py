@@ -636,6 +636,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with connect(args) as client:
         info = avatar_info(client, args.avatar)
         out = Path(args.out or f"eval-{info['id']}")
+        if out.exists() and not out.is_dir():
+            raise SystemExit(f"splatface eval: --out {out} is a file, not a folder")
         try:
             m = evaluate(client, info["id"], photo, out, size=args.size)
         except ValueError as exc:
@@ -653,15 +655,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     out = Path(args.out)
-    if not args.endpoint and not args.store:
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"splatface demo: --out {out} is a file, not a folder")
+    own_store = not args.endpoint and not args.store
+    if own_store:
         args.store = str(out / "store")
     with connect(args) as client:
-        record = run_demo(client, out, preset=args.preset, size=args.size, show=not args.json)
+        record = run_demo(client, out, preset=args.preset, size=args.size, show=not args.json,
+                          replace=own_store)  # fmt: skip
     emit(args, record, record["summary"])
     return 0
 
 
 # -- argument parsing ---------------------------------------------------------------------
+
+
+def image_side(text: str) -> int:
+    """``--size``: a whole number of pixels the service renders (1 to 4096)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"{value} is not in 1..4096 pixels")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -671,7 +688,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(sp: argparse.ArgumentParser) -> None:
+    def common(
+        sp: argparse.ArgumentParser,
+        store_default: str = "$SPLATFACE_STORE or ~/.local/share/splatface/avatars",
+    ) -> None:
         g = sp.add_argument_group("service")
         g.add_argument(
             "--endpoint",
@@ -680,8 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         g.add_argument(
             "--store",
-            help="avatar folder of the private service (default: "
-            "$SPLATFACE_STORE or ~/.local/share/splatface/avatars)",
+            help=f"avatar folder of the private service (default: {store_default})",
         )
         g.add_argument(
             "--device",
@@ -815,7 +834,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--fov", type=float, default=30.0, help="field of view in degrees (default: 30)"
     )
-    sp.add_argument("--size", type=int, default=512, help="image width and height (default: 512)")
+    sp.add_argument(
+        "--size", type=image_side, default=512, help="image width and height (default: 512)"
+    )
     sp.add_argument(
         "--passes",
         default="rgb,alpha,depth",
@@ -876,7 +897,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--photo", required=True, help="the photo the avatar was built from")
     sp.add_argument("--out", help="folder for contact_sheet.png and metrics.json "
                     "(default: eval-AVATAR_ID)")  # fmt: skip
-    sp.add_argument("--size", type=int, default=384, help="size of each view (default: 384)")
+    sp.add_argument("--size", type=image_side, default=384, help="size of each view (default: 384)")
     common(sp)
     sp.set_defaults(func=cmd_eval)
 
@@ -888,8 +909,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("fast", "default", "high"),
         help="build preset (default: default)",
     )
-    sp.add_argument("--size", type=int, default=384, help="frame size in pixels (default: 384)")
-    common(sp)
+    sp.add_argument(
+        "--size", type=image_side, default=384, help="frame size in pixels (default: 384)"
+    )
+    common(sp, store_default="OUT/store, the demo's own: a rerun replaces its avatar")
     sp.set_defaults(func=cmd_demo)
     return p
 

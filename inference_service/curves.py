@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protocol.animation import Animation, load_animation, save_livelink_csv
+from protocol.animation import Animation, infer_fps, load_animation, save_livelink_csv
 
 
 def load_curves(path: str | Path) -> np.ndarray:
@@ -29,14 +29,15 @@ def save_curves_csv(
     curves: np.ndarray,
     fps: float = 30.0,
     head_angles: np.ndarray | None = None,
-) -> None:
+) -> float | None:
     """Write curves ``[F, 52]`` (protocol order) as a Live Link Face CSV, atomically.
 
     Layout: ``Timecode,BlendShapeCount,`` the 52 shapes in PascalCase in Live Link Face's
     column order, then head and eye yaw/pitch/roll; timecodes ``HH:MM:SS:FF.mmm`` from
     00:00:00:00.000 at ``fps``; BlendShapeCount 61. ``head_angles`` ``[F, 3]`` (HeadYaw,
     HeadPitch, HeadRoll, radians) are written when given, else 0, as are the eye angles.
-    Weights are clamped to [0, 1]; NaN is an error.
+    Weights are clamped to [0, 1]; NaN is an error. Returns the frame rate readers will
+    infer from the timecodes (None or another rate for a take under a second).
     """
     animation = Animation(curves=curves, fps=fps, head_angles=head_angles)
-    save_livelink_csv(path, animation)
+    return infer_fps(save_livelink_csv(path, animation))

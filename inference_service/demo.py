@@ -17,6 +17,10 @@ from .curves import save_curves_csv
 
 TURNTABLE_FRAMES = 12
 DEMO_FPS = 24.0  # frame rate of the animation preview and its curves.csv
+#: 1.5 s: a take's timecodes state its rate only once they pass a second (24 frames at
+#: 24 fps read back as 30 fps, Live Link Face's rate for takes under a second)
+DEMO_FRAMES = 36
+NAME = "astronaut"
 
 
 def demo_portrait() -> np.ndarray:
@@ -26,7 +30,7 @@ def demo_portrait() -> np.ndarray:
     return skimage.data.astronaut()
 
 
-def demo_curves(frames: int = 24) -> np.ndarray:
+def demo_curves(frames: int = DEMO_FRAMES) -> np.ndarray:
     """Open the jaw, smile, then blink: a short clip that exercises the rig."""
     t = np.linspace(0, 1, frames)
     bump = lambda a, b: np.clip(np.sin(np.pi * np.clip((t - a) / (b - a), 0, 1)), 0, 1)  # noqa: E731
@@ -55,7 +59,12 @@ def contact_sheet(paths: list[Path], columns: int) -> np.ndarray:
     return sheet
 
 
-def run_demo(client: Client, out: Path, preset: str, size: int, show: bool) -> dict[str, Any]:
+def run_demo(
+    client: Client, out: Path, preset: str, size: int, show: bool, replace: bool = False
+) -> dict[str, Any]:
+    """Build, animate, render and export the astronaut into ``out``. ``replace``: the
+    service's store is the demo's own, and an earlier run's avatar is deleted once the
+    new one is built (a second ``astronaut`` would make the name ambiguous)."""
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
@@ -65,13 +74,17 @@ def run_demo(client: Client, out: Path, preset: str, size: int, show: bool) -> d
     Image.fromarray(demo_portrait()).save(buf, format="PNG")
     atomic_write(photo_path, buf.getvalue())
 
-    job = client.build(buf.getvalue(), name="astronaut", preset=preset)
+    job = client.build(buf.getvalue(), name=NAME, preset=preset)
     bar = Progress(1.0, "building", show)
     try:
         status = client.wait(job, progress=lambda ev: bar.update_to(ev["fraction"], ev["message"]))
     finally:
         bar.close()
     avatar_id = status["avatar_id"]
+    if replace:
+        for earlier in client.avatars():
+            if earlier["name"] == NAME and earlier["id"] != avatar_id:
+                client.delete(earlier["id"])
     info = client.get(avatar_id, mesh=False, rig=False).header["avatar"]
 
     yaws = np.linspace(0, 360, TURNTABLE_FRAMES, endpoint=False)
@@ -80,7 +93,8 @@ def run_demo(client: Client, out: Path, preset: str, size: int, show: bool) -> d
     render_to_folder(client, avatar_id, turn_dir, None, cams, size, ("rgb", "alpha"), show)
 
     curves = demo_curves()
-    save_curves_csv(out / "animation" / "curves.csv", curves, fps=DEMO_FPS)
+    stated = save_curves_csv(out / "animation" / "curves.csv", curves, fps=DEMO_FPS)
+    assert stated == DEMO_FPS, f"curves.csv reads back at {stated} fps"
     anim_dir = out / "animation"
     front = orbit_camera(info, size, 0.0, 0.0, 30.0)
     mp4 = Mp4Writer(anim_dir / "preview.mp4", DEMO_FPS)

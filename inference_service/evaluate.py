@@ -11,7 +11,8 @@ right profile, the back and the top, rendered by the service. Metrics (JSON):
   charges the edge for the grey;
 - per novel view, ``coverage`` (share of the silhouette's interior, 3 px in from its
   edge, with alpha ≥ 0.98: 1.0 means no holes) and ``stray`` (share of pixels more than
-  3 px outside the silhouette with alpha ≥ 0.02), split into what is not connected to
+  3 px outside the silhouette with alpha ≥ 0.02; both 3 px counted in steps to the four
+  neighbours, so 2 px on a diagonal), split into what is not connected to
   the silhouette (``floaters``: blobs in the air) and the rest, the silhouette's own
   soft edge reaching further than 3 px (``stray_reach_px``: the 99th percentile of the
   stray pixels' distance from the silhouette); the silhouette is the render's own
@@ -32,7 +33,7 @@ from protocol import Client
 from protocol.arkit import index_of
 from protocol.camera import framing_distance, intrinsics_from_fov, orbit, project
 
-from .images import srgb_to_linear
+from .images import pixels_sha256, srgb_to_linear
 
 VIEWS = (("+30", 30, 0), ("-30", -30, 0), ("+60", 60, 0), ("-60", -60, 0), ("profile", -90, 0),
          ("back", 180, 0), ("top", 0, 70))  # fmt: skip
@@ -141,11 +142,19 @@ def evaluate(client: Client, avatar_id: str, photo: np.ndarray, out: Path,
     if [w, h] != [meta["source"]["width"], meta["source"]["height"]]:
         raise ValueError(f"the photo is {w}x{h}; the avatar was built from a "
                          f"{meta['source']['width']}x{meta['source']['height']} photo")  # fmt: skip
+    built_from = meta.get("photo_sha256")
+    if built_from is not None and built_from != pixels_sha256(photo):
+        raise ValueError(f"this {w}x{h} photo is not the one avatar {avatar_id} was built from")
     intr, w2c = np.array(cam["intrinsics"]), np.array(cam["world_to_camera"])
     r = client.render(avatar_id, intr, w2c, w, h, curves=_weights(meta)[None],
                       passes=("rgb", "alpha"), timeout=600)  # fmt: skip
     rgb, alpha = r["rgb"][0], r["alpha"][0]
     mask = (alpha > 0.5) & person_mask(photo, _square_around(alpha > 0.5))
+    if not mask.any():
+        raise ValueError(
+            "nothing to measure: MediaPipe finds no person where the avatar's head lies "
+            "in the photo"
+        )
     fit_on_photo = _srgb8(rgb, alpha, srgb_to_linear(photo / 255.0))
     ssim_map = structural_similarity(photo, fit_on_photo, channel_axis=2, full=True)[1]
     metrics: dict[str, Any] = {
@@ -158,7 +167,8 @@ def evaluate(client: Client, avatar_id: str, photo: np.ndarray, out: Path,
         },  # fmt: skip
         "views": {},
     }
-    tiles = [_square(photo, size), _square(fit_on_photo, size)]
+    head = _square_around(alpha > 0.5)
+    tiles = [_square(photo, size, head), _square(fit_on_photo, size, head)]
     labels = ["input", "fit"]
     distance = framing_distance(float(info["radius"]), FOV, fill=0.9)
     for name, yaw, pitch in VIEWS:
@@ -174,17 +184,24 @@ def evaluate(client: Client, avatar_id: str, photo: np.ndarray, out: Path,
     sheet = _sheet(tiles, labels, columns=5)
     out.mkdir(parents=True, exist_ok=True)
     save_png(out / "contact_sheet.png", sheet)
-    atomic_write(out / "metrics.json", json.dumps(metrics, indent=1).encode())
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=1, allow_nan=False).encode())
     metrics["files"] = [str(out / "contact_sheet.png"), str(out / "metrics.json")]
     return metrics
 
 
-def _square(img: np.ndarray, size: int) -> np.ndarray:
+def _square(img: np.ndarray, size: int, head: tuple[float, float, float] | None) -> np.ndarray:
+    """The photo's centre square at ``size``; where the ``head``'s square box is under half
+    of that, a square twice the head's box around it instead (a small face in a large
+    photo)."""
     from PIL import Image
 
     h, w = img.shape[:2]
     side = min(h, w)
     y0, x0 = (h - side) // 2, (w - side) // 2
+    if head is not None and 2 * head[2] < side:
+        side = int(round(2 * head[2]))
+        x0 = int(np.clip(round(head[0] + head[2] / 2 - side / 2), 0, w - side))
+        y0 = int(np.clip(round(head[1] + head[2] / 2 - side / 2), 0, h - side))
     return np.asarray(Image.fromarray(img[y0 : y0 + side, x0 : x0 + side]).resize((size, size)))
 
 

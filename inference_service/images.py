@@ -15,6 +15,16 @@ MAX_PIXELS = 80_000_000  # an 8k x 10k photo; anything larger is refused before 
 MIN_SIDE = 16
 
 
+def pixels_sha256(photo: np.ndarray) -> str:
+    """SHA-256 of a decoded photo's pixels and shape: the same for the same picture in
+    any file format or with other metadata, so ``eval`` can tell it was built from it."""
+    import hashlib
+
+    digest = hashlib.sha256(str(photo.shape).encode())
+    digest.update(np.ascontiguousarray(photo).tobytes())
+    return digest.hexdigest()
+
+
 def decode_image(data: bytes | memoryview, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Encoded bytes → ``[H, W, 3]`` uint8 sRGB, upright as its EXIF orientation says.
 

@@ -15,6 +15,7 @@ from plyfile import PlyData
 
 from inference_service.cli import build_parser, linear_to_srgb8
 from inference_service.curves import load_curves, save_curves_csv
+from protocol.animation import load_animation
 from protocol.arkit import ARKIT_NAMES, index_of
 
 from .conftest import REPO
@@ -182,11 +183,20 @@ def test_demo_writes_what_it_names(tmp_path):
     for key in ("input", "turntable", "animation"):
         assert Path(r[key]).exists()
     assert len(list(Path(r["turntable"]).glob("rgb_*.png"))) == 12
-    assert len(list(Path(r["animation"]).glob("depth_*.npy"))) == 24
+    assert len(list(Path(r["animation"]).glob("depth_*.npy"))) == 36
+    assert load_animation(Path(r["animation"]) / "curves.csv").fps == 24  # as it was made
     assert len(r["ply"]) == 2 and all(PlyData.read(p)["vertex"].count > 1000 for p in r["ply"])
     assert all(Path(p).stat().st_size > 0 for p in r["preview"])
     assert zipfile.ZipFile(r["bundle"]).namelist()[0] == "bundle.json"
     assert str(out) in r["summary"]
+    # a rerun replaces its avatar: the name stays unambiguous for eval and the rest
+    again = last_json(run("demo", "--out", out, "--preset", "fast", "--size", 32, "--json"))
+    listed = last_json(run("avatars", "--store", out / "store", "--json"))
+    assert [a["id"] for a in listed["avatars"]] == [again["avatar_id"]]
+    (tmp_path / "file").write_text("")
+    for args in (("--out", tmp_path / "file"), ("--size", 0)):
+        r = run("demo", *args, "--json", check=False)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
 
 
 def test_every_option_is_documented():
@@ -241,6 +251,22 @@ def test_eval_metrics_of_the_sample_portraits(request, tmp_path, service, portra
     for side in ("+30", "-30"):
         view = m["views"][side]
         assert view["face_found"] and view["landmark_rms"] < 0.1, side  # measured 0.05-0.07
+
+
+def test_eval_refuses_another_photo_and_a_file_for_a_folder(tmp_path, service, astronaut_id,
+                                                            astronaut, hopper):  # fmt: skip
+    other = tmp_path / "other.png"  # the same size as hers: only the pixels tell
+    Image.fromarray(np.ascontiguousarray(hopper[:512, :512])).save(other)
+    same = tmp_path / "same.jpg.png"  # hers, in another file: still hers
+    Image.fromarray(astronaut).save(same)
+    (tmp_path / "file").write_text("")
+    cases = [(other, tmp_path / "e1", "not the one avatar"), (same, tmp_path / "file", "is a file")]
+    for photo, out, message in cases:
+        r = run("eval", astronaut_id, "--endpoint", service.endpoint, "--photo", photo,
+                "--out", out, "--size", 32, "--json", check=False)  # fmt: skip
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
+        assert message in json.loads(r.stdout.splitlines()[-1])["error"]["message"]
+    assert not (tmp_path / "e1").exists()
 
 
 def test_eval_tells_floaters_from_a_soft_edge():

@@ -14,7 +14,7 @@ from protocol.camera import project
 
 from ..avatar import FORMAT_VERSION, Avatar, BoundGaussians
 from ..headmodel import HeadModel, load_correspondence, load_head_model
-from ..images import decode_image
+from ..images import decode_image, pixels_sha256
 from . import detect
 from .align import align
 from .coin import fit_coin, photo_seen
@@ -164,6 +164,7 @@ def build_avatar(
         "builder": "coin-1",
         "preset": options.preset,
         "source": {"width": w, "height": h},
+        "photo_sha256": pixels_sha256(photo),
         "faces": [f.to_dict() for f in faces],
         "face": used,
         "landmark_rms": round(fit.rms, 4),
