@@ -58,6 +58,7 @@ class ArrayField:
     dim_max: int = MAX_FRAMES
     max_bytes: int | None = None
     finite: bool = True
+    empty_code: str = errors.BAD_REQUEST  # the error for an array with no elements
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ OPS: dict[str, OpSpec] = {
                 required=True,
                 dim_max=MAX_IMAGE_BYTES,
                 max_bytes=MAX_IMAGE_BYTES,
+                empty_code=errors.BAD_IMAGE,
             )
         },
     ),
@@ -241,7 +243,7 @@ def _check_array(name: str, arr: np.ndarray, spec: ArrayField) -> np.ndarray:
     if any(s is None and d > spec.dim_max for s, d in zip(spec.shape, arr.shape, strict=True)):
         raise ProtocolError(errors.TOO_LARGE, f"array {name!r} has a dimension over {spec.dim_max}")
     if any(d == 0 for d in arr.shape):
-        raise _bad(f"array {name!r} is empty")
+        raise ProtocolError(spec.empty_code, f"array {name!r} is empty")
     if spec.max_bytes is not None and arr.nbytes > spec.max_bytes:
         raise ProtocolError(
             errors.TOO_LARGE, f"array {name!r} is {arr.nbytes} bytes, limit {spec.max_bytes}"

@@ -406,6 +406,12 @@ def _image_variants(astronaut):
     }
 
 
+def test_an_empty_photo_is_a_bad_image(client):
+    with pytest.raises(ProtocolError) as e:
+        client.build(b"", name="empty", preset="fast")
+    assert e.value.code == errors.BAD_IMAGE and "'image' is empty" in e.value.message
+
+
 @pytest.mark.parametrize(
     "variant",
     ["grayscale", "rgba", "16-bit", "cmyk", "exif-rotated", "not an image", "truncated",
