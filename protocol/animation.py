@@ -366,8 +366,12 @@ def _valid_columns() -> str:
 
 def _load_csv(path: Path) -> Animation:
     rows = _read_rows(path)
-    # line numbers as an editor shows them; blank lines skipped
-    numbered = [(n, row) for n, row in enumerate(rows, 1) if any(row)]
+    # line numbers as an editor shows them; blank lines skipped, and rows of empty cells
+    # before the header (a row of empty cells after it is a frame with no values: an error,
+    # not a row to drop, which would shift every later frame's time)
+    numbered = [(n, row) for n, row in enumerate(rows, 1) if row]
+    while numbered and not any(numbered[0][1]):
+        numbered.pop(0)
     if not numbered:
         raise ValueError("the file is empty; it needs a header row and one row per frame")
     header_line, header = numbered[0]

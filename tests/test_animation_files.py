@@ -274,6 +274,9 @@ def test_unknown_columns_list_the_valid_names(tmp_path):
         (["frame", "JawOpen"], [[0, 0.1], [1]], "line 3 has 1 values"),
         (["frame", "JawOpen"], [[0, "abc"]], "line 2, column JawOpen: 'abc' is not a number"),
         (["frame", "JawOpen"], [[0, ""]], "line 2, column JawOpen: is empty"),
+        # a frame of empty cells is not dropped: every later frame would play early
+        (["JawOpen", "MouthLeft"], [[0.1, 0.2], ["", ""], [0.3, 0.4]],
+         "line 3, column JawOpen: is empty"),
         (["frame", "JawOpen", "MouthLeft"], [[0, 0.1, 0.2], [1, 0.1, "nan"]],
          "NaN value for MouthLeft at frame 1 \\(line 3\\)"),
         (["HeadYaw", "HeadPitch", "HeadRoll", "JawOpen"], [[0, 0, "-inf", 0.1]],
