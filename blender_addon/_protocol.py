@@ -7,10 +7,19 @@ same code the service speaks.
 
 from __future__ import annotations
 
-try:
-    from . import protocol as _impl  # type: ignore[attr-defined]
-    from .protocol import launch as _launch  # type: ignore[attr-defined]
-except ImportError:
+import importlib.util
+
+if importlib.util.find_spec(f"{__package__}.protocol") is not None:
+    try:
+        from . import protocol as _impl  # type: ignore[attr-defined]
+        from .protocol import launch as _launch  # type: ignore[attr-defined]
+    except ModuleNotFoundError as exc:  # the vendored copy is there; what it needs is not
+        raise ImportError(
+            f"splatface needs the Python module {exc.name!r}, which its release zip carries "
+            "as a wheel for Windows, macOS and Linux; reinstall the add-on from a zip made "
+            "by 'make addon' (a --no-wheels zip needs it installed into Blender's Python)"
+        ) from exc
+else:  # a checkout: the repository's own package
     import protocol as _impl
     from protocol import launch as _launch
 

@@ -102,3 +102,28 @@ print("OK")
         [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120
     )
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_a_module_the_extension_lacks_is_named(tmp_path):
+    """Blender's Python has no pyzmq without the zip's wheels: the error names it (it said
+    "No module named 'protocol'", from a fallback meant for checkouts)."""
+    target = packaging.build(tmp_path / "dist")
+    root = tmp_path / "ext"
+    pkg = root / "ext_test" / "user_default" / "splatface"
+    pkg.mkdir(parents=True)
+    for p in (root / "ext_test", root / "ext_test" / "user_default"):
+        (p / "__init__.py").write_text("")
+    zipfile.ZipFile(target).extractall(pkg)
+    script = f"""
+import sys
+sys.path.insert(0, {str(root)!r})
+sys.modules["zmq"] = None  # as if absent
+try:
+    import ext_test.user_default.splatface._protocol
+except ImportError as exc:
+    print("ERROR", exc)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert "ERROR splatface needs the Python module 'zmq'" in out.stdout, out.stdout + out.stderr
