@@ -56,7 +56,9 @@ def client() -> Client:
     with _client_lock:
         if _client is None or settings != _client_settings:
             if _client is not None:
-                _client.close()
+                # closed once its request in flight (up to the timeout) ends, off this
+                # thread: a preference change must not stall the UI behind it
+                threading.Thread(target=_client.close, daemon=True).start()
             _client = settings.client()
             _client_settings = settings
         return _client

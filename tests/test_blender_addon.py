@@ -291,6 +291,31 @@ def test_endpoint_from_environment(monkeypatch, addon):
     assert runtime.client().endpoint == _prefs().endpoint
 
 
+def test_changing_the_endpoint_does_not_wait_for_a_request_in_flight(monkeypatch, addon):
+    from blender_addon import runtime
+
+    busy, held, done = runtime.client(), threading.Event(), threading.Event()
+
+    def request_in_flight():  # as a worker's request to a slow service holds the client
+        with busy._lock:
+            held.set()
+            done.wait(10)
+
+    worker = threading.Thread(target=request_in_flight)
+    worker.start()
+    held.wait(10)
+    try:
+        monkeypatch.setenv("SPLATFACE_ENDPOINT", "tcp://127.0.0.1:1")
+        t0 = time.monotonic()
+        fresh = runtime.client()
+        assert fresh is not busy and time.monotonic() - t0 < 1
+    finally:
+        done.set()
+        worker.join()
+    monkeypatch.delenv("SPLATFACE_ENDPOINT")
+    assert runtime.client().endpoint == _prefs().endpoint
+
+
 def test_a_malformed_endpoint_is_reported_by_every_operator_not_a_traceback(
     scene, astronaut_id, astronaut_png, tmp_path
 ):
