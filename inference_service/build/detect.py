@@ -31,6 +31,9 @@ class Face:
 
     box: tuple[float, float, float, float]
     score: float
+    #: quarter turns (counter-clockwise, as ``np.rot90``) that stand the face upright: a
+    #: photo turned sideways without EXIF saying so
+    turn: int = 0
 
     @property
     def area(self) -> float:
@@ -123,7 +126,30 @@ def detect_faces(img: np.ndarray, near: list[float] | None = None) -> list[Face]
             searched = True
         if searched and any(f.score >= SURE_SCORE for f in found):
             found = [f for f in found if f.score >= SURE_SCORE]
+        if not found:  # turned sideways or upside down, with no EXIF to say so
+            small = _resize(img, scale) if scale < 1 else img
+            for turn in (1, 3, 2):
+                view = np.ascontiguousarray(np.rot90(small, turn))
+                vh, vw = view.shape[:2]
+                turned: list[Face] = []
+                _detect(view, (0, 0, vw, vh), (vw, vh), turned)
+                for f in turned:
+                    box = _unturn_box(tuple(v / scale for v in f.box), turn, w, h)
+                    found.append(Face(box, f.score, (turn + f.turn) % 4))
+                if found:
+                    break
     return sorted(found, key=lambda f: -f.area)
+
+
+def _unturn_box(box, turn: int, w: int, h: int) -> tuple[float, float, float, float]:
+    """A box found in ``np.rot90(photo, turn)`` as a box of the ``w`` x ``h`` photo."""
+    x0, y0, x1, y1 = box
+    corners = np.array([[x0, y0], [x1, y1]], float)
+    for k in range(turn % 4, 0, -1):  # undo one quarter turn: (x, y) -> (width - y, x)
+        width = w if (k - 1) % 2 == 0 else h  # of the view with one turn less
+        corners = np.stack([width - corners[:, 1], corners[:, 0]], axis=1)
+    lo, hi = corners.min(0), corners.max(0)
+    return (float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1]))
 
 
 def _starts(length: int, side: int) -> list[int]:
@@ -159,9 +185,23 @@ def _detect(
             if inner and cut:
                 continue
             box = (max(0.0, box[0]), max(0.0, box[1]), min(w, box[2]), min(h, box[3]))
-            face = Face(box, float(det.score[0]))
+            face = Face(box, float(det.score[0]), _upright_turn(det, view.shape))
             if face.area > 0 and all(_iou(face.box, f.box) < 0.4 for f in found):
                 found.append(face)
+
+
+def _upright_turn(det, shape: tuple[int, ...]) -> int:
+    """Quarter turns (``np.rot90``) that stand a detection upright, from its key points:
+    where the eyes lie from the mouth."""
+    kp = det.location_data.relative_keypoints
+    if len(kp) < 4:
+        return 0
+    h, w = shape[:2]
+    up_x = ((kp[0].x + kp[1].x) / 2 - kp[3].x) * w  # 0, 1: the eyes; 3: the mouth
+    up_y = ((kp[0].y + kp[1].y) / 2 - kp[3].y) * h
+    if abs(up_x) > abs(up_y):
+        return 1 if up_x > 0 else 3  # the head's top points right: a quarter turn left
+    return 2 if up_y > 0 else 0
 
 
 def face_landmarks(img: np.ndarray, face: Face) -> np.ndarray:
@@ -180,17 +220,25 @@ def face_landmarks(img: np.ndarray, face: Face) -> np.ndarray:
     ih, iw = inside.shape[:2]
     crop = np.pad(inside, ((by, n - by - ih), (bx, n - bx - iw), (0, 0)), mode="edge")
     crop = _resize(crop, MESH_CROP / crop.shape[0])
-    with _lock:
-        result = _model("mesh").process(crop)
-    if not result.multi_face_landmarks:
+    # the face mesh wants a face near upright: one lying sideways or upside down (a photo
+    # turned without EXIF saying so) is read turned as its detection's key points say
+    for turn in dict.fromkeys((face.turn, 0)):
+        with _lock:
+            result = _model("mesh").process(np.ascontiguousarray(np.rot90(crop, turn)))
+        if result.multi_face_landmarks:
+            break
+    else:
         raise ProtocolError(
             errors.NO_FACE,
             "a face was detected but its landmarks could not be found (too blurred, "
             "occluded or turned more than about 45 degrees?)",
         )
     lm = result.multi_face_landmarks[0].landmark
+    pts = np.array([[p.x, p.y, p.z] for p in lm]) * crop.shape[0]
+    for _ in range(turn):  # back into the unturned (square) crop
+        pts[:, :2] = np.stack([crop.shape[0] - pts[:, 1], pts[:, 0]], axis=1)
     k = int(side) / crop.shape[0]
-    pts = np.array([[p.x, p.y, p.z] for p in lm]) * crop.shape[0] * k
+    pts *= k
     pts[:, 0] += il
     pts[:, 1] += it
     return pts
