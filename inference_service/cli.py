@@ -1,6 +1,6 @@
 """``splatface``: the command line pipelines script against.
 
-Every command but ``serve`` and ``keys`` talks to a service: the one at ``--endpoint``,
+Every command but ``serve``, ``keys`` and ``track`` talks to a service: the one at ``--endpoint``,
 or, without it, a private service started on a free loopback port for the command and
 stopped afterwards (the same code path Blender uses).
 """
@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from .track import add_parser as add_track_parser
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 RENDER_CHUNK = 8  # frames per render request
+
+
+STORE_HELP = "$SPLATFACE_STORE, else $XDG_DATA_HOME (~/.local/share)/splatface/avatars"
 
 
 def default_store() -> Path:
@@ -681,8 +684,20 @@ def image_side(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors answer ``--json`` too (as JSON on stdout, besides the usage on stderr)."""
+
+    def error(self, message: str) -> NoReturn:
+        if "--json" in sys.argv[1:] if _argv is None else "--json" in _argv:
+            print(json.dumps({"error": {"code": "cli", "message": message}}))
+        super().error(message)
+
+
+_argv: list[str] | None = None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="splatface",
         description="One portrait photo to an animatable 3D Gaussian-splat head.",
     )
@@ -690,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(
         sp: argparse.ArgumentParser,
-        store_default: str = "$SPLATFACE_STORE or ~/.local/share/splatface/avatars",
+        store_default: str = STORE_HELP,
     ) -> None:
         g = sp.add_argument_group("service")
         g.add_argument(
@@ -737,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--store",
-        help="avatar folder (default: $SPLATFACE_STORE or ~/.local/share/splatface/avatars)",
+        help=f"avatar folder (default: {STORE_HELP})",
     )
     sp.add_argument(
         "--exports", help="folder for exports written by the service (default: STORE/exports)"
@@ -918,6 +933,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _argv
+    _argv = None if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     level = getattr(args, "log_level", "warning").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

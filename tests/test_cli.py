@@ -175,6 +175,10 @@ def test_errors_are_clear_and_typed(tmp_path, service):
     for box in ("1,2,x,4", "1 2 3 4", "10,10,5,20"):
         r = run("build", tmp_path / "missing.jpg", "--face-box", box, check=False)
         assert r.returncode == 2 and "X0,Y0,X1,Y1" in r.stderr and "Traceback" not in r.stderr
+    # usage errors answer --json as JSON too
+    r = run("render", "anyone", "--size", 0, "--out", tmp_path / "r", "--json", check=False)
+    assert r.returncode == 2 and "usage:" in r.stderr
+    assert "--size: 0 is not in 1..4096" in json.loads(r.stdout)["error"]["message"]
 
 
 def test_demo_writes_what_it_names(tmp_path):
