@@ -240,12 +240,14 @@ def _ffmpeg_reason(exc: BaseException, keep: int = 300) -> str:
 
 class LandmarkTracker:
     """MediaPipe landmarks frame by frame, following one face: detection picks the face
-    (``face``: index by size, 0 = largest) where no face was followed in the frame before,
-    otherwise the landmarks are looked for around the previous ones."""
+    (``face``: index by size, 0 = largest) until one is followed; the landmarks are then
+    looked for around the previous ones, and after a gap detection picks the face nearest
+    where the followed one was last seen (sizes change as people move)."""
 
     def __init__(self, face: int | None = None) -> None:
         self.face = face
         self.box: tuple[float, float, float, float] | None = None
+        self.last: tuple[float, float, float, float] | None = None  # kept through gaps
         self.most_faces = 0  # the most faces detection found in one frame
 
     def __call__(self, img: np.ndarray) -> np.ndarray | None:
@@ -261,7 +263,10 @@ class LandmarkTracker:
         try:
             faces = detect.detect_faces(img)
             self.most_faces = max(self.most_faces, len(faces))
-            face = detect.choose_face(faces, self.face, None, (w, h))
+            if self.last is not None and faces:
+                face = min(faces, key=lambda f: _centre_distance(f.box, self.last))
+            else:
+                face = detect.choose_face(faces, self.face, None, (w, h))
             return self._near(img, face.box)
         except ProtocolError:
             self.box = None
@@ -292,8 +297,12 @@ class LandmarkTracker:
         lm[:, 0] += x0
         lm[:, 1] += y0
         (bx0, by0), (bx1, by1) = lm[:, :2].min(0), lm[:, :2].max(0)
-        self.box = (float(bx0), float(by0), float(bx1), float(by1))
+        self.box = self.last = (float(bx0), float(by0), float(bx1), float(by1))
         return lm
+
+
+def _centre_distance(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    return float(np.hypot((a[0] + a[2] - b[0] - b[2]) / 2, (a[1] + a[3] - b[1] - b[3]) / 2))
 
 
 # -- the per-frame solver ------------------------------------------------------------------
@@ -1059,7 +1068,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     sp.add_argument(
         "--face",
         type=int,
-        help="which face to follow when there are several (0 = largest, default)",
+        help="which face to follow when there are several (0 = largest, default), picked "
+        "by size in the first frame showing it; after a gap, the face nearest where it was",
     )
     sp.add_argument(
         "--neutral",

@@ -505,6 +505,29 @@ def test_a_face_index_past_the_faces_found_says_so(tmp_path):
         track(folder, face=1)
 
 
+def test_after_a_gap_the_followed_face_is_found_where_it_was(astronaut):
+    """``--face 1`` picks the smaller of two people; after a gap they have changed sizes,
+    and the one on the right is still the one followed (by size it would be the other)."""
+    from inference_service.track import LandmarkTracker
+
+    head = Image.fromarray(astronaut[20:260, 110:350])  # her suit alone can pass for a face
+
+    def frame(left: int, right: int) -> np.ndarray:
+        img = np.full((480, 960, 3), 128, np.uint8)
+        for side, x in ((left, 240), (right, 720)):
+            tile = np.asarray(head.resize((side, side)))
+            img[240 - side // 2 : 240 - side // 2 + side, x - side // 2 : x - side // 2 + side] = (
+                tile
+            )
+        return img
+
+    follow = LandmarkTracker(face=1)
+    seen = [follow(frame(400, 240)), follow(np.full((480, 960, 3), 128, np.uint8)),
+            follow(frame(240, 400))]  # fmt: skip
+    assert seen[1] is None and seen[0] is not None and seen[2] is not None
+    assert seen[0][:, 0].mean() > 480 and seen[2][:, 0].mean() > 480
+
+
 def test_bad_inputs_are_typed_errors(tmp_path):
     with pytest.raises(TrackError, match="no such file or folder"):
         track(tmp_path / "missing.mp4")
