@@ -304,9 +304,12 @@ class Service:
                 return self._cache[avatar_id]
         avatar = self.store.load(avatar_id)
         with self._cache_lock:
-            self._cache[avatar_id] = avatar
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
+            # a delete between the load and here has already emptied its cache entry:
+            # caching the loaded copy would hold a deleted avatar's memory
+            if self.store.exists(avatar_id):
+                self._cache[avatar_id] = avatar
+                while len(self._cache) > CACHE_SIZE:
+                    self._cache.popitem(last=False)
         return avatar
 
     # -- ops ------------------------------------------------------------------------

@@ -156,6 +156,9 @@ class Store:
             )
         raise ProtocolError(errors.NOT_FOUND, f"no avatar with id or name {ref!r}")
 
+    def exists(self, avatar_id: str) -> bool:
+        return self._dir(avatar_id).is_dir()
+
     def delete(self, avatar_id: str) -> None:
         src = self._dir(avatar_id)
         if not src.is_dir():

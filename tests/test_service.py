@@ -406,6 +406,25 @@ def _image_variants(astronaut):
     }
 
 
+def test_an_avatar_deleted_while_it_loads_is_not_cached(tmp_path, service, astronaut_id):
+    import shutil
+
+    from inference_service.server import Service
+
+    shutil.copytree(service.store / astronaut_id, tmp_path / "store" / astronaut_id)
+    svc = Service(tmp_path / "store")
+    load = svc.store.load
+
+    def load_then_deleted(avatar_id):  # another request's delete lands meanwhile
+        avatar = load(avatar_id)
+        svc._op_delete({"avatar": avatar_id}, {})
+        return avatar
+
+    svc.store.load = load_then_deleted
+    svc._avatar(astronaut_id)
+    assert astronaut_id not in svc._cache
+
+
 def test_an_empty_photo_is_a_bad_image(client):
     with pytest.raises(ProtocolError) as e:
         client.build(b"", name="empty", preset="fast")
