@@ -6,6 +6,7 @@ Usable unchanged from Blender's Python: it needs numpy, pyzmq and msgpack only. 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -84,10 +85,18 @@ class CurveKeys:
         return cls(server_public, public, secret)
 
 
-#: Socket monitor events that mean the service turned the connection away in the
-#: handshake (a CurveZMQ service and a client without keys, or with unknown ones).
-_REFUSALS = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_AUTH,
-             zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)  # fmt: skip
+#: Socket monitor events of the handshake. ZAP turning a key away and a mechanism mismatch
+#: (libzmq does not reconnect after either) are definite; a failure without detail also
+#: follows a connection dropped mid-handshake, so only a run of them with no success
+#: between (libzmq reconnects every 100 ms) for ``_REFUSED_FOR`` seconds counts as one.
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+)
+_REFUSED_AFTER = 3
+_REFUSED_FOR = 1.5
 
 
 class Client:
@@ -118,6 +127,8 @@ class Client:
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
+        self._failures = 0  # handshakes failed since the last that succeeded
+        self._failing_since: float | None = None  # monotonic time of the first of them
         self._lock = threading.RLock()
 
     # -- plumbing -----------------------------------------------------------------
@@ -131,7 +142,8 @@ class Client:
                     s.curve_serverkey = self.curve.server_public
                     s.curve_publickey = self.curve.public
                     s.curve_secretkey = self.curve.secret
-                self._monitor = s.get_monitor_socket(sum(_REFUSALS))
+                self._failures, self._failing_since = 0, None
+                self._monitor = s.get_monitor_socket(_HANDSHAKE_EVENTS)
                 s.connect(self.endpoint)
             except zmq.ZMQError:
                 self._close_monitor(s)
@@ -142,32 +154,48 @@ class Client:
 
     def _close_monitor(self, sock: zmq.Socket) -> None:
         if self._monitor is not None:
-            sock.disable_monitor()
+            with contextlib.suppress(zmq.ZMQError):  # a context already terminated
+                sock.disable_monitor()
             self._monitor.close(linger=0)
             self._monitor = None
 
     def _refusal(self) -> str | None:
-        """Why the service refused the handshake, if the monitor saw it do so."""
+        """Why the service refuses this client, once the monitor has seen it do so: ZAP
+        turning its key away, the two sides' security disagreeing, or handshakes failing
+        again and again since the last one that succeeded."""
         from zmq.utils.monitor import recv_monitor_message
 
+        keyed = self.curve is not None
         while self._monitor is not None and self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)["event"]
-            if self.curve is None and event in _REFUSALS:
-                return (
-                    "it needs CurveZMQ keys: pass the folder holding server.key and "
-                    "client.key_secret that 'splatface keys' wrote (--curve-keys)"
-                )
-            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._failures, self._failing_since = 0, None
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and keyed:
                 return (
                     "it does not know this client's key: add client.key to its "
                     "authorized_clients/ folder"
                 )
-            if event in _REFUSALS:
-                return (
-                    "the CurveZMQ handshake failed: server.key is not the service's "
-                    "key, or the service runs without keys"
-                )
-        return None
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                self._failures, self._failing_since = _REFUSED_AFTER, 0.0
+                break
+            else:
+                self._failures += 1
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
+        if self._failures < _REFUSED_AFTER or self._failing_since is None:
+            return None
+        if time.monotonic() - self._failing_since < _REFUSED_FOR:
+            return None
+        if not keyed:
+            return (
+                "its handshake fails: it needs CurveZMQ keys (a service started with "
+                "--curve-keys; pass the folder holding server.key and client.key_secret "
+                "that 'splatface keys' wrote), or it is not a splatface service"
+            )
+        return (
+            "its CurveZMQ handshake fails: server.key is not the service's key, or the "
+            "service runs without keys"
+        )
 
     def _reset(self) -> None:
         if self._sock is not None:

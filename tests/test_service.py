@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import socket
@@ -525,7 +526,7 @@ def test_curve_security(tmp_path):
         cases = [
             (unknown, "add client.key to its authorized_clients/ folder"),
             (wrong_server, "server.key is not the service's key, or the service runs without"),
-            (None, "it needs CurveZMQ keys: pass the folder holding server.key and client.key"),
+            (None, "its handshake fails: it needs CurveZMQ keys (a service started with"),
         ]
         for curve, why in cases:
             # refused in the handshake, and said so at once: not a 30 s "is it running?"
@@ -537,6 +538,43 @@ def test_curve_security(tmp_path):
                 assert time.monotonic() - t < 5
     finally:
         svc.stop()
+
+
+def test_connections_dropped_for_a_moment_are_retried_not_refused():
+    """A port that accepts and drops connections for 1 s, then a service: handshakes fail
+    meanwhile, as when a connection drops mid-handshake, and the client waits it out."""
+    from protocol.codec import PROTOCOL_VERSION, decode, encode
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.05)
+    port = listener.getsockname()[1]
+
+    def drop_then_serve():
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until:
+            with contextlib.suppress(TimeoutError):
+                listener.accept()[0].close()
+        listener.close()
+        ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.bind(f"tcp://127.0.0.1:{port}")
+        if router.poll(10_000):  # the client may have given up
+            ident, *frames = router.recv_multipart()
+            header = {"protocol": PROTOCOL_VERSION, "id": decode(frames).header["id"], "ok": True}
+            router.send_multipart([ident, *encode(header | {"op": "hello"}, {})])
+            time.sleep(0.5)
+        router.close(0)
+        ctx.term()
+
+    server = threading.Thread(target=drop_then_serve)
+    server.start()
+    try:
+        with Client(f"tcp://127.0.0.1:{port}", timeout=3, retries=2) as c:
+            assert c.hello()["ok"]
+    finally:
+        server.join()
 
 
 def keys_cli(*args: str) -> subprocess.CompletedProcess:
