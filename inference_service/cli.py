@@ -688,7 +688,8 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors answer ``--json`` too (as JSON on stdout, besides the usage on stderr)."""
 
     def error(self, message: str) -> NoReturn:
-        if "--json" in sys.argv[1:] if _argv is None else "--json" in _argv:
+        argv = sys.argv[1:] if _argv is None else _argv
+        if any(len(a) > 3 and "--json".startswith(a) for a in argv):  # argparse takes --js
             print(json.dumps({"error": {"code": "cli", "message": message}}))
         super().error(message)
 

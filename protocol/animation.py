@@ -366,12 +366,15 @@ def _valid_columns() -> str:
 
 def _load_csv(path: Path) -> Animation:
     rows = _read_rows(path)
-    # line numbers as an editor shows them; blank lines skipped, and rows of empty cells
-    # before the header (a row of empty cells after it is a frame with no values: an error,
-    # not a row to drop, which would shift every later frame's time)
-    numbered = [(n, row) for n, row in enumerate(rows, 1) if row]
+    # line numbers as an editor shows them; blank (or all-space) lines skipped, and rows of
+    # empty cells before the header and after the last frame. A row of empty cells between
+    # frames is a frame with no values: an error, not a row to drop, which would shift
+    # every later frame's time.
+    numbered = [(n, row) for n, row in enumerate(rows, 1) if any(row) or len(row) > 1]
     while numbered and not any(numbered[0][1]):
         numbered.pop(0)
+    while numbered and not any(numbered[-1][1]):
+        numbered.pop()
     if not numbered:
         raise ValueError("the file is empty; it needs a header row and one row per frame")
     header_line, header = numbered[0]

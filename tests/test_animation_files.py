@@ -426,3 +426,10 @@ def test_client_accepts_a_curves_file(tmp_path, client, astronaut_id):
         client.render(astronaut_id, k, w2c, 48, 48, curves=f, curve_names=["jawOpen"])
     with pytest.raises(ValueError, match="missing.csv: no such file"):
         client.export(astronaut_id, curves=tmp_path / "missing.csv")
+
+
+def test_blank_lines_and_trailing_empty_rows_are_not_frames(tmp_path):
+    f = tmp_path / "spaced.csv"
+    f.write_text("jawOpen,eyeBlinkLeft\n0.1,0.2\n   \n0.3,0.4\n,\n")
+    curves = load_animation(f).curves
+    assert curves.shape == (2, 52) and curves[1, index_of("jawOpen")] == pytest.approx(0.3)

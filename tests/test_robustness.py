@@ -182,6 +182,27 @@ def test_a_face_turned_without_exif_is_read_turned(hopper, turn):
     assert np.abs(points - expected).mean() < 2.0  # measured 0.74-0.79 px
 
 
+def test_an_upside_down_face_read_upright_in_doubt_is_read_turned(hopper):
+    """At twice her size, upside down, the upright detectors pass her face at 0.6 with key
+    points as if upright; the turned search's sure reading takes its place."""
+    from inference_service.build.detect import detect_faces, locate_face
+
+    big = np.asarray(Image.fromarray(hopper).resize((1024, 1200)))
+    img = np.ascontiguousarray(np.rot90(big, 2))
+    face, landmarks = locate_face(img, detect_faces(img), None, None)
+    upright = locate_face(big, detect_faces(big), None, None)[1][:, :2]
+    assert face.turn == 2
+    assert np.abs(landmarks[:, :2] - ([1024, 1200] - upright)).mean() < 3.0
+
+
+def test_a_face_centred_past_the_border_keeps_its_landmarks(hopper):
+    from inference_service.build.detect import detect_faces, locate_face
+
+    img = np.ascontiguousarray(hopper[:, 260:])  # her face's centre lies left of the photo
+    face, landmarks = locate_face(img, detect_faces(img), 0, None)
+    assert landmarks[:, 0].mean() < 0
+
+
 def test_an_upside_down_photo_builds_an_upside_down_head(hopper):
     av = build(Image.fromarray(np.ascontiguousarray(np.rot90(hopper, 2))))
     up_in_camera = av.photo_world_to_camera[:3, :3] @ np.array([0.0, 0.0, 1.0])

@@ -126,19 +126,36 @@ def detect_faces(img: np.ndarray, near: list[float] | None = None) -> list[Face]
             searched = True
         if searched and any(f.score >= SURE_SCORE for f in found):
             found = [f for f in found if f.score >= SURE_SCORE]
-        if not found:  # turned sideways or upside down, with no EXIF to say so
-            small = _resize(img, scale) if scale < 1 else img
-            for turn in (1, 3, 2):
-                view = np.ascontiguousarray(np.rot90(small, turn))
-                vh, vw = view.shape[:2]
-                turned: list[Face] = []
-                _detect(view, (0, 0, vw, vh), (vw, vh), turned)
-                for f in turned:
-                    box = _unturn_box(tuple(v / scale for v in f.box), turn, w, h)
-                    found.append(Face(box, f.score, (turn + f.turn) % 4))
-                if found:
-                    break
+        if not any(f.score >= SURE_SCORE for f in found):
+            found = _search_turned(img, scale, found)
     return sorted(found, key=lambda f: -f.area)
+
+
+#: A face found in the photo turned replaces the upright reading of it when this much surer
+#: (an upside-down face can pass upright at 0.6, its key points read as if upright).
+TURNED_MARGIN = 0.1
+
+
+def _search_turned(img: np.ndarray, scale: float, found: list[Face]) -> list[Face]:
+    """``found`` with faces lying sideways or upside down (a photo turned without EXIF to
+    say so) added, or put in place of their doubtful upright readings."""
+    h, w = img.shape[:2]
+    small = _resize(img, scale) if scale < 1 else img
+    found = list(found)
+    for turn in (1, 3, 2):
+        view = np.ascontiguousarray(np.rot90(small, turn))
+        vh, vw = view.shape[:2]
+        turned: list[Face] = []
+        _detect(view, (0, 0, vw, vh), (vw, vh), turned)
+        for f in turned:
+            face = Face(_unturn_box(tuple(v / scale for v in f.box), turn, w, h), f.score,
+                        (turn + f.turn) % 4)  # fmt: skip
+            same = [g for g in found if _iou(g.box, face.box) >= 0.4]
+            if not same:
+                found.append(face)
+            elif all(face.score >= g.score + TURNED_MARGIN for g in same):
+                found = [g for g in found if g not in same] + [face]
+    return found
 
 
 def _unturn_box(box, turn: int, w: int, h: int) -> tuple[float, float, float, float]:
@@ -301,14 +318,14 @@ def locate_face(
     for face in tries:
         try:
             landmarks = face_landmarks(img, face)
-            cx, cy = landmarks[:, :2].mean(axis=0)
+            # boxes are clipped to the photo; a face cut by its border centres outside it
+            cx, cy = np.clip(landmarks[:, :2].mean(axis=0), 0, (w, h))
             x0, y0, x1, y1 = face.box
             if not (x0 <= cx <= x1 and y0 <= cy <= y1):
                 raise ProtocolError(
                     errors.NO_FACE,
                     f"the face at {face.to_dict()['box']} has no landmarks of its own: the "
-                    f"ones found lie around ({cx:.0f}, {cy:.0f}), outside it; choose that "
-                    "face instead",
+                    f"ones found lie around ({cx:.0f}, {cy:.0f}), outside it",
                     {"faces": [f.to_dict() for f in faces]},
                 )
             return face, landmarks
