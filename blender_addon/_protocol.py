@@ -34,6 +34,7 @@ head_pivot = _impl.head_pivot
 head_rotation = _impl.head_rotation
 errors = _impl.errors
 wait_for_endpoint = _launch.wait_for_endpoint
+is_loopback_endpoint = _launch.is_loopback_endpoint
 
 __all__ = [
     "ARKIT_NAMES",
@@ -46,5 +47,6 @@ __all__ = [
     "head_pivot",
     "head_rotation",
     "load_animation",
+    "is_loopback_endpoint",
     "wait_for_endpoint",
 ]

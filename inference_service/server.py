@@ -8,7 +8,6 @@ one thread. So queries and renders are answered while a build runs.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 import time
@@ -18,7 +17,6 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 import zmq
@@ -30,6 +28,7 @@ from protocol.client import load_key_file
 from protocol.codec import PROTOCOL_VERSION, decode, encode, request_op_and_id
 from protocol.errors import ProtocolError
 from protocol.files import atomic_write
+from protocol.launch import is_loopback_endpoint
 
 from . import __version__
 from .avatar import Avatar
@@ -46,22 +45,6 @@ log = logging.getLogger(__name__)
 MAX_PENDING = 64
 CACHE_SIZE = 4
 POOL_OPS = ("get", "render", "export")
-
-
-def is_loopback_endpoint(endpoint: str) -> bool:
-    """True for ``ipc://``/``inproc://`` and ``tcp://`` on a loopback address."""
-    scheme = endpoint.split("://", 1)[0]
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        return False
-    host = urlsplit(endpoint).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def bind_address(endpoint: str) -> str:

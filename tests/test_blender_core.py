@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from blender_addon._protocol import head_pivot
+from blender_addon._protocol import is_loopback_endpoint as is_loopback
 from blender_addon.core import camera as cam
 from blender_addon.core.curves import plan_keyframes
 from blender_addon.core.jobs import MainQueue, Worker, on_main_thread
@@ -19,7 +20,6 @@ from blender_addon.core.memory import FrameMemory
 from blender_addon.core.passes import EMPTY_DEPTH, Layer, composite, to_blender
 from blender_addon.core.service import (
     ConnectionSettings,
-    is_loopback,
     may_start_local,
     run_build,
 )

@@ -73,15 +73,22 @@ def test_zip_layout_and_wheels_listed_match_the_files(tmp_path):
     assert {r.split("==")[0] for r in packaging.WHEEL_REQUIREMENTS} == {"pyzmq", "msgpack"}
 
 
-@pytest.mark.slow
-def test_extension_from_zip_registers_with_vendored_protocol(tmp_path):
+def unpacked_as_extension(tmp_path: Path) -> Path:
+    """The built zip unpacked as ``ext_test.user_default.splatface`` under the returned
+    folder (bpy owns ``bl_ext`` itself), as Blender lays out an installed extension."""
     target = packaging.build(tmp_path / "dist")
     root = tmp_path / "ext"
-    pkg = root / "ext_test" / "user_default" / "splatface"  # bpy owns bl_ext itself
+    pkg = root / "ext_test" / "user_default" / "splatface"
     pkg.mkdir(parents=True)
     for p in (root / "ext_test", root / "ext_test" / "user_default"):
         (p / "__init__.py").write_text("")
     zipfile.ZipFile(target).extractall(pkg)
+    return root
+
+
+@pytest.mark.slow
+def test_extension_from_zip_registers_with_vendored_protocol(tmp_path):
+    root = unpacked_as_extension(tmp_path)
     script = f"""
 import sys
 sys.path.insert(0, {str(root)!r})
@@ -107,13 +114,7 @@ print("OK")
 def test_a_module_the_extension_lacks_is_named(tmp_path):
     """Blender's Python has no pyzmq without the zip's wheels: the error names it (it said
     "No module named 'protocol'", from a fallback meant for checkouts)."""
-    target = packaging.build(tmp_path / "dist")
-    root = tmp_path / "ext"
-    pkg = root / "ext_test" / "user_default" / "splatface"
-    pkg.mkdir(parents=True)
-    for p in (root / "ext_test", root / "ext_test" / "user_default"):
-        (p / "__init__.py").write_text("")
-    zipfile.ZipFile(target).extractall(pkg)
+    root = unpacked_as_extension(tmp_path)
     script = f"""
 import sys
 sys.path.insert(0, {str(root)!r})

@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._protocol import Client, CurveKeys, ProtocolError, errors, wait_for_endpoint
+from .._protocol import (
+    Client,
+    CurveKeys,
+    ProtocolError,
+    errors,
+    is_loopback_endpoint,
+    wait_for_endpoint,
+)
 
 #: Overrides the preference, so render-farm workers can point at a shared service.
 ENDPOINT_ENV = "SPLATFACE_ENDPOINT"
@@ -165,23 +172,10 @@ def run_build(
         time.sleep(poll)
 
 
-def is_loopback(endpoint: str) -> bool:
-    """True for ``ipc://`` and ``tcp://`` on 127.x/localhost/::1 (where we may start one)."""
-    import ipaddress
-
-    if endpoint.startswith("ipc://"):
-        return True
-    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def may_start_local(settings: ConnectionSettings) -> bool:
     """Whether a service may be started for ``settings`` when none answers: only on this
     machine, and not for CurveZMQ keys (a service started here would run without them,
     and refuse the keyed client)."""
-    return settings.auto_start and is_loopback(settings.endpoint) and not settings.curve_keys
+    return (
+        settings.auto_start and is_loopback_endpoint(settings.endpoint) and not settings.curve_keys
+    )
