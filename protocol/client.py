@@ -85,10 +85,10 @@ class CurveKeys:
         return cls(server_public, public, secret)
 
 
-#: Socket monitor events of the handshake. ZAP turning a key away and a mechanism mismatch
-#: (libzmq does not reconnect after either) are definite; a failure without detail also
-#: follows a connection dropped mid-handshake, so only a run of them with no success
-#: between (libzmq reconnects every 100 ms) for ``_REFUSED_FOR`` seconds counts as one.
+#: Socket monitor events of the handshake. ZAP turning a key away is definite; other
+#: failures also follow a connection dropped mid-handshake, so only failures with none
+#: succeeding between, for ``_REFUSED_FOR`` seconds (libzmq reconnects every 100 ms) or
+#: through the last attempt, count as a refusal.
 _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -159,10 +159,12 @@ class Client:
             self._monitor.close(linger=0)
             self._monitor = None
 
-    def _refusal(self) -> str | None:
+    def _refusal(self, attempt_over: bool = False) -> str | None:
         """Why the service refuses this client, once the monitor has seen it do so: ZAP
-        turning its key away, the two sides' security disagreeing, or handshakes failing
-        again and again since the last one that succeeded."""
+        turning its key away, or handshakes failing since the last one that succeeded,
+        again and again for ``_REFUSED_FOR`` seconds, or through the last attempt
+        (``attempt_over``: libzmq may stop reconnecting after a mismatch; earlier attempts
+        are retried, as a restarting service drops a connection mid-handshake too)."""
         from zmq.utils.monitor import recv_monitor_message
 
         keyed = self.curve is not None
@@ -175,16 +177,15 @@ class Client:
                     "it does not know this client's key: add client.key to its "
                     "authorized_clients/ folder"
                 )
-            elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-                self._failures, self._failing_since = _REFUSED_AFTER, 0.0
-                break
             else:
                 self._failures += 1
                 if self._failing_since is None:
                     self._failing_since = time.monotonic()
-        if self._failures < _REFUSED_AFTER or self._failing_since is None:
+        if self._failing_since is None:
             return None
-        if time.monotonic() - self._failing_since < _REFUSED_FOR:
+        if not attempt_over and (
+            self._failures < _REFUSED_AFTER or time.monotonic() - self._failing_since < _REFUSED_FOR
+        ):
             return None
         if not keyed:
             return (
@@ -233,7 +234,7 @@ class Client:
         header.update({k: v for k, v in (fields or {}).items() if v is not None})
         frames = encode(header, {k: v for k, v in (arrays or {}).items() if v is not None})
         with self._lock:
-            for _ in range(retries + 1):
+            for attempt in range(retries + 1):
                 sock = self._socket()
                 sock.send_multipart(frames, copy=False)
                 if on_sent is not None:
@@ -241,7 +242,8 @@ class Client:
                 deadline = time.monotonic() + timeout
                 while (remaining := deadline - time.monotonic()) > 0:
                     if not sock.poll(min(int(remaining * 1000) + 1, 250), zmq.POLLIN):
-                        if (why := self._refusal()) is not None:
+                        last = attempt == retries and remaining <= 0.25
+                        if (why := self._refusal(attempt_over=last)) is not None:
                             self._reset()
                             raise ProtocolError(
                                 errors.REFUSED,

@@ -137,8 +137,8 @@ TURNED_MARGIN = 0.1
 
 
 def _search_turned(img: np.ndarray, scale: float, found: list[Face]) -> list[Face]:
-    """``found`` with faces lying sideways or upside down (a photo turned without EXIF to
-    say so) added, or put in place of their doubtful upright readings."""
+    """``found`` with sure faces lying sideways or upside down (a photo turned without EXIF
+    to say so) added, or put in place of their doubtful upright readings."""
     h, w = img.shape[:2]
     small = _resize(img, scale) if scale < 1 else img
     found = list(found)
@@ -148,6 +148,8 @@ def _search_turned(img: np.ndarray, scale: float, found: list[Face]) -> list[Fac
         turned: list[Face] = []
         _detect(view, (0, 0, vw, vh), (vw, vh), turned)
         for f in turned:
+            if f.score < SURE_SCORE:  # noise turned can pass for a doubtful face
+                continue
             face = Face(_unturn_box(tuple(v / scale for v in f.box), turn, w, h), f.score,
                         (turn + f.turn) % 4)  # fmt: skip
             same = [g for g in found if _iou(g.box, face.box) >= 0.4]
