@@ -129,6 +129,7 @@ class Client:
         self._monitor: zmq.Socket | None = None
         self._failures = 0  # handshakes failed since the last that succeeded
         self._failing_since: float | None = None  # monotonic time of the first of them
+        self._failed_last = 0.0  # and of the last
         self._lock = threading.RLock()
 
     # -- plumbing -----------------------------------------------------------------
@@ -162,7 +163,7 @@ class Client:
     def _refusal(self, attempt_over: bool = False) -> str | None:
         """Why the service refuses this client, once the monitor has seen it do so: ZAP
         turning its key away, or handshakes failing since the last one that succeeded,
-        again and again for ``_REFUSED_FOR`` seconds, or through the last attempt
+        again and again over ``_REFUSED_FOR`` seconds, or through the last attempt
         (``attempt_over``: libzmq may stop reconnecting after a mismatch; earlier attempts
         are retried, as a restarting service drops a connection mid-handshake too)."""
         from zmq.utils.monitor import recv_monitor_message
@@ -179,13 +180,13 @@ class Client:
                 )
             else:
                 self._failures += 1
+                self._failed_last = time.monotonic()
                 if self._failing_since is None:
-                    self._failing_since = time.monotonic()
+                    self._failing_since = self._failed_last
         if self._failing_since is None:
             return None
-        if not attempt_over and (
-            self._failures < _REFUSED_AFTER or time.monotonic() - self._failing_since < _REFUSED_FOR
-        ):
+        span = self._failed_last - self._failing_since  # failures still coming, not one
+        if not attempt_over and (self._failures < _REFUSED_AFTER or span < _REFUSED_FOR):
             return None
         if not keyed:
             return (
