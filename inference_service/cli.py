@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from protocol import Client, CurveKeys, ProtocolError
+from protocol import Client, CurveKeys, ProtocolError, messages
 from protocol.camera import framing_distance, intrinsics_from_fov, orbit
 from protocol.launch import READY_PREFIX, wait_for_endpoint
 
@@ -102,10 +102,15 @@ def connect(args: argparse.Namespace) -> Iterator[Client]:
 # -- output helpers -------------------------------------------------------------------
 
 
+def print_json_error(code: str, message: str) -> None:
+    """The last line ``--json`` promises on failure: ``{"error": {"code", "message"}}``."""
+    print(json.dumps({"error": {"code": code, "message": message}}))
+
+
 def refuse(args: argparse.Namespace, message: str) -> int:
     """Report a command's own refusal (as JSON too under ``--json``); exit status 2."""
     if getattr(args, "json", False):
-        print(json.dumps({"error": {"code": "cli", "message": message}}))
+        print_json_error("cli", message)
     print(f"splatface {args.command}: {message}", file=sys.stderr)
     return 2
 
@@ -378,8 +383,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
             made = Path(tmp)
             (made / "authorized_clients").mkdir()
             shutil.copy(made / "client.key", made / "authorized_clients" / "client.key")
-            for name in KEY_FILES:  # secrets first: a key never waits for its pair
+            for name in KEY_FILES:
                 (made / name).chmod(0o600 if name.endswith("_secret") else 0o644)
+            # secrets first: a public key never lands without its pair
             for name in sorted(KEY_FILES, key=lambda n: not n.endswith("_secret")):
                 os.replace(made / name, folder / name)
     except OSError as exc:
@@ -674,13 +680,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def image_side(text: str) -> int:
-    """``--size``: a whole number of pixels the service renders (1 to 4096)."""
+    """``--size``: a whole number of pixels the service renders (1 to its MAX_SIZE)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= 4096:
-        raise argparse.ArgumentTypeError(f"{value} is not in 1..4096 pixels")
+    if not 1 <= value <= messages.MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"{value} is not in 1..{messages.MAX_SIZE} pixels")
     return value
 
 
@@ -690,7 +696,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         argv = sys.argv[1:] if _argv is None else _argv
         if any(len(a) > 3 and "--json".startswith(a) for a in argv):  # argparse takes --js
-            print(json.dumps({"error": {"code": "cli", "message": message}}))
+            print_json_error("cli", message)
         super().error(message)
 
 
@@ -943,12 +949,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ProtocolError as exc:
         if getattr(args, "json", False):
-            print(json.dumps({"error": {"code": exc.code, "message": exc.message}}))
+            print_json_error(exc.code, exc.message)
         print(f"splatface {args.command}: {exc.code}: {exc.message}", file=sys.stderr)
         return 1
     except SystemExit as exc:
         if isinstance(exc.code, str) and getattr(args, "json", False):
-            print(json.dumps({"error": {"code": "cli", "message": exc.code}}))
+            print_json_error("cli", exc.code)
         raise
     except KeyboardInterrupt:
         return 130
