@@ -110,8 +110,8 @@ class Service:
         self.enhance = enhance
         self.endpoint = endpoint
         self.curve_keys = Path(curve_keys) if curve_keys is not None else None
-        if self.curve_keys is not None:
-            check_server_keys(self.curve_keys)
+        # read and checked here, so a bad key file stops the start with its name
+        self._server_keys = None if self.curve_keys is None else check_server_keys(self.curve_keys)
         self.store = Store(store)
         self.exports = Path(exports) if exports else self.store.root / "exports"
         self.jobs = JobManager(self.store)
@@ -186,7 +186,7 @@ class Service:
     def _setup_curve(self, router: zmq.Socket):
         from zmq.auth.thread import ThreadAuthenticator
 
-        public, secret = check_server_keys(self.curve_keys)
+        public, secret = self._server_keys
         auth = ThreadAuthenticator(self._ctx)
         auth.start()
         auth.configure_curve(domain="*", location=str(self.curve_keys / "authorized_clients"))

@@ -54,7 +54,7 @@ def load_key_file(path: str | Path, secret: bool = False) -> tuple[bytes, bytes 
         raise ValueError(f"cannot read the key file {path}: {exc.strerror or exc}") from None
     except ValueError:  # no key line in it
         public = secret_key = None
-    for kind, key in (("public", public), ("secret", secret_key if secret else b"0" * 40)):
+    for kind, key in [("public", public)] + ([("secret", secret_key)] if secret else []):
         try:
             ok = key is not None and len(key) == 40 and len(z85.decode(key)) == 32
         except (ValueError, KeyError, TypeError):
