@@ -149,7 +149,8 @@ def evaluate(client: Client, avatar_id: str, photo: np.ndarray, out: Path,
     r = client.render(avatar_id, intr, w2c, w, h, curves=_weights(meta)[None],
                       passes=("rgb", "alpha"), timeout=600)  # fmt: skip
     rgb, alpha = r["rgb"][0], r["alpha"][0]
-    mask = (alpha > 0.5) & person_mask(photo, _square_around(alpha > 0.5))
+    head = _square_around(alpha > 0.5)
+    mask = (alpha > 0.5) & person_mask(photo, head)
     if not mask.any():
         raise ValueError(
             "nothing to measure: MediaPipe finds no person where the avatar's head lies "
@@ -167,7 +168,6 @@ def evaluate(client: Client, avatar_id: str, photo: np.ndarray, out: Path,
         },  # fmt: skip
         "views": {},
     }
-    head = _square_around(alpha > 0.5)
     tiles = [_square(photo, size, head), _square(fit_on_photo, size, head)]
     labels = ["input", "fit"]
     distance = framing_distance(float(info["radius"]), FOV, fill=0.9)

@@ -99,7 +99,8 @@ def detect_faces(img: np.ndarray, near: list[float] | None = None) -> list[Face]
     found: list[Face] = []
     with _lock:
         scale = min(1.0, DETECT_MAX_SIDE / max(h, w))
-        _detect(_resize(img, scale) if scale < 1 else img, (0, 0, w, h), (w, h), found)
+        small = _resize(img, scale) if scale < 1 else img
+        _detect(small, (0, 0, w, h), (w, h), found)
         if near is not None and np.all(np.isfinite(near)):
             x0, y0, x1, y1 = (float(v) for v in near)
             side = 3.0 * max(x1 - x0, y1 - y0, MIN_FACE_PX)
@@ -127,7 +128,7 @@ def detect_faces(img: np.ndarray, near: list[float] | None = None) -> list[Face]
         if searched and any(f.score >= SURE_SCORE for f in found):
             found = [f for f in found if f.score >= SURE_SCORE]
         if not any(f.score >= SURE_SCORE for f in found):
-            found = _search_turned(img, scale, found)
+            found = _search_turned(small, scale, (w, h), found)
     return sorted(found, key=lambda f: -f.area)
 
 
@@ -136,11 +137,13 @@ def detect_faces(img: np.ndarray, near: list[float] | None = None) -> list[Face]
 TURNED_MARGIN = 0.1
 
 
-def _search_turned(img: np.ndarray, scale: float, found: list[Face]) -> list[Face]:
+def _search_turned(
+    small: np.ndarray, scale: float, size: tuple[int, int], found: list[Face]
+) -> list[Face]:
     """``found`` with sure faces lying sideways or upside down (a photo turned without EXIF
-    to say so) added, or put in place of their doubtful upright readings."""
-    h, w = img.shape[:2]
-    small = _resize(img, scale) if scale < 1 else img
+    to say so) added, or put in place of their doubtful upright readings. ``small``: the
+    ``size`` (w, h) photo scaled by ``scale``, as the detectors see it whole."""
+    w, h = size
     found = list(found)
     for turn in (1, 3, 2):
         view = np.ascontiguousarray(np.rot90(small, turn))
