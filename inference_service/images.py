@@ -46,6 +46,7 @@ def decode_image(data: bytes | memoryview, max_pixels: int = MAX_PIXELS) -> np.n
                     errors.TOO_LARGE,
                     f"image is {w}x{h} = {w * h / 1e6:.0f} MP, limit {max_pixels / 1e6:.0f} MP",
                 )
+            white = _declared_white(im)
             im = _upright(im)
             im.load()
             im = _to_srgb(im)
@@ -63,7 +64,7 @@ def decode_image(data: bytes | memoryview, max_pixels: int = MAX_PIXELS) -> np.n
         raise ProtocolError(
             errors.BAD_IMAGE, f"image is {im.size[0]}x{im.size[1]}, smaller than {MIN_SIDE} px"
         )
-    return _to_rgb8(im)
+    return _to_rgb8(im, white)
 
 
 _ORIENTATION = {2: (Image.Transpose.FLIP_LEFT_RIGHT,), 3: (Image.Transpose.ROTATE_180,),
@@ -103,14 +104,18 @@ def _to_srgb(im: Image.Image) -> Image.Image:
         return im
 
 
-def _to_rgb8(im: Image.Image) -> np.ndarray:
+def _to_rgb8(im: Image.Image, white: float | None = None) -> np.ndarray:
+    """8-bit RGB; a grey ``I``/``F`` image is scaled so that ``white`` (as its file
+    declares, else guessed from its values) becomes 255."""
     mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
-        if mode == "F" and a.max() <= 1.0:  # floating-point images hold 0..1
+        if white is not None:
+            top = white
+        elif mode == "F" and a.max() <= 1.0:  # floating-point images hold 0..1
             top = 1.0
         else:
-            top = 65535.0 if mode.startswith("I;16") or a.max() > 255 else 255.0
+            top = 65535.0 if a.max() > 255 else 255.0
         g = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(g[..., None], 3, axis=2)
     if "A" in mode or "transparency" in im.info:
@@ -122,6 +127,16 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
             out[r : r + 256] = np.clip(part[..., :3] * alpha + 128.0 * (1 - alpha) + 0.5, 0, 255)
         return out
     return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
+
+
+def _declared_white(im: Image.Image) -> float | None:
+    """The value that stands for white in a grey integer image, where its file declares
+    it: a dark 16-bit photo whose values all stay under 256 is still 16-bit. Pillow opens
+    16-bit PNGs and TIFFs as ``I;16`` and scales every PGM to 16 bits in mode ``I``.
+    Read before any transform: a transformed copy has no ``format``."""
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PPM"):
+        return 65535.0
+    return None
 
 
 _SRGB_KNEE = 0.0031308  # linear value where the sRGB curve turns from line to power

@@ -50,6 +50,18 @@ def test_grayscale_and_16bit_become_grey_rgb():
     assert np.abs(out16[..., 0].astype(int) - g).max() <= 1
 
 
+@pytest.mark.parametrize("maxval", [1000, 65535])
+def test_dark_16bit_pgm_stays_dark(maxval):
+    # Pillow opens a 16-bit PGM in mode I; values all under 256 are still 16-bit, not 8
+    g = np.tile(np.linspace(0, maxval * 0.003, 40), (30, 1)).astype(">u2")
+    out = decode_image(f"P5 40 30 {maxval}\n".encode() + g.tobytes())
+    assert out.shape == (30, 40, 3) and out.max() <= 1
+    bright = (g.astype(float) * 64).astype(">u2")
+    out = decode_image(f"P5 40 30 {maxval}\n".encode() + bright.tobytes())
+    expect = np.clip(bright / maxval * 255 + 0.5, 0, 255).astype(np.uint8)
+    assert np.abs(out[..., 0].astype(int) - expect).max() <= 1
+
+
 def test_rgba_is_composited_on_grey():
     rgba = np.zeros((30, 40, 4), np.uint8)
     rgba[..., 0] = 255
