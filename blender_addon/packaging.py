@@ -32,7 +32,9 @@ PLATFORM_TAGS = {
     "macos-arm64": ("macosx_11_0_arm64", "macosx_10_15_universal2"),
     "macos-x64": ("macosx_10_15_x86_64", "macosx_10_9_x86_64", "macosx_10_15_universal2"),
 }
-EXCLUDE = re.compile(r"(^|/)(__pycache__|packaging\.py$)|\.pyc$")
+#: What of the add-on's folder ships: its modules only, so an editor's backups, notes or a
+#: ``.DS_Store`` lying beside them stay out of the zip. This builder itself stays out.
+SHIPPED = re.compile(r"^(?!packaging\.py$)([a-z_][a-z0-9_]*/)*[a-z_][a-z0-9_]*\.py$")
 
 
 def manifest() -> dict:
@@ -82,17 +84,22 @@ def build(out_dir: Path, wheels: list[Path] | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{meta['id']}-{meta['version']}.zip"
     wheels = wheels or []
-    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr("blender_manifest.toml", manifest_text([w.name for w in wheels]))
-        for path in sorted(ADDON_DIR.rglob("*")):
-            rel = path.relative_to(ADDON_DIR).as_posix()
-            if path.is_file() and rel != "blender_manifest.toml" and not EXCLUDE.search(rel):
-                z.write(path, rel)
-        for path in sorted((REPO / "protocol").iterdir()):
-            if path.is_file() and path.suffix in (".py", ".md"):
-                z.write(path, f"protocol/{path.name}")
-        for wheel in wheels:
-            z.write(wheel, f"wheels/{wheel.name}")
+    partial = target.with_name(f".{target.name}.partial")
+    try:  # a build that fails part-way leaves no zip to install
+        with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("blender_manifest.toml", manifest_text([w.name for w in wheels]))
+            for path in sorted(ADDON_DIR.rglob("*.py")):
+                rel = path.relative_to(ADDON_DIR).as_posix()
+                if path.is_file() and SHIPPED.match(rel):
+                    z.write(path, rel)
+            for path in sorted((REPO / "protocol").iterdir()):
+                if path.is_file() and (SHIPPED.match(path.name) or path.name == "SPEC.md"):
+                    z.write(path, f"protocol/{path.name}")
+            for wheel in wheels:
+                z.write(wheel, f"wheels/{wheel.name}")
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
     return target
 
 

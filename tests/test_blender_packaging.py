@@ -73,6 +73,32 @@ def test_zip_layout_and_wheels_listed_match_the_files(tmp_path):
     assert {r.split("==")[0] for r in packaging.WHEEL_REQUIREMENTS} == {"pyzmq", "msgpack"}
 
 
+def test_only_the_addons_modules_ship(tmp_path, monkeypatch):
+    import shutil
+
+    addon = tmp_path / "blender_addon"
+    shutil.copytree(packaging.ADDON_DIR, addon, ignore=shutil.ignore_patterns("__pycache__"))
+    expected = {"blender_manifest.toml"} | {
+        p.relative_to(addon).as_posix() for p in addon.rglob("*.py") if p.name != "packaging.py"
+    }
+    strays = ["ops.py~", ".ops.py.swp", ".DS_Store", "notes.txt", "ops.py.orig",
+              "core/__pycache__/camera.cpython-311.pyc", "core/scratch copy.py"]  # fmt: skip
+    for name in strays:
+        (addon / name).parent.mkdir(parents=True, exist_ok=True)
+        (addon / name).write_text("stray")
+    monkeypatch.setattr(packaging, "ADDON_DIR", addon)
+    with zipfile.ZipFile(packaging.build(tmp_path / "dist")) as z:
+        shipped = {f for f in z.namelist() if not f.startswith("protocol/")}
+    assert shipped == expected
+
+
+def test_a_failed_build_leaves_no_zip(tmp_path):
+    out = tmp_path / "dist"
+    with pytest.raises(FileNotFoundError):
+        packaging.build(out, [tmp_path / "missing-1.0-py3-none-any.whl"])
+    assert list(out.iterdir()) == []
+
+
 def unpacked_as_extension(tmp_path: Path) -> Path:
     """The built zip unpacked as ``ext_test.user_default.splatface`` under the returned
     folder (bpy owns ``bl_ext`` itself), as Blender lays out an installed extension."""
