@@ -3,7 +3,8 @@
 Views: the input photo's (posed with the photo's expression), ±30° and ±60° yaw, the
 right profile, the back and the top, rendered by the service. Metrics (JSON):
 - ``input_view``: PSNR and SSIM (sRGB) against the photo inside the head mask (the
-  render's silhouette where MediaPipe's person segmentation sees the person), the render
+  render's silhouette where MediaPipe's person segmentation sees the person, segmented
+  around the build's own square of the photo, ``head_box``: the same mask), the render
   laid over the photo: a pixel the avatar covers by alpha takes that much of its colour
   and the rest from the photo, so the silhouette's soft edge is judged by what it
   covers (the same as comparing the premultiplied render with the photo times alpha).
@@ -149,7 +150,8 @@ def evaluate(client: Client, avatar_id: str, photo: np.ndarray, out: Path,
     r = client.render(avatar_id, intr, w2c, w, h, curves=_weights(meta)[None],
                       passes=("rgb", "alpha"), timeout=600)  # fmt: skip
     rgb, alpha = r["rgb"][0], r["alpha"][0]
-    head = _square_around(alpha > 0.5)
+    box = meta.get("photo_head_box")  # older avatars: the rendered head's own square
+    head = tuple(box) if box is not None else _square_around(alpha > 0.5)
     mask = (alpha > 0.5) & person_mask(photo, head)
     if not mask.any():
         raise ValueError(
@@ -165,6 +167,7 @@ def evaluate(client: Client, avatar_id: str, photo: np.ndarray, out: Path,
             "psnr_db_on_grey": _psnr(_srgb8(rgb, alpha)[mask], photo[mask]),
             "ssim": round(float(ssim_map.mean(axis=2)[mask].mean()), 4),
             "mask_pixels": int(mask.sum()),
+            "head_box": None if head is None else [round(v, 2) for v in head],
         },  # fmt: skip
         "views": {},
     }

@@ -247,6 +247,9 @@ def test_eval_metrics_of_the_sample_portraits(request, tmp_path, service, portra
     assert sheet.shape == (256, 640, 3)  # 9 views, 5 per row, 128 px each
     assert json.loads((out / "metrics.json").read_text())["input_view"] == m["input_view"]
     assert m["input_view"]["psnr_db"] > min_psnr and m["input_view"]["mask_pixels"] > 5000
+    with service.client() as c:  # measured in the person mask the build fitted to
+        box = c.get(avatar, mesh=False, rig=False).header["meta"]["photo_head_box"]
+    assert m["input_view"]["head_box"] == pytest.approx(box, abs=0.01)
     assert set(m["views"]) == {"+30", "-30", "+60", "-60", "profile", "back", "top"}
     for name, v in m["views"].items():
         # measured 0.988-1.0 and <= 0.0002: no holes, no floaters

@@ -165,6 +165,9 @@ def build_avatar(
         "preset": options.preset,
         "source": {"width": w, "height": h},
         "photo_sha256": pixels_sha256(photo),
+        # the square (x0, y0, side) of the photo whose person mask the build used, so that
+        # ``eval`` measures inside the same mask
+        "photo_head_box": [float(v) for v in head],
         "faces": [f.to_dict() for f in faces],
         "face": used,
         "landmark_rms": round(fit.rms, 4),
