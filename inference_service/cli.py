@@ -115,6 +115,32 @@ def refuse(args: argparse.Namespace, message: str) -> int:
     return 2
 
 
+def out_folder(command: str, out: Path) -> Path:
+    """``--out`` as a folder to write into, refused before any work where it cannot be
+    one (a file, or a path through a file)."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"splatface {command}: --out {out} is a file, not a folder")
+    _reachable(command, out)
+    return out
+
+
+def out_file(command: str, out: Path) -> Path:
+    """``--out`` as a file to write, refused before any work where it is a folder or a
+    path through a file."""
+    if out.is_dir():
+        raise SystemExit(f"splatface {command}: --out {out} is a folder; name the file to write")
+    _reachable(command, out)
+    return out
+
+
+def _reachable(command: str, out: Path) -> None:
+    for parent in out.absolute().parents:  # the nearest that exists must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise SystemExit(f"splatface {command}: --out {out} lies under {parent}, a file")
+            return
+
+
 class Progress:
     """A tqdm bar on stderr in a terminal; silent under ``--json`` or when piped."""
 
@@ -174,14 +200,17 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
     atomic_write(path, buf.getvalue())
 
 
-def write_passes(out: Path, start: int, passes: dict[str, np.ndarray]) -> list[str]:
+def write_passes(out: Path, start: int, passes: dict[str, np.ndarray], last: int = 0) -> list[str]:
     """Frames ``start..`` as ``rgb_NNNN.png`` (RGBA, sRGB, straight alpha),
-    ``alpha_NNNN.png``, ``depth_NNNN.npy`` (metres, inf = empty), ``normal_NNNN.npy``."""
+    ``alpha_NNNN.png``, ``depth_NNNN.npy`` (metres, inf = empty), ``normal_NNNN.npy``;
+    numbers padded to four digits, or to the take's ``last`` frame's width if wider, so
+    the files sort by name in frame order."""
     out.mkdir(parents=True, exist_ok=True)
+    digits = max(4, len(str(last)))
     files = []
     n = len(next(iter(passes.values())))
     for k in range(n):
-        i = start + k
+        number = f"{start + k:0{digits}d}"
         if "rgb" in passes:
             rgb = passes["rgb"][k]
             a = passes["alpha"][k] if "alpha" in passes else np.ones(rgb.shape[:2], np.float32)
@@ -189,15 +218,16 @@ def write_passes(out: Path, start: int, passes: dict[str, np.ndarray]) -> list[s
             rgba = np.concatenate(
                 [linear_to_srgb8(straight), (a[..., None] * 255 + 0.5).astype(np.uint8)], -1
             )
-            save_png(out / f"rgb_{i:04d}.png", rgba)
-            files.append(str(out / f"rgb_{i:04d}.png"))
+            save_png(out / f"rgb_{number}.png", rgba)
+            files.append(str(out / f"rgb_{number}.png"))
         if "alpha" in passes:
-            save_png(out / f"alpha_{i:04d}.png", (passes["alpha"][k] * 255 + 0.5).astype(np.uint8))
-            files.append(str(out / f"alpha_{i:04d}.png"))
+            alpha8 = (passes["alpha"][k] * 255 + 0.5).astype(np.uint8)
+            save_png(out / f"alpha_{number}.png", alpha8)
+            files.append(str(out / f"alpha_{number}.png"))
         for name in ("depth", "normal"):
             if name in passes:
-                save_npy(out / f"{name}_{i:04d}.npy", passes[name][k])
-                files.append(str(out / f"{name}_{i:04d}.npy"))
+                save_npy(out / f"{name}_{number}.npy", passes[name][k])
+                files.append(str(out / f"{name}_{number}.npy"))
     return files
 
 
@@ -484,7 +514,7 @@ def render_to_folder(
                 ref, intr, w2c, size, size, curves=rows(curves, start, stop),
                 head=rows(heads, start, stop), passes=passes, timeout=600,
             )  # fmt: skip
-            files += write_passes(out, start, result)
+            files += write_passes(out, start, result, last=n - 1)
             if preview is not None:
                 for rgb, alpha in zip(result["rgb"], result["alpha"], strict=True):
                     preview.add(rgb, alpha)
@@ -501,10 +531,10 @@ def render_to_folder(
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    out = out_folder("render", Path(args.out))
     anim = read_animation(args.curves)
     curves = None if anim is None else anim.curves
     passes = tuple(p.strip() for p in args.passes.split(",") if p.strip())
-    out = Path(args.out)
     n = 1 if curves is None else len(curves)
     fps = args.fps or (anim.fps if anim is not None and anim.fps else 30.0)
     preview = None
@@ -540,11 +570,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         return export_bundle(args)
     if args.range and args.frame is not None:
         raise SystemExit("splatface export: give --frame or --range, not both")
+    out = (out_folder if args.range else out_file)("export", Path(args.out))
     anim = read_animation(args.curves)
     if anim is None and (args.range or args.frame is not None):
         raise SystemExit("splatface export: --frame and --range pick rows of --curves; give it")
     curves = None if anim is None else anim.curves
-    out = Path(args.out)
     if args.range:
         frames = list(range(args.range[0], args.range[1] + 1))
         paths = [out / frame_file_name(i, frames[-1]) for i in frames]
@@ -588,9 +618,12 @@ def export_bundle(args: argparse.Namespace) -> int:
 
     from protocol.files import atomic_write
 
-    if args.curves or args.range:
-        raise SystemExit("splatface export: --bundle is the rig itself; drop --curves/--range")
+    if args.curves or args.range or args.frame is not None:
+        raise SystemExit(
+            "splatface export: --bundle is the rig itself; drop --curves/--range/--frame"
+        )
     out = Path(args.out)
+    (out_file if out.suffix.lower() == ".zip" else out_folder)("export", out)
     with connect(args) as client:
         info = avatar_info(client, args.avatar)
         data = client.export(info["id"], format="bundle").arrays["file"].tobytes()
@@ -644,9 +677,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SystemExit(f"splatface eval: cannot read {args.photo}: {exc}") from None
     with connect(args) as client:
         info = avatar_info(client, args.avatar)
-        out = Path(args.out or f"eval-{info['id']}")
-        if out.exists() and not out.is_dir():
-            raise SystemExit(f"splatface eval: --out {out} is a file, not a folder")
+        out = out_folder("eval", Path(args.out or f"eval-{info['id']}"))
         try:
             m = evaluate(client, info["id"], photo, out, size=args.size)
         except ValueError as exc:
@@ -663,9 +694,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"splatface demo: --out {out} is a file, not a folder")
+    out = out_folder("demo", Path(args.out))
     own_store = not args.endpoint and not args.store
     if own_store:
         args.store = str(out / "store")
@@ -956,5 +985,13 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc.code, str) and getattr(args, "json", False):
             print_json_error("cli", exc.code)
         raise
+    except OSError as exc:  # a file the command could not read or write: say which
+        logging.getLogger(__name__).debug("%s failed", args.command, exc_info=True)
+        where = f": {exc.filename}" if exc.filename else ""
+        message = f"{exc.strerror or exc}{where}"
+        if getattr(args, "json", False):
+            print_json_error("cli", message)
+        print(f"splatface {args.command}: {message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -1098,9 +1098,9 @@ def parse_frame_range(text: str) -> tuple[int, int]:
 
 
 def cmd_track(args: argparse.Namespace) -> int:
-    from .cli import Progress, emit
+    from .cli import Progress, emit, out_file
 
-    out = Path(args.out)
+    out = out_file("track", Path(args.out))
     if out.suffix.lower() != ".csv":
         raise SystemExit(f"splatface track: --out must name a .csv file, got {out}")
     if args.face is not None and args.face < 0:

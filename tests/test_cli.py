@@ -101,6 +101,46 @@ def test_render_live_link_face_take_with_head_motion_and_mp4(tmp_path, service, 
     assert np.abs(alpha(moving, n - 1) - alpha(still, n - 1)).mean() > 2
 
 
+def test_an_out_the_command_cannot_write_is_refused_before_work(tmp_path, service, astronaut_id):
+    folder, file, csv_folder = tmp_path / "folder", tmp_path / "file.ply", tmp_path / "c.csv"
+    folder.mkdir()
+    csv_folder.mkdir()
+    file.write_text("")
+    served = ("--endpoint", service.endpoint)
+    video = tmp_path / "clip"  # track refuses --out before it looks for the video
+    cases = [
+        (("export", astronaut_id, *served, "--out", folder), "is a folder"),
+        (("export", astronaut_id, *served, "--out", file / "x.ply"), "a file"),
+        (("export", astronaut_id, *served, "--out", file, "--curves", "c.npy", "--range", "0:1"),
+         "is a file, not a folder"),
+        (("export", astronaut_id, *served, "--bundle", "--out", file), "is a file, not a folder"),
+        (("export", astronaut_id, *served, "--bundle", "--out", folder, "--frame", 2),
+         "drop --curves"),
+        (("render", astronaut_id, *served, "--out", file), "is a file, not a folder"),
+        (("track", video, "--out", csv_folder), "is a folder"),
+        (("track", video, "--out", file / "c.csv"), "a file"),
+    ]  # fmt: skip
+    for args, message in cases:
+        r = run(*args, "--json", check=False)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, args
+        assert json.loads(r.stdout.splitlines()[-1])["error"]["code"] == "cli", args
+    assert file.read_text() == "" and list(folder.iterdir()) == []
+    # a file the command cannot write after all is one line naming it, not a traceback
+    r = run("export", astronaut_id, *served, "--out", "/proc/self/x.ply", "--json", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "/proc/self" in r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["error"]["code"] == "cli"
+
+
+def test_pass_files_sort_in_frame_order_past_frame_9999(tmp_path):
+    from inference_service.cli import write_passes
+
+    passes = {"alpha": np.zeros((2, 4, 4), np.float32)}
+    assert [Path(f).name for f in write_passes(tmp_path, 7, passes, last=8)] == [
+        "alpha_0007.png", "alpha_0008.png"]  # fmt: skip
+    names = [Path(f).name for f in write_passes(tmp_path, 9999, passes, last=10000)]
+    assert names == ["alpha_09999.png", "alpha_10000.png"] and names == sorted(names)
+
+
 def test_export_rigged_bundle(tmp_path, service, astronaut_id):
     import zipfile
 
