@@ -349,7 +349,7 @@ def _describe(value: float) -> str:
 def _read_rows(path: Path) -> list[list[str]]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         text = f.read()
-    first = text.split("\n", 1)[0]
+    first = next((line for line in text.splitlines() if line.strip()), "")  # the header
     delimiter = ","
     if "," not in first:
         delimiter = next((d for d in (";", "\t") if d in first), ",")
@@ -457,7 +457,12 @@ def _load_csv(path: Path) -> Animation:
                     f"line {line}: BlendShapeCount {row[count_col]!r} is not a count of shapes"
                 )
         # an untracked row may stop after its count and timecode, or leave the rest empty
-        empty = count == 0 and len(row) <= width and not any(row[max(count_col, tc_col or 0) + 1 :])
+        empty = (
+            count == 0
+            and len(row) <= width
+            and (tc_col is None or tc_col < len(row))
+            and not any(row[max(count_col, tc_col or 0) + 1 :])
+        )
         if len(row) != width and not empty:
             raise ValueError(f"line {line} has {len(row)} values, the header has {width} columns")
         untracked.append(count == 0)

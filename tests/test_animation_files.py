@@ -216,9 +216,11 @@ def test_rows_without_a_face_hold_the_tracked_frame(tmp_path):
         load_animation(write(tmp_path, header, [rows[0], rows[2]]))
 
 
-def test_semicolon_delimited_csv(tmp_path):
+@pytest.mark.parametrize("lead", ["", "\n", " \n\n"])
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_semicolon_and_tab_delimited_csv(tmp_path, lead, sep):
     f = tmp_path / "excel.csv"
-    f.write_text("frame;jawOpen\n0;0.5\n")
+    f.write_text(f"{lead}frame{sep}jawOpen\n0{sep}0.5\n")  # blank lines before the header
     assert load_animation(f).curves[0, index_of("jawOpen")] == pytest.approx(0.5)
 
 
@@ -297,6 +299,9 @@ def test_unknown_columns_list_the_valid_names(tmp_path):
         (["frame", "JawOpen"], [[0, "0_5"]], "line 2, column JawOpen: '0_5' is not a number"),
         (["0.1"] * 52, [[0.1] * 52], "line 1 is numbers, not a header"),
         (["frame", "JawOpen"], [], "a header but no frames"),
+        # an untracked row that stops before its timecode cannot be placed in time
+        (["BlendShapeCount", "Timecode", "JawOpen"], [[61, "00:00:00:00.000", 0.1], [0]],
+         "line 3 has 1 values, the header has 3 columns"),
     ],
 )  # fmt: skip
 def test_csv_errors_name_file_line_and_column(tmp_path, header, rows, message):
