@@ -75,8 +75,7 @@ class Store:
                 id=avatar.id,
                 name=avatar.name,
                 format_version=FORMAT_VERSION,
-                center=[round(float(c), 5) for c in avatar.center],
-                radius=round(avatar.radius, 5),
+                **bounding_sphere(avatar),
                 sha256=hashlib.sha256((tmp / "avatar.npz").read_bytes()).hexdigest(),
             )
             with open(tmp / "meta.json", "w", encoding="utf-8") as f:
@@ -178,6 +177,15 @@ def _untouched_for(folder: Path) -> float:
     except OSError:  # gone meanwhile: its save finished or failed
         return 0.0
     return time.time() - max(times)
+
+
+def bounding_sphere(avatar: Avatar) -> dict[str, Any]:
+    """``center`` and ``radius`` as stored (to 10 µm) and served: clients frame cameras
+    and turn recorded head angles about them, so the bundle states the same values."""
+    return {
+        "center": [round(float(c), 5) for c in avatar.center],
+        "radius": round(avatar.radius, 5),
+    }
 
 
 def summary(meta: dict[str, Any]) -> dict[str, Any]:

@@ -434,6 +434,34 @@ def test_posing_from_the_bundle_matches_the_service(ict, seed, with_head):
     np.testing.assert_array_equal(sh, ref.sh)
 
 
+def test_a_takes_head_angles_turn_the_head_as_documented(ict):
+    """From ``bundle.json``'s pivot and the doc's formula alone, a Live Link Face take's
+    head angles give the head transform the CLI and the add-on render with."""
+    from inference_service.cli import animation_heads
+    from inference_service.store import bounding_sphere
+    from protocol.animation import Animation
+
+    av, files = ict
+    yaw, pitch, roll = 0.3, 0.1, -0.2
+    take = Animation(
+        curves=np.zeros((1, 52), np.float32), head_angles=np.array([[yaw, pitch, roll]])
+    )
+    info = bounding_sphere(av)  # as the service's avatar info holds them
+    served = animation_heads(take, info, True)[0]
+    p = np.array(json.loads(files["bundle.json"])["head_motion"]["pivot"])
+    c, s_ = np.cos, np.sin
+    rz = np.array([[c(yaw), -s_(yaw), 0], [s_(yaw), c(yaw), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, c(pitch), -s_(pitch)], [0, s_(pitch), c(pitch)]])
+    ry = np.array([[c(-roll), 0, s_(-roll)], [0, 1, 0], [-s_(-roll), 0, c(-roll)]])
+    h = np.eye(4)
+    h[:3, :3] = rz @ rx @ ry
+    h[:3, 3] = p - h[:3, :3] @ p
+    np.testing.assert_allclose(h, served, atol=1e-12)
+    assert np.abs(p - av.center).max() > 0.01 * av.radius  # not the centre: the neck
+    mu = pose_from_bundle(files, np.zeros(52), h)[0]
+    np.testing.assert_allclose(mu, pose(av, None, served).means, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape", ["eyeLookOutLeft", "eyeLookUpRight", "eyeLookInRight"])
 def test_gaze_turns_the_eyeballs_as_documented(ict, shape):
     av, files = ict

@@ -18,10 +18,12 @@ import zipfile
 import numpy as np
 
 from kernels.sh import degree_of
+from protocol.animation import head_pivot
 from protocol.arkit import ARKIT_NAMES
 
 from ..avatar import Avatar
 from ..posing import GAZE_PITCH, GAZE_YAW, pose
+from ..store import bounding_sphere
 from .gltf import OURS_TO_GLTF, mesh_glb, split_seams
 from .ply import ply_bytes
 
@@ -81,6 +83,11 @@ def manifest(avatar: Avatar) -> dict:
         "sh_bases": int(k),
         "gaussian_arrays": {n: np.dtype(t).name for n, t in GAUSSIAN_ARRAYS.items()},
         "gaze": gaze(avatar),
+        "head_motion": {
+            # where splatface turns the head for a take's recorded angles (posing step 5)
+            "pivot": [float(v) for v in head_pivot(**bounding_sphere(avatar))],
+            "angles": "radians; R = Rz(yaw) Rx(pitch) Ry(-roll); H = [[R, pivot - R pivot]]",
+        },
     }
 
 
