@@ -80,7 +80,9 @@ _pass_buffers = PassBuffers()
 
 
 def scene_camera(depsgraph: bpy.types.Depsgraph) -> cam.ProtocolCamera:
-    """The protocol camera of the scene's active camera at the evaluated frame."""
+    """The protocol camera of the scene's active camera at the evaluated frame; with a
+    render region (Ctrl+B), the camera of that region alone, which is what Blender's
+    result holds (composited into the frame by Blender unless cropped to it)."""
     scene = depsgraph.scene
     if scene.camera is None:
         raise ValueError("the scene has no active camera")
@@ -89,7 +91,7 @@ def scene_camera(depsgraph: bpy.types.Depsgraph) -> cam.ProtocolCamera:
     if data.type != "PERSP":
         raise ValueError(f"camera {ob.name!r} is {data.type}; splatface renders perspective only")
     r = scene.render
-    return cam.convert(
+    full = cam.convert(
         cam.BlenderCamera(
             matrix_world=np.array(ob.matrix_world, np.float64),
             lens=data.lens,
@@ -105,6 +107,12 @@ def scene_camera(depsgraph: bpy.types.Depsgraph) -> cam.ProtocolCamera:
             pixel_aspect_y=r.pixel_aspect_y,
         )
     )
+    if not r.use_border:
+        return full
+    region = cam.render_region(
+        full.width, full.height, r.border_min_x, r.border_max_x, r.border_min_y, r.border_max_y
+    )
+    return cam.crop(full, *region)
 
 
 def render_layers(
@@ -235,7 +243,18 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
         t1 = time.perf_counter()
         timing.memory_kept = frame_memory.keep(camera.width * camera.height * 4 * RESULT_FLOATS)
         sent.wait()
-        result = self.begin_result(0, 0, camera.width, camera.height)
+        # this view layer's result only: with several layers, each render is one of them
+        result = self.begin_result(
+            0, 0, camera.width, camera.height, layer=depsgraph.view_layer.name
+        )
+        if (result.resolution_x, result.resolution_y) != (camera.width, camera.height):
+            self.end_result(result, cancel=True)
+            reply.cancel()
+            self._fail(
+                f"splatface: Blender's result is {result.resolution_x}x{result.resolution_y}, "
+                f"the frame asked of the service {camera.width}x{camera.height}"
+            )
+            return
         names = tuple(p.name for p in result.layers[0].passes if p.name in SERVICE_PASS)
         if not timing.memory_kept:
             _prefault(result, reply)

@@ -77,7 +77,7 @@ def _raise(exc: BaseException) -> None:
 
 def reset_scene(bpy):
     """A cleared scene rendered by splatface at 24 fps, frames 1-10, with depth and
-    normal passes on."""
+    normal passes on, one view layer, no child collections and no render region."""
     clear_scene(bpy)
     sc = bpy.context.scene
     sc.render.engine = "SPLATFACE"
@@ -85,6 +85,11 @@ def reset_scene(bpy):
     sc.frame_start, sc.frame_end = 1, 10
     sc.frame_set(1)
     sc.view_layers[0].use_pass_z = sc.view_layers[0].use_pass_normal = True
+    for layer in list(sc.view_layers)[1:]:
+        sc.view_layers.remove(layer)
+    for coll in list(sc.collection.children):
+        sc.collection.children.unlink(coll)
+    sc.render.use_border = sc.render.use_crop_to_border = False
     return sc
 
 
@@ -114,3 +119,49 @@ def assert_close_renders(got: np.ndarray, ref: np.ndarray, what: str = "") -> No
     changes whole regions by far more."""
     diff = np.abs(np.asarray(got, np.float64) - np.asarray(ref, np.float64))
     assert np.quantile(diff, 0.999) < 2e-3 and diff.max() < 1e-2, (what, diff.max())
+
+
+def exr_channel_sums(path) -> dict[str, float]:
+    """{channel: sum of its values} of an uncompressed scanline OpenEXR file, single- or
+    multi-part (Blender 4.5 writes a multilayer file as one part, 5.0 as one part per
+    layer); channels are named ``Layer.Pass.X``. Only what the tests write is read."""
+    import struct
+
+    data = open(path, "rb").read()
+    multipart = bool(struct.unpack_from("<i", data, 4)[0] & 0x1000)
+    pos, headers = 8, []
+    while True:  # headers: attributes (name, type, size, value) up to an empty name
+        attrs = {}
+        while data[pos] != 0:
+            name, kind, rest = data[pos:].split(b"\0", 2)
+            pos += len(name) + len(kind) + 2
+            (size,) = struct.unpack_from("<i", data, pos)
+            attrs[name.decode()] = data[pos + 4 : pos + 4 + size]
+            pos += 4 + size
+        pos += 1
+        headers.append(attrs)
+        if not multipart or data[pos] == 0:
+            pos += multipart
+            break
+    parts = []
+    for attrs in headers:
+        assert attrs["compression"] == b"\0", "write the EXR uncompressed (exr_codec NONE)"
+        chl, p, channels = attrs["channels"], 0, []
+        while chl[p] != 0:
+            end = chl.index(b"\0", p)
+            channels.append((chl[p:end].decode(), struct.unpack_from("<i", chl, end + 1)[0]))
+            p = end + 17
+        x0, y0, x1, y1 = struct.unpack("<4i", attrs["dataWindow"])
+        chunks = struct.unpack("<i", attrs["chunkCount"])[0] if multipart else y1 - y0 + 1
+        parts.append((channels, x1 - x0 + 1, struct.unpack_from(f"<{chunks}Q", data, pos)))
+        pos += 8 * chunks
+    sums: dict[str, float] = {}
+    for channels, width, offsets in parts:
+        for offset in offsets:
+            q = offset + (12 if multipart else 8)  # [part,] y, size
+            for name, kind in channels:
+                dtype, nbytes = (np.float16, 2) if kind == 1 else (np.float32, 4)
+                row = np.frombuffer(data, dtype, width, q).astype(np.float64)
+                sums[name] = sums.get(name, 0.0) + float(row.sum())
+                q += nbytes * width
+    return sums

@@ -261,6 +261,69 @@ def test_engine_renders_keyframes_drivers_and_head_like_the_service(
         assert np.abs(px - engine.last_render.passes["Combined"]).max() < 1e-3
 
 
+def test_a_render_region_renders_that_region(scene, avatar_id, tmp_path):
+    """Ctrl+B: the result holds the region alone, cropped or laid into the frame."""
+    from blender_addon import engine
+
+    import_avatar(bpy, avatar_id)
+    size = 64
+    add_camera_from_opencv(bpy, scene, orbit((0, 0, 0), 0.9), FOV, size)
+    bpy.ops.render.render()
+    full = engine.last_render.passes["Alpha"].reshape(size, size)  # rows from the bottom
+    r = scene.render
+    r.use_border = True
+    r.border_min_x, r.border_max_x, r.border_min_y, r.border_max_y = 0.5, 1.0, 0.0, 0.75
+    r.image_settings.file_format = "PNG"
+    r.image_settings.color_mode = "RGBA"
+    region = full[0:48, 32:64]
+    assert region.sum() > 50 and region.sum() < full.sum() - 50  # the head spans the edge
+    for crop in (True, False):
+        r.use_crop_to_border = crop
+        r.filepath = str(tmp_path / f"crop_{crop}.png")
+        bpy.ops.render.render(write_still=True)
+        got = engine.last_render
+        assert (got.width, got.height) == (32, 48)
+        np.testing.assert_allclose(got.passes["Alpha"].reshape(48, 32), region, atol=2e-3)
+        img = bpy.data.images.load(r.filepath)
+        w, h = img.size
+        px = np.empty(w * h * 4, np.float32)
+        img.pixels.foreach_get(px)
+        bpy.data.images.remove(img)
+        assert (w, h) == ((32, 48) if crop else (size, size))
+        alpha = px.reshape(h, w, 4)[..., 3]
+        saved = alpha if crop else alpha[0:48, 32:64]
+        assert np.abs(saved - region).max() < 2 / 255
+        if not crop:
+            assert alpha.sum() == pytest.approx(saved.sum())  # nothing outside the region
+
+
+def test_each_view_layer_gets_its_own_render(scene, avatar_id, tmp_path):
+    """The avatar in a collection excluded from the first view layer and shown in a
+    second: a multilayer EXR holds it in the second layer only."""
+    from tests.blender_util import exr_channel_sums
+
+    proxy = import_avatar(bpy, avatar_id)
+    add_camera_from_opencv(bpy, scene, orbit((0, 0, 0), 0.9), FOV, 48)
+    coll = bpy.data.collections.new("Cast")
+    scene.collection.children.link(coll)
+    for ob in (proxy, proxy.parent):
+        scene.collection.objects.unlink(ob)
+        coll.objects.link(ob)
+    scene.view_layers[0].layer_collection.children["Cast"].exclude = True
+    scene.view_layers.new("Avatar")
+    settings = scene.render.image_settings
+    if hasattr(settings, "media_type"):  # Blender 5.0 chooses the file kind first
+        settings.media_type = "MULTI_LAYER_IMAGE"
+    settings.file_format = "OPEN_EXR_MULTILAYER"
+    settings.exr_codec, settings.color_depth = "NONE", "32"
+    scene.render.filepath = str(tmp_path / "layers.exr")
+    bpy.ops.render.render(write_still=True)
+    sums = exr_channel_sums(scene.render.filepath)
+    first = scene.view_layers[0].name
+    assert sums["Avatar.Combined.A"] > 100, sums
+    assert sums[f"{first}.Combined.A"] == 0.0, sums
+
+
 def test_camera_conversion_matches_blenders_own_projection(scene):
     from blender_addon import engine
     from blender_addon.core.camera import from_projection

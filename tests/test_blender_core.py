@@ -175,6 +175,31 @@ def test_to_blender_flips_rows_and_rotates_normals():
         composite([lay, flipped])
 
 
+def test_passes_decoded_at_an_odd_offset_reach_blender_as_plain_floats():
+    """A reply's arrays are decoded in place, at whatever offset the header's length
+    puts them; numpy exports an unaligned float32 as ``=f``, which ``foreach_set`` also
+    refuses (a 32x48 region of the astronaut failed so)."""
+    h, w = 4, 5
+    raw = bytearray(1 + h * w * 4 * 8)
+
+    def unaligned(shape, offset):
+        n = int(np.prod(shape))
+        a = np.frombuffer(raw, np.dtype("<f4"), n, 1 + offset * 4).reshape(shape)
+        assert not a.flags.aligned
+        return a
+
+    n = h * w
+    frames = {
+        "rgb": unaligned((1, h, w, 3), 0),
+        "alpha": unaligned((1, h, w), 3 * n),
+        "depth": unaligned((1, h, w), 4 * n),
+        "normal": unaligned((1, h, w, 3), 5 * n),
+    }
+    for bottom_up in (True, False):
+        out = to_blender(Layer.from_render(frames, bottom_up=bottom_up), np.eye(3))
+        assert {memoryview(v).format for v in out.values()} == {"f"}, bottom_up
+
+
 # -- keyframe plans ------------------------------------------------------------------
 
 

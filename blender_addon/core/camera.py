@@ -83,6 +83,24 @@ def render_size(resolution_x: int, resolution_y: int, percentage: float) -> tupl
     )
 
 
+def render_region(
+    width: int, height: int, min_x: float, max_x: float, min_y: float, max_y: float
+) -> tuple[int, int, int, int]:
+    """(x, y, w, h) in pixels of a render region (Ctrl+B) given as shares of the frame, cut
+    as Blender cuts it (truncating); ``y`` counts rows from the bottom, as Blender does."""
+    x0, x1 = int(min_x * width), int(max_x * width)
+    y0, y1 = int(min_y * height), int(max_y * height)
+    return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
+
+
+def crop(camera: ProtocolCamera, x: int, y: int, w: int, h: int) -> ProtocolCamera:
+    """The camera that sees only the part (x, y, w, h) of ``camera``'s frame, ``y`` from
+    the bottom (:func:`render_region`): the same view, its principal point moved."""
+    fx, fy, cx, cy = camera.intrinsics
+    top = camera.height - (y + h)  # the protocol's rows run downwards
+    return ProtocolCamera(np.array([fx, fy, cx - x, cy - top]), camera.world_to_camera, w, h)
+
+
 def blender_to_opencv_world_to_camera(matrix_world: np.ndarray) -> np.ndarray:
     """World-to-camera ``[4, 4]`` (OpenCV axes) of a Blender camera-to-world matrix."""
     m = np.asarray(matrix_world, np.float64).reshape(4, 4)

@@ -182,6 +182,12 @@ def to_blender(
 
 
 def _native_view(x: np.ndarray) -> np.ndarray:
-    """``x`` as native float32: a view when it already is float32 in another spelling."""
+    """``x`` as native, aligned float32: a view when it already is float32 in another
+    spelling and aligned, else a copy. An array decoded in place from a message may sit
+    at any byte offset, and numpy exports an unaligned one as ``=f``, which Blender's
+    ``foreach_set`` refuses as it does ``<f``: whether a frame rendered hung on the
+    length of the reply's header."""
     x = np.asarray(x)
-    return x.view(np.float32) if x.dtype == np.float32 else x.astype(np.float32)
+    if x.dtype == np.float32 and x.flags.aligned:
+        return x.view(np.float32)
+    return np.array(x, dtype=np.float32)  # a new array is aligned
