@@ -137,13 +137,16 @@ def evaluated_curves(ob: bpy.types.Object, depsgraph: bpy.types.Depsgraph) -> np
 
 
 def gather(depsgraph: bpy.types.Depsgraph, final_render: bool) -> list[AvatarFrame]:
-    """Every visible avatar in ``depsgraph`` at its current frame."""
+    """Every visible avatar in ``depsgraph`` at its current frame, each instance of one
+    (a collection instanced or linked into the shot) where the instance puts it."""
     out = []
-    for ob in proxies(depsgraph.objects):
+    for inst in depsgraph.object_instances:
+        ob = inst.object
+        if not proxies([ob]) or not inst.show_self:
+            continue
         if final_render and ob.original.hide_render:
             continue
-        head = np.array(ob.matrix_world, np.float64)
-        out.append(
-            AvatarFrame(ob.splatface.avatar_id, evaluated_curves(ob, depsgraph), head, ob.name)
-        )
+        head = np.array(inst.matrix_world, np.float64)  # copied: the iterator reuses it
+        name = f"{inst.parent.name}/{ob.name}" if inst.is_instance else ob.name
+        out.append(AvatarFrame(ob.splatface.avatar_id, evaluated_curves(ob, depsgraph), head, name))
     return out

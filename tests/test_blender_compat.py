@@ -297,6 +297,43 @@ def test_a_render_region_renders_that_region(scene, avatar_id, tmp_path):
             assert alpha.sum() == pytest.approx(saved.sum())  # nothing outside the region
 
 
+def test_an_instanced_collection_renders_where_the_instance_puts_it(scene, avatar_id, direct):
+    """The avatar in a collection that is not in the scene, instanced into it twice
+    (Add > Collection Instance, or a linked character): both render, as placed."""
+    proxy = import_avatar(bpy, avatar_id)
+    cast = bpy.data.collections.new("Character")
+    for ob in (proxy, proxy.parent):
+        scene.collection.objects.unlink(ob)
+        cast.objects.link(ob)
+    placed = []
+    for x, turn in ((-0.12, 20.0), (0.12, -15.0)):
+        inst = bpy.data.objects.new("shot_instance", None)
+        inst.instance_type, inst.instance_collection = "COLLECTION", cast
+        inst.location, inst.rotation_euler = (x, 0.3, 0.0), (0.0, 0.0, math.radians(turn))
+        scene.collection.objects.link(inst)
+        placed.append(inst)
+    bpy.context.view_layer.update()
+    w2c = orbit((0.0, 0.3, 0.0), 1.3)
+    add_camera_from_opencv(bpy, scene, w2c, FOV, SIZE)
+    bpy.ops.render.render()
+    from blender_addon import engine
+    from blender_addon.core.passes import Layer, composite
+
+    assert engine.last_render.timing.requests == 2
+    layers = []
+    for inst in placed:
+        head = np.array(inst.matrix_world) @ np.array(proxy.matrix_world)
+        ref = _direct_render(direct, avatar_id, w2c, SIZE, np.zeros(52), head)
+        layers.append(Layer.from_render(ref))
+    ref = composite(layers)
+    got = engine.last_render.passes["Combined"].reshape(SIZE, SIZE, 4)[::-1]
+    assert ref.alpha.mean() > 0.05
+    assert_close_renders(got[..., 3], ref.alpha, "alpha")
+    assert_close_renders(got[..., :3], ref.rgb, "rgb")
+    for inst in placed:
+        bpy.data.objects.remove(inst)
+
+
 def test_each_view_layer_gets_its_own_render(scene, avatar_id, tmp_path):
     """The avatar in a collection excluded from the first view layer and shown in a
     second: a multilayer EXR holds it in the second layer only."""
