@@ -65,31 +65,30 @@ def find_fcurves(id_data: bpy.types.ID) -> Any:
 
 def _write_curve(fcurves: Any, path: str, index: int, frames: np.ndarray, values: Any) -> None:
     """Key ``path[index]`` linearly at ``(frames, values)`` (ascending frames), replacing
-    the keys the F-curve had within that span; keys before and after it stay as they were
-    (the artist's own, or another take's)."""
-    co = np.empty((len(frames), 2), np.float32)
-    co[:, 0] = frames
-    co[:, 1] = values
-    interp = np.full(len(frames), _linear(), np.int32)
-    fc = fcurves.find(path, index=index)
-    if fc is not None:
-        n = len(fc.keyframe_points)
+    the keys the F-curve had within that span. The F-curve itself stays, and so do the
+    keys before and after the span with all they hold (handles, key type, easing) and the
+    curve's extrapolation and modifiers: the artist's own work, or another take's."""
+    fc = fcurves.find(path, index=index) or fcurves.new(path, index=index)
+    points = fc.keyframe_points
+    n = len(points)
+    if n:
         old = np.empty(2 * n, np.float32)
-        old_interp = np.empty(n, np.int32)
-        fc.keyframe_points.foreach_get("co", old)
-        fc.keyframe_points.foreach_get("interpolation", old_interp)
-        old = old.reshape(n, 2)
-        keep = (old[:, 0] < frames[0]) | (old[:, 0] > frames[-1])
-        co = np.concatenate([old[keep], co])
-        interp = np.concatenate([old_interp[keep], interp])
-        order = np.argsort(co[:, 0], kind="stable")
-        co, interp = co[order], interp[order]
-        fcurves.remove(fc)
-    fc = fcurves.new(path, index=index)
-    fc.keyframe_points.add(len(co))
-    fc.keyframe_points.foreach_set("co", co.ravel())
-    fc.keyframe_points.foreach_set("interpolation", interp.tolist())
-    fc.update()
+        points.foreach_get("co", old)
+        inside = np.flatnonzero((old[0::2] >= frames[0]) & (old[0::2] <= frames[-1]))
+        for i in inside[::-1]:  # from the end: the indices before stay valid
+            points.remove(points[int(i)], fast=True)
+    kept = len(points)
+    points.add(len(frames))
+    co = np.empty(2 * len(points), np.float32)
+    points.foreach_get("co", co)
+    co[2 * kept :: 2] = frames
+    co[2 * kept + 1 :: 2] = values
+    points.foreach_set("co", co)
+    interp = np.empty(len(points), np.int32)
+    points.foreach_get("interpolation", interp)
+    interp[kept:] = _linear()
+    points.foreach_set("interpolation", interp)
+    fc.update()  # sorts the new keys in among the kept ones and sets their handles
 
 
 def key_shapes(key: bpy.types.Key, plan: KeyframePlan, names: tuple[str, ...]) -> int:

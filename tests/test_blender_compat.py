@@ -457,6 +457,49 @@ def test_export_range_rereads_and_imports_as_point_attributes(scene, avatar_id, 
     assert "bundle.json" in zipfile.ZipFile(bundle).namelist()
 
 
+def test_import_keeps_the_artists_keys_outside_the_take_as_they_were(scene, avatar_id, tmp_path):
+    """Keys after the take keep their handles, key type and easing, and the curve its
+    extrapolation and modifiers; keys inside the take's frames are replaced."""
+    from blender_addon import anim
+
+    proxy = import_avatar(bpy, avatar_id)
+    key = proxy.data.shape_keys
+    jaw = key.key_blocks["jawOpen"]
+    for frame, v in ((5, 0.3), (100, 0.2), (120, 0.9), (140, 0.1)):
+        jaw.value = v
+        jaw.keyframe_insert("value", frame=frame)
+    fc = anim.find_fcurves(key).find('key_blocks["jawOpen"].value')
+    k120 = fc.keyframe_points[2]
+    k120.handle_left_type = k120.handle_right_type = "FREE"
+    k120.handle_left, k120.handle_right = (110.0, 1.6), (131.0, 0.2)
+    k120.type, fc.keyframe_points[3].easing = "BREAKDOWN", "EASE_IN"
+    fc.keyframe_points[3].interpolation = "ELASTIC"
+    fc.extrapolation = "LINEAR"
+    fc.modifiers.new("NOISE")
+    fc.update()
+
+    def after_take(fc):
+        points = [k for k in fc.keyframe_points if k.co[0] >= 100]
+        return (
+            [(tuple(k.co), tuple(k.handle_left), tuple(k.handle_right), k.handle_left_type,
+              k.type, k.easing, k.interpolation) for k in points[1:]],
+            fc.extrapolation, [m.type for m in fc.modifiers],
+        )  # fmt: skip
+
+    before = after_take(fc)
+    curves = np.zeros((25, 52), np.float32)
+    curves[:, ARKIT_NAMES.index("jawOpen")] = np.linspace(0.0, 1.0, 25)
+    path = tmp_path / "take.csv"
+    save_livelink_csv(path, curves, fps=24)
+    bpy.context.view_layer.objects.active = proxy
+    assert bpy.ops.splatface.import_curves(filepath=str(path), start_frame=1) == {"FINISHED"}
+    fc = anim.find_fcurves(key).find('key_blocks["jawOpen"].value')
+    assert after_take(fc) == before
+    frames = [k.co[0] for k in fc.keyframe_points]
+    assert frames == [*range(1, 26), 100, 120, 140]  # the key at 5 was inside the take
+    assert fc.keyframe_points[4].co[1] == pytest.approx(4 / 24, abs=1e-6)
+
+
 def test_import_live_link_face_csv_resamples_to_scene_fps(scene, avatar_id, tmp_path):
     from blender_addon import anim, avatar
 
