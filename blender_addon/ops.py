@@ -426,7 +426,10 @@ class SPLATFACE_OT_import_curves(bpy.types.Operator, ImportHelper):
     filename_ext = ".csv"
     filter_glob: bpy.props.StringProperty(default="*.csv;*.npy", options={"HIDDEN"})
     start_frame: bpy.props.IntProperty(
-        name="Start frame", description="-1: the scene's start frame", default=-1
+        name="Start frame",
+        description="Frame the take's first row is keyed on, negative for pre-roll "
+        "(default: the scene's start frame)",
+        default=1,
     )
     head_motion: bpy.props.BoolProperty(
         name="Head rotation",
@@ -439,9 +442,16 @@ class SPLATFACE_OT_import_curves(bpy.types.Operator, ImportHelper):
     def poll(cls, context: bpy.types.Context) -> bool:
         return avatar.proxy_of(context.active_object) is not None
 
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+        if not self.properties.is_property_set("start_frame"):
+            self.start_frame = context.scene.frame_start  # shown in the file browser
+        return super().invoke(context, event)
+
     def execute(self, context: bpy.types.Context) -> set[str]:
         proxy = avatar.proxy_of(context.active_object)
-        start = context.scene.frame_start if self.start_frame < 0 else self.start_frame
+        start = self.start_frame
+        if not self.properties.is_property_set("start_frame"):  # called from a script
+            start = context.scene.frame_start
         try:
             done = import_curves(proxy, bpy.path.abspath(self.filepath), start, self.head_motion)
         except ValueError as exc:

@@ -500,6 +500,23 @@ def test_import_keeps_the_artists_keys_outside_the_take_as_they_were(scene, avat
     assert fc.keyframe_points[4].co[1] == pytest.approx(4 / 24, abs=1e-6)
 
 
+def test_import_starts_at_a_negative_frame_or_the_scenes_start(scene, avatar_id, tmp_path):
+    from blender_addon import anim
+
+    proxy = import_avatar(bpy, avatar_id)
+    path = tmp_path / "take.npy"
+    np.save(path, np.full((3, 52), 0.5, np.float32))
+    bpy.context.view_layer.objects.active = proxy
+    scene.frame_start = 7
+    for asked, first in (({"start_frame": -20}, -20), ({}, 7), ({"start_frame": 0}, 0)):
+        assert bpy.ops.splatface.import_curves(filepath=str(path), **asked) == {"FINISHED"}
+        fc = anim.find_fcurves(proxy.data.shape_keys).find('key_blocks["jawOpen"].value')
+        assert fc.keyframe_points[0].co[0] == first, asked
+        for k in list(fc.keyframe_points)[::-1]:
+            fc.keyframe_points.remove(k)
+    scene.frame_start = 1
+
+
 def test_import_live_link_face_csv_resamples_to_scene_fps(scene, avatar_id, tmp_path):
     from blender_addon import anim, avatar
 
