@@ -138,6 +138,38 @@ def key_rotation(ob: bpy.types.Object, frames: np.ndarray, rotations: np.ndarray
     return path
 
 
+def rotation_to_delta(ob: bpy.types.Object) -> bool:
+    """Move ``ob``'s rotation, where no keys drive it, into its delta rotation and set
+    the rotation to rest; True if there was one to move.
+
+    Blender turns an object by its delta rotation after its rotation (world = delta ·
+    rotation), so once a take's keys drive the rotation, an avatar the artist turned to
+    face its place in the set keeps facing it, and the take turns the head within that.
+    Keyed rotation is left alone (a take imported before moved it already); an
+    axis-angle object, which has no delta rotation in Blender's API, too."""
+    mode = ob.rotation_mode
+    if mode == "AXIS_ANGLE":
+        return False
+    path = "rotation_quaternion" if mode == "QUATERNION" else "rotation_euler"
+    fcurves = find_fcurves(ob)
+    if fcurves is not None and any(fc.data_path == path for fc in fcurves):
+        return False
+    if mode == "QUATERNION":
+        rot, delta = ob.rotation_quaternion.to_matrix(), ob.delta_rotation_quaternion.to_matrix()
+    else:
+        rot, delta = ob.rotation_euler.to_matrix(), ob.delta_rotation_euler.to_matrix()
+    if np.allclose(np.array(rot), np.eye(3), atol=1e-7):
+        return False
+    placed = delta @ rot
+    if mode == "QUATERNION":
+        ob.delta_rotation_quaternion = placed.to_quaternion()
+        ob.rotation_quaternion = (1.0, 0.0, 0.0, 0.0)
+    else:
+        ob.delta_rotation_euler = placed.to_euler(mode)
+        ob.rotation_euler = (0.0, 0.0, 0.0)
+    return True
+
+
 def _compatible(q: Any, prev: Any) -> Any:
     """``q`` or ``-q`` (the same rotation), whichever is nearer ``prev``."""
     return -q if q.dot(prev) < 0 else q

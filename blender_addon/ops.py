@@ -384,6 +384,7 @@ class CurvesImport:
     frames: int
     head_path: str
     missing: tuple[str, ...] = ()
+    placement_moved: bool = False  # the head empty's rotation went into its delta rotation
 
 
 def import_curves(
@@ -404,14 +405,15 @@ def import_curves(
     if key is None:
         raise ValueError(f"{proxy.name} has no shape keys")
     head = proxy.parent
-    head_path = ""
+    head_path, placed = "", False
     if head_motion and take.head_angles is not None:
         if head is None or head.splatface.role != "HEAD":
             raise ValueError(f"{proxy.name} has no head empty to key the head rotation on")
         angles = plan_keyframes(take.head_angles, take.fps, scene_fps, start_frame, times)
+        placed = anim.rotation_to_delta(head)
         head_path = anim.key_rotation(head, angles.frames, head_rotation(*angles.values.T))
     anim.key_shapes(key, plan, tuple("" if n in take.missing else n for n in ARKIT_NAMES))
-    return CurvesImport(len(plan.frames), head_path, take.missing)
+    return CurvesImport(len(plan.frames), head_path, take.missing, placed)
 
 
 class SPLATFACE_OT_import_curves(bpy.types.Operator, ImportHelper):
@@ -459,6 +461,13 @@ class SPLATFACE_OT_import_curves(bpy.types.Operator, ImportHelper):
             return {"CANCELLED"}
         head = f" and the head's {done.head_path}" if done.head_path else ""
         self.report({"INFO"}, f"keyed {done.frames} frames on {proxy.name}{head}")
+        if done.placement_moved:
+            self.report(
+                {"INFO"},
+                f"{proxy.parent.name}'s rotation, where the avatar was placed, is now its "
+                "delta rotation (Object > Transform > Delta Transform): the take turns the "
+                "head from there",
+            )
         if done.missing:
             self.report(
                 {"WARNING"},

@@ -628,6 +628,36 @@ def test_live_link_face_head_rotation_renders_like_the_service(scene, avatar_id,
     assert anim.shape_value(other.data.shape_keys, "jawOpen", 25) == pytest.approx(0.6, abs=1e-5)
 
 
+def test_a_take_turns_the_head_from_where_the_artist_placed_it(scene, avatar_id, tmp_path):
+    from blender_addon.core.curves import plan_keyframes
+    from protocol import head_rotation
+
+    path = tmp_path / "take.csv"
+    take = _head_take(path)
+    plan = plan_keyframes(take.head_angles, take.fps, 24.0, 1, take.row_times())
+    for mode in ("XYZ", "QUATERNION"):
+        proxy = import_avatar(bpy, avatar_id)
+        head = proxy.parent
+        head.rotation_mode = mode
+        placement = Matrix.Rotation(math.radians(90), 3, "Z") @ Matrix.Rotation(0.4, 3, "X")
+        if mode == "QUATERNION":
+            head.rotation_quaternion = placement.to_quaternion()
+        else:
+            head.rotation_euler = placement.to_euler(mode)
+        bpy.context.view_layer.objects.active = proxy
+        assert bpy.ops.splatface.import_curves(filepath=str(path), start_frame=1) == {"FINISHED"}
+        for frame in (1, 19):
+            scene.frame_set(frame)
+            want = np.array(placement) @ head_rotation(*plan.values[frame - 1])
+            got = np.array(head.matrix_world)[:3, :3]
+            assert np.allclose(got, want, atol=1e-5), (mode, frame)
+        # a second take keys the rotation again, from the same placement
+        assert bpy.ops.splatface.import_curves(filepath=str(path), start_frame=1) == {"FINISHED"}
+        scene.frame_set(19)
+        want = np.array(placement) @ head_rotation(*plan.values[18])
+        assert np.allclose(np.array(head.matrix_world)[:3, :3], want, atol=1e-5), mode
+
+
 def test_head_rotation_keys_follow_the_empty_rotation_mode(scene, avatar_id, tmp_path):
     from blender_addon import anim
     from blender_addon.core.curves import plan_keyframes
