@@ -117,6 +117,14 @@ def proxy_of(ob: bpy.types.Object | None) -> bpy.types.Object | None:
     return None
 
 
+def missing_shapes(proxy: bpy.types.Object) -> list[str]:
+    """The ARKit names ``proxy`` has no shape key for (renamed or deleted): they render
+    as 0 whatever the artist keys on a renamed block."""
+    key = proxy.data.shape_keys
+    blocks = () if key is None else key.key_blocks
+    return [name for name in ARKIT_NAMES if name not in blocks]
+
+
 def evaluated_curves(ob: bpy.types.Object, depsgraph: bpy.types.Depsgraph) -> np.ndarray:
     """float32 ``[52]``: the proxy's evaluated shape-key values, canonical order.
 

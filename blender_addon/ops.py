@@ -474,6 +474,13 @@ class SPLATFACE_OT_import_curves(bpy.types.Operator, ImportHelper):
                 f"the file has no column for {len(done.missing)} shape(s), left as they were: "
                 + ", ".join(done.missing),
             )
+        lacking = [n for n in avatar.missing_shapes(proxy) if n not in done.missing]
+        if lacking:
+            self.report(
+                {"WARNING"},
+                f"{proxy.name} has no shape key named {', '.join(lacking)} (renamed or "
+                "deleted?): not keyed, and rendered as 0",
+            )
         return {"FINISHED"}
 
 

@@ -90,6 +90,10 @@ class SPLATFACE_PT_main(bpy.types.Panel):
         if proxy is not None:
             box = layout.box()
             box.label(text=f"{proxy.name} ({proxy.splatface.avatar_id})", icon="SHAPEKEY_DATA")
+            lacking = avatar.missing_shapes(proxy)
+            if lacking:
+                names = ", ".join(lacking[:3]) + (" ..." if len(lacking) > 3 else "")
+                box.label(text=f"No shape key {names}: renders as 0", icon="ERROR")
             box.operator(SPLATFACE_OT_import_curves.bl_idname, icon="IMPORT")
             box.operator(SPLATFACE_OT_export_ply.bl_idname, icon="EXPORT")
         if context.scene.render.engine != "SPLATFACE":

@@ -500,6 +500,21 @@ def test_import_keeps_the_artists_keys_outside_the_take_as_they_were(scene, avat
     assert fc.keyframe_points[4].co[1] == pytest.approx(4 / 24, abs=1e-6)
 
 
+def test_a_renamed_shape_key_is_named_not_dropped_in_silence(scene, avatar_id, tmp_path, capfd):
+    from blender_addon import avatar
+
+    proxy = import_avatar(bpy, avatar_id)
+    proxy.data.shape_keys.key_blocks["jawOpen"].name = "FACE_jawOpen"
+    assert avatar.missing_shapes(proxy) == ["jawOpen"]
+    path = tmp_path / "take.npy"
+    np.save(path, np.full((3, 52), 0.5, np.float32))
+    bpy.context.view_layer.objects.active = proxy
+    capfd.readouterr()
+    assert bpy.ops.splatface.import_curves(filepath=str(path)) == {"FINISHED"}
+    out = "".join(capfd.readouterr())
+    assert "no shape key named jawOpen" in out and "rendered as 0" in out, out
+
+
 def test_import_starts_at_a_negative_frame_or_the_scenes_start(scene, avatar_id, tmp_path):
     from blender_addon import anim
 
