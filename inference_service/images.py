@@ -54,9 +54,9 @@ def decode_image(data: bytes | memoryview, max_pixels: int = MAX_PIXELS) -> np.n
         raise
     except Image.DecompressionBombError as exc:
         raise ProtocolError(errors.TOO_LARGE, f"image is too large to decode: {exc}") from None
-    except UnidentifiedImageError as exc:
+    except UnidentifiedImageError:  # its text names a BytesIO object, nothing of use
         raise ProtocolError(
-            errors.BAD_IMAGE, f"not a readable image (PNG, JPEG, WebP, TIFF, BMP...): {exc}"
+            errors.BAD_IMAGE, "not a readable image (PNG, JPEG, WebP, TIFF, BMP...)"
         ) from None
     except Exception as exc:  # decoders raise OSError, ValueError, RuntimeError, struct.error...
         raise ProtocolError(errors.BAD_IMAGE, f"the image is truncated or corrupt: {exc}") from None

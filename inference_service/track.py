@@ -60,6 +60,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -177,7 +178,12 @@ def open_frames(source: str | Path, fps: float | None = None) -> FrameSource:
         raise TrackError(f"fps must be a positive number, got {fps!r}")
     if path.is_dir():
         files = sorted(
-            (p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+            (
+                p
+                for p in path.iterdir()
+                # hidden files: macOS leaves "._frame0.png" AppleDouble files on other disks
+                if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+            ),
             key=_natural_key,
         )
         if not files:
@@ -198,17 +204,44 @@ def _read_images(files: list[Path]) -> Iterator[np.ndarray]:
             raise TrackError(f"{f}: {getattr(exc, 'message', exc)}") from None
 
 
+#: ffmpeg output options for every video: pixels made square (anamorphic, DV and HDV
+#: footage stores them wide or narrow; MediaPipe and the fit need the picture's shape).
+SQUARE_PIXELS = ["-vf", "scale=trunc(iw*sar+0.5):ih,setsar=1"]
+
+
+def video_rate(printed: float) -> Fraction | None:
+    """The frame rate ffmpeg printed (rounded: 29.97 for 30000/1001) as a fraction: the
+    NTSC rate N x 1000/1001 it stands for, else as printed; None when it printed none."""
+    if not (np.isfinite(printed) and printed > 0):
+        return None
+    whole = round(printed * 1.001)
+    if whole >= 1 and abs(printed * 1.001 - whole) < 0.006 and abs(printed - whole) > 0.005:
+        return Fraction(whole * 1000, 1001)
+    return Fraction(printed).limit_denominator(1001)
+
+
 def _open_video(path: Path, fps: float | None) -> FrameSource:
+    """Frames at one steady rate: the video's own, unless ``fps`` is given. ffmpeg hands
+    a variable-rate video (a phone that dropped frames) on at a steady rate of its own
+    choosing, so that rate is asked for by name and is the rate the frames carry."""
     import imageio_ffmpeg
 
+    def start(output: list[str]) -> tuple[Iterator[bytes], dict]:
+        try:
+            gen = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", output_params=output)
+            return gen, next(gen)
+        except (OSError, RuntimeError, StopIteration) as exc:
+            raise TrackError(f"{path}: not a readable video ({_ffmpeg_reason(exc)})") from None
+
+    gen, meta = start(SQUARE_PIXELS)
+    steady = None if fps else video_rate(float(meta.get("fps") or 0))
+    if steady is not None:
+        gen.close()
+        gen, meta = start([*SQUARE_PIXELS, "-r", f"{steady.numerator}/{steady.denominator}"])
+    rate = float(fps or steady or DEFAULT_FPS)
     try:
-        gen = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
-        meta = next(gen)
-    except (OSError, RuntimeError, StopIteration) as exc:
-        raise TrackError(f"{path}: not a readable video ({_ffmpeg_reason(exc)})") from None
-    rate = float(fps or meta.get("fps") or DEFAULT_FPS)
-    try:
-        total = int(imageio_ffmpeg.count_frames_and_secs(str(path))[0])
+        counted, seconds = imageio_ffmpeg.count_frames_and_secs(str(path))
+        total = int(counted) if steady is None else max(1, round(seconds * rate))
     except (OSError, RuntimeError, ValueError):
         total = max(1, round(float(meta.get("duration") or 0) * rate))
     w, h = meta["size"]
@@ -848,13 +881,16 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
 
 def smooth_tracks(values: np.ndarray, tracked: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian-smooth ``values`` ``[F, ...]`` over time (``sigma`` frames) within each run of
-    ``tracked`` frames, then fill the others with the last tracked value (the first one
-    before any)."""
+    ``tracked`` frames (a run no longer than ``sigma`` takes its mean), then fill the others
+    with the last tracked value (the first one before any)."""
     from scipy.ndimage import gaussian_filter1d
 
     out = np.array(values, np.float64)
     if sigma > 0:
         for a, b in _runs(tracked):
+            if sigma >= b - a + 1:  # wider than the run: flat (--smooth 1e9 asked numpy
+                out[a : b + 1] = out[a : b + 1].mean(axis=0)  # for a kernel of terabytes)
+                continue
             out[a : b + 1] = gaussian_filter1d(out[a : b + 1], sigma, axis=0, mode="nearest")
     good = np.flatnonzero(tracked)
     before = np.searchsorted(good, np.arange(len(out)), "right") - 1

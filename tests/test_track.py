@@ -64,8 +64,10 @@ from inference_service.track import (
     fit_subject,
     head_angles_from_rotation,
     lid_opening,
+    open_frames,
     smooth_tracks,
     track,
+    video_rate,
 )
 from protocol.animation import Animation, head_rotation, load_animation, save_livelink_csv
 from protocol.arkit import ARKIT_NAMES, index_of
@@ -189,6 +191,77 @@ def test_smoothing_stays_within_runs_and_gaps_hold():
     assert out[0] == out[1] and out[5] == out[4]  # leading gap: first found; gap: last
     np.testing.assert_allclose(out[6:], 3.0)  # the 9 in the gap does not leak in
     assert 1.0 < out[4] < out[1] < 5.0
+
+
+def test_smoothing_wider_than_the_clip_is_its_mean_not_a_huge_kernel():
+    values = np.array([1.0, 2.0, 6.0])[:, None]
+    out = smooth_tracks(values, np.ones(3, bool), 1e9)[:, 0]  # uncapped: terabytes
+    assert np.allclose(out, 3.0)
+
+
+def _ffmpeg_video(path, frames, fps, *extra):
+    """``frames`` as an H.264 file through the packaged ffmpeg, with ``extra`` output
+    options (filters that change a real phone's or camera's stream)."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    h, w = frames[0].shape[:2]
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo",
+           "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "-", *extra,
+           "-c:v", "libx264", "-pix_fmt", "yuv420p", str(path)]  # fmt: skip
+    subprocess.run(cmd, input=np.stack(frames).tobytes(), check=True)
+
+
+def _numbered(n, h=64, w=64):
+    """Frames whose top-left pixel holds their number (times 4)."""
+    frames = [np.full((h, w, 3), 128, np.uint8) for _ in range(n)]
+    for i, f in enumerate(frames):
+        f[:16, :16] = 4 * i
+    return frames
+
+
+def test_video_rates_printed_rounded_are_read_exactly():
+    from fractions import Fraction
+
+    assert video_rate(29.97) == Fraction(30000, 1001) and video_rate(23.98) == Fraction(24000, 1001)
+    assert video_rate(59.94) == Fraction(60000, 1001) and video_rate(30.0) == 30
+    assert video_rate(25.0) == 25 and video_rate(24.41) == Fraction(2441, 100)
+    assert video_rate(0.0) is None and video_rate(float("nan")) is None
+
+
+def test_a_variable_rate_video_keeps_its_length(tmp_path):
+    """A phone that dropped frames: 60 frames at 30 fps with every 5th dropped, the rest
+    at their own times (ffmpeg reports 24.41 fps on average). The frames come at the
+    rate they are labelled with, so the take lasts as long as the video."""
+    video = tmp_path / "vfr.mp4"
+    _ffmpeg_video(video, _numbered(60), 30, "-vf", "select='not(eq(mod(n\\,5)\\,4))'",
+                  "-fps_mode", "passthrough")  # fmt: skip
+    src = open_frames(video)
+    frames = list(src.frames)
+    assert len(frames) / src.fps == pytest.approx(2.0, abs=1.5 / src.fps)
+    # in order, each at its time: frame k shows the source frame nearest k / fps
+    shown = np.array([f[8, 8, 0] / 4 for f in frames])
+    assert np.all(np.diff(shown) >= -0.6)
+    assert np.abs(shown - np.arange(len(frames)) * 30 / src.fps).max() <= 2.6
+
+
+def test_non_square_pixels_are_made_square(tmp_path):
+    """Anamorphic or DV footage: stored 32 wide with pixels twice as wide as tall, the
+    picture is 64x64, and MediaPipe must see it so."""
+    frames = [np.asarray(Image.fromarray(f).resize((32, 64))) for f in _numbered(3)]
+    video = tmp_path / "sar.mp4"
+    _ffmpeg_video(video, frames, 30, "-vf", "setsar=2/1")
+    got = list(open_frames(video).frames)
+    assert len(got) == 3 and got[0].shape == (64, 64, 3)
+
+
+def test_hidden_files_in_a_frame_folder_are_skipped(tmp_path):
+    for i, f in enumerate(_numbered(2)):
+        Image.fromarray(f).save(tmp_path / f"frame{i}.png")
+    (tmp_path / "._frame0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS, on exFAT
+    src = open_frames(tmp_path)
+    assert src.total == 2 and len(list(src.frames)) == 2
 
 
 def synthetic_landmarks(identity, curves, rots, ts, intr, offset=None):
