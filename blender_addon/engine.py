@@ -105,6 +105,8 @@ def scene_camera(depsgraph: bpy.types.Depsgraph) -> cam.ProtocolCamera:
             resolution_percentage=r.resolution_percentage,
             pixel_aspect_x=r.pixel_aspect_x,
             pixel_aspect_y=r.pixel_aspect_y,
+            clip_start=data.clip_start,
+            clip_end=data.clip_end,
         )
     )
     if not r.use_border:
@@ -151,6 +153,8 @@ def render_layers(
             timeout=timeout,
             rows="bottom_up",
             on_sent=on_sent if i == 0 else None,
+            near=camera.near,
+            far=camera.far,
         )
         layers.append(Layer.from_render(reply, bottom_up=True))
     return composite(layers)

@@ -347,8 +347,11 @@ class Client:
         timeout: float | None = None,
         rows: str = "top_down",
         on_sent: Callable[[], None] | None = None,
+        near: float | None = None,
+        far: float | None = None,
     ) -> dict[str, np.ndarray]:
         """Render frames; camera arrays are ``[F, 4]``/``[F, 4, 4]`` or one camera for all.
+        ``near``/``far``: the clip range along the view axis (None: the service's).
 
         ``curves``: an array, or the path of a curves file (see ``SPEC.md``); the head
         pose is ``head`` in either case. Returns the passes as arrays ``[F, H, W, ...]``,
@@ -368,6 +371,8 @@ class Client:
                 "curve_names": curve_names,
                 "background": None if background is None else [float(b) for b in background],
                 "rows": rows,
+                **({} if near is None else {"near": float(near)}),
+                **({} if far is None else {"far": float(far)}),
             },
             {
                 "intrinsics": intrinsics.reshape(-1, 4),

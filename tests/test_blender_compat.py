@@ -414,6 +414,29 @@ def test_camera_conversion_matches_blenders_own_projection(scene):
             view = np.linalg.inv(np.array(ob.matrix_world))
             vc = from_projection(view, np.array(proj), c.width, c.height)
             assert vc.intrinsics == pytest.approx(c.intrinsics, abs=1e-3), case
+            # the clip range read back from Blender's own matrix (calc_matrix_camera takes
+            # the camera's clip_start and clip_end)
+            assert (vc.near, vc.far) == pytest.approx((c.near, c.far), rel=2e-3), case  # float32
+
+
+def test_the_cameras_clip_range_is_the_renders(scene, avatar_id):
+    """A head 150 units away (a centimetre scene, an avatar scaled to life size) renders
+    with the camera's clip_end of 1000; with clip_start past it, or clip_end short of it,
+    it is clipped as Blender clips."""
+    from blender_addon import engine
+
+    proxy = import_avatar(bpy, avatar_id)
+    proxy.parent.scale = (100.0, 100.0, 100.0)
+    center = np.array(proxy.matrix_world) @ np.r_[proxy.splatface.center, 1.0]
+    add_camera_from_opencv(bpy, scene, orbit(center[:3], 150.0), FOV, 48)
+    cam = scene.camera.data
+    seen = {}
+    for start, end in ((0.1, 1000.0), (0.1, 120.0), (180.0, 1000.0)):
+        cam.clip_start, cam.clip_end = start, end
+        bpy.ops.render.render()
+        seen[(start, end)] = float(engine.last_render.passes["Alpha"].sum())
+    assert seen[(0.1, 1000.0)] > 100, seen
+    assert seen[(0.1, 120.0)] == 0.0 and seen[(180.0, 1000.0)] == 0.0, seen
 
 
 def test_export_range_rereads_and_imports_as_point_attributes(scene, avatar_id, direct, tmp_path):

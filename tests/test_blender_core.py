@@ -108,6 +108,14 @@ def test_bad_camera_values_are_refused():
         _k(lens=0.0)
 
 
+def test_clip_ranges_are_held_to_what_the_protocol_takes():
+    assert cam.clip_range(0.1, 1000.0) == (0.1, 1000.0)
+    assert cam.clip_range(1e-6, 1e9) == (cam.NEAR_RANGE[0], cam.FAR_RANGE[1])
+    near, far = cam.clip_range(2000.0, 1500.0)  # Blender allows end before start
+    assert near == cam.NEAR_RANGE[1] and near < far <= cam.FAR_RANGE[1]
+    assert cam.clip_range(None, None) == (None, None)
+
+
 def test_from_projection_matches_intrinsics():
     k = np.array([400.0, 380.0, 170.0, 110.0])
     w, h, near, far = 320, 240, 0.1, 100.0
@@ -117,6 +125,7 @@ def test_from_projection_matches_intrinsics():
     p[2, 2], p[2, 3], p[3, 2] = -(far + near) / (far - near), -2 * far * near / (far - near), -1
     c = cam.from_projection(np.eye(4), p, w, h)
     assert c.intrinsics == pytest.approx(k)
+    assert (c.near, c.far) == pytest.approx((near, far))
     ortho = np.eye(4)
     with pytest.raises(ValueError, match="orthographic"):
         cam.from_projection(np.eye(4), ortho, w, h)

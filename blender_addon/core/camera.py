@@ -22,7 +22,7 @@ and Blender's normalised view coordinates (0..1, origin bottom left) map to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -43,6 +43,7 @@ class BlenderCamera:
         resolution_x, resolution_y: pixels before ``resolution_percentage``.
         resolution_percentage: 1-100 (Blender allows more; any positive value works).
         pixel_aspect_x, pixel_aspect_y: Blender's pixel aspect.
+        clip_start, clip_end: the camera's clip range, scene units (None: the service's).
     """
 
     matrix_world: np.ndarray
@@ -57,6 +58,8 @@ class BlenderCamera:
     resolution_percentage: int = 100
     pixel_aspect_x: float = 1.0
     pixel_aspect_y: float = 1.0
+    clip_start: float | None = None
+    clip_end: float | None = None
 
 
 @dataclass(frozen=True)
@@ -67,12 +70,30 @@ class ProtocolCamera:
         intrinsics: float64 ``[4]`` (fx, fy, cx, cy), pixels, centres at +0.5.
         world_to_camera: float64 ``[4, 4]``, OpenCV axes.
         width, height: output size in pixels.
+        near, far: what lies nearer or farther along the view axis is not drawn (scene
+            units; None: the service's defaults, 0.01 and 100).
     """
 
     intrinsics: np.ndarray
     world_to_camera: np.ndarray
     width: int
     height: int
+    near: float | None = None
+    far: float | None = None
+
+
+#: The clip range the protocol takes (``protocol/SPEC.md``: render's near and far).
+NEAR_RANGE, FAR_RANGE = (1e-4, 1e3), (1e-3, 1e5)
+
+
+def clip_range(start: float | None, end: float | None) -> tuple[float | None, float | None]:
+    """A Blender clip range as the protocol's ``near``/``far``: held inside the ranges the
+    protocol takes (a 10 km ``clip_end`` draws all a head can be seen at anyway)."""
+    near = None if start is None else float(np.clip(start, *NEAR_RANGE))
+    far = None if end is None else float(np.clip(end, *FAR_RANGE))
+    if near is not None and far is not None and far <= near:
+        far = min(FAR_RANGE[1], max(near * 1.001, FAR_RANGE[0]))
+    return near, far
 
 
 def render_size(resolution_x: int, resolution_y: int, percentage: float) -> tuple[int, int]:
@@ -98,7 +119,8 @@ def crop(camera: ProtocolCamera, x: int, y: int, w: int, h: int) -> ProtocolCame
     the bottom (:func:`render_region`): the same view, its principal point moved."""
     fx, fy, cx, cy = camera.intrinsics
     top = camera.height - (y + h)  # the protocol's rows run downwards
-    return ProtocolCamera(np.array([fx, fy, cx - x, cy - top]), camera.world_to_camera, w, h)
+    k = np.array([fx, fy, cx - x, cy - top])
+    return replace(camera, intrinsics=k, width=w, height=h)
 
 
 def blender_to_opencv_world_to_camera(matrix_world: np.ndarray) -> np.ndarray:
@@ -145,7 +167,8 @@ def intrinsics(cam: BlenderCamera) -> tuple[np.ndarray, int, int]:
 def convert(cam: BlenderCamera) -> ProtocolCamera:
     """The protocol camera of a Blender camera."""
     k, width, height = intrinsics(cam)
-    return ProtocolCamera(k, blender_to_opencv_world_to_camera(cam.matrix_world), width, height)
+    w2c = blender_to_opencv_world_to_camera(cam.matrix_world)
+    return ProtocolCamera(k, w2c, width, height, *clip_range(cam.clip_start, cam.clip_end))
 
 
 def from_projection(
@@ -170,4 +193,6 @@ def from_projection(
         ]
     )
     w2c = _BLENDER_TO_OPENCV @ np.asarray(view_matrix, np.float64).reshape(4, 4)
-    return ProtocolCamera(k, w2c, int(width), int(height))
+    # the view's clip range: z_ndc = (P22 z + P23) / -z is -1 at -near and +1 at -far
+    near, far = clip_range(p[2, 3] / (p[2, 2] - 1.0), p[2, 3] / (p[2, 2] + 1.0))
+    return ProtocolCamera(k, w2c, int(width), int(height), near, far)
