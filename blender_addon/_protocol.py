@@ -12,6 +12,7 @@ import importlib.util
 if importlib.util.find_spec(f"{__package__}.protocol") is not None:
     try:
         from . import protocol as _impl  # type: ignore[attr-defined]
+        from .protocol import files as _files  # type: ignore[attr-defined]
         from .protocol import launch as _launch  # type: ignore[attr-defined]
     except ModuleNotFoundError as exc:  # the vendored copy is there; what it needs is not
         raise ImportError(
@@ -21,6 +22,7 @@ if importlib.util.find_spec(f"{__package__}.protocol") is not None:
         ) from exc
 else:  # a checkout: the repository's own package
     import protocol as _impl
+    from protocol import files as _files
     from protocol import launch as _launch
 
 ARKIT_NAMES = _impl.ARKIT_NAMES
@@ -34,6 +36,7 @@ head_pivot = _impl.head_pivot
 head_rotation = _impl.head_rotation
 errors = _impl.errors
 wait_for_endpoint = _launch.wait_for_endpoint
+atomic_write = _files.atomic_write
 is_loopback_endpoint = _launch.is_loopback_endpoint
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "Client",
     "CurveKeys",
     "ProtocolError",
+    "atomic_write",
     "errors",
     "head_pivot",
     "head_rotation",

@@ -79,14 +79,18 @@ def _request_pool() -> ThreadPoolExecutor:
 _pass_buffers = PassBuffers()
 
 
-def scene_camera(depsgraph: bpy.types.Depsgraph) -> cam.ProtocolCamera:
+def scene_camera(
+    depsgraph: bpy.types.Depsgraph, override: bpy.types.Object | None = None
+) -> cam.ProtocolCamera:
     """The protocol camera of the scene's active camera at the evaluated frame; with a
     render region (Ctrl+B), the camera of that region alone, which is what Blender's
-    result holds (composited into the frame by Blender unless cropped to it)."""
+    result holds (composited into the frame by Blender unless cropped to it). ``override``:
+    the camera Blender names instead (a sequencer Scene strip's)."""
     scene = depsgraph.scene
-    if scene.camera is None:
+    camera = override or scene.camera
+    if camera is None:
         raise ValueError("the scene has no active camera")
-    ob = scene.camera.evaluated_get(depsgraph)
+    ob = camera.evaluated_get(depsgraph)
     data = ob.data
     if data.type != "PERSP":
         raise ValueError(f"camera {ob.name!r} is {data.type}; splatface renders perspective only")
@@ -222,7 +226,7 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
         timing = FrameTiming()
         t0 = time.perf_counter()
         try:
-            camera = scene_camera(depsgraph)
+            camera = scene_camera(depsgraph, self.camera_override)
             frames = avatar.gather(depsgraph, final_render=True)
             settings = prefs.connection_settings().resolved()
             client = runtime.client()

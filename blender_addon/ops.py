@@ -18,7 +18,14 @@ import zmq
 from bpy_extras.io_utils import ExportHelper, ImportHelper
 
 from . import anim, avatar, prefs, props, runtime
-from ._protocol import ARKIT_NAMES, Client, ProtocolError, head_rotation, load_animation
+from ._protocol import (
+    ARKIT_NAMES,
+    Client,
+    ProtocolError,
+    atomic_write,
+    head_rotation,
+    load_animation,
+)
 from .core.curves import plan_keyframes
 from .core.service import ConnectionSettings, may_start_local, run_build
 
@@ -494,9 +501,15 @@ EXPORT_MODES = [
 
 
 def export_frames(
-    proxy: bpy.types.Object, path: str, mode: str, frame_start: int, frame_end: int
+    proxy: bpy.types.Object,
+    path: str,
+    mode: str,
+    frame_start: int,
+    frame_end: int,
+    frame_step: int = 1,
 ) -> list[str]:
-    """Write ``.ply`` files (world space, posed as evaluated) or the bundle; returns paths."""
+    """Write ``.ply`` files (world space, posed as evaluated) or the bundle, each whole or
+    not at all; returns paths."""
     client = runtime.client()
     timeout = runtime.settings().timeout
     scene = bpy.context.scene
@@ -505,14 +518,14 @@ def export_frames(
     if mode == "BUNDLE":
         data = client.export(avatar_id, format="bundle", timeout=timeout).arrays["file"]
         target = out.with_suffix(".zip")
-        target.write_bytes(data.tobytes())
+        atomic_write(target, data.tobytes())
         return [str(target)]
     if mode == "CURRENT":
         frames = [scene.frame_current]
     else:
         if frame_end < frame_start:
             raise ValueError(f"frame range {frame_start}..{frame_end} is empty")
-        frames = list(range(frame_start, frame_end + 1))
+        frames = list(range(frame_start, frame_end + 1, max(1, frame_step)))
     written = []
     current = scene.frame_current
     try:
@@ -524,7 +537,7 @@ def export_frames(
             head = np.array(ob.matrix_world, np.float64)
             reply = client.export(avatar_id, curves=curves[None], head=head, timeout=timeout)
             target = out if mode == "CURRENT" else out.with_name(f"{out.stem}_{frame:04d}.ply")
-            target.write_bytes(reply.arrays["file"].tobytes())
+            atomic_write(target, reply.arrays["file"].tobytes())
             written.append(str(target))
     finally:
         scene.frame_set(current)
@@ -541,15 +554,30 @@ class SPLATFACE_OT_export_ply(bpy.types.Operator, ExportHelper):
     filename_ext = ".ply"
     filter_glob: bpy.props.StringProperty(default="*.ply;*.zip", options={"HIDDEN"})
     mode: bpy.props.EnumProperty(name="Export", items=EXPORT_MODES, default="CURRENT")
-    frame_start: bpy.props.IntProperty(name="Start", default=1)
-    frame_end: bpy.props.IntProperty(name="End", default=250)
+    frame_start: bpy.props.IntProperty(
+        name="Start", description="First frame of the range (default: the scene's)", default=1
+    )
+    frame_end: bpy.props.IntProperty(
+        name="End", description="Last frame of the range (default: the scene's)", default=250
+    )
+    frame_step: bpy.props.IntProperty(
+        name="Step", description="Frames between exports (default: the scene's)", default=1, min=1
+    )
 
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
         return _export_target(context) is not None
 
+    def _scene_range(self, context: bpy.types.Context) -> None:
+        """The scene's frame range and step, where the caller gave none."""
+        scene = context.scene
+        for name, value in (("frame_start", scene.frame_start), ("frame_end", scene.frame_end),
+                            ("frame_step", scene.frame_step)):  # fmt: skip
+            if not self.properties.is_property_set(name):
+                setattr(self, name, value)
+
     def invoke(self, context: bpy.types.Context, event: Any) -> set[str]:
-        self.frame_start, self.frame_end = context.scene.frame_start, context.scene.frame_end
+        self._scene_range(context)
         p = prefs.preferences()
         proxy = _export_target(context)
         if p is not None and p.export_folder and proxy is not None:
@@ -564,6 +592,7 @@ class SPLATFACE_OT_export_ply(bpy.types.Operator, ExportHelper):
         if proxy is None:
             self.report({"ERROR"}, "select a splatface avatar to export")
             return {"CANCELLED"}
+        self._scene_range(context)  # a script that names no range exports the scene's
         try:
             files = export_frames(
                 proxy,
@@ -571,6 +600,7 @@ class SPLATFACE_OT_export_ply(bpy.types.Operator, ExportHelper):
                 self.mode,
                 self.frame_start,
                 self.frame_end,
+                self.frame_step,
             )
         except (ProtocolError, ValueError, OSError, zmq.ZMQError) as exc:
             self.report({"ERROR"}, f"export failed: {_error_text(exc)}")

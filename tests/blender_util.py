@@ -82,7 +82,7 @@ def reset_scene(bpy):
     sc = bpy.context.scene
     sc.render.engine = "SPLATFACE"
     sc.render.fps, sc.render.fps_base = 24, 1.0
-    sc.frame_start, sc.frame_end = 1, 10
+    sc.frame_start, sc.frame_end, sc.frame_step = 1, 10, 1
     sc.frame_set(1)
     sc.view_layers[0].use_pass_z = sc.view_layers[0].use_pass_normal = True
     for layer in list(sc.view_layers)[1:]:

@@ -297,6 +297,32 @@ def test_a_render_region_renders_that_region(scene, avatar_id, tmp_path):
             assert alpha.sum() == pytest.approx(saved.sum())  # nothing outside the region
 
 
+def test_a_sequencer_strips_camera_is_the_one_rendered(scene, avatar_id):
+    """An edit scene shows the shot through a Scene strip whose camera is not the shot's
+    active one: Blender names it to the engine (``camera_override``)."""
+    from blender_addon import engine
+
+    proxy = import_avatar(bpy, avatar_id)
+    front = add_camera_from_opencv(bpy, scene, orbit(proxy.splatface.center, 0.6), FOV, 48)
+    away = bpy.data.objects.new("cam_away", front.data)
+    scene.collection.objects.link(away)
+    away.matrix_world = front.matrix_world @ Matrix.Rotation(math.pi, 4, "Y")  # turned round
+    scene.camera = away
+    edit = bpy.data.scenes.new("Edit")
+    edit.render.resolution_x = edit.render.resolution_y = 48
+    edit.render.use_sequencer = True
+    editor = edit.sequence_editor_create()
+    strips = editor.strips if hasattr(editor, "strips") else editor.sequences  # 5.0 / 4.5
+    strip = strips.new_scene("shot", scene, 1, 1)
+    strip.scene_camera = front
+    try:
+        bpy.ops.render.render(scene="Edit")
+        assert engine.last_render.passes["Alpha"].max() > 0.5
+    finally:
+        bpy.data.scenes.remove(edit)
+        bpy.data.objects.remove(away)
+
+
 def test_an_instanced_collection_renders_where_the_instance_puts_it(scene, avatar_id, direct):
     """The avatar in a collection that is not in the scene, instanced into it twice
     (Add > Collection Instance, or a linked character): both render, as placed."""
@@ -437,6 +463,16 @@ def test_the_cameras_clip_range_is_the_renders(scene, avatar_id):
         seen[(start, end)] = float(engine.last_render.passes["Alpha"].sum())
     assert seen[(0.1, 1000.0)] > 100, seen
     assert seen[(0.1, 120.0)] == 0.0 and seen[(180.0, 1000.0)] == 0.0, seen
+
+
+def test_a_script_exporting_a_range_gets_the_scenes_range_and_step(scene, avatar_id, tmp_path):
+    proxy = import_avatar(bpy, avatar_id)
+    bpy.context.view_layer.objects.active = proxy
+    scene.frame_start, scene.frame_end, scene.frame_step = 2, 6, 2
+    out = tmp_path / "head.ply"
+    assert bpy.ops.splatface.export_ply(filepath=str(out), mode="RANGE") == {"FINISHED"}
+    assert sorted(f.name for f in tmp_path.iterdir()) == [
+        "head_0002.ply", "head_0004.ply", "head_0006.ply"]  # fmt: skip
 
 
 def test_export_range_rereads_and_imports_as_point_attributes(scene, avatar_id, direct, tmp_path):
