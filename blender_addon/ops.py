@@ -411,6 +411,12 @@ def import_curves(
     key = proxy.data.shape_keys
     if key is None:
         raise ValueError(f"{proxy.name} has no shape keys")
+    if key.library is not None:  # keys written there are not saved with this file
+        raise ValueError(
+            f"{proxy.name}'s shape keys are linked from {key.library.filepath}, where its "
+            "keys would be lost on save: make its mesh local (Object > Relations > Make "
+            "Local > Object and Data), or import the take in that file"
+        )
     head = proxy.parent
     head_path, placed = "", False
     if head_motion and take.head_angles is not None:

@@ -415,6 +415,61 @@ def test_auto_start_runs_the_configured_python_and_unregister_stops_it(
             p.endpoint, p.auto_start, p.service_python, p.store = service.endpoint, False, "", ""
 
 
+LINKED_TAKE = """
+import sys
+import bpy
+import numpy as np
+sys.path.insert(0, {repo!r})
+from tests.blender_util import enable_addon, import_avatar, reset_scene
+enable_addon(bpy, {endpoint!r})
+scene = reset_scene(bpy)
+proxy = import_avatar(bpy, {avatar!r})
+cast = bpy.data.collections.new("Cast")
+scene.collection.children.link(cast)
+for ob in (proxy, proxy.parent):
+    scene.collection.objects.unlink(ob)
+    cast.objects.link(ob)
+bpy.ops.wm.save_as_mainfile(filepath={asset!r})
+bpy.ops.wm.read_homefile(use_empty=True)
+scene = bpy.context.scene
+with bpy.data.libraries.load({asset!r}, link=True) as (src, dst):
+    dst.collections = ["Cast"]
+scene.collection.children.link(dst.collections[0])
+over = dst.collections[0].override_hierarchy_create(
+    scene, bpy.context.view_layer, do_fully_editable=True)
+proxy = next(o for o in over.all_objects if o.splatface.role == "PROXY")
+assert proxy.data.shape_keys.library is not None
+bpy.context.view_layer.objects.active = proxy
+np.save({take!r}, np.full((3, 52), 0.5, np.float32))
+try:
+    bpy.ops.splatface.import_curves(filepath={take!r}, head_motion=False)
+except RuntimeError as exc:
+    print("REFUSED", exc)
+else:
+    print("KEYED")
+"""
+
+
+def test_a_take_is_not_keyed_onto_shape_keys_linked_from_another_file(
+    service, astronaut_id, tmp_path
+):
+    """A linked, overridden avatar's Key stays linked: keys written to it are gone after
+    the file is saved, so the import refuses and says what to do."""
+    script = LINKED_TAKE.format(
+        repo=str(REPO),
+        endpoint=service.endpoint,
+        avatar=astronaut_id,
+        asset=str(tmp_path / "asset.blend"),
+        take=str(tmp_path / "t.npy"),
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SPLATFACE_ENDPOINT"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "REFUSED" in out.stdout and "linked from" in out.stdout, out.stdout[-2000:]
+    assert "Make Local" in out.stdout
+
+
 @pytest.fixture(scope="session")
 def bpy45_python() -> Path:
     """The bpy 4.5 environment's Python; a failure, not a skip, without it (session-scoped
