@@ -7,6 +7,7 @@ errors become ``self.report({'ERROR'}, ...)`` there, and in the panel's status l
 from __future__ import annotations
 
 import os
+import re
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,7 +270,11 @@ def start_build(image_path: str, name: str, preset: str, face: int, enhance: boo
         st.building = False
         exc = future.exception()
         if exc is not None:
-            st.build_stage = "cancelled" if getattr(exc, "code", "") == "cancelled" else "failed"
+            if getattr(exc, "code", "") == "cancelled":  # asked for: not an error
+                st.build_stage, st.status = "cancelled", "build cancelled"
+                runtime.tag_redraw()
+                return
+            st.build_stage = "failed"
             _report_error(f"build failed: {_error_text(exc)}")
             return
         status = future.result()
@@ -357,8 +362,9 @@ class SPLATFACE_OT_build_face(bpy.types.Operator):
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         st = props.state()
+        base = re.sub(r"-face\d+$", "", st.build_name)  # "two-face1" builds "two-face0"
         return _start_build(
-            self, st.build_image, f"{st.build_name}-face{self.face}", st.build_preset, self.face,
+            self, st.build_image, f"{base}-face{self.face}", st.build_preset, self.face,
             st.build_enhance,
         )  # fmt: skip
 

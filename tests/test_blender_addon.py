@@ -94,6 +94,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_build_this_face_names_from_the_photo_and_a_cancel_is_no_error(
+    scene, astronaut_png, tmp_path
+):
+    from blender_addon import props
+
+    photo = tmp_path / "two.png"
+    photo.write_bytes(astronaut_png)
+    st = props.state()
+
+    def cancelled_at_once() -> None:
+        assert bpy.ops.splatface.cancel_build() == {"FINISHED"}
+        settle()
+        assert not st.building and st.build_stage == "cancelled", st.build_stage
+        assert st.error == "" and "cancelled" in st.status, (st.error, st.status)
+
+    assert bpy.ops.splatface.build(filepath=str(photo), preset="fast") == {"FINISHED"}
+    cancelled_at_once()
+    names = []
+    for face in (1, 0):
+        assert bpy.ops.splatface.build_face(face=face) == {"FINISHED"}
+        names.append(st.build_name)
+        cancelled_at_once()
+    assert names == ["two-face1", "two-face0"]  # not "two-face1-face0"
+
+
 def test_service_down_and_restart_is_a_clear_error_not_a_hang(
     scene, addon, astronaut_png, tmp_path
 ):
