@@ -243,6 +243,7 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
 
         def request() -> Layer:
             try:
+                runtime.start_if_down()
                 return render_layers(client, frames, camera, settings.timeout, wanted, sent.set)
             finally:
                 sent.set()  # also when it failed before sending
@@ -362,6 +363,7 @@ class ViewportState:
         self.signature = signature
 
         def work() -> np.ndarray:
+            runtime.start_if_down()
             layer = render_layers(client, frames, camera, timeout, ("rgb", "alpha", "depth"))
             return np.concatenate([layer.rgb, layer.alpha[..., None]], axis=-1)  # bottom-up
 

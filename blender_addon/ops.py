@@ -142,7 +142,11 @@ class SPLATFACE_OT_refresh(bpy.types.Operator):
             _apply_list(future.result())
             runtime.tag_redraw()
 
-        runtime.submit(client.avatars, done)
+        def work() -> list[dict[str, Any]]:
+            runtime.start_if_down()
+            return client.avatars()
+
+        runtime.submit(work, done)
         return {"FINISHED"}
 
 
@@ -171,7 +175,11 @@ def fetch_and_create(client: Client, avatar_id: str, then: Any = None) -> Future
             then(proxy)
         runtime.tag_redraw()
 
-    return runtime.submit(lambda: client.get(avatar_id, mesh=True, rig=True), done)
+    def work() -> Any:
+        runtime.start_if_down()
+        return client.get(avatar_id, mesh=True, rig=True)
+
+    return runtime.submit(work, done)
 
 
 class SPLATFACE_OT_import_avatar(bpy.types.Operator):
@@ -220,6 +228,7 @@ class SPLATFACE_OT_delete_avatar(bpy.types.Operator):
             return {"CANCELLED"}
 
         def work() -> list[dict[str, Any]]:
+            runtime.start_if_down()
             client.delete(avatar_id)
             return client.avatars()
 
@@ -254,6 +263,7 @@ def start_build(image_path: str, name: str, preset: str, face: int, enhance: boo
         runtime.main_queue.post(_apply_status, status)
 
     def work() -> dict[str, Any]:
+        runtime.start_if_down()
         return run_build(
             client,
             data,

@@ -19,7 +19,13 @@ import bpy
 from . import prefs
 from ._protocol import Client
 from .core.jobs import MainQueue, Worker, on_main_thread
-from .core.service import ConnectionSettings, LocalService, start_local_service
+from .core.service import (
+    ConnectionSettings,
+    LocalService,
+    listening,
+    may_start_local,
+    start_local_service,
+)
 
 DRAIN_INTERVAL_S = 0.05
 
@@ -76,6 +82,19 @@ def ensure_local_service(s: ConnectionSettings) -> LocalService:
     folder = bpy.utils.extension_path_user(__package__, create=True) if _is_extension() else ""
     local_service = start_local_service(s.service_python, s.endpoint, s.store, folder)
     return local_service
+
+
+def start_if_down() -> None:
+    """Before a request (worker threads only: it may block while a service starts): start
+    the configured local service where the preferences allow it and nothing listens at
+    its endpoint, so a first build, import or render starts it as Connect does."""
+    s = settings()
+    if not may_start_local(s):
+        return
+    if local_service is not None and local_service.proc.poll() is None:
+        return
+    if not listening(s.endpoint):
+        ensure_local_service(s)
 
 
 def _is_extension() -> bool:

@@ -397,8 +397,9 @@ def test_a_failed_frame_fails_the_render_and_saves_no_blank_frame(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("first", ["connect", "refresh"])  # any first request starts it
 def test_auto_start_runs_the_configured_python_and_unregister_stops_it(
-    scene, service, tmp_path, monkeypatch
+    scene, service, tmp_path, monkeypatch, first
 ):
     from blender_addon import props, runtime
 
@@ -411,7 +412,7 @@ def test_auto_start_runs_the_configured_python_and_unregister_stops_it(
     assert runtime.local_service is None
     started = None
     try:
-        assert bpy.ops.splatface.connect() == {"FINISHED"}
+        assert getattr(bpy.ops.splatface, first)() == {"FINISHED"}
         settle()
         st = props.state()
         assert st.connected and not st.error, st.error

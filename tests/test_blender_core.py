@@ -108,6 +108,21 @@ def test_bad_camera_values_are_refused():
         _k(lens=0.0)
 
 
+def test_listening_tells_a_local_endpoint_with_nobody_there(tmp_path):
+    import socket
+
+    from blender_addon.core.service import listening
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert listening(f"tcp://127.0.0.1:{port}")
+    assert not listening(f"tcp://127.0.0.1:{port}")  # closed: refused at once
+    assert not listening(f"ipc://{tmp_path / 'nobody'}")
+    assert listening("tcp://127.0.0.1:*")  # cannot be told: say yes, start nothing
+
+
 def test_clip_ranges_are_held_to_what_the_protocol_takes():
     assert cam.clip_range(0.1, 1000.0) == (0.1, 1000.0)
     assert cam.clip_range(1e-6, 1e9) == (cam.NEAR_RANGE[0], cam.FAR_RANGE[1])

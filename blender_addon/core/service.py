@@ -172,6 +172,32 @@ def run_build(
         time.sleep(poll)
 
 
+def listening(endpoint: str, timeout: float = 0.25) -> bool:
+    """Whether something listens at a local ``endpoint`` now: a TCP connection is taken
+    (or refused at once), an ipc socket file exists. ZeroMQ itself cannot tell: it waits
+    for a peer that may come. True where it cannot be told (a wildcard port, inproc)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    scheme, _, rest = endpoint.partition("://")
+    if scheme == "ipc":
+        return os.path.exists(rest)
+    if scheme != "tcp":
+        return True
+    try:
+        parts = urlsplit(endpoint)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return True
+    if not host or not port:
+        return True
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def may_start_local(settings: ConnectionSettings) -> bool:
     """Whether a service may be started for ``settings`` when none answers: only on this
     machine, and not for CurveZMQ keys (a service started here would run without them,
