@@ -305,6 +305,12 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
         self._view.engine = self
         self._view.request(context, depsgraph)
         self._view.draw(self, context, depsgraph.scene)
+        # why the view shows nothing, or an older frame (the viewport's status text); only
+        # an interactive Blender draws, where no test reaches: a failure must not stop it
+        try:
+            self.update_stats("", f"splatface: {self._view.error}" if self._view.error else "")
+        except (AttributeError, RuntimeError, ReferenceError):
+            pass
 
 
 class ViewportState:
@@ -344,8 +350,8 @@ class ViewportState:
         headless; only :meth:`draw` needs the GPU."""
         try:
             camera = cam.from_projection(view_matrix, window_matrix, width, height)
-        except ValueError as exc:
-            self.error = str(exc)
+        except ValueError as exc:  # an orthographic view: the last image would lie
+            self.error, self.image, self.texture, self.signature = str(exc), None, None, b""
             return None
         w, h = camera.width, camera.height
         frames = avatar.gather(depsgraph, final_render=False)

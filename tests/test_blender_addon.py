@@ -299,6 +299,16 @@ def test_viewport_requests_off_the_ui_thread_latest_wins(scene, astronaut_id, cl
         p.endpoint, p.timeout = old
         runtime.client()
 
+    # an orthographic view (numpad 5) cannot be rendered: no stale perspective image drawn
+    ortho = np.diag([2.0, 2.0, -0.02, 1.0])
+    ortho[2, 3] = -1.0
+    assert state.image is not None
+    assert state.request_view(view, ortho, 96, 96, bpy.context.evaluated_depsgraph_get()) is None
+    assert "orthographic" in state.error and state.image is None
+    assert ask() is not None, "back in perspective, the view is asked for again"
+    settle()
+    assert state.error == "" and state.image.shape == (96, 96, 4)
+
 
 def _jaw(value: float) -> np.ndarray:
     curves = np.zeros((1, 52), np.float32)
