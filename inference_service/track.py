@@ -282,6 +282,9 @@ class LandmarkTracker:
         self.box: tuple[float, float, float, float] | None = None
         self.last: tuple[float, float, float, float] | None = None  # kept through gaps
         self.most_faces = 0  # the most faces detection found in one frame
+        #: quarter turns (``np.rot90``) that stand the followed face upright: a face lying
+        #: sideways or upside down, in frames no rotation tag turned
+        self.turn = 0
 
     def __call__(self, img: np.ndarray) -> np.ndarray | None:
         """``[478, 3]`` pixels, or None when no face is found."""
@@ -300,6 +303,7 @@ class LandmarkTracker:
                 face = min(faces, key=lambda f: _centre_distance(f.box, self.last))
             else:
                 face = detect.choose_face(faces, self.face, None, (w, h))
+            self.turn = face.turn
             return self._near(img, face.box)
         except ProtocolError:
             self.box = None
@@ -326,12 +330,22 @@ class LandmarkTracker:
             size = (max(1, round(window.shape[1] * k)), max(1, round(window.shape[0] * k)))
             window = np.asarray(Image.fromarray(window).resize(size, Image.BILINEAR))
         shifted = tuple(k * v for v in (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0))
-        lm = detect.face_landmarks(window, detect.Face(shifted, 1.0)) / k
+        lm = detect.face_landmarks(window, detect.Face(shifted, 1.0, self.turn)) / k
         lm[:, 0] += x0
         lm[:, 1] += y0
         (bx0, by0), (bx1, by1) = lm[:, :2].min(0), lm[:, :2].max(0)
         self.box = self.last = (float(bx0), float(by0), float(bx1), float(by1))
+        self.turn = upright_turn(lm)  # a head that rolls on is followed round
         return lm
+
+
+def upright_turn(landmarks: np.ndarray) -> int:
+    """Quarter turns (``np.rot90``) that stand a face upright, from where its eyes lie
+    from its mouth (MediaPipe's mesh: outer eye corners 33 and 263, lips 13 and 14)."""
+    up = landmarks[[33, 263], :2].mean(0) - landmarks[[13, 14], :2].mean(0)
+    if abs(up[0]) > abs(up[1]):
+        return 1 if up[0] > 0 else 3  # the head's top points right: a quarter turn left
+    return 2 if up[1] > 0 else 0
 
 
 def _centre_distance(a: tuple[float, ...], b: tuple[float, ...]) -> float:
