@@ -43,6 +43,17 @@ def _error_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _file_path(op: bpy.types.Operator, path: str) -> str | None:
+    """``path`` made absolute, or None once ``op`` has reported why it cannot be: a
+    ``//`` path is relative to the saved .blend, and an unsaved one has no folder (it
+    would land wherever Blender was started)."""
+    if path.startswith("//") and not bpy.data.filepath:
+        op.report({"ERROR"}, f"{path} is relative to the .blend: save the file first, or "
+                             "choose a full path")  # fmt: skip
+        return None
+    return bpy.path.abspath(path)
+
+
 def _client(op: bpy.types.Operator) -> Client | None:
     """The shared client, or None once ``op`` has reported why there is none (a malformed
     endpoint, unreadable CurveZMQ keys)."""
@@ -163,7 +174,7 @@ def fetch_and_create(client: Client, avatar_id: str, then: Any = None) -> Future
             return
         reply = future.result()
         proxy, _head = avatar.create_avatar(
-            bpy.context.scene.collection,
+            bpy.context.view_layer.active_layer_collection.collection,  # as Add > Mesh does
             reply.header["avatar"],
             reply.arrays["vertices"],
             reply.arrays["triangles"],
@@ -171,6 +182,10 @@ def fetch_and_create(client: Client, avatar_id: str, then: Any = None) -> Future
             list(reply.header["shape_names"]),
         )
         props.state().status = f"imported {proxy.name}"
+        for ob in bpy.context.view_layer.objects.selected:
+            ob.select_set(False)
+        proxy.select_set(True)
+        bpy.context.view_layer.objects.active = proxy  # ready for Import face curves
         if then is not None:
             then(proxy)
         runtime.tag_redraw()
@@ -348,7 +363,9 @@ class SPLATFACE_OT_build(bpy.types.Operator, ImportHelper):
         return not props.state().building
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        path = bpy.path.abspath(self.filepath)
+        path = _file_path(self, self.filepath)
+        if path is None:
+            return {"CANCELLED"}
         if not os.path.isfile(path):
             self.report({"ERROR"}, f"no such image: {path}")
             return {"CANCELLED"}
@@ -483,8 +500,11 @@ class SPLATFACE_OT_import_curves(bpy.types.Operator, ImportHelper):
         start = self.start_frame
         if not self.properties.is_property_set("start_frame"):  # called from a script
             start = context.scene.frame_start
+        path = _file_path(self, self.filepath)
+        if path is None:
+            return {"CANCELLED"}
         try:
-            done = import_curves(proxy, bpy.path.abspath(self.filepath), start, self.head_motion)
+            done = import_curves(proxy, path, start, self.head_motion)
         except ValueError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
@@ -615,10 +635,13 @@ class SPLATFACE_OT_export_ply(bpy.types.Operator, ExportHelper):
             self.report({"ERROR"}, "select a splatface avatar to export")
             return {"CANCELLED"}
         self._scene_range(context)  # a script that names no range exports the scene's
+        path = _file_path(self, self.filepath)
+        if path is None:
+            return {"CANCELLED"}
         try:
             files = export_frames(
                 proxy,
-                bpy.path.abspath(self.filepath),
+                path,
                 self.mode,
                 self.frame_start,
                 self.frame_end,

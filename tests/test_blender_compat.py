@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 import zipfile
 
 import bpy
@@ -463,6 +464,31 @@ def test_the_cameras_clip_range_is_the_renders(scene, avatar_id):
         seen[(start, end)] = float(engine.last_render.passes["Alpha"].sum())
     assert seen[(0.1, 1000.0)] > 100, seen
     assert seen[(0.1, 120.0)] == 0.0 and seen[(180.0, 1000.0)] == 0.0, seen
+
+
+def test_add_to_scene_puts_the_avatar_in_the_active_collection_selected(scene, avatar_id):
+    shot = bpy.data.collections.new("Shot")
+    scene.collection.children.link(shot)
+    layer = bpy.context.view_layer
+    layer.active_layer_collection = layer.layer_collection.children["Shot"]
+    try:
+        proxy = import_avatar(bpy, avatar_id)
+        assert proxy.name in shot.objects and proxy.parent.name in shot.objects
+        assert proxy.select_get() and layer.objects.active == proxy
+        assert list(layer.objects.selected) == [proxy]
+    finally:
+        layer.active_layer_collection = layer.layer_collection
+
+
+def test_a_path_relative_to_an_unsaved_blend_is_refused(scene, avatar_id, tmp_path, monkeypatch):
+    assert bpy.data.filepath == ""
+    monkeypatch.chdir(tmp_path)  # where an unsaved file's "//" lands
+    import_avatar(bpy, avatar_id)
+    with pytest.raises(RuntimeError, match="relative to the .blend: save the file first"):
+        with warnings.catch_warnings():  # 5.0 warns that file browsers give no "//" paths
+            warnings.simplefilter("ignore", RuntimeWarning)
+            bpy.ops.splatface.export_ply(filepath="//head.ply")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_script_exporting_a_range_gets_the_scenes_range_and_step(scene, avatar_id, tmp_path):
