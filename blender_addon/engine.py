@@ -355,7 +355,8 @@ class ViewportState:
             return None
         w, h = camera.width, camera.height
         frames = avatar.gather(depsgraph, final_render=False)
-        parts = [camera.intrinsics, camera.world_to_camera, np.array([w, h], np.float64)]
+        clip = [camera.near or 0.0, camera.far or 0.0]
+        parts = [camera.intrinsics, camera.world_to_camera, np.array([w, h, *clip], np.float64)]
         for f in frames:
             parts += [np.frombuffer(f.avatar_id.encode(), np.uint8), f.curves, f.head]
         signature = b"".join(np.ascontiguousarray(x).tobytes() for x in parts)

@@ -173,8 +173,12 @@ def fetch_and_create(client: Client, avatar_id: str, then: Any = None) -> Future
             _report_error(f"cannot fetch avatar {avatar_id}: {_error_text(exc)}")
             return
         reply = future.result()
+        active = bpy.context.view_layer.active_layer_collection.collection
+        # the active collection, as Add > Mesh puts new objects, unless it is linked from
+        # another file (it cannot take objects): then the scene's, as Add > Mesh does too
+        editable = active.library is None and active.is_editable
         proxy, _head = avatar.create_avatar(
-            bpy.context.view_layer.active_layer_collection.collection,  # as Add > Mesh does
+            active if editable else bpy.context.scene.collection,
             reply.header["avatar"],
             reply.arrays["vertices"],
             reply.arrays["triangles"],
@@ -448,7 +452,7 @@ def import_curves(
         raise ValueError(
             f"{proxy.name}'s shape keys are linked from {key.library.filepath}, where its "
             "keys would be lost on save: make its mesh local (Object > Relations > Make "
-            "Local > Object and Data), or import the take in that file"
+            "Local > Selected Objects and Data), or import the take in that file"
         )
     head = proxy.parent
     head_path, placed = "", False

@@ -84,6 +84,9 @@ def ensure_local_service(s: ConnectionSettings) -> LocalService:
     return local_service
 
 
+_start_lock = threading.Lock()
+
+
 def start_if_down() -> None:
     """Before a request (worker threads only: it may block while a service starts): start
     the configured local service where the preferences allow it and nothing listens at
@@ -91,10 +94,11 @@ def start_if_down() -> None:
     s = settings()
     if not may_start_local(s):
         return
-    if local_service is not None and local_service.proc.poll() is None:
-        return
-    if not listening(s.endpoint):
-        ensure_local_service(s)
+    with _start_lock:  # the worker, the build worker and renders may all ask at once
+        if local_service is not None and local_service.proc.poll() is None:
+            return
+        if not listening(s.endpoint):
+            ensure_local_service(s)
 
 
 def _is_extension() -> bool:

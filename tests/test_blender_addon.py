@@ -308,6 +308,12 @@ def test_viewport_requests_off_the_ui_thread_latest_wins(scene, astronaut_id, cl
     assert ask() is not None, "back in perspective, the view is asked for again"
     settle()
     assert state.error == "" and state.image.shape == (96, 96, 4)
+    # the view's clip range is part of what was asked: a new one asks again
+    nearer = window.copy()
+    near, far = 0.5, 50.0
+    nearer[2, 2], nearer[2, 3] = -(far + near) / (far - near), -2 * far * near / (far - near)
+    assert state.request_view(view, nearer, 96, 96, bpy.context.evaluated_depsgraph_get())
+    settle()
 
 
 def _jaw(value: float) -> np.ndarray:
@@ -421,9 +427,24 @@ def test_auto_start_runs_the_configured_python_and_unregister_stops_it(
     p.auto_start, p.service_python, p.store = True, sys.executable, str(store)
     assert runtime.local_service is None
     started = None
+    starts = []
+    real_start = runtime.start_local_service
+
+    def counted(*args, **kwargs):
+        starts.append(args)
+        return real_start(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "start_local_service", counted)
     try:
+        # the viewport, a render and a build may all ask first: one service starts
+        racers = [threading.Thread(target=runtime.start_if_down) for _ in range(3)]
+        for t in racers:
+            t.start()
         assert getattr(bpy.ops.splatface, first)() == {"FINISHED"}
+        for t in racers:
+            t.join(timeout=180)
         settle()
+        assert len(starts) == 1, starts
         st = props.state()
         assert st.connected and not st.error, st.error
         started = runtime.local_service
@@ -465,6 +486,7 @@ scene.collection.children.link(cast)
 for ob in (proxy, proxy.parent):
     scene.collection.objects.unlink(ob)
     cast.objects.link(ob)
+scene.collection.children.link(bpy.data.collections.new("Props"))
 bpy.ops.wm.save_as_mainfile(filepath={asset!r})
 bpy.ops.wm.read_homefile(use_empty=True)
 scene = bpy.context.scene
@@ -483,6 +505,16 @@ except RuntimeError as exc:
     print("REFUSED", exc)
 else:
     print("KEYED")
+# with a linked collection active, Add to scene puts the avatar in the scene's own
+with bpy.data.libraries.load({asset!r}, link=True) as (src, dst):
+    dst.collections = ["Props"]
+scene.collection.children.link(dst.collections[0])
+layer = bpy.context.view_layer
+layer.active_layer_collection = layer.layer_collection.children["Props"]
+before = set(bpy.data.objects)
+import_avatar(bpy, {avatar!r})
+added = set(bpy.data.objects) - before
+print("ADDED TO", sorted({{c.name for ob in added for c in ob.users_collection}}))
 """
 
 
@@ -504,6 +536,7 @@ def test_a_take_is_not_keyed_onto_shape_keys_linked_from_another_file(
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "REFUSED" in out.stdout and "linked from" in out.stdout, out.stdout[-2000:]
     assert "Make Local" in out.stdout
+    assert "ADDED TO ['Scene Collection']" in out.stdout, out.stdout[-2000:]
 
 
 @pytest.fixture(scope="session")
