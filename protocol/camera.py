@@ -43,7 +43,10 @@ def orbit(center, distance: float, yaw_deg: float = 0.0, pitch_deg: float = 0.0)
         [math.sin(yaw) * math.cos(pitch), -math.cos(yaw) * math.cos(pitch), math.sin(pitch)]
     )
     eye = np.asarray(center, np.float64) + distance * direction
-    return look_at(eye, center)
+    # the image's up, in the plane of the view and +Z: straight above or below (pitch
+    # ±90) the view turns on as it did just short of it, not flipped
+    up = (-math.sin(yaw) * math.sin(pitch), math.cos(yaw) * math.sin(pitch), math.cos(pitch))
+    return look_at(eye, center, up)
 
 
 def intrinsics_from_fov(width: int, height: int, fov_deg: float) -> np.ndarray:

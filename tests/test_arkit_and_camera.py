@@ -90,6 +90,20 @@ def test_yaw_and_pitch_directions():
         assert np.linalg.det(r) == pytest.approx(1)
 
 
+@pytest.mark.parametrize("yaw", [0.0, 37.0, 90.0, -120.0])
+def test_straight_above_or_below_the_view_turns_on_as_just_short_of_it(yaw):
+    """Pitch ±90 looks along +Z, where ``look_at``'s up says nothing: the image keeps the
+    orientation it had at ±89.999 (at -90 it came out upside down)."""
+    for pitch in (90.0, -90.0):
+        at = orbit((0.1, 0.2, 0.3), 1.3, yaw, pitch)
+        near = orbit((0.1, 0.2, 0.3), 1.3, yaw, np.sign(pitch) * 89.999)
+        np.testing.assert_allclose(at[:3, :3], near[:3, :3], atol=1e-4)
+    for pitch in (-60.0, 0.0, 30.0):  # elsewhere as look_at with +Z up always gave
+        w2c = orbit((0.1, 0.2, 0.3), 1.3, yaw, pitch)
+        eye = -w2c[:3, :3].T @ w2c[:3, 3]
+        np.testing.assert_allclose(w2c, look_at(eye, (0.1, 0.2, 0.3)), atol=1e-12)
+
+
 def test_look_at_rejects_coincident_points():
     with pytest.raises(ValueError):
         look_at((1, 1, 1), (1, 1, 1))
