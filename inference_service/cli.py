@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
+import zmq
 
 from protocol import Client, CurveKeys, ProtocolError, messages
 from protocol.camera import framing_distance, intrinsics_from_fov, orbit
@@ -316,6 +317,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def field_of_view(text: str) -> float:
+    """argparse type: degrees a pinhole camera can see, over 0 and under 180."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value < 180):
+        raise argparse.ArgumentTypeError(f"must be over 0 and under 180 degrees, got {text!r}")
+    return value
+
+
 def frame_number(text: str) -> int:
     """argparse type: a row of the curves, 0 or more."""
     try:
@@ -445,6 +457,13 @@ def enhance_folders(text: str | None) -> list[str] | None:
     return list(models.to_dict().values())
 
 
+def default_name(photo: Path) -> str:
+    """An avatar's name from its photo's file name: as the file system gave it, bytes that
+    are not UTF-8 replaced, cut to the protocol's longest name."""
+    stem = photo.stem.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return stem[: messages.MAX_NAME].strip() or "avatar"
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     photo = Path(args.photo)
     try:
@@ -458,12 +477,18 @@ def cmd_build(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     with connect(args) as client:
         job = client.build(
-            data, name=args.name or photo.stem, preset=args.preset, face=args.face, face_box=box,
-            enhance=enhance,
+            data, name=args.name or default_name(photo), preset=args.preset, face=args.face,
+            face_box=box, enhance=enhance,
         )  # fmt: skip
         bar = Progress(1.0, "building", not args.json)
         try:
             st = client.wait(job, progress=lambda ev: bar.update_to(ev["fraction"], ev["message"]))
+        except KeyboardInterrupt:  # the service would finish the build regardless
+            try:
+                client.cancel(job)
+            except ProtocolError:
+                pass  # already ended, or the service is gone: nothing left to stop
+            raise
         finally:
             bar.close()
         avatar_id = st["avatar_id"]
@@ -484,6 +509,15 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def render_chunk(size: int, passes: tuple[str, ...]) -> int:
+    """Frames per render request: :data:`RENDER_CHUNK`, fewer where that many frames of
+    ``size`` x ``size`` would pass the protocol's limit on a reply (4096 px frames with
+    every pass take 256 MiB each)."""
+    channels = sum({"rgb": 3, "alpha": 1, "depth": 1, "normal": 3}.get(p, 0) for p in passes)
+    per_frame = size * size * max(1, channels) * 4
+    return max(1, min(RENDER_CHUNK, messages.MAX_RENDER_BYTES // per_frame))
+
+
 def render_to_folder(
     client: Client,
     ref: str,
@@ -501,13 +535,14 @@ def render_to_folder(
     n = len(cameras)
     files: list[str] = []
     bar = Progress(n, "rendering", show)
+    chunk = render_chunk(size, passes)
 
     def rows(a: np.ndarray | None, start: int, stop: int) -> np.ndarray | None:
         return None if a is None else a[start:stop] if len(a) > 1 else a
 
     try:
-        for start in range(0, n, RENDER_CHUNK):
-            stop = min(n, start + RENDER_CHUNK)
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
             intr = np.stack([c[0] for c in cameras[start:stop]])
             w2c = np.stack([c[1] for c in cameras[start:stop]])
             result = client.render(
@@ -534,7 +569,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     out = out_folder("render", Path(args.out))
     anim = read_animation(args.curves)
     curves = None if anim is None else anim.curves
-    passes = tuple(p.strip() for p in args.passes.split(",") if p.strip())
+    passes = tuple(dict.fromkeys(p.strip() for p in args.passes.split(",") if p.strip()))
     n = 1 if curves is None else len(curves)
     fps = args.fps or (anim.fps if anim is not None and anim.fps else 30.0)
     preview = None
@@ -883,7 +918,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--pitch", type=float, default=0.0, help="degrees; positive looks from above")
     sp.add_argument(
-        "--fov", type=float, default=30.0, help="field of view in degrees (default: 30)"
+        "--fov",
+        type=field_of_view,
+        default=30.0,
+        help="field of view in degrees, over 0 and under 180 (default: 30)",
     )
     sp.add_argument(
         "--size", type=image_side, default=512, help="image width and height (default: 512)"
@@ -985,6 +1023,16 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc.code, str) and getattr(args, "json", False):
             print_json_error("cli", exc.code)
         raise
+    except zmq.ZMQError as exc:  # an endpoint ZeroMQ cannot use ("localhost:5555")
+        endpoint = getattr(args, "endpoint", None) or DEFAULT_ENDPOINT
+        message = (
+            f"ZeroMQ cannot use the endpoint {endpoint!r} ({exc.strerror}); give one such as "
+            f"{DEFAULT_ENDPOINT}"
+        )
+        if getattr(args, "json", False):
+            print_json_error("cli", message)
+        print(f"splatface {args.command}: {message}", file=sys.stderr)
+        return 1
     except OSError as exc:  # a file the command could not read or write: say which
         logging.getLogger(__name__).debug("%s failed", args.command, exc_info=True)
         where = f": {exc.filename}" if exc.filename else ""

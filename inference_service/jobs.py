@@ -160,6 +160,7 @@ class JobManager:
                 if job.state != "queued":
                     continue
                 job.state = "running"
+            log.info("job %s started", job.id)
             try:
                 avatar_id = self.store.new_id()
                 avatar = build_avatar(
@@ -176,10 +177,10 @@ class JobManager:
                     self._finish(job, "done")
                 log.info("job %s built avatar %s", job.id, avatar_id)
             except ProtocolError as exc:
+                state = "cancelled" if exc.code == errors.CANCELLED else "failed"
                 with self._lock:
-                    self._finish(
-                        job, "cancelled" if exc.code == errors.CANCELLED else "failed", exc
-                    )
+                    self._finish(job, state, exc)
+                log.info("job %s %s: %s", job.id, state, exc.message)
             except Exception as exc:
                 log.exception("job %s failed", job.id)
                 err = ProtocolError(

@@ -138,6 +138,8 @@ class Service:
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, 1 << 30)
         router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if "[" in self.endpoint:  # an IPv6 address (tcp://[::1]:5555): off by default
+            router.setsockopt(zmq.IPV6, 1)
         auth = None
         if self.curve_keys is not None:
             auth = self._setup_curve(router)

@@ -138,6 +138,8 @@ class Client:
         if self._sock is None:
             s = self._ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
+            if "[" in self.endpoint:  # an IPv6 address (tcp://[::1]:5555): off by default
+                s.setsockopt(zmq.IPV6, 1)
             try:
                 if self.curve is not None:
                     s.curve_serverkey = self.curve.server_public

@@ -143,7 +143,10 @@ OPS: dict[str, OpSpec] = {
             "to": Field("str", default="reply", choices=("reply", "folder")),
             "curve_names": _CURVE_NAMES,
         },
-        {"curves": ArrayField(_FLOAT, (None, None), dim_max=MAX_FRAMES * 100), "head": _HEAD},
+        {  # a whole take, of which ``frame``/``frames`` pick rows: heads as many as curves
+            "curves": ArrayField(_FLOAT, (None, None), dim_max=MAX_FRAMES * 100),
+            "head": ArrayField(_FLOAT, (None, 4, 4), dim_max=MAX_FRAMES * 100),
+        },
     ),
     "delete": OpSpec({"avatar": _AVATAR}, {}),
 }

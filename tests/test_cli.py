@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -130,6 +131,70 @@ def test_an_out_the_command_cannot_write_is_refused_before_work(tmp_path, servic
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.rstrip().endswith(": /proc/self/x.ply"), r.stderr  # not its temporary file
     assert json.loads(r.stdout.splitlines()[-1])["error"]["code"] == "cli"
+
+
+def test_render_requests_stay_under_the_reply_limit_and_names_fit_the_protocol(tmp_path):
+    from inference_service.cli import default_name, render_chunk
+    from protocol.messages import MAX_NAME, MAX_RENDER_BYTES
+
+    assert render_chunk(512, ("rgb", "alpha")) == 8
+    for passes in (("rgb", "alpha"), ("rgb", "alpha", "depth", "normal")):
+        chunk = render_chunk(4096, passes)  # 8 such frames are 512 MiB to 1 GiB and more
+        frame = 4096 * 4096 * 4 * (4 if len(passes) == 2 else 8)
+        assert 1 <= chunk < 8 and chunk * frame <= MAX_RENDER_BYTES < (chunk + 1) * frame
+    assert len(default_name(tmp_path / ("x" * 300 + ".png"))) == MAX_NAME
+    odd = Path(os.fsdecode(b"caf\xe9.png"))  # a Latin-1 name on a UTF-8 file system
+    assert default_name(odd) == "caf\ufffd" and default_name(Path(".png")) == ".png"
+
+
+def test_render_checks_its_field_of_view_and_asks_each_pass_once(tmp_path, service, astronaut_id):
+    served = ("--endpoint", service.endpoint)
+    for fov in ("0", "-30", "180", "nan"):
+        r = run("render", astronaut_id, *served, "--out", tmp_path / "x", "--fov", fov,
+                check=False)  # fmt: skip
+        assert r.returncode == 2 and "over 0 and under 180" in r.stderr, (fov, r.stderr)
+    out = tmp_path / "passes"
+    run("render", astronaut_id, *served, "--out", out, "--size", 16,
+        "--passes", "rgb,alpha,depth,normal,rgb")  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [
+        "alpha_0000.png", "depth_0000.npy", "normal_0000.npy", "rgb_0000.png"]  # fmt: skip
+
+
+def test_an_endpoint_zeromq_cannot_use_is_one_line_not_a_traceback():
+    for endpoint in ("localhost:47611", "tcp://localhost"):
+        r = run("avatars", "--endpoint", endpoint, "--json", check=False)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        error = json.loads(r.stdout.splitlines()[-1])["error"]
+        assert (
+            error["code"] == "cli" and f"cannot use the endpoint '{endpoint}'" in error["message"]
+        )
+
+
+def test_ctrl_c_during_a_build_cancels_it_on_the_service(tmp_path, astronaut_png):
+    import signal
+    import time
+
+    from .conftest import ServiceProcess
+
+    photo = tmp_path / "portrait.png"
+    photo.write_bytes(astronaut_png)
+    svc = ServiceProcess(tmp_path / "store")
+    try:
+        cmd = [sys.executable, "-m", "inference_service", "build", str(photo), "--endpoint",
+               svc.endpoint, "--preset", "default"]  # fmt: skip
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while " started" not in svc.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        while "cancelled" not in svc.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "cancelled" in svc.log.read_text()
+        with svc.client() as c:
+            assert c.avatars() == []
+    finally:
+        svc.stop()
 
 
 def test_pass_files_sort_in_frame_order_past_frame_9999(tmp_path):

@@ -151,6 +151,28 @@ def test_export_range_to_service_folder(client, astronaut_id):
             client.export(astronaut_id, frames=bad, to="folder")
 
 
+def test_export_takes_a_whole_long_take_with_its_head_motion(client, astronaut_id):
+    """A 2000-frame take: its curves and its head transforms alike (heads stopped at 1024)."""
+    n = 2000
+    curves = np.zeros((n, 52), np.float32)
+    heads = np.tile(np.eye(4), (n, 1, 1))
+    heads[:, 0, 3] = np.linspace(0.0, 1.0, n)
+    moved = client.export(astronaut_id, curves=curves, head=heads, frame=1500).arrays["file"]
+    still = client.export(astronaut_id, curves=curves, frame=1500).arrays["file"]
+    x = [PlyData.read(io.BytesIO(f.tobytes()))["vertex"]["x"] for f in (moved, still)]
+    np.testing.assert_allclose(x[0] - x[1], 1500 / (n - 1), atol=1e-5)
+
+
+def test_an_ipv6_loopback_service_answers(tmp_path):
+    svc = ServiceProcess(tmp_path / "store", endpoint="tcp://[::1]:0")
+    try:
+        assert svc.endpoint.startswith("tcp://[::1]:")
+        with svc.client(timeout=10) as c:
+            assert c.hello()["ok"] and c.avatars() == []
+    finally:
+        svc.stop()
+
+
 def test_bad_export_requests(client, astronaut_id):
     far = np.eye(4)
     far[:3, 3] = 1e300  # overflows float32 positions
