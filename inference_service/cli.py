@@ -76,11 +76,16 @@ def wait_ready(proc: subprocess.Popen, timeout: float, log_path: Path) -> str:
     """The endpoint a starting ``splatface serve`` prints, or SystemExit with its log."""
     endpoint = wait_for_endpoint(proc, timeout)
     if endpoint is None:
+        try:  # exited (a bad --device, say), or still starting
+            code = proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            code = None
         proc.kill()
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
+        what = f"exited ({code})" if code is not None else f"did not start within {timeout:.0f} s"
         raise SystemExit(
-            f"splatface: the private service did not start within {timeout:.0f} s; "
-            f"its log ({log_path}) ends with:\n" + "\n".join(tail)
+            f"splatface: the private service {what}; its log ({log_path}) ends with:\n"
+            + "\n".join(tail)
         )
     return endpoint
 
@@ -861,10 +866,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("build", help="build an avatar from a portrait photo")
     sp.add_argument("photo", help="image file: JPEG, PNG, WebP, TIFF, BMP...")
-    sp.add_argument(
+    which = sp.add_mutually_exclusive_group()  # one way of naming the face
+    which.add_argument(
         "--face", type=int, help="which face when there are several (0 = largest, default)"
     )
-    sp.add_argument(
+    which.add_argument(
         "--face-box",
         type=parse_box,
         metavar="X0,Y0,X1,Y1",

@@ -160,6 +160,17 @@ def test_render_checks_its_field_of_view_and_asks_each_pass_once(tmp_path, servi
         "alpha_0000.png", "depth_0000.npy", "normal_0000.npy", "rgb_0000.png"]  # fmt: skip
 
 
+def test_a_private_service_that_exits_at_once_says_so(env_store):
+    import torch
+
+    r = run("avatars", "--device", "cuda", check=False)
+    if torch.cuda.is_available():  # a GPU machine serves it
+        assert r.returncode == 0, r.stderr
+        return
+    assert r.returncode == 1 and "the private service exited (2)" in r.stderr, r.stderr
+    assert "no CUDA device" in r.stderr and "within" not in r.stderr
+
+
 def test_an_endpoint_zeromq_cannot_use_is_one_line_not_a_traceback():
     for endpoint in ("localhost:47611", "tcp://localhost"):
         r = run("avatars", "--endpoint", endpoint, "--json", check=False)
@@ -281,6 +292,8 @@ def test_errors_are_clear_and_typed(tmp_path, service):
     for box in ("1,2,x,4", "1 2 3 4", "10,10,5,20"):
         r = run("build", tmp_path / "missing.jpg", "--face-box", box, check=False)
         assert r.returncode == 2 and "X0,Y0,X1,Y1" in r.stderr and "Traceback" not in r.stderr
+    r = run("build", tmp_path / "missing.jpg", "--face", 1, "--face-box", "1,2,3,4", check=False)
+    assert r.returncode == 2 and "not allowed with argument" in r.stderr
     # usage errors answer --json as JSON too
     r = run("render", "anyone", "--size", 0, "--out", tmp_path / "r", "--json", check=False)
     assert r.returncode == 2 and "usage:" in r.stderr
