@@ -33,6 +33,8 @@ from .track import add_parser as add_track_parser
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 RENDER_CHUNK = 8  # frames per render request
+REPLY_TIMEOUT = 30.0  # seconds a command waits for a reply (--timeout)
+RENDER_TIMEOUT = 600.0  # ... for a render request of up to RENDER_CHUNK frames on a CPU
 
 
 STORE_HELP = "$SPLATFACE_STORE, else $XDG_DATA_HOME (~/.local/share)/splatface/avatars"
@@ -97,11 +99,11 @@ def connect(args: argparse.Namespace) -> Iterator[Client]:
     except ValueError as exc:
         raise SystemExit(f"splatface {args.command}: {exc}") from None
     if args.endpoint:
-        with Client(args.endpoint, timeout=args.timeout, curve=curve) as c:
+        with Client(args.endpoint, timeout=args.timeout or REPLY_TIMEOUT, curve=curve) as c:
             yield c
         return
     with private_service(Path(args.store or default_store()), args.device) as endpoint:
-        with Client(endpoint, timeout=args.timeout) as c:
+        with Client(endpoint, timeout=args.timeout or REPLY_TIMEOUT) as c:
             yield c
 
 
@@ -534,9 +536,11 @@ def render_to_folder(
     show: bool,
     heads: np.ndarray | None = None,
     preview: Mp4Writer | None = None,
+    timeout: float | None = None,
 ) -> list[str]:
     """Render len(cameras) frames (curves and heads row i, or the rest pose) in chunks;
-    write the passes, and feed ``preview`` (which needs rgb and alpha) as frames arrive."""
+    write the passes, and feed ``preview`` (which needs rgb and alpha) as frames arrive.
+    ``timeout``: seconds per chunk (default :data:`RENDER_TIMEOUT`)."""
     n = len(cameras)
     files: list[str] = []
     bar = Progress(n, "rendering", show)
@@ -552,7 +556,7 @@ def render_to_folder(
             w2c = np.stack([c[1] for c in cameras[start:stop]])
             result = client.render(
                 ref, intr, w2c, size, size, curves=rows(curves, start, stop),
-                head=rows(heads, start, stop), passes=passes, timeout=600,
+                head=rows(heads, start, stop), passes=passes, timeout=timeout or RENDER_TIMEOUT,
             )  # fmt: skip
             files += write_passes(out, start, result, last=n - 1)
             if preview is not None:
@@ -587,7 +591,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         heads = animation_heads(anim, info, not args.no_head_motion)
         files = render_to_folder(
             client, info["id"], out, curves, [cam] * n, args.size, passes, not args.json,
-            heads=heads, preview=preview,
+            heads=heads, preview=preview, timeout=args.timeout,
         )  # fmt: skip
     record = {"avatar_id": info["id"], "out": str(out), "frames": n, "fps": fps, "files": files}
     if preview is not None:
@@ -806,9 +810,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         g.add_argument(
             "--timeout",
-            type=float,
-            default=30.0,
-            help="seconds to wait for each reply (default: 30)",
+            type=positive_float,
+            help=f"seconds to wait for each reply (default: {REPLY_TIMEOUT:g}; for each of "
+            f"render's requests of up to {RENDER_CHUNK} frames: {RENDER_TIMEOUT:g})",
         )
         sp.add_argument(
             "--json",

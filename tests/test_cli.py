@@ -149,6 +149,11 @@ def test_render_requests_stay_under_the_reply_limit_and_names_fit_the_protocol(t
 
 def test_render_checks_its_field_of_view_and_asks_each_pass_once(tmp_path, service, astronaut_id):
     served = ("--endpoint", service.endpoint)
+    # --timeout is render's too: a 2048 px frame with every pass takes far longer than
+    # 0.25 s on a CPU, the avatar's lookup about 10 ms (render waited 600 s whatever it said)
+    r = run("render", astronaut_id, *served, "--out", tmp_path / "t", "--size", 2048,
+            "--passes", "rgb,alpha,depth,normal", "--timeout", "0.25", check=False)  # fmt: skip
+    assert r.returncode == 1 and "timeout" in r.stderr, r.stderr
     for fov in ("0", "-30", "180", "nan"):
         r = run("render", astronaut_id, *served, "--out", tmp_path / "x", "--fov", fov,
                 check=False)  # fmt: skip
