@@ -28,7 +28,7 @@ from ._protocol import (
     load_animation,
 )
 from .core.curves import plan_keyframes
-from .core.service import ConnectionSettings, may_start_local, run_build
+from .core.service import run_build
 
 PRESETS = [
     ("fast", "Fast", "About 3 s on a laptop CPU"),
@@ -74,17 +74,6 @@ def _report_error(message: str) -> None:
 # -- connection --------------------------------------------------------------------
 
 
-def _hello(client: Client, settings: ConnectionSettings) -> dict[str, Any]:
-    """hello, starting a local service first when allowed and none answers."""
-    try:
-        return client.hello("splatface-blender")
-    except ProtocolError as exc:
-        if not (exc.code == "timeout" and may_start_local(settings)):
-            raise
-    runtime.ensure_local_service(settings)
-    return client.hello("splatface-blender")
-
-
 def _apply_list(avatars: list[dict[str, Any]]) -> None:
     st = props.state()
     st.avatars.clear()
@@ -112,8 +101,8 @@ class SPLATFACE_OT_connect(bpy.types.Operator):
         st.status = f"connecting to {settings.endpoint}…"
 
         def work() -> tuple[dict[str, Any], list[dict[str, Any]]]:
-            hello = _hello(client, settings)
-            return hello, client.avatars()
+            runtime.start_if_down()
+            return client.hello("splatface-blender"), client.avatars()
 
         def done(future: Future) -> None:
             st = props.state()

@@ -74,23 +74,14 @@ def settings() -> ConnectionSettings:
     return prefs.connection_settings().resolved()
 
 
-def ensure_local_service(s: ConnectionSettings) -> LocalService:
-    """Start the configured local service (worker thread only: it blocks)."""
-    global local_service
-    if local_service is not None and local_service.proc.poll() is None:
-        return local_service
-    folder = bpy.utils.extension_path_user(__package__, create=True) if _is_extension() else ""
-    local_service = start_local_service(s.service_python, s.endpoint, s.store, folder)
-    return local_service
-
-
 _start_lock = threading.Lock()
 
 
 def start_if_down() -> None:
     """Before a request (worker threads only: it may block while a service starts): start
     the configured local service where the preferences allow it and nothing listens at
-    its endpoint, so a first build, import or render starts it as Connect does."""
+    its endpoint, so any first request (Connect, a build, an import, a render) starts it."""
+    global local_service
     s = settings()
     if not may_start_local(s):
         return
@@ -98,7 +89,10 @@ def start_if_down() -> None:
         if local_service is not None and local_service.proc.poll() is None:
             return
         if not listening(s.endpoint):
-            ensure_local_service(s)
+            folder = (
+                bpy.utils.extension_path_user(__package__, create=True) if _is_extension() else ""
+            )
+            local_service = start_local_service(s.service_python, s.endpoint, s.store, folder)
 
 
 def _is_extension() -> bool:
