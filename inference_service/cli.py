@@ -520,7 +520,7 @@ def render_chunk(size: int, passes: tuple[str, ...]) -> int:
     """Frames per render request: :data:`RENDER_CHUNK`, fewer where that many frames of
     ``size`` x ``size`` would pass the protocol's limit on a reply (4096 px frames with
     every pass take 256 MiB each)."""
-    channels = sum({"rgb": 3, "alpha": 1, "depth": 1, "normal": 3}.get(p, 0) for p in passes)
+    channels = sum(messages.PASS_CHANNELS.get(p, 0) for p in passes)
     per_frame = size * size * max(1, channels) * 4
     return max(1, min(RENDER_CHUNK, messages.MAX_RENDER_BYTES // per_frame))
 

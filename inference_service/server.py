@@ -435,7 +435,7 @@ class Service:
             raise ProtocolError(
                 errors.BAD_REQUEST, f"passes is empty; name some of {', '.join(messages.PASSES)}"
             )
-        channels = sum({"rgb": 3, "alpha": 1, "depth": 1, "normal": 3}[p] for p in passes)
+        channels = sum(messages.PASS_CHANNELS[p] for p in passes)
         nbytes = f * w * h * channels * 4
         if nbytes > messages.MAX_RENDER_BYTES:
             raise ProtocolError(

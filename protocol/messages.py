@@ -26,6 +26,8 @@ MAX_IMAGE_BYTES = 64 << 20
 MAX_PATH = 4096
 MAX_RENDER_BYTES = 1 << 30
 PASSES = ("rgb", "alpha", "depth", "normal")
+#: float32 channels per pixel of each pass: what a render reply weighs
+PASS_CHANNELS = {"rgb": 3, "alpha": 1, "depth": 1, "normal": 3}
 #: Row order of rendered images: OpenCV's (row 0 at the top) or OpenGL's and Blender's.
 ROWS = ("top_down", "bottom_up")
 PRESETS = ("fast", "default", "high")
