@@ -342,10 +342,10 @@ class LandmarkTracker:
 def upright_turn(landmarks: np.ndarray) -> int:
     """Quarter turns (``np.rot90``) that stand a face upright, from where its eyes lie
     from its mouth (MediaPipe's mesh: outer eye corners 33 and 263, lips 13 and 14)."""
+    from .build.detect import turn_from_up
+
     up = landmarks[[33, 263], :2].mean(0) - landmarks[[13, 14], :2].mean(0)
-    if abs(up[0]) > abs(up[1]):
-        return 1 if up[0] > 0 else 3  # the head's top points right: a quarter turn left
-    return 2 if up[1] > 0 else 0
+    return turn_from_up(float(up[0]), float(up[1]))
 
 
 def _centre_distance(a: tuple[float, ...], b: tuple[float, ...]) -> float:

@@ -221,6 +221,12 @@ def _upright_turn(det, shape: tuple[int, ...]) -> int:
     h, w = shape[:2]
     up_x = ((kp[0].x + kp[1].x) / 2 - kp[3].x) * w  # 0, 1: the eyes; 3: the mouth
     up_y = ((kp[0].y + kp[1].y) / 2 - kp[3].y) * h
+    return turn_from_up(up_x, up_y)
+
+
+def turn_from_up(up_x: float, up_y: float) -> int:
+    """Quarter turns (``np.rot90``) that stand a face upright whose top points along
+    (``up_x``, ``up_y``) in image pixels (y down): from the mouth towards the eyes."""
     if abs(up_x) > abs(up_y):
         return 1 if up_x > 0 else 3  # the head's top points right: a quarter turn left
     return 2 if up_y > 0 else 0
