@@ -127,9 +127,7 @@ def key_rotation(ob: bpy.types.Object, frames: np.ndarray, rotations: np.ndarray
         else:
             prev = mat.to_euler(mode) if prev is None else mat.to_euler(mode, prev)
             values.append(tuple(prev))
-    path = {"QUATERNION": "rotation_quaternion", "AXIS_ANGLE": "rotation_axis_angle"}.get(
-        mode, "rotation_euler"
-    )
+    path = _rotation_path(mode)
     table = np.asarray(values, np.float64)
     fcurves = fcurves_for(ob, f"{ob.name}_splatface")
     frames32 = np.asarray(frames, np.float32)
@@ -150,9 +148,8 @@ def rotation_to_delta(ob: bpy.types.Object) -> bool:
     mode = ob.rotation_mode
     if mode == "AXIS_ANGLE":
         return False
-    path = "rotation_quaternion" if mode == "QUATERNION" else "rotation_euler"
     fcurves = find_fcurves(ob)
-    if fcurves is not None and any(fc.data_path == path for fc in fcurves):
+    if fcurves is not None and any(fc.data_path == _rotation_path(mode) for fc in fcurves):
         return False
     if mode == "QUATERNION":
         rot, delta = ob.rotation_quaternion.to_matrix(), ob.delta_rotation_quaternion.to_matrix()
@@ -168,6 +165,13 @@ def rotation_to_delta(ob: bpy.types.Object) -> bool:
         ob.delta_rotation_euler = placed.to_euler(mode)
         ob.rotation_euler = (0.0, 0.0, 0.0)
     return True
+
+
+def _rotation_path(mode: str) -> str:
+    """The property an object's rotation lives in for its ``rotation_mode``."""
+    return {"QUATERNION": "rotation_quaternion", "AXIS_ANGLE": "rotation_axis_angle"}.get(
+        mode, "rotation_euler"
+    )
 
 
 def _compatible(q: Any, prev: Any) -> Any:
