@@ -115,12 +115,13 @@ def print_json_error(code: str, message: str) -> None:
     print(json.dumps({"error": {"code": code, "message": message}}))
 
 
-def refuse(args: argparse.Namespace, message: str) -> int:
-    """Report a command's own refusal (as JSON too under ``--json``); exit status 2."""
+def refuse(args: argparse.Namespace, message: str, status: int = 2) -> int:
+    """Report what the command itself finds wrong (as JSON too under ``--json``, code
+    ``cli``); returns the exit status."""
     if getattr(args, "json", False):
         print_json_error("cli", message)
     print(f"splatface {args.command}: {message}", file=sys.stderr)
-    return 2
+    return status
 
 
 def out_folder(command: str, out: Path) -> Path:
@@ -1039,17 +1040,10 @@ def main(argv: list[str] | None = None) -> int:
             f"ZeroMQ cannot use the endpoint {endpoint!r} ({exc.strerror}); give one such as "
             f"{DEFAULT_ENDPOINT}"
         )
-        if getattr(args, "json", False):
-            print_json_error("cli", message)
-        print(f"splatface {args.command}: {message}", file=sys.stderr)
-        return 1
+        return refuse(args, message, status=1)
     except OSError as exc:  # a file the command could not read or write: say which
         logging.getLogger(__name__).debug("%s failed", args.command, exc_info=True)
         where = f": {exc.filename}" if exc.filename else ""
-        message = f"{exc.strerror or exc}{where}"
-        if getattr(args, "json", False):
-            print_json_error("cli", message)
-        print(f"splatface {args.command}: {message}", file=sys.stderr)
-        return 1
+        return refuse(args, f"{exc.strerror or exc}{where}", status=1)
     except KeyboardInterrupt:
         return 130
