@@ -24,7 +24,7 @@ import zmq
 import kernels
 from protocol import errors, messages
 from protocol.arkit import ARKIT_NAMES, check_curves, reorder
-from protocol.client import load_key_file
+from protocol.client import allow_ipv6, load_key_file
 from protocol.codec import PROTOCOL_VERSION, decode, encode, request_op_and_id
 from protocol.errors import ProtocolError
 from protocol.files import atomic_write
@@ -138,8 +138,7 @@ class Service:
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, 1 << 30)
         router.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        if "[" in self.endpoint:  # an IPv6 address (tcp://[::1]:5555): off by default
-            router.setsockopt(zmq.IPV6, 1)
+        allow_ipv6(router, self.endpoint)
         auth = None
         if self.curve_keys is not None:
             auth = self._setup_curve(router)

@@ -40,6 +40,13 @@ def _curves_array(curves: Curves | None, curve_names: list[str] | None) -> np.nd
     return np.asarray(curves, np.float32)
 
 
+def allow_ipv6(sock: zmq.Socket, endpoint: str) -> None:
+    """Let ``sock`` use an IPv6 ``endpoint`` (``tcp://[::1]:5555``): ZeroMQ leaves IPv6 off
+    unless asked, on both the binding and the connecting side."""
+    if "[" in endpoint:
+        sock.setsockopt(zmq.IPV6, 1)
+
+
 def load_key_file(path: str | Path, secret: bool = False) -> tuple[bytes, bytes | None]:
     """(public, secret) Z85 keys of a key file written by ``splatface keys`` (pyzmq's
     format); ``secret``: the secret key must be there too. ValueError naming the file when
@@ -138,8 +145,7 @@ class Client:
         if self._sock is None:
             s = self._ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
-            if "[" in self.endpoint:  # an IPv6 address (tcp://[::1]:5555): off by default
-                s.setsockopt(zmq.IPV6, 1)
+            allow_ipv6(s, self.endpoint)
             try:
                 if self.curve is not None:
                     s.curve_serverkey = self.curve.server_public
