@@ -54,6 +54,14 @@ def _file_path(op: bpy.types.Operator, path: str) -> str | None:
     return bpy.path.abspath(path)
 
 
+def _scene_defaults(op: bpy.types.Operator, **values: Any) -> None:
+    """Set ``op``'s properties to the scene's ``values`` where neither the caller nor the
+    user gave them (a property's own default cannot follow the scene)."""
+    for name, value in values.items():
+        if not op.properties.is_property_set(name):
+            setattr(op, name, value)
+
+
 def _client(op: bpy.types.Operator) -> Client | None:
     """The shared client, or None once ``op`` has reported why there is none (a malformed
     endpoint, unreadable CurveZMQ keys)."""
@@ -484,15 +492,13 @@ class SPLATFACE_OT_import_curves(bpy.types.Operator, ImportHelper):
         return avatar.proxy_of(context.active_object) is not None
 
     def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
-        if not self.properties.is_property_set("start_frame"):
-            self.start_frame = context.scene.frame_start  # shown in the file browser
+        _scene_defaults(self, start_frame=context.scene.frame_start)  # in the file browser
         return super().invoke(context, event)
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         proxy = avatar.proxy_of(context.active_object)
+        _scene_defaults(self, start_frame=context.scene.frame_start)  # called from a script
         start = self.start_frame
-        if not self.properties.is_property_set("start_frame"):  # called from a script
-            start = context.scene.frame_start
         path = _file_path(self, self.filepath)
         if path is None:
             return {"CANCELLED"}
@@ -604,12 +610,9 @@ class SPLATFACE_OT_export_ply(bpy.types.Operator, ExportHelper):
         return _export_target(context) is not None
 
     def _scene_range(self, context: bpy.types.Context) -> None:
-        """The scene's frame range and step, where the caller gave none."""
         scene = context.scene
-        for name, value in (("frame_start", scene.frame_start), ("frame_end", scene.frame_end),
-                            ("frame_step", scene.frame_step)):  # fmt: skip
-            if not self.properties.is_property_set(name):
-                setattr(self, name, value)
+        _scene_defaults(self, frame_start=scene.frame_start, frame_end=scene.frame_end,
+                        frame_step=scene.frame_step)  # fmt: skip
 
     def invoke(self, context: bpy.types.Context, event: Any) -> set[str]:
         self._scene_range(context)
