@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -765,24 +766,36 @@ def image_side(text: str) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors answer ``--json`` too (as JSON on stdout, besides the usage on stderr)."""
+    """Usage errors answer ``--json`` too (as JSON on stdout, besides the usage on stderr).
+
+    ``argv`` is what is being parsed (``sys.argv[1:]`` when None): argparse does not hand
+    it to ``error``, and a usage error may come before ``--json`` itself is parsed.
+    """
+
+    def __init__(self, *args: Any, argv: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.argv = argv
 
     def error(self, message: str) -> NoReturn:
-        argv = sys.argv[1:] if _argv is None else _argv
+        argv = sys.argv[1:] if self.argv is None else self.argv
         if any(len(a) > 3 and "--json".startswith(a) for a in argv):  # argparse takes --js
             print_json_error("cli", message)
         super().error(message)
 
 
-_argv: list[str] | None = None
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; ``argv`` as ``main`` takes it, for ``--json`` usage errors."""
     p = _Parser(
+        argv=argv,
         prog="splatface",
         description="One portrait photo to an animatable 3D Gaussian-splat head.",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        parser_class=functools.partial(_Parser, argv=argv),
+    )
 
     def common(
         sp: argparse.ArgumentParser,
@@ -1018,9 +1031,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _argv
-    _argv = None if argv is None else [str(a) for a in argv]
-    args = build_parser().parse_args(argv)
+    argv = None if argv is None else [str(a) for a in argv]
+    args = build_parser(argv).parse_args(argv)
     level = getattr(args, "log_level", "warning").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

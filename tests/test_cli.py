@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from plyfile import PlyData
 
-from inference_service.cli import build_parser, linear_to_srgb8
+from inference_service.cli import build_parser, linear_to_srgb8, main
 from inference_service.curves import load_curves, save_curves_csv
 from protocol.animation import load_animation
 from protocol.arkit import ARKIT_NAMES, index_of
@@ -325,6 +325,16 @@ def test_demo_writes_what_it_names(tmp_path):
     for args in (("--out", tmp_path / "file"), ("--size", 0)):
         r = run("demo", *args, "--json", check=False)
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_usage_errors_answer_json_in_process(tmp_path, capsys):
+    """``main(argv)`` reads ``--json`` from the argv it is given, not from ``sys.argv``."""
+    with pytest.raises(SystemExit) as exc:
+        main(["render", "anyone", "--size", "0", "--out", str(tmp_path / "r"), "--json"])
+    assert exc.value.code == 2
+    out = capsys.readouterr()
+    assert "--size: 0 is not in 1..4096" in json.loads(out.out)["error"]["message"]
+    assert "usage:" in out.err
 
 
 def test_every_option_is_documented():
