@@ -126,6 +126,13 @@ def test_atlas_texels_land_on_their_triangles_in_their_squares(model):
     r = rect[at.tile[at.triangle]]
     assert ((cols >= r[:, 0]) & (cols < r[:, 0] + r[:, 2])).all()
     assert ((rows >= r[:, 1]) & (rows < r[:, 1] + r[:, 2])).all()
+    # each texel's right-hand neighbour in its square, by a plain search
+    where = {(int(a), int(b)): i for i, (a, b) in enumerate(zip(rows, cols, strict=True))}
+    square = at.tile[at.triangle]
+    right = [where.get((int(a), int(b) + 1), -1) for a, b in zip(rows, cols, strict=True)]
+    right = [j if j >= 0 and square[j] == square[i] else -1 for i, j in enumerate(right)]
+    np.testing.assert_array_equal(at.right, right)
+    assert (at.right >= 0).mean() > 0.9
     corner_uv = at.uvs[at.triangle_uvs] * (at.width, at.height)
     e1, e2 = corner_uv[:, 1] - corner_uv[:, 0], corner_uv[:, 2] - corner_uv[:, 0]
     area = 0.5 * np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0])

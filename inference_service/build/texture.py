@@ -149,6 +149,7 @@ class Atlas:
         bary: ``[M, 3]`` float64 the centre's barycentric coordinates on it.
         corner: ``[M, 3]`` int32 that triangle's vertices.
         interp: ``[M, V]`` sparse (CSR): ``interp @ vertices`` puts each texel on the mesh.
+        right: ``[M]`` int64 the covered texel to its right in the same square, or -1.
     """
 
     width: int
@@ -164,6 +165,7 @@ class Atlas:
     bary: np.ndarray
     corner: np.ndarray
     interp: csr_matrix
+    right: np.ndarray
 
 
 _LINEAR = srgb_to_linear(np.arange(256) / 255.0).astype(np.float32)  # uint8 sRGB → linear
@@ -332,8 +334,14 @@ def atlas(model: HeadModel, unit: int) -> Atlas:
     rows = np.repeat(np.arange(len(pixel)), 3)
     interp = csr_matrix((bary.ravel(), (rows, corner.ravel())), (len(pixel), len(model.neutral)))
     row, col = np.divmod(pixel, width)
+    index = np.full(width * height + 1, -1, np.int64)  # the last entry: off the atlas
+    index[pixel] = np.arange(len(pixel))
+    right = index[np.where(col + 1 < width, pixel + 1, width * height)]
+    same = right >= 0
+    same[same] = tile[triangle][right[same]] == tile[triangle][same]
+    right[~same] = -1
     out = Atlas(width, height, tile, uvs, triangle_uvs, pixel, row, col, triangle,
-                tile[triangle], bary, corner, interp)  # fmt: skip
+                tile[triangle], bary, corner, interp, right)  # fmt: skip
     if len(_ATLAS) >= 4:
         _ATLAS.clear()
     _ATLAS[(id(model), unit)] = (model, out)
@@ -532,13 +540,9 @@ def _skin_detail(
     smooth = np.flatnonzero(energy <= np.median(energy))
     keep = rng.choice(smooth, size=min(DETAIL_PATCHES, len(smooth)), replace=False)
     # metres per texel, from known texels and their right-hand neighbours in one square
-    index = np.full(at.width * at.height, -1, np.int64)
-    index[at.pixel] = np.arange(len(at.pixel))
     k = np.flatnonzero(known)
-    right = index[at.pixel[k] + 1]
-    ok = right >= 0
-    ok[ok] = at.texel_tile[right[ok]] == at.texel_tile[k[ok]]
-    step = np.linalg.norm(points[k[ok]] - points[right[ok]], axis=1)
+    k = k[at.right[k] >= 0]
+    step = np.linalg.norm(points[k] - points[at.right[k]], axis=1)
     patches = ratio[keep].reshape(len(keep), s, s, 3).astype(np.float32)
     return PatchTexture(patches, s * float(np.median(step)), center)
 
