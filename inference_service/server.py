@@ -25,7 +25,7 @@ import kernels
 from protocol import errors, messages
 from protocol.arkit import ARKIT_NAMES, check_curves, reorder
 from protocol.client import allow_ipv6, load_key_file
-from protocol.codec import PROTOCOL_VERSION, decode, encode, request_op_and_id
+from protocol.codec import MAX_ID, PROTOCOL_VERSION, decode, encode, request_op_and_id, usable_id
 from protocol.errors import ProtocolError
 from protocol.files import atomic_write
 from protocol.launch import is_loopback_endpoint
@@ -207,9 +207,11 @@ class Service:
         try:
             msg = decode(body)
             op, req_id = msg.header.get("op"), msg.header.get("id")
-            if not isinstance(req_id, str | None) or (req_id and len(req_id) > 64):
+            if req_id is not None and not usable_id(req_id):
                 req_id = None
-                raise ProtocolError(errors.BAD_REQUEST, "'id' must be a string of at most 64")
+                raise ProtocolError(
+                    errors.BAD_REQUEST, f"'id' must be a string of at most {MAX_ID} characters"
+                )
             version = msg.header.get("protocol")
             if version != PROTOCOL_VERSION:
                 raise ProtocolError(

@@ -24,6 +24,8 @@ from . import errors
 from .errors import ProtocolError
 
 PROTOCOL_VERSION = 1
+#: The longest request ``id`` a reply echoes (clients send 32 hex digits).
+MAX_ID = 64
 
 DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name).newbyteorder("<")
@@ -162,8 +164,13 @@ def request_op_and_id(frames: Sequence[Any], limits: Limits = REQUEST_LIMITS) ->
     except ProtocolError:
         return None, None
     req_id = header.get("id")
-    ok = isinstance(req_id, str) and len(req_id) <= 64
-    return header.get("op"), req_id if ok else None
+    return header.get("op"), req_id if usable_id(req_id) else None
+
+
+def usable_id(req_id: Any) -> bool:
+    """Whether a request's ``id`` can be echoed in its reply: a string of at most
+    :data:`MAX_ID` characters (a request may also carry none)."""
+    return isinstance(req_id, str) and len(req_id) <= MAX_ID
 
 
 def _check_spec(spec: Any, limits: Limits) -> tuple[str, np.dtype, tuple[int, ...]]:

@@ -331,6 +331,11 @@ BAD_MESSAGES = {
         errors.UNSUPPORTED_VERSION,
     ),
     "no version": ([msgpack.packb({"op": "hello", "id": "r"})], errors.UNSUPPORTED_VERSION),
+    "id not a string": (
+        [msgpack.packb({"protocol": 1, "op": "hello", "id": 5})],
+        errors.BAD_REQUEST,
+    ),
+    "id too long": ([_hdr(op="hello", id="x" * 65)], errors.BAD_REQUEST),
     "oversize header": ([_hdr(op="hello", pad="x" * (2 << 20))], errors.TOO_LARGE),
     "oversize image": (
         encode({"op": "build"}, {"image": np.zeros(65 << 20, np.uint8)}),
