@@ -79,13 +79,31 @@ def _request_pool() -> ThreadPoolExecutor:
 _pass_buffers = PassBuffers()
 
 
+def render_views(render: bpy.types.RenderSettings) -> list[str]:
+    """The views a final render makes: ``[""]`` (the one view) unless the scene renders
+    several (Stereo 3D's left and right, or the enabled views of a multi-view setup)."""
+    if not render.use_multiview:
+        return [""]
+    stereo = render.views_format == "STEREO_3D"
+    names = [v.name for v in render.views if v.use and (not stereo or v.name in STEREO)]
+    return names or [""]
+
+
+#: The views Stereo 3D renders (Blender's names for them).
+STEREO = ("left", "right")
+
+
 def scene_camera(
-    depsgraph: bpy.types.Depsgraph, override: bpy.types.Object | None = None
+    depsgraph: bpy.types.Depsgraph,
+    override: bpy.types.Object | None = None,
+    engine: bpy.types.RenderEngine | None = None,
 ) -> cam.ProtocolCamera:
     """The protocol camera of the scene's active camera at the evaluated frame; with a
     render region (Ctrl+B), the camera of that region alone, which is what Blender's
     result holds (composited into the frame by Blender unless cropped to it). ``override``:
-    the camera Blender names instead (a sequencer Scene strip's)."""
+    the camera Blender names instead (a sequencer Scene strip's). ``engine``: where the
+    scene renders several views, the engine whose active view is meant (its eye's place
+    and shift, as Blender derives them from the camera's stereo settings)."""
     scene = depsgraph.scene
     camera = override or scene.camera
     if camera is None:
@@ -95,14 +113,18 @@ def scene_camera(
     if data.type != "PERSP":
         raise ValueError(f"camera {ob.name!r} is {data.type}; splatface renders perspective only")
     r = scene.render
+    matrix, shift_x = ob.matrix_world, data.shift_x
+    if engine is not None and r.use_multiview:
+        matrix = engine.camera_model_matrix(ob, use_spherical_stereo=False)
+        shift_x = engine.camera_shift_x(ob, use_spherical_stereo=False)
     full = cam.convert(
         cam.BlenderCamera(
-            matrix_world=np.array(ob.matrix_world, np.float64),
+            matrix_world=np.array(matrix, np.float64),
             lens=data.lens,
             sensor_width=data.sensor_width,
             sensor_height=data.sensor_height,
             sensor_fit=data.sensor_fit,
-            shift_x=data.shift_x,
+            shift_x=shift_x,
             shift_y=data.shift_y,
             resolution_x=r.resolution_x,
             resolution_y=r.resolution_y,
@@ -223,16 +245,26 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
             self.register_pass(scene, renderlayer, "Normal", 3, "XYZ", "VECTOR")
 
     def render(self, depsgraph: bpy.types.Depsgraph) -> None:
+        """One frame of one view layer: every view of it (both eyes in Stereo 3D)."""
+        for view in render_views(depsgraph.scene.render):
+            if view:
+                self.active_view_set(view)
+            if not self._render_view(depsgraph, view):
+                return
+
+    def _render_view(self, depsgraph: bpy.types.Depsgraph, view: str) -> bool:
+        """Render ``view`` ("" where the scene has one) into its result; False (and
+        the render failed, with why) where it could not."""
         timing = FrameTiming()
         t0 = time.perf_counter()
         try:
-            camera = scene_camera(depsgraph, self.camera_override)
+            camera = scene_camera(depsgraph, self.camera_override, self if view else None)
             frames = avatar.gather(depsgraph, final_render=True)
             settings = prefs.connection_settings().resolved()
             client = runtime.client()
         except (ValueError, OSError) as exc:
             self._fail(str(exc))
-            return
+            return False
         wanted = ("rgb", "alpha", "depth") + (
             ("normal",) if depsgraph.view_layer.use_pass_normal else ()
         )
@@ -254,7 +286,7 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
         sent.wait()
         # this view layer's result only: with several layers, each render is one of them
         result = self.begin_result(
-            0, 0, camera.width, camera.height, layer=depsgraph.view_layer.name
+            0, 0, camera.width, camera.height, layer=depsgraph.view_layer.name, view=view
         )
         if (result.resolution_x, result.resolution_y) != (camera.width, camera.height):
             self.end_result(result, cancel=True)
@@ -263,7 +295,7 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
                 f"splatface: Blender's result is {result.resolution_x}x{result.resolution_y}, "
                 f"the frame asked of the service {camera.width}x{camera.height}"
             )
-            return
+            return False
         names = tuple(p.name for p in result.layers[0].passes if p.name in SERVICE_PASS)
         if not timing.memory_kept:
             _prefault(result, reply)
@@ -273,7 +305,7 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
             self.end_result(result, cancel=True)
             why = f"{exc.message} [{exc.code}]" if isinstance(exc, ProtocolError) else repr(exc)
             self._fail(f"splatface service ({settings.endpoint}): {why}")
-            return
+            return False
         t3 = time.perf_counter()
         c2w = np.linalg.inv(camera.world_to_camera)[:3, :3]
         buffers = _pass_buffers.convert(layer, c2w, names)
@@ -290,6 +322,7 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
         timing.requests = len(frames)
         last_render.passes, last_render.timing = buffers, timing
         last_render.width, last_render.height = camera.width, camera.height
+        return True
 
     def _fail(self, message: str) -> None:
         self.report({"ERROR"}, message)

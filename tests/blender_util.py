@@ -77,7 +77,8 @@ def _raise(exc: BaseException) -> None:
 
 def reset_scene(bpy):
     """A cleared scene rendered by splatface at 24 fps, frames 1-10, with depth and
-    normal passes on, one view layer, no child collections, no render region, PNG output."""
+    normal passes on, one view layer, no child collections, no render region, one view
+    (no stereo), PNG output."""
     clear_scene(bpy)
     sc = bpy.context.scene
     sc.render.engine = "SPLATFACE"
@@ -90,7 +91,9 @@ def reset_scene(bpy):
     for coll in list(sc.collection.children):
         sc.collection.children.unlink(coll)
     sc.render.use_border = sc.render.use_crop_to_border = False
+    sc.render.use_multiview = False
     settings = sc.render.image_settings
+    settings.views_format = "INDIVIDUAL"
     if hasattr(settings, "media_type"):  # 5.0: a multilayer EXR test leaves its kind
         settings.media_type = "IMAGE"
     settings.file_format = "PNG"

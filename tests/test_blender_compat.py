@@ -388,6 +388,49 @@ def test_each_view_layer_gets_its_own_render(scene, avatar_id, tmp_path):
     assert sums[f"{first}.Combined.A"] == 0.0, sums
 
 
+def test_stereo_3d_renders_each_eye_from_its_own_place(scene, avatar_id, direct, tmp_path):
+    """Stereo 3D, off-axis about the camera's centre: each eye's file shows the head as
+    an OpenCV camera half the interocular distance along the camera's x sees it, its
+    image shifted so that the convergence plane lines up in both (written from first
+    principles, not from Blender's or the add-on's stereo code)."""
+    proxy = import_avatar(bpy, avatar_id)
+    size, distance, b, c = 96, 0.6, 0.065, 0.3
+    w2c = orbit(proxy.splatface.center, distance)
+    stereo = add_camera_from_opencv(bpy, scene, w2c, FOV, size).data.stereo
+    stereo.convergence_mode, stereo.pivot = "OFFAXIS", "CENTER"
+    stereo.interocular_distance, stereo.convergence_distance = b, c
+    r = scene.render
+    r.use_multiview, r.views_format = True, "STEREO_3D"
+    # 16-bit PNGs hold alpha as rendered (4.5 writes each eye's EXR as a multi-view
+    # file, whose pixels a script cannot read)
+    settings = r.image_settings
+    settings.file_format, settings.color_mode, settings.color_depth = "PNG", "RGBA", "16"
+    settings.views_format = "INDIVIDUAL"
+    r.filepath = str(tmp_path / "eye.png")
+    bpy.ops.render.render(write_still=True)
+    r.use_multiview = False  # else Blender loads a file named *_L as half a stereo pair
+    k = intrinsics_from_fov(size, size, FOV)
+    alphas = []
+    for suffix, side in (("_L", -1.0), ("_R", 1.0)):
+        eye_w2c = w2c.copy()
+        eye_w2c[0, 3] -= side * b / 2  # the eye moved along the camera's x
+        eye_k = k.copy()
+        eye_k[2] += side * k[0] * b / (2 * c)  # a point at the convergence distance centred
+        ref = direct.render(avatar_id, eye_k, eye_w2c, size, size, passes=("alpha",))
+        img = bpy.data.images.load(str(tmp_path / f"eye{suffix}.png"))
+        px = np.empty(size * size * 4, np.float32)
+        img.pixels.foreach_get(px)
+        bpy.data.images.remove(img)
+        alpha = px.reshape(size, size, 4)[::-1, :, 3]  # rows from the top, as the service's
+        assert_close_renders(alpha, ref["alpha"][0], f"alpha{suffix}")
+        alphas.append(alpha)
+    # the head lies beyond the convergence plane: the right eye sees it further right
+    cols = np.arange(size)
+    left, right = ((a.sum(0) * cols).sum() / a.sum() for a in alphas)
+    expected = k[0] * b * (1 / c - 1 / distance)
+    assert right - left == pytest.approx(expected, rel=0.2)
+
+
 def test_camera_conversion_matches_blenders_own_projection(scene):
     from blender_addon import engine
     from blender_addon.core.camera import from_projection
