@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
+
+#: Characters of the file's name its temporary file keeps (at most 4 bytes each): any
+#: name the file system takes (255 bytes) leaves room for the temporary one's.
+TMP_NAME_CHARS = 40
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the whole new one: a
     temporary file in the same folder, flushed to disk, renamed over ``path``, and the
-    folder flushed so the rename itself survives a power cut."""
+    folder flushed so the rename itself survives a power cut. A symbolic link is
+    followed: the file it points to is replaced, as writing it in place would."""
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f".{path.name[:TMP_NAME_CHARS]}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -25,7 +33,8 @@ def atomic_write(path: str | Path, data: bytes) -> None:
             raise
         raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # never in place of the error above
+            tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
 
 

@@ -20,6 +20,7 @@ from kernels.sh import C0, rgb_to_sh0
 from protocol import errors
 from protocol.arkit import index_of
 from protocol.errors import ProtocolError
+from protocol.files import atomic_write
 
 
 def tiny_avatar(avatar_id="0123456789ab", sh_degree=0, n=5, seed=0) -> Avatar:
@@ -136,6 +137,29 @@ def test_invalid_avatar_is_not_saved(tmp_path):
     with pytest.raises(ValueError, match="triangle out of range"):
         Store(tmp_path).save(broken)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["a" * 246 + ".ply", "頭" * 81 + ".ply"])
+def test_atomic_write_takes_any_name_the_file_system_takes(tmp_path, name):
+    """Names of up to 255 bytes (250 here, and 81 three-byte characters) are written,
+    though the temporary file is named after them; a longer one fails naming itself."""
+    atomic_write(tmp_path / name, b"splat")
+    assert (tmp_path / name).read_bytes() == b"splat"
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    with pytest.raises(OSError) as exc:
+        atomic_write(tmp_path / ("b" * 256), b"splat")
+    assert exc.value.filename == str(tmp_path / ("b" * 256))
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left
+
+
+def test_atomic_write_through_a_link_replaces_what_it_points_to(tmp_path):
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "head.ply"
+    target.write_bytes(b"old")
+    link = tmp_path / "head.ply"
+    link.symlink_to(target)
+    atomic_write(link, b"new")
+    assert link.is_symlink() and target.read_bytes() == b"new"
 
 
 def test_ply_has_inria_layout_and_values():
