@@ -26,6 +26,7 @@ import numpy as np
 import zmq
 
 from protocol import Client, CurveKeys, ProtocolError, messages
+from protocol.animation import NTSC_FPS
 from protocol.camera import framing_distance, intrinsics_from_fov, orbit
 from protocol.launch import READY_PREFIX, wait_for_endpoint
 
@@ -316,13 +317,31 @@ class Mp4Writer:
 
 
 def positive_float(text: str) -> float:
-    """argparse type: a finite number above 0 (a frame rate)."""
+    """argparse type: a finite number above 0 (seconds to wait)."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def frame_rate(text: str) -> float:
+    """argparse type: frames per second, a number or a fraction (``30000/1001``). The NTSC
+    rates written short (23.976, 23.98, 29.97, 59.94, 119.88) mean n × 1000/1001, as video
+    tools take them."""
+    num, slash, den = text.partition("/")
+    try:
+        value = float(num) / float(den) if slash else float(text)
+    except (ValueError, ZeroDivisionError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"must be a positive number or a fraction such as 30000/1001, got {text!r}"
+        )
+    if not slash:
+        value = next((r for r in NTSC_FPS if abs(value - r) < 0.006), value)
     return value
 
 
@@ -582,7 +601,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     curves = None if anim is None else anim.curves
     passes = tuple(dict.fromkeys(p.strip() for p in args.passes.split(",") if p.strip()))
     n = 1 if curves is None else len(curves)
-    fps = args.fps or (anim.fps if anim is not None and anim.fps else 30.0)
+    fps = args.fps or (anim is not None and anim.row_rate()) or 30.0
     preview = None
     if n > 1 and not args.no_preview:
         passes = tuple(dict.fromkeys((*passes, "rgb", "alpha")))
@@ -926,8 +945,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--fps",
-        type=positive_float,
-        help="frame rate of the MP4 preview (default: the curves file's, else 30)",
+        type=frame_rate,
+        help="frame rate of the MP4 preview, a number or a fraction such as 30000/1001 "
+        "(29.97 means that too; default: the curves file's rows per second, else 30)",
     )
     sp.add_argument(
         "--no-preview",

@@ -6,7 +6,8 @@ Accepted files (``load_animation``):
   PascalCase (``EyeBlinkLeft``), then ``HeadYaw,HeadPitch,HeadRoll`` and
   ``LeftEyeYaw,LeftEyePitch,LeftEyeRoll,RightEyeYaw,RightEyePitch,RightEyeRoll``.
 - **splatface's plain CSV**: a header naming ARKit shapes in any order and case, with an
-  optional ``frame`` column (the head and eye columns above are read there too).
+  optional ``frame`` column counting up by one (the head and eye columns above are read
+  there too).
 - **.npy**: float ``[F, 52]`` (or ``[52]``, one frame) in the canonical ``ARKIT_NAMES`` order.
 
 Columns are matched by name, case-insensitively; shapes missing from a CSV stay 0 and are
@@ -94,6 +95,10 @@ LLF_COLUMNS: tuple[str, ...] = (
 LLF_BLENDSHAPE_COUNT = 61
 COMMON_FPS: tuple[int, ...] = (24, 25, 30, 48, 50, 60, 100, 120)
 DROP_TOLERANCE = 0.05  # largest FF + 1 this far below a common rate reads as that rate
+#: The NTSC rates (24, 30, 48, 60, 120 × 1000/1001).
+NTSC_FPS: tuple[float, ...] = tuple(r * 1000 / 1001 for r in (24, 30, 48, 60, 120))
+#: How close (relative) rows' measured rate comes to a known one to be read as it.
+RATE_SNAP = 0.005
 #: Bookkeeping columns read past in CSVs (any case).
 IGNORED_COLUMNS: tuple[str, ...] = ("frame", "time", "timestamp")
 
@@ -158,7 +163,8 @@ class Animation:
 
     Attributes:
         curves: float32 ``[F, 52]`` in canonical ``ARKIT_NAMES`` order, clamped to [0, 1].
-        fps: frames per second when the file tells (Live Link Face timecodes), else None.
+        fps: the timecodes' frame rate when the file has them (Live Link Face), else
+            None. The rows may come faster: see :meth:`row_rate`.
         head_angles: float64 ``[F, 3]`` HeadYaw, HeadPitch, HeadRoll as recorded (radians,
             see the module notes), or None when the file has no head columns.
         eye_angles: float64 ``[F, 2, 3]`` (subject's left eye, right eye) x (yaw, pitch,
@@ -220,6 +226,20 @@ class Animation:
         if len(t) > 1 and not np.all(np.diff(t) > 0):
             return None
         return t - t[0]
+
+    def row_rate(self) -> float | None:
+        """Rows per second, the rate the take plays at one frame per row: ``fps`` where
+        the rows step one timecode frame, else the rows' typical step (a 60 fps capture
+        stamped with a 30 fps timecode steps half a frame, ``FF.000``, ``FF.500``; 29.97
+        on a 30 fps clock steps ``1.001`` frames), taken to the nearest common or NTSC
+        rate within :data:`RATE_SNAP`. None without timecodes and a rate."""
+        times = self.row_times()
+        if times is None or len(times) < 2:
+            return self.fps
+        rate = 1.0 / float(np.median(np.diff(times)))
+        rates = (self.fps, *COMMON_FPS, *NTSC_FPS)
+        near = min(rates, key=lambda r: abs(rate - r))
+        return float(near) if abs(rate - near) <= RATE_SNAP * near else rate
 
     def head_transforms(self, pivot: Sequence[float] | np.ndarray) -> np.ndarray:
         """Head-to-world transforms ``[F, 4, 4]``: the recorded head rotation about ``pivot``.
@@ -408,6 +428,8 @@ def _load_csv(path: Path) -> Animation:
             kinds.append(("head", _HEAD_INDEX[key]))
         elif key in _EYE_INDEX:
             kinds.append(("eye", _EYE_INDEX[key]))
+        elif key == "frame":
+            kinds.append(("frame",))
         elif key in IGNORED_COLUMNS:
             kinds.append(("ignore",))
         else:
@@ -435,6 +457,7 @@ def _load_csv(path: Path) -> Animation:
             f"eye angles need {', '.join(EYE_COLUMNS)} (the Roll columns may be left out): "
             f"the file has only {', '.join(have)}"
         )
+    frame_col = next((c for c, k in enumerate(kinds) if k[0] == "frame"), None)
     tc_col = next((c for c, k in enumerate(kinds) if k[0] == "timecode"), None)
     count_col = next((c for c, k in enumerate(kinds) if k[0] == "count"), None)
     if not body:
@@ -470,6 +493,8 @@ def _load_csv(path: Path) -> Animation:
             _parse_timecode_at(row[tc_col], line)
             timecodes.append(row[tc_col])
         cells.append(["0"] * len(numeric) if empty else [row[c] for c in numeric])
+    if frame_col is not None:
+        _check_frame_numbers([(line, row[frame_col]) for line, row in body], header[frame_col])
     try:
         if any("_" in cell for cell_row in cells for cell in cell_row):
             raise ValueError  # numpy, as float(), reads "0_5" as 5
@@ -518,6 +543,24 @@ def _load_csv(path: Path) -> Animation:
         timecodes=tuple(timecodes) if timecodes else None,
         missing=tuple(n for i, n in enumerate(ARKIT_NAMES) if i not in present),
     )
+
+
+def _check_frame_numbers(cells: list[tuple[int, str]], column: str) -> None:
+    """A ``frame`` column must count up by one: rows play one per frame, in file order,
+    so frames given out of order, twice or with gaps (keys on tens, say) would not play
+    where their numbers say."""
+    before = None
+    for line, cell in cells:
+        frame = _number(cell, line, column)
+        if not math.isfinite(frame) or frame != int(frame):
+            raise ValueError(f"line {line}: {column} {cell!r} is not a whole frame number")
+        if before is not None and frame != before + 1:
+            raise ValueError(
+                f"line {line}: {column} {frame:g} follows {before:g}; rows play one per frame "
+                f"in file order, so the {column} column must count up by one (give every "
+                "frame its row, or leave the column out)"
+            )
+        before = frame
 
 
 def _parse_timecode_at(text: str, line: int) -> tuple[int, int, int, float]:

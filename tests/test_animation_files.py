@@ -256,6 +256,44 @@ def test_fps_inferred_from_timecodes():
     assert infer_fps([]) is None
 
 
+def test_row_rate_is_how_fast_the_rows_come():
+    def take(codes, fps):
+        return Animation(curves=np.zeros((len(codes), 52)), fps=fps, timecodes=tuple(codes))
+
+    def stamped(capture, clock, n, step=1.0):
+        return [format_timecode(i * step / capture, clock) for i in range(n)]
+
+    assert take(stamped(30, 30, 90), 30).row_rate() == 30  # one timecode frame a row
+    assert take(stamped(60, 30, 120), 30).row_rate() == 60  # FF.000, FF.500
+    assert take(stamped(24, 30, 96), 30).row_rate() == 24  # FF.000, FF.250, ...
+    ntsc = [format_timecode(i * 1.001 / 30, 30) for i in range(300)]  # 29.97 on a 30 clock
+    assert ntsc[1] == "00:00:00:01.001"
+    assert take(ntsc, 30).row_rate() == pytest.approx(30000 / 1001, abs=1e-12)
+    dropped = stamped(60, 60, 200)
+    del dropped[50:53], dropped[120]  # a capture that dropped frames: still 60
+    assert take(dropped, 60).row_rate() == 60
+    assert take(stamped(15, 15, 40), 15).row_rate() == 15  # track's own rates as they are
+    assert Animation(curves=np.zeros((3, 52))).row_rate() is None
+    assert Animation(curves=np.zeros((3, 52)), fps=25).row_rate() == 25  # no timecodes
+
+
+def test_a_frame_column_must_count_up_by_one(tmp_path):
+    header = ["frame", "jawOpen"]
+    ok = write(tmp_path, header, [[1001, 0.1], [1002, 0.2], [1003, 0.3]])
+    assert load_animation(ok).curves[:, index_of("jawOpen")].tolist() == pytest.approx(
+        [0.1, 0.2, 0.3]
+    )
+    for frames, line, words in (
+        ([0, 10, 20], 3, "frame 10 follows 0"),
+        ([2, 1, 0], 3, "frame 1 follows 2"),
+        ([0, 1, 1], 4, "frame 1 follows 1"),
+        ([0, 1.5, 2], 3, "frame '1.5' is not a whole frame number"),
+    ):
+        f = write(tmp_path, header, [[n, 0.5] for n in frames])
+        with pytest.raises(ValueError, match=f"line {line}: {words}"):
+            load_animation(f)
+
+
 # -- errors -----------------------------------------------------------------------------
 
 

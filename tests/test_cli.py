@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image
 from plyfile import PlyData
 
-from inference_service.cli import build_parser, linear_to_srgb8, main
+from inference_service.cli import build_parser, frame_rate, linear_to_srgb8, main
 from inference_service.curves import load_curves, save_curves_csv
 from protocol.animation import load_animation
 from protocol.arkit import ARKIT_NAMES, index_of
@@ -70,15 +71,19 @@ def test_render_with_curves_csv(tmp_path, service, astronaut_id):
 def test_render_live_link_face_take_with_head_motion_and_mp4(tmp_path, service, astronaut_id):
     import imageio_ffmpeg
 
-    from protocol.animation import Animation, save_livelink_csv
+    from protocol.animation import Animation, format_timecode, save_livelink_csv
 
-    n = 72  # over a second: the file's timecodes tell 60 fps (no LLF field says it)
+    # 1.2 s captured at 60 fps and stamped with a 30 fps timecode (FF.000, FF.500): the
+    # preview plays the rows at 60
+    n = 72
     curves = np.zeros((n, 52), np.float32)
     curves[:, index_of("jawOpen")] = np.linspace(0, 1, n)
     head = np.zeros((n, 3), np.float32)
     head[:, 0] = np.radians(np.linspace(0, 25, n))  # yaw
     take = tmp_path / "take.csv"
-    save_livelink_csv(take, Animation(curves=curves, fps=60.0, head_angles=head))
+    codes = tuple(format_timecode(i / 60, 30) for i in range(n))
+    assert codes[1] == "00:00:00:00.500"
+    save_livelink_csv(take, Animation(curves=curves, fps=30.0, head_angles=head, timecodes=codes))
     moving, still = tmp_path / "moving", tmp_path / "still"
     r = last_json(run("render", astronaut_id, "--endpoint", service.endpoint, "--curves", take,
                       "--size", 64, "--passes", "depth", "--out", moving, "--json"))  # fmt: skip
@@ -278,7 +283,7 @@ def test_export_frame_and_range(tmp_path, service, astronaut_id):
         assert bad.returncode != 0 and message in bad.stderr, (extra, bad.stderr)
     bad = run("render", astronaut_id, "--endpoint", service.endpoint, "--out", folder, "--curves",
               npy, "--fps", "nan", check=False)  # fmt: skip
-    assert bad.returncode != 0 and "positive number, got 'nan'" in bad.stderr
+    assert bad.returncode != 0 and "positive number or a fraction such as" in bad.stderr
 
 
 def test_errors_are_clear_and_typed(tmp_path, service):
@@ -325,6 +330,17 @@ def test_demo_writes_what_it_names(tmp_path):
     for args in (("--out", tmp_path / "file"), ("--size", 0)):
         r = run("demo", *args, "--json", check=False)
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_frame_rates_take_fractions_and_ntsc_shorthand():
+    assert frame_rate("25") == 25.0 and frame_rate("12.5") == 12.5
+    assert frame_rate("30000/1001") == 30000 / 1001
+    for short, base in (("23.976", 24), ("23.98", 24), ("29.97", 30), ("59.94", 60),
+                        ("119.88", 120)):  # fmt: skip
+        assert frame_rate(short) == base * 1000 / 1001
+    for bad in ("0", "-24", "1/0", "nan", "inf", "30/", "x", "24fps"):
+        with pytest.raises(argparse.ArgumentTypeError, match="fraction such as 30000/1001"):
+            frame_rate(bad)
 
 
 def test_usage_errors_answer_json_in_process(tmp_path, capsys):
