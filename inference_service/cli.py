@@ -677,11 +677,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def export_bundle(args: argparse.Namespace) -> int:
     """``export --bundle``: the rigged bundle, unpacked into the folder ``--out`` (or kept
-    as one zip when ``--out`` ends in .zip). Files appear whole or not at all."""
+    as one zip when ``--out`` ends in .zip). The files appear whole or not at all, and
+    together: a failure leaves an earlier bundle there as it was, never half replaced."""
     import io
     import zipfile
 
-    from protocol.files import atomic_write
+    from protocol.files import atomic_write, atomic_write_all
 
     if args.curves or args.range or args.frame is not None:
         raise SystemExit(
@@ -697,10 +698,10 @@ def export_bundle(args: argparse.Namespace) -> int:
         files = [str(out)]
     else:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
-            files = []
-            for name in z.namelist():
-                atomic_write(out / name, z.read(name))
-                files.append(str(out / name))
+            # the manifest last: it names the others
+            names = sorted(z.namelist(), key=lambda n: n == "bundle.json")
+            atomic_write_all([(out / n, z.read(n)) for n in names])
+        files = [str(out / n) for n in names]
     emit(
         args,
         {"avatar_id": info["id"], "files": files},

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 #: Characters of the file's name its temporary file keeps (at most 4 bytes each): any
@@ -17,25 +19,49 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     temporary file in the same folder, flushed to disk, renamed over ``path``, and the
     folder flushed so the rename itself survives a power cut. A symbolic link is
     followed: the file it points to is replaced, as writing it in place would."""
-    path = Path(path)
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name[:TMP_NAME_CHARS]}.{secrets.token_hex(4)}.tmp")
+    atomic_write_all([(path, data)])
+
+
+def atomic_write_all(files: Sequence[tuple[str | Path, bytes]]) -> None:
+    """Write files that belong together (a bundle's): every one to its temporary file
+    first, then each renamed into place in the order given, so a failure while writing
+    (a full disk, a folder where a file should go) leaves all the old ones as they were.
+    Put the file that describes the others last. Each file as :func:`atomic_write`."""
+    staged: list[tuple[Path, Path]] = []
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:  # name the file asked for, not the temporary one
+        for path, data in files:
+            path = Path(path)
+            if path.is_symlink():
+                path = Path(os.path.realpath(path))
+            if path.is_dir():  # found now, not when renaming after others were
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name[:TMP_NAME_CHARS]}.{secrets.token_hex(4)}.tmp")
+            staged.append((path, tmp))
+            with _naming(path), open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for path, tmp in staged:
+            with _naming(path):
+                os.replace(tmp, path)
+    finally:
+        for _, tmp in staged:
+            with contextlib.suppress(OSError):  # never in place of an error above
+                tmp.unlink(missing_ok=True)
+    for folder in dict.fromkeys(path.parent for path, _ in staged):
+        fsync_dir(folder)
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An OSError names the file asked for, not its temporary one."""
+    try:
+        yield
+    except OSError as exc:
         if exc.errno is None:
             raise
         raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
-    finally:
-        with contextlib.suppress(OSError):  # never in place of the error above
-            tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path) -> None:

@@ -248,6 +248,18 @@ def test_export_rigged_bundle(tmp_path, service, astronaut_id):
     bad = run("export", astronaut_id, "--endpoint", service.endpoint, "--bundle", "--range",
               "0:1", "--out", folder, check=False)  # fmt: skip
     assert bad.returncode != 0 and "--bundle" in bad.stderr
+    # a bundle that cannot be written whole leaves the one there as it was, not half new
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    (folder / "bundle.json").write_text("{}")
+    before["bundle.json"] = b"{}"
+    (folder / "gaussians.npz").unlink()
+    (folder / "gaussians.npz").mkdir()
+    bad = run("export", astronaut_id, "--endpoint", service.endpoint, "--bundle", "--out", folder,
+              check=False)  # fmt: skip
+    assert bad.returncode == 1 and "gaussians.npz" in bad.stderr, bad.stderr
+    assert (folder / "bundle.json").read_bytes() == b"{}"
+    assert (folder / "head.glb").read_bytes() == before["head.glb"]
+    assert sorted(p.name for p in folder.iterdir()) == names  # no temporary file left
 
 
 def test_export_frame_and_range(tmp_path, service, astronaut_id):

@@ -20,7 +20,7 @@ from kernels.sh import C0, rgb_to_sh0
 from protocol import errors
 from protocol.arkit import index_of
 from protocol.errors import ProtocolError
-from protocol.files import atomic_write
+from protocol.files import atomic_write, atomic_write_all
 
 
 def tiny_avatar(avatar_id="0123456789ab", sh_degree=0, n=5, seed=0) -> Avatar:
@@ -150,6 +150,19 @@ def test_atomic_write_takes_any_name_the_file_system_takes(tmp_path, name):
         atomic_write(tmp_path / ("b" * 256), b"splat")
     assert exc.value.filename == str(tmp_path / ("b" * 256))
     assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left
+
+
+def test_files_written_together_replace_none_when_one_fails(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"old a")
+    (tmp_path / "b.bin").mkdir()  # cannot become a file
+    with pytest.raises(OSError) as exc:
+        atomic_write_all([(tmp_path / "a.bin", b"new a"), (tmp_path / "b.bin", b"new b")])
+    assert exc.value.filename == str(tmp_path / "b.bin")
+    assert (tmp_path / "a.bin").read_bytes() == b"old a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]
+    atomic_write_all([(tmp_path / "a.bin", b"new a"), (tmp_path / "c" / "c.bin", b"new c")])
+    assert (tmp_path / "a.bin").read_bytes() == b"new a"
+    assert (tmp_path / "c" / "c.bin").read_bytes() == b"new c"
 
 
 def test_atomic_write_through_a_link_replaces_what_it_points_to(tmp_path):
