@@ -298,6 +298,34 @@ def test_a_render_region_renders_that_region(scene, avatar_id, tmp_path):
             assert alpha.sum() == pytest.approx(saved.sum())  # nothing outside the region
 
 
+def test_a_render_region_is_as_tall_as_blender_cuts_it(scene, avatar_id, tmp_path):
+    """A region whose edge Blender computes in single precision (0.7 × 120 is 84 there,
+    83.99... in double): the saved crop is Blender's size, and every row of it, the top
+    one too, is the full frame's."""
+    from blender_addon import engine
+
+    import_avatar(bpy, avatar_id)
+    add_camera_from_opencv(bpy, scene, orbit((0, 0, 0), 0.9), FOV, 120)
+    r = scene.render
+    r.resolution_x = 160
+    bpy.ops.render.render()
+    full = engine.last_render.passes["Alpha"].reshape(120, 160)  # rows from the bottom
+    r.use_border = r.use_crop_to_border = True
+    r.border_min_x, r.border_max_x, r.border_min_y, r.border_max_y = 0.0, 1.0, 0.25, 0.7
+    r.image_settings.file_format, r.image_settings.color_mode = "PNG", "RGBA"
+    r.filepath = str(tmp_path / "region.png")
+    bpy.ops.render.render(write_still=True)
+    img = bpy.data.images.load(r.filepath)
+    w, h = img.size
+    px = np.empty(w * h * 4, np.float32)
+    img.pixels.foreach_get(px)
+    bpy.data.images.remove(img)
+    assert (w, h) == (160, 54)  # Blender's own cut: rows 30 to 83
+    region = full[30:84]
+    assert region[-1].sum() > 1.0  # the head reaches the region's top row
+    assert np.abs(px.reshape(h, w, 4)[..., 3] - region).max() < 2 / 255
+
+
 def test_a_sequencer_strips_camera_is_the_one_rendered(scene, avatar_id):
     """An edit scene shows the shot through a Scene strip whose camera is not the shot's
     active one: Blender names it to the engine (``camera_override``)."""

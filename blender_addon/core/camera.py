@@ -108,9 +108,16 @@ def render_region(
     width: int, height: int, min_x: float, max_x: float, min_y: float, max_y: float
 ) -> tuple[int, int, int, int]:
     """(x, y, w, h) in pixels of a render region (Ctrl+B) given as shares of the frame, cut
-    as Blender cuts it (truncating); ``y`` counts rows from the bottom, as Blender does."""
-    x0, x1 = int(min_x * width), int(max_x * width)
-    y0, y1 = int(min_y * height), int(max_y * height)
+    as Blender cuts it: share times size in single precision, truncated (in double,
+    0.9 × 120 is 107.99..., a row fewer than Blender's 108); ``y`` counts rows from the
+    bottom, as Blender does."""
+    f = np.float32
+
+    def cut(share: float, size: int) -> int:
+        return int(f(share) * f(size))
+
+    x0, x1 = cut(min_x, width), cut(max_x, width)
+    y0, y1 = cut(min_y, height), cut(max_y, height)
     return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
 
 
