@@ -47,14 +47,20 @@ def decode_image(data: bytes | memoryview, max_pixels: int = MAX_PIXELS) -> np.n
                     f"image is {w}x{h} = {w * h / 1e6:.0f} MP, limit {max_pixels / 1e6:.0f} MP",
                 )
             white = _declared_white(im)
+            im.load()  # a corrupt stream fails here, not inside _upright's EXIF guard
             im = _upright(im)
-            im.load()
             im = _to_srgb(im)
     except ProtocolError:
         raise
     except Image.DecompressionBombError as exc:
         raise ProtocolError(errors.TOO_LARGE, f"image is too large to decode: {exc}") from None
     except UnidentifiedImageError:  # its text names a BytesIO object, nothing of use
+        if data[:4] in (b"II*\x00", b"MM\x00*"):
+            raise ProtocolError(
+                errors.BAD_IMAGE,
+                "a TIFF of a kind that cannot be read (such as floating-point colour): "
+                "save it with 8 or 16 bits per channel",
+            ) from None
         raise ProtocolError(
             errors.BAD_IMAGE, "not a readable image (PNG, JPEG, WebP, TIFF, BMP...)"
         ) from None
@@ -92,6 +98,8 @@ def _to_srgb(im: Image.Image) -> Image.Image:
     """``im`` converted from its embedded colour profile (a phone's Display P3, Adobe RGB,
     a CMYK press profile) to sRGB; as it is without one, or if the profile is unusable."""
     icc = im.info.get("icc_profile")
+    if icc and im.mode in ("P", "PA"):  # a palette's colours are in the profile's space
+        im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
     if not icc or im.mode not in ("RGB", "RGBA", "CMYK"):
         return im
     from PIL import ImageCms
@@ -112,7 +120,7 @@ def _to_rgb8(im: Image.Image, white: float | None = None) -> np.ndarray:
         a = np.asarray(im, dtype=np.float64)
         if white is not None:
             top = white
-        elif mode == "F" and a.max() <= 1.0:  # floating-point images hold 0..1
+        elif mode == "F" and np.quantile(a, 0.99) <= 1.0:  # 0..1, maybe with highlights
             top = 1.0
         else:
             top = 65535.0 if a.max() > 255 else 255.0

@@ -61,6 +61,9 @@ class ArrayField:
     max_bytes: int | None = None
     finite: bool = True
     empty_code: str = errors.BAD_REQUEST  # the error for an array with no elements
+    #: What the array holds and what to do, for a ``too_large`` a user can act on
+    #: ("the photo file", "save it compressed"); else the array's name and limit.
+    too_large: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,10 @@ OPS: dict[str, OpSpec] = {
                 dim_max=MAX_IMAGE_BYTES,
                 max_bytes=MAX_IMAGE_BYTES,
                 empty_code=errors.BAD_IMAGE,
+                too_large=(
+                    "the photo file",
+                    "save it compressed (JPEG, or PNG/TIFF with compression) or smaller",
+                ),
             )
         },
     ),
@@ -245,6 +252,13 @@ def _check_array(name: str, arr: np.ndarray, spec: ArrayField) -> np.ndarray:
         s is not None and s != d for s, d in zip(spec.shape, arr.shape, strict=True)
     ):
         raise _bad(f"array {name!r} must have shape {want}, got {list(arr.shape)}")
+    if spec.too_large is not None and spec.max_bytes is not None and arr.nbytes > spec.max_bytes:
+        what, remedy = spec.too_large
+        raise ProtocolError(
+            errors.TOO_LARGE,
+            f"{what} is {arr.nbytes / 2**20:.1f} MiB, over the service's limit of "
+            f"{spec.max_bytes / 2**20:.0f} MiB: {remedy}",
+        )
     if any(s is None and d > spec.dim_max for s, d in zip(spec.shape, arr.shape, strict=True)):
         raise ProtocolError(errors.TOO_LARGE, f"array {name!r} has a dimension over {spec.dim_max}")
     if any(d == 0 for d in arr.shape):

@@ -104,6 +104,25 @@ def test_bad_files(data, code, words):
     assert e.value.code == code and words in e.value.message
 
 
+def test_a_corrupt_stream_is_refused_not_built_from():
+    """One byte flipped late in a PNG's image data (Pillow's decoder refuses it); the
+    decoder's error was taken for a bad EXIF block and the rows after it came out black."""
+    noise = np.random.default_rng(0).integers(0, 256, (300, 200, 3), np.uint8)
+    data = bytearray(save(Image.fromarray(noise), "PNG"))
+    at = data.find(b"IDAT") + 4
+    data[at + int(0.75 * (len(data) - at))] ^= 0xFF
+    with pytest.raises(ProtocolError) as e:
+        decode_image(bytes(data))
+    assert e.value.code == errors.BAD_IMAGE and "corrupt" in e.value.message
+
+
+def test_a_float_tiff_kind_pillow_cannot_read_says_so():
+    header = b"II*\x00" + b"\x08\x00\x00\x00" + b"\x00" * 16  # a TIFF with no usable IFD
+    with pytest.raises(ProtocolError) as e:
+        decode_image(header)
+    assert e.value.code == errors.BAD_IMAGE and "8 or 16 bits per channel" in e.value.message
+
+
 def test_decompression_bomb_refused_before_decoding():
     bomb = save(Image.new("1", (9000, 9000)), "PNG")  # 81 MP in a few kB
     assert len(bomb) < 100_000
@@ -137,6 +156,9 @@ def test_key_colour_transparency_and_float_images():
     ramp = np.tile(np.linspace(0, 1, 40, dtype=np.float32), (30, 1))  # float images hold 0..1
     out = decode_image(save(Image.fromarray(ramp, "F"), "TIFF"))
     assert np.abs(out[..., 0].astype(int) - np.round(ramp * 255)).max() <= 1
+    ramp[0, 0] = 1.02  # one highlight past white: still a 0..1 image, not a 0..255 one
+    out = decode_image(save(Image.fromarray(ramp, "F"), "TIFF"))
+    assert np.abs(out[1:, :, 0].astype(int) - np.round(ramp[1:] * 255)).max() <= 1
 
 
 def test_an_embedded_colour_profile_is_converted_to_srgb():
@@ -152,6 +174,10 @@ def test_an_embedded_colour_profile_is_converted_to_srgb():
     in_p3 = ImageCms.profileToProfile(Image.fromarray(red), srgb, p3_profile)
     assert np.abs(np.asarray(in_p3).astype(int) - red).max() > 10  # other numbers in P3
     data = save(in_p3, "PNG", icc_profile=p3.read_bytes())
+    assert np.abs(decode_image(data).astype(int) - red).max() <= 3
+    # a palette image's colours are in its profile's space too
+    data = save(in_p3.quantize(16), "PNG", icc_profile=p3.read_bytes())
+    assert Image.open(io.BytesIO(data)).mode == "P"
     assert np.abs(decode_image(data).astype(int) - red).max() <= 3
 
 

@@ -87,6 +87,14 @@ def test_too_many_frames():
     fails(errors.TOO_LARGE, "render", render_arrays(2000), avatar="a", width=8, height=8)
 
 
+def test_a_photo_file_over_the_limit_says_its_size_and_what_to_do():
+    big = np.zeros((72 << 20) + 1, np.uint8)
+    message = fails(errors.TOO_LARGE, "build", {"image": big})
+    assert "the photo file is 72.0 MiB, over the service's limit of 64 MiB" in message
+    assert "save it compressed" in message
+    check("build", {"image": np.zeros(64 << 20, np.uint8)})  # at the limit: taken
+
+
 def test_build_needs_image():
     assert "image" in fails(errors.BAD_REQUEST, "build")
 
