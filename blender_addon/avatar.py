@@ -30,12 +30,15 @@ class AvatarFrame:
         curves: float32 ``[52]`` evaluated shape-key values, canonical order.
         head: float64 ``[4, 4]`` head-to-world.
         name: the proxy object's name (for messages).
+        holdout: a holdout in the view layer (the object's or its collection's): it
+            renders as a hole, alpha 0, hiding what lies behind it.
     """
 
     avatar_id: str
     curves: np.ndarray
     head: np.ndarray
     name: str
+    holdout: bool = False
 
 
 def create_avatar(
@@ -156,5 +159,11 @@ def gather(depsgraph: bpy.types.Depsgraph, final_render: bool) -> list[AvatarFra
             continue
         head = np.array(inst.matrix_world, np.float64)  # copied: the iterator reuses it
         name = f"{inst.parent.name}/{ob.name}" if inst.is_instance else ob.name
-        out.append(AvatarFrame(ob.splatface.avatar_id, evaluated_curves(ob, depsgraph), head, name))
+        layer = depsgraph.view_layer
+        holdout = final_render and (
+            ob.original.holdout_get(view_layer=layer)
+            or (inst.is_instance and inst.parent.original.holdout_get(view_layer=layer))
+        )
+        curves = evaluated_curves(ob, depsgraph)
+        out.append(AvatarFrame(ob.splatface.avatar_id, curves, head, name, bool(holdout)))
     return out

@@ -3,7 +3,7 @@
 Final renders run on Blender's render thread, so they call the service synchronously:
 per frame, every visible avatar's evaluated shape-key values and head matrix with the
 scene camera, one ``render`` request per avatar, composited by depth, written into the
-``Combined``, ``Alpha``, ``Depth`` and ``Normal`` passes. The viewport asks on the worker
+``Combined`` (RGBA), ``Depth`` and ``Normal`` passes. The viewport asks on the worker
 thread (latest request wins) and draws the last frame that came back: a stale frame is
 better than a stalled UI.
 """
@@ -29,7 +29,7 @@ from .core.passes import Layer, PassBuffers, composite
 
 PASSES = ("rgb", "alpha", "depth", "normal")
 #: Blender pass → service pass; Depth is always asked for (it composites avatars).
-SERVICE_PASS = {"Combined": "rgb", "Alpha": "alpha", "Depth": "depth", "Normal": "normal"}
+SERVICE_PASS = {"Combined": "rgb", "Depth": "depth", "Normal": "normal"}
 
 
 @dataclass
@@ -91,6 +91,31 @@ def render_views(render: bpy.types.RenderSettings) -> list[str]:
 
 #: The views Stereo 3D renders (Blender's names for them).
 STEREO = ("left", "right")
+
+
+def world_background(world: bpy.types.World | None) -> tuple[np.ndarray, bool]:
+    """The linear colour Blender's engines fill the frame with when Film > Transparent is
+    off, and whether it is exact: a world whose output takes a Background node with a
+    plain colour and strength (a new world's), the world's colour without nodes, black
+    without a world or a surface. A textured world (an HDRI, a sky) is not one colour:
+    its viewport colour stands in (False)."""
+    if world is None:
+        return np.zeros(3, np.float32), True
+    colour = np.array(world.color[:3], np.float32)
+    tree = world.node_tree
+    # 5.0 always uses the world's nodes (and deprecates asking)
+    if tree is None or (bpy.app.version < (5, 0) and not world.use_nodes):
+        return colour, True
+    outputs = [n for n in tree.nodes if n.bl_idname == "ShaderNodeOutputWorld"]
+    output = next((n for n in outputs if n.is_active_output), outputs[0] if outputs else None)
+    if output is None or not output.inputs["Surface"].is_linked:
+        return np.zeros(3, np.float32), True
+    node = output.inputs["Surface"].links[0].from_node
+    if node.bl_idname == "ShaderNodeBackground":
+        tint, strength = node.inputs["Color"], node.inputs["Strength"]
+        if not (tint.is_linked or strength.is_linked):
+            return np.array(tint.default_value[:3], np.float32) * strength.default_value, True
+    return colour, False
 
 
 def scene_camera(
@@ -182,7 +207,8 @@ def render_layers(
             near=camera.near,
             far=camera.far,
         )
-        layers.append(Layer.from_render(reply, bottom_up=True))
+        layer = Layer.from_render(reply, bottom_up=True)
+        layers.append(layer.held_out() if f.holdout else layer)
     return composite(layers)
 
 
@@ -205,8 +231,8 @@ def _prefault(result: bpy.types.RenderResult, reply: Future) -> None:
         rpass.rect.foreach_set(_zeros(pixels * rpass.channels))
 
 
-#: Floats per pixel of a result with every pass (Combined 4, Alpha, Depth, Normal 3).
-RESULT_FLOATS = 9
+#: Floats per pixel of a result with every pass (Combined 4, Depth, Normal 3).
+RESULT_FLOATS = 8
 frame_memory = FrameMemory()
 
 
@@ -238,7 +264,6 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
         self, scene: bpy.types.Scene | None = None, renderlayer: bpy.types.ViewLayer | None = None
     ) -> None:
         self.register_pass(scene, renderlayer, "Combined", 4, "RGBA", "COLOR")
-        self.register_pass(scene, renderlayer, "Alpha", 1, "A", "VALUE")
         if renderlayer.use_pass_z:
             self.register_pass(scene, renderlayer, "Depth", 1, "Z", "VALUE")
         if renderlayer.use_pass_normal:
@@ -268,6 +293,15 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
         wanted = ("rgb", "alpha", "depth") + (
             ("normal",) if depsgraph.view_layer.use_pass_normal else ()
         )
+        background = None
+        if not depsgraph.scene.render.film_transparent:
+            background, flat = world_background(depsgraph.scene.world)
+            if not flat and not view.endswith(STEREO[1]):
+                self.report(
+                    {"WARNING"},
+                    "splatface draws the world as one colour (its viewport colour here): "
+                    "composite the avatars over an environment with Film > Transparent",
+                )
         # the service renders while Blender allocates the result and the engine touches
         # its pages (the socket wait releases the GIL); Blender's calls hold it, so they
         # wait until the request is sent rather than delay it
@@ -276,7 +310,8 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
         def request() -> Layer:
             try:
                 runtime.start_if_down()
-                return render_layers(client, frames, camera, settings.timeout, wanted, sent.set)
+                layer = render_layers(client, frames, camera, settings.timeout, wanted, sent.set)
+                return layer if background is None else layer.over(background)
             finally:
                 sent.set()  # also when it failed before sending
 

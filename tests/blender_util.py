@@ -78,7 +78,7 @@ def _raise(exc: BaseException) -> None:
 def reset_scene(bpy):
     """A cleared scene rendered by splatface at 24 fps, frames 1-10, with depth and
     normal passes on, one view layer, no child collections, no render region, one view
-    (no stereo), PNG output."""
+    (no stereo), a transparent film, PNG output."""
     clear_scene(bpy)
     sc = bpy.context.scene
     sc.render.engine = "SPLATFACE"
@@ -92,6 +92,7 @@ def reset_scene(bpy):
         sc.collection.children.unlink(coll)
     sc.render.use_border = sc.render.use_crop_to_border = False
     sc.render.use_multiview = False
+    sc.render.film_transparent = True
     settings = sc.render.image_settings
     settings.views_format = "INDIVIDUAL"
     if hasattr(settings, "media_type"):  # 5.0: a multilayer EXR test leaves its kind

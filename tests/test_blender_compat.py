@@ -167,6 +167,12 @@ def _linear_keys(id_data) -> None:
             kp.interpolation = "LINEAR"
 
 
+def _alpha(render, h: int | None = None, w: int | None = None) -> np.ndarray:
+    """Alpha of a final render (``engine.last_render``): Combined's, rows from the bottom."""
+    alpha = render.passes["Combined"].reshape(-1, 4)[:, 3]
+    return alpha if h is None else alpha.reshape(h, w)
+
+
 def _engine_passes(size: int) -> dict[str, np.ndarray]:
     """The last final render's passes, OpenCV layout (rows top-down)."""
     from blender_addon import engine
@@ -176,7 +182,7 @@ def _engine_passes(size: int) -> dict[str, np.ndarray]:
     p = got.passes
     return {
         "rgb": p["Combined"].reshape(size, size, 4)[::-1, :, :3],
-        "alpha": p["Alpha"].reshape(size, size)[::-1],
+        "alpha": p["Combined"].reshape(size, size, 4)[::-1, :, 3],
         "depth": p["Depth"].reshape(size, size)[::-1],
         "normal": p["Normal"].reshape(size, size, 3)[::-1],
     }
@@ -270,7 +276,7 @@ def test_a_render_region_renders_that_region(scene, avatar_id, tmp_path):
     size = 64
     add_camera_from_opencv(bpy, scene, orbit((0, 0, 0), 0.9), FOV, size)
     bpy.ops.render.render()
-    full = engine.last_render.passes["Alpha"].reshape(size, size)  # rows from the bottom
+    full = _alpha(engine.last_render, size, size)  # rows from the bottom
     r = scene.render
     r.use_border = True
     r.border_min_x, r.border_max_x, r.border_min_y, r.border_max_y = 0.5, 1.0, 0.0, 0.75
@@ -284,7 +290,7 @@ def test_a_render_region_renders_that_region(scene, avatar_id, tmp_path):
         bpy.ops.render.render(write_still=True)
         got = engine.last_render
         assert (got.width, got.height) == (32, 48)
-        np.testing.assert_allclose(got.passes["Alpha"].reshape(48, 32), region, atol=2e-3)
+        np.testing.assert_allclose(_alpha(got, 48, 32), region, atol=2e-3)
         img = bpy.data.images.load(r.filepath)
         w, h = img.size
         px = np.empty(w * h * 4, np.float32)
@@ -309,7 +315,7 @@ def test_a_render_region_is_as_tall_as_blender_cuts_it(scene, avatar_id, tmp_pat
     r = scene.render
     r.resolution_x = 160
     bpy.ops.render.render()
-    full = engine.last_render.passes["Alpha"].reshape(120, 160)  # rows from the bottom
+    full = _alpha(engine.last_render, 120, 160)  # rows from the bottom
     r.use_border = r.use_crop_to_border = True
     r.border_min_x, r.border_max_x, r.border_min_y, r.border_max_y = 0.0, 1.0, 0.25, 0.7
     r.image_settings.file_format, r.image_settings.color_mode = "PNG", "RGBA"
@@ -324,6 +330,85 @@ def test_a_render_region_is_as_tall_as_blender_cuts_it(scene, avatar_id, tmp_pat
     region = full[30:84]
     assert region[-1].sum() > 1.0  # the head reaches the region's top row
     assert np.abs(px.reshape(h, w, 4)[..., 3] - region).max() < 2 / 255
+
+
+def test_an_opaque_film_shows_the_world_behind_the_avatar(scene, avatar_id, direct):
+    """Film > Transparent off: the world's colour fills the frame behind the head and
+    alpha is 1, as Cycles and EEVEE render it; without a world, black."""
+    from blender_addon import engine
+
+    import_avatar(bpy, avatar_id)
+    size = 48
+    w2c = orbit((0, 0, 0), 0.9)
+    add_camera_from_opencv(bpy, scene, w2c, FOV, size)
+    ref = direct.render(avatar_id, intrinsics_from_fov(size, size, FOV), w2c, size, size,
+                        passes=("rgb", "alpha"))  # fmt: skip
+    rgb, alpha = ref["rgb"][0][::-1], ref["alpha"][0][::-1]  # rows from the bottom
+    world = bpy.data.worlds.new("sky")
+    if bpy.app.version < (5, 0):  # 5.0 always uses the world's nodes
+        world.use_nodes = True
+    background = next(n for n in world.node_tree.nodes if n.bl_idname == "ShaderNodeBackground")
+    background.inputs["Color"].default_value = (0.2, 0.4, 0.8, 1.0)
+    background.inputs["Strength"].default_value = 0.5
+    scene.render.film_transparent = False
+    try:
+        for w, colour in ((world, (0.1, 0.2, 0.4)), (None, (0.0, 0.0, 0.0))):
+            scene.world = w
+            bpy.ops.render.render()
+            got = engine.last_render.passes["Combined"].reshape(size, size, 4)
+            assert (got[..., 3] == 1.0).all()
+            want = rgb + (1.0 - alpha)[..., None] * np.array(colour, np.float32)
+            assert_close_renders(got[..., :3], want, f"over {colour}")
+        # a textured world is not one colour: its viewport colour stands in, and says so
+        texture = world.node_tree.nodes.new("ShaderNodeTexEnvironment")
+        world.node_tree.links.new(texture.outputs["Color"], background.inputs["Color"])
+        world.color = (0.3, 0.3, 0.3)
+        colour, flat = engine.world_background(world)
+        assert not flat and colour == pytest.approx([0.3, 0.3, 0.3])
+    finally:
+        scene.world = None
+        bpy.data.worlds.remove(world)
+
+
+def test_a_holdout_avatar_renders_as_a_hole(scene, avatar_id):
+    """The avatar's collection set to Holdout in the view layer, or the object's own
+    Holdout: no colour and alpha 0, as Cycles renders a holdout."""
+    from blender_addon import engine
+
+    proxy = import_avatar(bpy, avatar_id)
+    add_camera_from_opencv(bpy, scene, orbit(proxy.splatface.center, 0.9), FOV, 48)
+    bpy.ops.render.render()
+    assert _alpha(engine.last_render).max() > 0.5
+    proxy.is_holdout = True
+    bpy.ops.render.render()
+    assert engine.last_render.passes["Combined"].max() == 0.0
+    proxy.is_holdout = False
+    coll = bpy.data.collections.new("Held")
+    scene.collection.children.link(coll)
+    try:
+        for ob in (proxy, proxy.parent):
+            scene.collection.objects.unlink(ob)
+            coll.objects.link(ob)
+        scene.view_layers[0].layer_collection.children[coll.name].holdout = True
+        bpy.ops.render.render()
+        assert engine.last_render.passes["Combined"].max() == 0.0
+    finally:
+        bpy.data.collections.remove(coll)
+
+
+def test_the_compositor_offers_the_renders_alpha(scene):
+    """A Render Layers node shows Image and Alpha as for Blender's own engines (a pass
+    registered under the name Alpha took its Alpha socket away)."""
+    if hasattr(scene, "compositing_node_group"):  # 5.0
+        tree = bpy.data.node_groups.new("comp", "CompositorNodeTree")
+        scene.compositing_node_group = tree
+    else:
+        scene.use_nodes = True
+        tree = scene.node_tree
+    node = tree.nodes.new("CompositorNodeRLayers")
+    node.scene = scene
+    shown = [o.name for o in node.outputs if o.enabled]
+    assert shown[:2] == ["Image", "Alpha"] and {"Depth", "Normal"} <= set(shown), shown
 
 
 def test_a_sequencer_strips_camera_is_the_one_rendered(scene, avatar_id):
@@ -346,7 +431,7 @@ def test_a_sequencer_strips_camera_is_the_one_rendered(scene, avatar_id):
     strip.scene_camera = front
     try:
         bpy.ops.render.render(scene="Edit")
-        assert engine.last_render.passes["Alpha"].max() > 0.5
+        assert _alpha(engine.last_render, 48, 48).max() > 0.5
     finally:
         bpy.data.scenes.remove(edit)
         bpy.data.objects.remove(away)
@@ -532,7 +617,7 @@ def test_the_cameras_clip_range_is_the_renders(scene, avatar_id):
     for start, end in ((0.1, 1000.0), (0.1, 120.0), (180.0, 1000.0)):
         cam.clip_start, cam.clip_end = start, end
         bpy.ops.render.render()
-        seen[(start, end)] = float(engine.last_render.passes["Alpha"].sum())
+        seen[(start, end)] = float(_alpha(engine.last_render).sum())
     assert seen[(0.1, 1000.0)] > 100, seen
     assert seen[(0.1, 120.0)] == 0.0 and seen[(180.0, 1000.0)] == 0.0, seen
 

@@ -170,6 +170,31 @@ def test_composite_puts_the_nearer_avatar_over_the_farther():
     assert out.depth[0, 0] == 2.0 and out.rgb[0, 0, 0] == pytest.approx(0.2)
 
 
+def test_a_holdout_hides_what_is_behind_it_and_shows_nothing():
+    """Blender's holdout: no colour and no alpha where it covers, and what lies behind
+    it hidden as by any avatar; over an opaque background it stays black."""
+    near, far = _layer(1.0, 0.5, 1.0), _layer(0.2, 1.0, 2.0)
+    for layers in ([near.held_out(), far], [far, near.held_out()]):
+        out = composite(layers)
+        assert out.rgb[0, 0, 0] == pytest.approx(0.5 * 0.2)  # far, through the half hole
+        assert out.alpha[0, 0] == pytest.approx(0.5) and out.held[0, 0] == pytest.approx(0.5)
+        filled = out.over(np.array([0.1, 0.2, 0.3]))
+        assert filled.alpha[0, 0] == 1.0
+        assert filled.rgb[0, 0] == pytest.approx([0.1, 0.1, 0.1])  # nothing of it behind
+    out = composite([near, far.held_out()])  # a holdout behind shows through the near one
+    assert out.rgb[0, 0, 0] == pytest.approx(0.5)
+    assert out.alpha[0, 0] == pytest.approx(0.5) and out.held[0, 0] == pytest.approx(0.5)
+    alone = near.held_out()
+    assert alone.alpha.max() == 0 and alone.rgb.max() == 0 and alone.held[0, 0] == 0.5
+    assert composite([near, far]).held is None
+
+
+def test_a_frame_over_the_world_is_opaque():
+    lay = _layer(1.0, 0.25, 1.0).over(np.array([0.0, 0.5, 1.0]))
+    assert (lay.alpha == 1.0).all()
+    assert lay.rgb[0, 0] == pytest.approx([0.25, 0.25 + 0.75 * 0.5, 0.25 + 0.75])
+
+
 def test_to_blender_flips_rows_and_rotates_normals():
     wire = np.dtype("f4").newbyteorder("<")  # how arrays arrive from the protocol
     src = _layer(1.0, 1.0, 1.0)
@@ -182,7 +207,8 @@ def test_to_blender_flips_rows_and_rotates_normals():
     depth = out["Depth"].reshape(h, w)
     assert (depth[1] == EMPTY_DEPTH).all() and (depth[0] == 1.0).all()  # bottom-up rows
     assert out["Combined"].reshape(h, w, 4)[1, 0, 0] == 9
-    assert out["Alpha"].reshape(h, w)[1, 1] == 0.25
+    assert out["Combined"].reshape(h, w, 4)[1, 1, 3] == 0.25
+    assert set(out) == {"Combined", "Depth", "Normal"}  # alpha is Combined's, as Blender's
     assert out["Normal"].reshape(h, w, 3)[0, 0] == pytest.approx([0, 0, 1])
     # Blender's foreach_set crashes on the explicit "<f" buffer format
     assert {memoryview(v).format for v in out.values()} == {"f"}

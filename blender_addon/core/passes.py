@@ -29,6 +29,8 @@ class Layer:
         depth: float32 ``[H, W]`` camera z, metres, +inf where empty.
         normal: float32 ``[H, W, 3]`` camera space (OpenCV), 0 where empty.
         bottom_up: row 0 is the image's bottom (as rendered with ``rows="bottom_up"``).
+        held: float32 ``[H, W]`` or None: coverage by holdout avatars (Blender's holdout),
+            which shows nothing (no colour, no alpha) yet hides what lies behind it.
     """
 
     rgb: np.ndarray
@@ -36,6 +38,7 @@ class Layer:
     depth: np.ndarray
     normal: np.ndarray
     bottom_up: bool = False
+    held: np.ndarray | None = None
 
     @classmethod
     def from_render(
@@ -60,7 +63,23 @@ class Layer:
         """This layer with row 0 at the top (views, no copies)."""
         if not self.bottom_up:
             return self
-        return Layer(self.rgb[::-1], self.alpha[::-1], self.depth[::-1], self.normal[::-1])
+        held = None if self.held is None else self.held[::-1]
+        return Layer(
+            self.rgb[::-1], self.alpha[::-1], self.depth[::-1], self.normal[::-1], held=held
+        )
+
+    def held_out(self) -> Layer:
+        """This avatar as a holdout: its coverage cuts a hole in the frame."""
+        held = self.alpha if self.held is None else self.alpha + self.held
+        zero = np.zeros_like(self.alpha)
+        return Layer(np.zeros_like(self.rgb), zero, self.depth, self.normal, self.bottom_up, held)
+
+    def over(self, colour: np.ndarray) -> Layer:
+        """This frame over an opaque background of linear ``colour`` ``[3]``, as Blender
+        renders with Film > Transparent off: alpha 1, and black where a holdout covers."""
+        behind = 1.0 - self.alpha if self.held is None else 1.0 - self.alpha - self.held
+        rgb = self.rgb + behind[..., None] * np.asarray(colour, np.float32)
+        return Layer(rgb, np.ones_like(self.alpha), self.depth, self.normal, self.bottom_up)
 
 
 def composite(layers: list[Layer]) -> Layer:
@@ -68,7 +87,8 @@ def composite(layers: list[Layer]) -> Layer:
 
     Each avatar is taken as a surface at its own depth per pixel: exact when avatars do
     not interpenetrate, which heads in one scene rarely do. Depth and normal come from
-    the nearest layer with any coverage.
+    the nearest layer with any coverage. A holdout layer (:meth:`Layer.held_out`) hides
+    what lies behind it as any other does, and adds to ``held``, not to colour or alpha.
     """
     if not layers:
         raise ValueError("composite needs at least one layer")
@@ -80,18 +100,26 @@ def composite(layers: list[Layer]) -> Layer:
     order = np.argsort(depth, axis=0, kind="stable")
     rgb = np.stack([lay.rgb for lay in layers])
     alpha = np.stack([lay.alpha for lay in layers])
+    held = np.stack([np.zeros_like(lay.alpha) if lay.held is None else lay.held for lay in layers])
     normal = np.stack([lay.normal for lay in layers])
     take = np.take_along_axis
     rgb = take(rgb, order[..., None], axis=0)
     alpha = take(alpha, order, axis=0)
+    held = take(held, order, axis=0)
     depth = take(depth, order, axis=0)
     normal = take(normal, order[..., None], axis=0)
     out_rgb = np.zeros_like(rgb[0])
     out_alpha = np.zeros_like(alpha[0])
+    out_held = np.zeros_like(alpha[0])
     for k in range(len(layers)):
-        out_rgb += (1.0 - out_alpha)[..., None] * rgb[k]
-        out_alpha += (1.0 - out_alpha) * alpha[k]
-    return Layer(out_rgb, out_alpha, depth[0], normal[0], layers[0].bottom_up)
+        through = 1.0 - out_alpha - out_held
+        out_rgb += through[..., None] * rgb[k]
+        out_alpha += through * alpha[k]
+        out_held += through * held[k]
+    any_held = any(lay.held is not None for lay in layers)
+    return Layer(
+        out_rgb, out_alpha, depth[0], normal[0], layers[0].bottom_up, out_held if any_held else None
+    )
 
 
 class PassBuffers:
@@ -120,7 +148,7 @@ class PassBuffers:
         self, layer: Layer, camera_to_world_rotation: np.ndarray, names: tuple[str, ...] = ()
     ) -> dict[str, np.ndarray]:
         """:func:`to_blender` into these buffers."""
-        names = names or ("Combined", "Alpha", "Depth", "Normal")
+        names = names or ("Combined", "Depth", "Normal")
         h, w = layer.alpha.shape
         out = {}
 
@@ -137,13 +165,6 @@ class PassBuffers:
             pixels["rgb"] = np.ascontiguousarray(layer.rgb).view("V12").reshape(h, w)
             pixels["a"] = layer.alpha
             out["Combined"] = buf.reshape(-1)
-        if "Alpha" in names:
-            if layer.bottom_up and layer.alpha.flags.c_contiguous:
-                out["Alpha"] = _native_view(layer.alpha).reshape(-1)  # as Blender wants it
-            else:
-                buf = self.get("Alpha", h, w, 1)
-                rows(buf)[:] = layer.alpha
-                out["Alpha"] = buf.reshape(-1)
         if "Depth" in names:
             buf = self.get("Depth", h, w, 1)
             # +inf (empty) → EMPTY_DEPTH; real depths are far below it
@@ -171,12 +192,12 @@ def to_blender(
         camera_to_world_rotation: float64 ``[3, 3]`` of the OpenCV camera (normals are
             rotated into world space).
 
-        names: the passes wanted (all four when empty).
+        names: the passes wanted (all three when empty).
 
     Returns:
-        ``Combined`` ``[H*W*4]``, ``Alpha`` ``[H*W]``, ``Depth`` ``[H*W]``,
-        ``Normal`` ``[H*W*3]``, float32, native byte order, C-contiguous (those in
-        ``names``; fresh arrays: :class:`PassBuffers` reuses its own).
+        ``Combined`` ``[H*W*4]`` (RGBA), ``Depth`` ``[H*W]``, ``Normal`` ``[H*W*3]``,
+        float32, native byte order, C-contiguous (those in ``names``; fresh arrays:
+        :class:`PassBuffers` reuses its own).
     """
     return PassBuffers().convert(layer, camera_to_world_rotation, names)
 
