@@ -371,3 +371,55 @@ def test_coin_can_be_cancelled():
 
     with pytest.raises(RuntimeError, match="cancelled"):
         fit_coin(g, frame, [_view(s, 0), _view(s, 90)], "fast", np.zeros(n, bool), stop)
+
+
+def test_resample_reads_a_window_as_a_padded_copy_would():
+    """The photo's crop is cut from a window around the box, not from a padded copy of
+    the whole photo: against the padded copy (zeros outside the image), the same image
+    within float rounding of the filter's taps, for boxes inside, across and beyond the
+    photo's edges, shrinking and growing."""
+    from PIL import Image
+
+    from inference_service.build.photometric import resample
+
+    def padded(image, box, size):
+        x0, y0, side = box
+        pad = int(np.ceil(side)) + 1
+        big = np.pad(image, ((pad, pad), (pad, pad)) + ((0, 0),) * (image.ndim - 2))
+        region = (x0 + pad, y0 + pad, x0 + pad + side, y0 + pad + side)
+        return np.asarray(Image.fromarray(big).resize((size, size), Image.BILINEAR, box=region))
+
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (120, 160, 3), np.uint8)
+    mask = (rng.random((120, 160)) > 0.5).astype(np.uint8) * 255
+    for _ in range(60):
+        side = rng.uniform(5, 250)
+        box = (rng.uniform(-side, 160), rng.uniform(-side, 120), side)
+        size = int(rng.integers(8, 200))
+        for image in (photo, mask):
+            got, want = resample(image, box, size), padded(image, box, size)
+            diff = np.abs(got.astype(int) - want)
+            assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (box, size)
+
+
+def test_footprints_reach_the_mask_as_a_whole_photo_distance_map_says():
+    from scipy import ndimage
+
+    from inference_service.build.builder import FOOTPRINT_SIGMAS, _reaches
+
+    rng = np.random.default_rng(1)
+    k, w2c = np.array([300.0, 300, 80, 60]), np.eye(4)
+    for _ in range(10):
+        mask = np.zeros((120, 160), bool)
+        cy, cx = rng.integers(0, 120), rng.integers(0, 160)
+        mask[max(cy - 5, 0) : cy + 5, max(cx - 9, 0) : cx + 9] = True
+        means = np.c_[rng.uniform(-0.4, 0.4, (3000, 2)), rng.uniform(-0.1, 1.5, 3000)]
+        scales = rng.uniform(1e-4, 0.02, (3000, 3))
+        uv = means[:, :2] / np.maximum(means[:, 2:], 1e-6) * 300 + (80, 60)
+        j, i = np.floor(uv).astype(int).T
+        on = (j >= 0) & (j < 160) & (i >= 0) & (i < 120) & (means[:, 2] > 0)
+        radius = FOOTPRINT_SIGMAS * 300 * scales.max(1) / np.maximum(means[:, 2], 1e-6)
+        want = np.zeros(len(means), bool)
+        want[on] = ndimage.distance_transform_edt(~mask)[i[on], j[on]] <= radius[on]
+        got = _reaches(means, scales, mask, k, w2c)
+        assert want.any() and (got == want).all()

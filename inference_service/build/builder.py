@@ -300,6 +300,15 @@ def _reaches(
     j, i = np.floor(np.nan_to_num(uv, nan=-1e9)).astype(np.int64).T
     inside = (j >= 0) & (j < w) & (i >= 0) & (i < h) & (z > 0)
     out = np.zeros(len(means), bool)
-    distance = ndimage.distance_transform_edt(~mask)
-    out[inside] = distance[i[inside], j[inside]] <= radius[inside]
+    if not inside.any():
+        return out
+    # distances only around the mask, as far as the widest footprint reaches: the same
+    # answer, without a float64 distance map of a whole 80 MP photo (gigabytes)
+    reach = int(np.ceil(np.nan_to_num(radius[inside], posinf=max(h, w)).max())) + 1
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    y0, y1 = max(rows[0] - reach, 0), min(rows[-1] + reach + 1, h)
+    x0, x1 = max(cols[0] - reach, 0), min(cols[-1] + reach + 1, w)
+    near = inside & (i >= y0) & (i < y1) & (j >= x0) & (j < x1)
+    distance = ndimage.distance_transform_edt(~mask[y0:y1, x0:x1])
+    out[near] = distance[i[near] - y0, j[near] - x0] <= radius[near]
     return out

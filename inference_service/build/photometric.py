@@ -121,11 +121,18 @@ def resample(image: np.ndarray, box, size: int) -> np.ndarray:
     from PIL import Image
 
     x0, y0, side = box
-    pad = int(np.ceil(side)) + 1
-    widths = ((pad, pad), (pad, pad)) + ((0, 0),) * (image.ndim - 2)
-    padded = np.pad(image, widths)
-    region = (x0 + pad, y0 + pad, x0 + pad + side, y0 + pad + side)
-    return np.asarray(Image.fromarray(padded).resize((size, size), Image.BILINEAR, box=region))
+    # the box and what the filter reads around it (its support grows with the shrink),
+    # zeros outside the image: a window, not a padded copy of a whole 80 MP photo
+    margin = int(np.ceil(side / size)) + 2
+    top, left = int(np.floor(y0)) - margin, int(np.floor(x0)) - margin
+    bottom, right = int(np.ceil(y0 + side)) + margin, int(np.ceil(x0 + side)) + margin
+    h, w = image.shape[:2]
+    window = np.zeros((bottom - top, right - left) + image.shape[2:], image.dtype)
+    r0, r1, c0, c1 = max(top, 0), min(bottom, h), max(left, 0), min(right, w)
+    if r1 > r0 and c1 > c0:
+        window[r0 - top : r1 - top, c0 - left : c1 - left] = image[r0:r1, c0:c1]
+    region = (x0 - left, y0 - top, x0 - left + side, y0 - top + side)
+    return np.asarray(Image.fromarray(window).resize((size, size), Image.BILINEAR, box=region))
 
 
 def bind(
