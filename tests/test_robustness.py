@@ -122,6 +122,25 @@ def test_a_false_box_beside_a_face_gives_way_to_the_face(astronaut):
     assert face is faces[1] and 178 < landmarks[:, 0].mean() < 273
 
 
+def test_a_false_box_around_a_smaller_face_gives_way_to_the_face(astronaut):
+    """A wide photo where the detectors, unsure of a 95 px face, also box her suit and
+    shoulders 335 px wide: that box holds the face's landmarks, but they span a third of
+    it, so they are not its own; the face itself is used."""
+    from inference_service.build.detect import Face, locate_face
+
+    img = np.full((600, 4000, 3), 110, np.uint8)
+    img[88:600, 2000:2512] = astronaut
+    face = Face(
+        tuple(v + d for v, d in zip(ASTRONAUT_FACE, (2000, 88, 2000, 88), strict=True)), 0.7
+    )
+    faces = [Face((2084.0, 134.0, 2419.0, 469.0), 0.62), face]
+    used, landmarks = locate_face(img, faces, None, None)
+    assert used is face and 2178 < landmarks[:, 0].mean() < 2273
+    with pytest.raises(ProtocolError) as e:
+        locate_face(img, faces, 0, None)
+    assert e.value.code == errors.NO_FACE and "a false box around a smaller face" in e.value.message
+
+
 def test_a_false_box_without_landmarks_gives_way_to_the_face(astronaut):
     from inference_service.build.detect import Face, locate_face
 

@@ -23,6 +23,9 @@ MIN_FACE_PX = 24
 #: Without a face asked for, this many detections are tried, largest first, until one
 #: has landmarks of its own (a false box, say a patch of clothing, gives way to the next).
 FACE_TRIES = 4
+#: A box's own landmarks span at least this share of its side (a real detection's span
+#: 1.05-1.15 of it): a doubtful box around a shirt finds the face inside it, far smaller.
+OWN_EXTENT = 0.5
 
 
 @dataclass(frozen=True)
@@ -316,11 +319,11 @@ def locate_face(
 ) -> tuple[Face, np.ndarray]:
     """The face to build and its landmarks (see :func:`face_landmarks`).
 
-    The face mesh searches a crop of twice the box, so a false box beside a real face can
-    return the real face's landmarks: landmarks count as the box's own only where their
-    centre lies in it. A face asked for (``index``, ``box``) must pass; otherwise the
-    first of the :data:`FACE_TRIES` largest that does is used, and failing all, the
-    largest one's error is raised."""
+    The face mesh searches a crop of twice the box, so a false box beside or around a real
+    face can return the real face's landmarks: landmarks count as the box's own only where
+    their centre lies in it and they span at least :data:`OWN_EXTENT` of it. A face asked
+    for (``index``, ``box``) must pass; otherwise the first of the :data:`FACE_TRIES`
+    largest that does is used, and failing all, the largest one's error is raised."""
     h, w = img.shape[:2]
     face = choose_face(faces, index, box, (w, h))
     asked = index is not None or box is not None
@@ -337,6 +340,15 @@ def locate_face(
                     errors.NO_FACE,
                     f"the face at {face.to_dict()['box']} has no landmarks of its own: the "
                     f"ones found lie around ({cx:.0f}, {cy:.0f}), outside it",
+                    {"faces": [f.to_dict() for f in faces]},
+                )
+            extent = float((landmarks[:, :2].max(axis=0) - landmarks[:, :2].min(axis=0)).max())
+            if extent < OWN_EXTENT * _side(face):
+                raise ProtocolError(
+                    errors.NO_FACE,
+                    f"the face at {face.to_dict()['box']} has no landmarks of its own: the "
+                    f"face found inside it is {extent:.0f} px across, the box "
+                    f"{_side(face):.0f} px (a false box around a smaller face)",
                     {"faces": [f.to_dict() for f in faces]},
                 )
             return face, landmarks
