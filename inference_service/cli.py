@@ -211,32 +211,39 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
     atomic_write(path, buf.getvalue())
 
 
-def write_passes(out: Path, start: int, passes: dict[str, np.ndarray], last: int = 0) -> list[str]:
-    """Frames ``start..`` as ``rgb_NNNN.png`` (RGBA, sRGB, straight alpha),
-    ``alpha_NNNN.png``, ``depth_NNNN.npy`` (metres, inf = empty), ``normal_NNNN.npy``;
-    numbers padded to four digits, or to the take's ``last`` frame's width if wider, so
-    the files sort by name in frame order."""
+def write_passes(
+    out: Path,
+    start: int,
+    passes: dict[str, np.ndarray],
+    last: int = 0,
+    names: tuple[str, ...] | None = None,
+) -> list[str]:
+    """Frames ``start..`` as ``rgb_NNNN.png`` (RGBA, sRGB, straight alpha: ``passes``
+    must hold ``alpha`` with ``rgb``), ``alpha_NNNN.png``, ``depth_NNNN.npy`` (metres,
+    inf = empty), ``normal_NNNN.npy``, of the passes ``names`` (all of ``passes`` when
+    None); numbers padded to four digits, or to the take's ``last`` frame's width if
+    wider, so the files sort by name in frame order."""
     out.mkdir(parents=True, exist_ok=True)
+    names = tuple(passes) if names is None else names
     digits = max(4, len(str(last)))
     files = []
     n = len(next(iter(passes.values())))
     for k in range(n):
         number = f"{start + k:0{digits}d}"
-        if "rgb" in passes:
-            rgb = passes["rgb"][k]
-            a = passes["alpha"][k] if "alpha" in passes else np.ones(rgb.shape[:2], np.float32)
+        if "rgb" in names:
+            rgb, a = passes["rgb"][k], passes["alpha"][k]
             straight = np.where(a[..., None] > 1e-6, rgb / np.maximum(a[..., None], 1e-6), 0)
             rgba = np.concatenate(
                 [linear_to_srgb8(straight), (a[..., None] * 255 + 0.5).astype(np.uint8)], -1
             )
             save_png(out / f"rgb_{number}.png", rgba)
             files.append(str(out / f"rgb_{number}.png"))
-        if "alpha" in passes:
+        if "alpha" in names:
             alpha8 = (passes["alpha"][k] * 255 + 0.5).astype(np.uint8)
             save_png(out / f"alpha_{number}.png", alpha8)
             files.append(str(out / f"alpha_{number}.png"))
         for name in ("depth", "normal"):
-            if name in passes:
+            if name in names:
                 save_npy(out / f"{name}_{number}.npy", passes[name][k])
                 files.append(str(out / f"{name}_{number}.npy"))
     return files
@@ -565,6 +572,9 @@ def render_to_folder(
     n = len(cameras)
     files: list[str] = []
     bar = Progress(n, "rendering", show)
+    asked = passes
+    if "rgb" in passes and "alpha" not in passes:  # straight colour needs the alpha
+        passes = (*passes, "alpha")
     chunk = render_chunk(size, passes)
 
     def rows(a: np.ndarray | None, start: int, stop: int) -> np.ndarray | None:
@@ -579,7 +589,7 @@ def render_to_folder(
                 ref, intr, w2c, size, size, curves=rows(curves, start, stop),
                 head=rows(heads, start, stop), passes=passes, timeout=timeout or RENDER_TIMEOUT,
             )  # fmt: skip
-            files += write_passes(out, start, result, last=n - 1)
+            files += write_passes(out, start, result, last=n - 1, names=asked)
             if preview is not None:
                 for rgb, alpha in zip(result["rgb"], result["alpha"], strict=True):
                     preview.add(rgb, alpha)
@@ -767,6 +777,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with connect(args) as client:
         record = run_demo(client, out, preset=args.preset, size=args.size, show=not args.json,
                           replace=own_store)  # fmt: skip
+    if args.store:  # a private service's: here
+        record["store"] = str(Path(args.store))
+        record["summary"] += f"\n  avatar store (and the service's log): {record['store']}"
+    else:
+        record["summary"] += f"\n  avatar stored by the service at {args.endpoint}"
     emit(args, record, record["summary"])
     return 0
 

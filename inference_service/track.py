@@ -188,10 +188,31 @@ def open_frames(source: str | Path, fps: float | None = None) -> FrameSource:
         )
         if not files:
             raise TrackError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+        files = _one_series(path, files)
         return FrameSource(str(path), float(fps or DEFAULT_FPS), len(files), _read_images(files))
     if not path.is_file():
         raise TrackError(f"{path}: no such file or folder")
     return _open_video(path, fps)
+
+
+def _one_series(folder: Path, files: list[Path]) -> list[Path]:
+    """The frames of a folder holding one numbered series (``frame_0001.png``...). A
+    ``splatface render`` folder also holds ``alpha_`` images: its ``rgb_`` ones are the
+    frames. Several other series are refused, named: read together, they would play as
+    one take of interleaved frames."""
+    series: dict[str, list[Path]] = {}
+    for f in files:
+        series.setdefault(re.sub(r"\d+", "#", f.name.lower()), []).append(f)
+    if len(series) == 1:
+        return files
+    rgb = [k for k in series if k.startswith("rgb_")]
+    if len(rgb) == 1 and all(k.startswith(("rgb_", "alpha_")) for k in series):
+        return series[rgb[0]]
+    named = ", ".join(f"{k} ({len(v)})" for k, v in sorted(series.items())[:6])
+    raise TrackError(
+        f"{folder}: the folder holds several series of images ({named}"
+        f"{', ...' if len(series) > 6 else ''}); put the take's frames in a folder of their own"
+    )
 
 
 def _read_images(files: list[Path]) -> Iterator[np.ndarray]:

@@ -168,6 +168,13 @@ def test_render_checks_its_field_of_view_and_asks_each_pass_once(tmp_path, servi
         "--passes", "rgb,alpha,depth,normal,rgb")  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == [
         "alpha_0000.png", "depth_0000.npy", "normal_0000.npy", "rgb_0000.png"]  # fmt: skip
+    # rgb alone: its PNG is still straight RGBA (the alpha is rendered, not written)
+    alone = tmp_path / "rgb_only"
+    run("render", astronaut_id, *served, "--out", alone, "--size", 16, "--passes", "rgb")
+    assert sorted(p.name for p in alone.iterdir()) == ["rgb_0000.png"]
+    got = np.asarray(Image.open(alone / "rgb_0000.png"))
+    assert np.array_equal(got, np.asarray(Image.open(out / "rgb_0000.png")))
+    assert got[..., 3].min() == 0  # transparent around the head
 
 
 def test_a_private_service_that_exits_at_once_says_so(env_store):
@@ -334,6 +341,8 @@ def test_demo_writes_what_it_names(tmp_path):
     assert all(Path(p).stat().st_size > 0 for p in r["preview"])
     assert zipfile.ZipFile(r["bundle"]).namelist()[0] == "bundle.json"
     assert str(out) in r["summary"]
+    assert r["store"] == str(out / "store") and r["store"] in r["summary"]
+    assert (out / "store" / "service.log").exists()
     # a rerun replaces its avatar: the name stays unambiguous for eval and the rest
     again = last_json(run("demo", "--out", out, "--preset", "fast", "--size", 32, "--json"))
     listed = last_json(run("avatars", "--store", out / "store", "--json"))

@@ -264,6 +264,22 @@ def test_hidden_files_in_a_frame_folder_are_skipped(tmp_path):
     assert src.total == 2 and len(list(src.frames)) == 2
 
 
+def test_a_render_folder_is_read_as_its_rgb_frames_and_mixed_series_are_refused(tmp_path):
+    """``splatface render`` writes rgb_ and alpha_ images side by side: the take is the
+    rgb_ series (the alpha_ images read as frames of their own doubled the take). Other
+    mixes are refused, naming the series."""
+    frames = _numbered(3)
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(tmp_path / f"rgb_{i:04d}.png")
+        Image.fromarray(f[..., 0]).save(tmp_path / f"alpha_{i:04d}.png")
+    src = open_frames(tmp_path)
+    got = list(src.frames)
+    assert src.total == 3 and all(np.array_equal(a, b) for a, b in zip(got, frames, strict=True))
+    Image.fromarray(frames[0]).save(tmp_path / "cover.png")
+    with pytest.raises(TrackError, match=r"several series of images \(alpha_#.png \(3\), cover"):
+        open_frames(tmp_path)
+
+
 def synthetic_landmarks(identity, curves, rots, ts, intr, offset=None):
     """What a perfect MediaPipe would report for the head the fit models: ICT's at the
     stored correspondence, its lids following gaze by ``GAZE_LIDS`` of ``eyeLook*``;
