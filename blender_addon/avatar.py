@@ -160,10 +160,9 @@ def gather(depsgraph: bpy.types.Depsgraph, final_render: bool) -> list[AvatarFra
         head = np.array(inst.matrix_world, np.float64)  # copied: the iterator reuses it
         name = f"{inst.parent.name}/{ob.name}" if inst.is_instance else ob.name
         layer = depsgraph.view_layer
-        holdout = final_render and (
-            ob.original.holdout_get(view_layer=layer)
-            or (inst.is_instance and inst.parent.original.holdout_get(view_layer=layer))
-        )
+        # an instance is held out as its instancer is, whatever its source collection is
+        owner = inst.parent if inst.is_instance else ob
+        holdout = final_render and owner.original.holdout_get(view_layer=layer)
         curves = evaluated_curves(ob, depsgraph)
         out.append(AvatarFrame(ob.splatface.avatar_id, curves, head, name, bool(holdout)))
     return out

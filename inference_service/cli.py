@@ -777,8 +777,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with connect(args) as client:
         record = run_demo(client, out, preset=args.preset, size=args.size, show=not args.json,
                           replace=own_store)  # fmt: skip
-    if args.store:  # a private service's: here
-        record["store"] = str(Path(args.store))
+    if not args.endpoint:  # a private service's: here
+        record["store"] = str(Path(args.store or default_store()))
         record["summary"] += f"\n  avatar store (and the service's log): {record['store']}"
     else:
         record["summary"] += f"\n  avatar stored by the service at {args.endpoint}"

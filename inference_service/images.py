@@ -58,8 +58,9 @@ def decode_image(data: bytes | memoryview, max_pixels: int = MAX_PIXELS) -> np.n
         if data[:4] in (b"II*\x00", b"MM\x00*"):
             raise ProtocolError(
                 errors.BAD_IMAGE,
-                "a TIFF of a kind that cannot be read (such as floating-point colour): "
-                "save it with 8 or 16 bits per channel",
+                "a TIFF that cannot be read: truncated or corrupt, or of a kind Pillow "
+                "does not read (such as floating-point colour: save it with 8 or 16 bits "
+                "per channel)",
             ) from None
         raise ProtocolError(
             errors.BAD_IMAGE, "not a readable image (PNG, JPEG, WebP, TIFF, BMP...)"

@@ -8,6 +8,7 @@ one thread. So queries and renders are answered while a build runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -39,10 +40,14 @@ from .export.ply import frame_file_name, ply_bytes, write_ply
 from .jobs import JobManager
 from .posing import pose, split_transform
 from .render import frame_count, render_frames
-from .store import Store, summary
+from .store import STALE_SECONDS, Store, summary
 
 log = logging.getLogger(__name__)
 MAX_PENDING = 64
+#: On stopping: the replies still queued are sent until none came for this long, and the
+#: socket then has this long to hand them over.
+SHUTDOWN_QUIET_MS = 200
+SHUTDOWN_LINGER_MS = 2000
 CACHE_SIZE = 4
 POOL_OPS = ("get", "render", "export")
 
@@ -54,6 +59,20 @@ def bind_address(endpoint: str) -> str:
         if endpoint.startswith("tcp://") and endpoint.endswith(":0")
         else endpoint
     )
+
+
+def _remove_stale_temporaries(exports: Path) -> None:
+    """Temporary files an export stopped by a crash left (``.NAME.XXXXXXXX.tmp``, see
+    ``atomic_write``), once untouched for ``STALE_SECONDS`` (another service on the same
+    folder may be writing a fresh one)."""
+    if not exports.is_dir():
+        return
+    now = time.time()
+    for tmp in exports.rglob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            if tmp.is_file() and now - tmp.stat().st_mtime > STALE_SECONDS:
+                tmp.unlink()
+                log.warning("removed %s, left by an interrupted export", tmp)
 
 
 def check_server_keys(folder: Path) -> tuple[bytes, bytes]:
@@ -114,6 +133,7 @@ class Service:
         self._server_keys = None if self.curve_keys is None else check_server_keys(self.curve_keys)
         self.store = Store(store)
         self.exports = Path(exports) if exports else self.store.root / "exports"
+        _remove_stale_temporaries(self.exports)
         self.jobs = JobManager(self.store)
         self.bound: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splatface-work")
@@ -174,11 +194,16 @@ class Service:
                             router.send_multipart(reply, copy=False)
         finally:
             log.info("stopping")
+            self._stop.set()  # also when the loop ended by an exception
             self.jobs.shutdown()
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            # every request taken gets its reply: queued ones answer "cancelled" at once
+            # (see _work), running ones at their next check
+            self._pool.shutdown(wait=True)
+            while replies.poll(SHUTDOWN_QUIET_MS):
+                router.send_multipart(replies.recv_multipart(copy=False), copy=False)
             for push in self._pushes:  # pool threads are done with them
                 push.close(0)
-            router.close(0)
+            router.close(SHUTDOWN_LINGER_MS)  # let the last replies leave
             replies.close(0)
             if auth is not None:
                 auth.stop()
@@ -262,6 +287,7 @@ class Service:
 
     def _work(self, route, op, req_id, fields, arrays) -> None:
         try:
+            self._check_stop()  # queued when the service began to stop
             header, out = getattr(self, "_op_" + op)(fields, arrays)
             reply = self._ok(op, req_id, header, out)
         except ProtocolError as exc:
@@ -517,7 +543,10 @@ class Service:
                 )
             check_frame(b)
             frames = list(range(a, b + 1))
-        folder = self.exports / f"{avatar.id}"
+        # a folder of this request's own: two exports of one avatar at once must not
+        # write each other's frames under the names their replies list
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        folder = self.exports / avatar.id / stamp
         written = []
         for i in frames:
             self._check_stop()

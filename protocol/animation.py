@@ -469,6 +469,7 @@ def _load_csv(path: Path) -> Animation:
     timecodes: list[str] = []
     untracked: list[bool] = []
     cells: list[list[str]] = []
+    frame_cells: list[tuple[int, str | None]] = []
     for line, row in body:
         while len(row) > width and row[-1] == "":
             row.pop()
@@ -493,8 +494,11 @@ def _load_csv(path: Path) -> Animation:
             _parse_timecode_at(row[tc_col], line)
             timecodes.append(row[tc_col])
         cells.append(["0"] * len(numeric) if empty else [row[c] for c in numeric])
+        if frame_col is not None:  # an untracked row may leave its frame out
+            cell = row[frame_col] if frame_col < len(row) else ""
+            frame_cells.append((line, None if empty and not cell.strip() else cell))
     if frame_col is not None:
-        _check_frame_numbers([(line, row[frame_col]) for line, row in body], header[frame_col])
+        _check_frame_numbers(frame_cells, header[frame_col])
     try:
         if any("_" in cell for cell_row in cells for cell in cell_row):
             raise ValueError  # numpy, as float(), reads "0_5" as 5
@@ -545,12 +549,16 @@ def _load_csv(path: Path) -> Animation:
     )
 
 
-def _check_frame_numbers(cells: list[tuple[int, str]], column: str) -> None:
+def _check_frame_numbers(cells: list[tuple[int, str | None]], column: str) -> None:
     """A ``frame`` column must count up by one: rows play one per frame, in file order,
     so frames given out of order, twice or with gaps (keys on tens, say) would not play
-    where their numbers say."""
+    where their numbers say. A cell None (an untracked row without it) counts as the
+    next frame."""
     before = None
     for line, cell in cells:
+        if cell is None:
+            before = None if before is None else before + 1
+            continue
         frame = _number(cell, line, column)
         if not math.isfinite(frame) or frame != int(frame):
             raise ValueError(f"line {line}: {column} {cell!r} is not a whole frame number")

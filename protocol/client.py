@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from . import errors
+from . import errors, messages
 from .animation import load_animation
 from .codec import PROTOCOL_VERSION, REPLY_LIMITS, Message, decode, encode
 from .errors import ProtocolError
@@ -293,6 +293,9 @@ class Client:
         the service's own; ``None`` leaves the service's choice.
         """
         data = np.frombuffer(image, np.uint8) if isinstance(image, bytes | bytearray) else image
+        spec = messages.OPS["build"].arrays["image"]
+        if data.nbytes > spec.max_bytes:  # said here: past the codec's limit it says less
+            raise messages.too_large(spec, data.nbytes)
         fields = {"name": name, "preset": preset, "face": face, "face_box": face_box,
                   "enhance": None if enhance is None else [str(p) for p in enhance]}  # fmt: skip
         reply = self.request("build", fields, {"image": data}, retries=0)

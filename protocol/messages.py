@@ -244,6 +244,17 @@ def validate(msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     return fields, arrays
 
 
+def too_large(spec: ArrayField, nbytes: int) -> ProtocolError:
+    """The ``too_large`` error for an array a user gave (its ``too_large`` words): clients
+    raise it before sending, the service for whatever reaches it."""
+    what, remedy = spec.too_large or ("the array", "send less")
+    return ProtocolError(
+        errors.TOO_LARGE,
+        f"{what} is {nbytes / 2**20:.1f} MiB, over the service's limit of "
+        f"{spec.max_bytes / 2**20:.0f} MiB: {remedy}",
+    )
+
+
 def _check_array(name: str, arr: np.ndarray, spec: ArrayField) -> np.ndarray:
     if arr.dtype.name not in spec.dtypes:
         raise _bad(f"array {name!r} must be {' or '.join(spec.dtypes)}, got {arr.dtype.name}")
@@ -253,12 +264,7 @@ def _check_array(name: str, arr: np.ndarray, spec: ArrayField) -> np.ndarray:
     ):
         raise _bad(f"array {name!r} must have shape {want}, got {list(arr.shape)}")
     if spec.too_large is not None and spec.max_bytes is not None and arr.nbytes > spec.max_bytes:
-        what, remedy = spec.too_large
-        raise ProtocolError(
-            errors.TOO_LARGE,
-            f"{what} is {arr.nbytes / 2**20:.1f} MiB, over the service's limit of "
-            f"{spec.max_bytes / 2**20:.0f} MiB: {remedy}",
-        )
+        raise too_large(spec, arr.nbytes)
     if any(s is None and d > spec.dim_max for s, d in zip(spec.shape, arr.shape, strict=True)):
         raise ProtocolError(errors.TOO_LARGE, f"array {name!r} has a dimension over {spec.dim_max}")
     if any(d == 0 for d in arr.shape):

@@ -277,6 +277,20 @@ def test_row_rate_is_how_fast_the_rows_come():
     assert Animation(curves=np.zeros((3, 52)), fps=25).row_rate() == 25  # no timecodes
 
 
+def test_untracked_rows_may_leave_their_frame_number_out(tmp_path):
+    """A take with a frame column whose untracked rows (count 0) stop after their count or
+    leave the rest empty, as the loader takes them without the column."""
+    header = ["Timecode", "BlendShapeCount", "Frame", "JawOpen"]
+    rows = [["00:00:00:00.000", 61, 0, 0.1], ["00:00:00:01.000", 0],
+            ["00:00:00:02.000", 61, 2, 0.3], ["00:00:00:03.000", 0, "", ""],
+            ["00:00:00:04.000", 61, 4, 0.5]]  # fmt: skip
+    anim = load_animation(write(tmp_path, header, rows))
+    assert anim.curves[:, index_of("jawOpen")] == pytest.approx([0.1, 0.1, 0.3, 0.3, 0.5])
+    rows[2][2] = 3  # the untracked row before was frame 1: this is 2
+    with pytest.raises(ValueError, match="line 4: Frame 3 follows 1"):
+        load_animation(write(tmp_path, header, rows))
+
+
 def test_a_frame_column_must_count_up_by_one(tmp_path):
     header = ["frame", "jawOpen"]
     ok = write(tmp_path, header, [[1001, 0.1], [1002, 0.2], [1003, 0.3]])

@@ -392,6 +392,16 @@ def test_a_holdout_avatar_renders_as_a_hole(scene, avatar_id):
         scene.view_layers[0].layer_collection.children[coll.name].holdout = True
         bpy.ops.render.render()
         assert engine.last_render.passes["Combined"].max() == 0.0
+        # an instance of the held-out collection is held out as its instancer is: not
+        # at all here (the camera sees it beside the hole)
+        instancer = bpy.data.objects.new("cast_instance", None)
+        instancer.instance_type, instancer.instance_collection = "COLLECTION", coll
+        instancer.location = (0.25, 0.0, 0.0)
+        scene.collection.objects.link(instancer)
+        scene.camera.matrix_world = Matrix.Translation((0.125, 0, 0)) @ scene.camera.matrix_world
+        bpy.ops.render.render()
+        assert _alpha(engine.last_render).max() > 0.5
+        bpy.data.objects.remove(instancer)
     finally:
         bpy.data.collections.remove(coll)
 

@@ -116,11 +116,19 @@ def test_a_corrupt_stream_is_refused_not_built_from():
     assert e.value.code == errors.BAD_IMAGE and "corrupt" in e.value.message
 
 
-def test_a_float_tiff_kind_pillow_cannot_read_says_so():
-    header = b"II*\x00" + b"\x08\x00\x00\x00" + b"\x00" * 16  # a TIFF with no usable IFD
-    with pytest.raises(ProtocolError) as e:
-        decode_image(header)
-    assert e.value.code == errors.BAD_IMAGE and "8 or 16 bits per channel" in e.value.message
+def test_an_unreadable_tiff_says_what_it_may_be():
+    """Pillow names neither a cut TIFF nor a float RGB one: the message says both."""
+    rgb_float = np.random.default_rng(0).random((20, 30, 3)).astype(np.float32)
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, rgb_float)
+    for data in (buf.getvalue(), save(Image.fromarray(RGB), "TIFF")[:100]):
+        with pytest.raises(ProtocolError) as e:
+            decode_image(data)
+        assert e.value.code == errors.BAD_IMAGE
+        assert "truncated or corrupt" in e.value.message
+        assert "8 or 16 bits per channel" in e.value.message
 
 
 def test_decompression_bomb_refused_before_decoding():

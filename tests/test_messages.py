@@ -93,6 +93,13 @@ def test_a_photo_file_over_the_limit_says_its_size_and_what_to_do():
     assert "the photo file is 72.0 MiB, over the service's limit of 64 MiB" in message
     assert "save it compressed" in message
     check("build", {"image": np.zeros(64 << 20, np.uint8)})  # at the limit: taken
+    # a client says it before sending: past the codec's own limit (256 MiB) the service
+    # could only name an array's dimension
+    from protocol import Client
+
+    with Client("tcp://127.0.0.1:9", timeout=1, retries=0) as c, pytest.raises(ProtocolError) as e:
+        c.build(bytes(300 << 20))
+    assert e.value.code == errors.TOO_LARGE and "the photo file is 300.0 MiB" in e.value.message
 
 
 def test_build_needs_image():

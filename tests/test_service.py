@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -140,6 +141,14 @@ def test_export_range_to_service_folder(client, astronaut_id):
     assert [f.rsplit("/", 1)[-1] for f in files] == [f"frame_{i:05d}.ply" for i in (1, 2, 3)]
     sizes = {PlyData.read(f)["vertex"].count for f in files}
     assert len(sizes) == 1
+    # another export of the same frames writes its own folder: the first reply's files
+    # still hold the first take (they were overwritten, crossing the two replies)
+    before = [Path(f).read_bytes() for f in files]
+    again = client.export(astronaut_id, curves=curves[::-1].copy(), frames=(1, 3), to="folder")
+    assert Path(again.header["folder"]).parent == Path(reply.header["folder"]).parent
+    assert again.header["folder"] != reply.header["folder"]
+    assert [Path(f).read_bytes() for f in files] == before
+    assert Path(again.header["files"][0]).read_bytes() != before[0]
     with pytest.raises(ProtocolError) as e:
         client.export(astronaut_id, curves=curves, frames=(1, 9), to="folder")
     assert e.value.code == errors.BAD_REQUEST and "5 frames" in e.value.message
@@ -517,6 +526,39 @@ def test_sigterm_stops_cleanly_during_a_build(tmp_path, astronaut_png):
     t = time.monotonic()
     assert svc.stop(timeout=60) == 0
     assert time.monotonic() - t < 30
+
+
+def test_sigterm_answers_every_request_it_took(tmp_path, astronaut_png):
+    """Four clients' long renders (two running on the pool, two queued) when the service
+    is stopped: each gets its reply, ``cancelled``, at once; none waits out its timeout
+    (the queued ones were dropped, the running ones' replies never sent)."""
+    svc = ServiceProcess(tmp_path / "store")
+    with svc.client() as c:
+        avatar = c.wait(c.build(astronaut_png, preset="fast"), timeout=300)["avatar_id"]
+        k, w2c = front_camera(info_of(c, avatar), 64)
+    outcome: dict[int, str] = {}
+
+    def render(n: int) -> None:
+        with Client(svc.endpoint, timeout=30, retries=0) as client:
+            try:
+                client.render(avatar, np.tile(k, (400, 1)), np.tile(w2c, (400, 1, 1)), 64, 64)
+                outcome[n] = "ok"
+            except ProtocolError as exc:
+                outcome[n] = exc.code
+
+    threads = [threading.Thread(target=render, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)  # all four sent, two rendering
+    t0 = time.monotonic()
+    assert svc.stop(timeout=60) == 0
+    for t in threads:
+        t.join(timeout=40)
+    assert time.monotonic() - t0 < 15
+    assert sorted(outcome) == [0, 1, 2, 3], outcome
+    assert (
+        set(outcome.values()) <= {errors.CANCELLED, "ok"} and errors.CANCELLED in outcome.values()
+    )
 
 
 def test_client_recovers_when_the_service_restarts(tmp_path):

@@ -76,10 +76,14 @@ class Layer:
 
     def over(self, colour: np.ndarray) -> Layer:
         """This frame over an opaque background of linear ``colour`` ``[3]``, as Blender
-        renders with Film > Transparent off: alpha 1, and black where a holdout covers."""
-        behind = 1.0 - self.alpha if self.held is None else 1.0 - self.alpha - self.held
+        renders with Film > Transparent off: alpha 1, except where a holdout covers,
+        which stays a hole (alpha 0, no colour), as in Cycles and EEVEE."""
+        if self.held is None:
+            behind, alpha = 1.0 - self.alpha, np.ones_like(self.alpha)
+        else:
+            behind, alpha = 1.0 - self.alpha - self.held, 1.0 - self.held
         rgb = self.rgb + behind[..., None] * np.asarray(colour, np.float32)
-        return Layer(rgb, np.ones_like(self.alpha), self.depth, self.normal, self.bottom_up)
+        return Layer(rgb, alpha, self.depth, self.normal, self.bottom_up)
 
 
 def composite(layers: list[Layer]) -> Layer:
