@@ -160,6 +160,27 @@ def test_export_range_to_service_folder(client, astronaut_id):
             client.export(astronaut_id, frames=bad, to="folder")
 
 
+def test_a_start_removes_what_an_interrupted_export_left(tmp_path):
+    """kill -9 in the middle of a folder export leaves its temporary file: the next start
+    removes it once it is stale (a fresh one may be another service's, writing)."""
+    import os
+
+    from inference_service.server import Service
+    from inference_service.store import STALE_SECONDS
+
+    folder = tmp_path / "exports" / "0123456789ab" / "20261206-120000-abcdef"
+    folder.mkdir(parents=True)
+    stale, fresh = folder / ".frame_00050.ply.2e05aa1e.tmp", folder / ".frame_00051.ply.1f2a.tmp"
+    done = folder / "frame_00049.ply"
+    for f in (stale, fresh, done):
+        f.write_bytes(b"ply")
+    old = time.time() - STALE_SECONDS - 60
+    os.utime(stale, (old, old))
+    os.utime(done, (old, old))
+    Service(tmp_path / "store", exports=tmp_path / "exports")
+    assert sorted(p.name for p in folder.iterdir()) == sorted([fresh.name, done.name])
+
+
 def test_export_takes_a_whole_long_take_with_its_head_motion(client, astronaut_id):
     """A 2000-frame take: its curves and its head transforms alike (heads stopped at 1024)."""
     n = 2000
