@@ -79,6 +79,10 @@ def _request_pool() -> ThreadPoolExecutor:
 _pass_buffers = PassBuffers()
 
 
+#: The views Stereo 3D renders (Blender's names for them).
+STEREO = ("left", "right")
+
+
 def render_views(render: bpy.types.RenderSettings) -> list[str]:
     """The views a final render makes: ``[""]`` (the one view) unless the scene renders
     several (Stereo 3D's left and right, or the enabled views of a multi-view setup)."""
@@ -87,10 +91,6 @@ def render_views(render: bpy.types.RenderSettings) -> list[str]:
     stereo = render.views_format == "STEREO_3D"
     names = [v.name for v in render.views if v.use and (not stereo or v.name in STEREO)]
     return names or [""]
-
-
-#: The views Stereo 3D renders (Blender's names for them).
-STEREO = ("left", "right")
 
 
 def world_background(world: bpy.types.World | None) -> tuple[np.ndarray, bool]:
@@ -270,16 +270,29 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
             self.register_pass(scene, renderlayer, "Normal", 3, "XYZ", "VECTOR")
 
     def render(self, depsgraph: bpy.types.Depsgraph) -> None:
-        """One frame of one view layer: every view of it (both eyes in Stereo 3D)."""
+        """One frame of one view layer: every view of it (both eyes in Stereo 3D), over
+        the world's colour where the film is not transparent."""
+        background = None
+        if not depsgraph.scene.render.film_transparent:
+            background, flat = world_background(depsgraph.scene.world)
+            if not flat:
+                self.report(
+                    {"WARNING"},
+                    "splatface draws the world as one colour (its viewport colour here): "
+                    "composite the avatars over an environment with Film > Transparent",
+                )
         for view in render_views(depsgraph.scene.render):
             if view:
                 self.active_view_set(view)
-            if not self._render_view(depsgraph, view):
+            if not self._render_view(depsgraph, view, background):
                 return
 
-    def _render_view(self, depsgraph: bpy.types.Depsgraph, view: str) -> bool:
-        """Render ``view`` ("" where the scene has one) into its result; False (and
-        the render failed, with why) where it could not."""
+    def _render_view(
+        self, depsgraph: bpy.types.Depsgraph, view: str, background: np.ndarray | None
+    ) -> bool:
+        """Render ``view`` ("" where the scene has one) into its result, over the linear
+        colour ``background`` if one is given; False (and the render failed, with why)
+        where it could not."""
         timing = FrameTiming()
         t0 = time.perf_counter()
         try:
@@ -293,15 +306,6 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
         wanted = ("rgb", "alpha", "depth") + (
             ("normal",) if depsgraph.view_layer.use_pass_normal else ()
         )
-        background = None
-        if not depsgraph.scene.render.film_transparent:
-            background, flat = world_background(depsgraph.scene.world)
-            if not flat and not view.endswith(STEREO[1]):
-                self.report(
-                    {"WARNING"},
-                    "splatface draws the world as one colour (its viewport colour here): "
-                    "composite the avatars over an environment with Film > Transparent",
-                )
         # the service renders while Blender allocates the result and the engine touches
         # its pages (the socket wait releases the GIL); Blender's calls hold it, so they
         # wait until the request is sent rather than delay it
