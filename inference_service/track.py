@@ -198,12 +198,13 @@ def open_frames(source: str | Path, fps: float | None = None) -> FrameSource:
 def _one_series(folder: Path, files: list[Path]) -> list[Path]:
     """The frames of a folder holding one numbered series (``frame_0001.png``...). A
     ``splatface render`` folder also holds ``alpha_`` images: its ``rgb_`` ones are the
-    frames. Several other series are refused, named: read together, they would play as
-    one take of interleaved frames."""
+    frames. Several other numbered series are refused, named: read together, they would
+    play as one take of interleaved frames. Names without numbers are frames in name
+    order, as they always were."""
     series: dict[str, list[Path]] = {}
     for f in files:
         series.setdefault(re.sub(r"\d+", "#", f.name.lower()), []).append(f)
-    if len(series) == 1:
+    if len(series) == 1 or not all("#" in k for k in series):
         return files
     rgb = [k for k in series if k.startswith("rgb_")]
     if len(rgb) == 1 and all(k.startswith(("rgb_", "alpha_")) for k in series):

@@ -275,8 +275,8 @@ def test_a_render_folder_is_read_as_its_rgb_frames_and_mixed_series_are_refused(
     src = open_frames(tmp_path)
     got = list(src.frames)
     assert src.total == 3 and all(np.array_equal(a, b) for a, b in zip(got, frames, strict=True))
-    Image.fromarray(frames[0]).save(tmp_path / "cover.png")
-    with pytest.raises(TrackError, match=r"several series of images \(alpha_#.png \(3\), cover"):
+    Image.fromarray(frames[0]).save(tmp_path / "thumb_01.png")
+    with pytest.raises(TrackError, match=r"several series of images \(alpha_#.png \(3\), rgb_"):
         open_frames(tmp_path)
 
 
