@@ -26,7 +26,14 @@ import kernels
 from protocol import errors, messages
 from protocol.arkit import ARKIT_NAMES, check_curves, reorder
 from protocol.client import allow_ipv6, load_key_file
-from protocol.codec import MAX_ID, PROTOCOL_VERSION, decode, encode, request_op_and_id, usable_id
+from protocol.codec import (
+    MAX_REQUEST_ID,
+    PROTOCOL_VERSION,
+    decode,
+    encode,
+    request_op_and_id,
+    usable_id,
+)
 from protocol.errors import ProtocolError
 from protocol.files import atomic_write
 from protocol.launch import is_loopback_endpoint
@@ -235,7 +242,8 @@ class Service:
             if req_id is not None and not usable_id(req_id):
                 req_id = None
                 raise ProtocolError(
-                    errors.BAD_REQUEST, f"'id' must be a string of at most {MAX_ID} characters"
+                    errors.BAD_REQUEST,
+                    f"'id' must be a string of at most {MAX_REQUEST_ID} characters",
                 )
             version = msg.header.get("protocol")
             if version != PROTOCOL_VERSION:

@@ -25,7 +25,7 @@ from .errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 #: The longest request ``id`` a reply echoes (clients send 32 hex digits).
-MAX_ID = 64
+MAX_REQUEST_ID = 64
 
 DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name).newbyteorder("<")
@@ -169,8 +169,8 @@ def request_op_and_id(frames: Sequence[Any], limits: Limits = REQUEST_LIMITS) ->
 
 def usable_id(req_id: Any) -> bool:
     """Whether a request's ``id`` can be echoed in its reply: a string of at most
-    :data:`MAX_ID` characters (a request may also carry none)."""
-    return isinstance(req_id, str) and len(req_id) <= MAX_ID
+    :data:`MAX_REQUEST_ID` characters (a request may also carry none)."""
+    return isinstance(req_id, str) and len(req_id) <= MAX_REQUEST_ID
 
 
 def _check_spec(spec: Any, limits: Limits) -> tuple[str, np.dtype, tuple[int, ...]]:

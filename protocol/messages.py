@@ -245,9 +245,9 @@ def validate(msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 
 
 def too_large(spec: ArrayField, nbytes: int) -> ProtocolError:
-    """The ``too_large`` error for an array a user gave (its ``too_large`` words): clients
-    raise it before sending, the service for whatever reaches it."""
-    what, remedy = spec.too_large or ("the array", "send less")
+    """The ``too_large`` error for an array a user gave (``spec`` has ``too_large`` words
+    and ``max_bytes``): clients raise it before sending, the service for what reaches it."""
+    what, remedy = spec.too_large
     return ProtocolError(
         errors.TOO_LARGE,
         f"{what} is {nbytes / 2**20:.1f} MiB, over the service's limit of "

@@ -334,14 +334,15 @@ def atlas(model: HeadModel, unit: int) -> Atlas:
     rows = np.repeat(np.arange(len(pixel)), 3)
     interp = csr_matrix((bary.ravel(), (rows, corner.ravel())), (len(pixel), len(model.neutral)))
     row, col = np.divmod(pixel, width)
+    texel_tile = tile[triangle]
     index = np.full(width * height + 1, -1, np.int64)  # the last entry: off the atlas
     index[pixel] = np.arange(len(pixel))
     right = index[np.where(col + 1 < width, pixel + 1, width * height)]
     same = right >= 0
-    same[same] = tile[triangle][right[same]] == tile[triangle][same]
+    same[same] = texel_tile[right[same]] == texel_tile[same]
     right[~same] = -1
     out = Atlas(width, height, tile, uvs, triangle_uvs, pixel, row, col, triangle,
-                tile[triangle], bary, corner, interp, right)  # fmt: skip
+                texel_tile, bary, corner, interp, right)  # fmt: skip
     if len(_ATLAS) >= 4:
         _ATLAS.clear()
     _ATLAS[(id(model), unit)] = (model, out)
