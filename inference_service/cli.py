@@ -738,8 +738,11 @@ def cmd_avatars(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     with connect(args) as client:
-        deleted = client.delete(args.avatar)["deleted"]
-    emit(args, {"deleted": deleted}, f"deleted avatar {deleted}")
+        reply = client.delete(args.avatar)
+    deleted, exports = reply["deleted"], reply.get("exports")
+    kept = f"; its exports stay in {exports}" if exports else ""
+    record = {"deleted": deleted, **({"exports": exports} if exports else {})}
+    emit(args, record, f"deleted avatar {deleted}{kept}")
     return 0
 
 

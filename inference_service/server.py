@@ -406,7 +406,13 @@ class Service:
         self.store.delete(avatar_id)
         with self._cache_lock:
             self._cache.pop(avatar_id, None)
-        return {"deleted": avatar_id}, None
+        reply = {"deleted": avatar_id}
+        # exports are files the user asked for and may still use: they stay, and the reply
+        # says where, so deleting an avatar does not silently leave them behind
+        exports = self.exports / avatar_id
+        if exports.is_dir():
+            reply["exports"] = str(exports)
+        return reply, None
 
     def _op_get(self, fields, arrays):
         avatar = self._avatar(fields["avatar"])

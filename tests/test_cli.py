@@ -494,3 +494,24 @@ def test_eval_refuses_a_different_photo(tmp_path, service, astronaut_id):
     Image.fromarray(np.zeros((100, 120, 3), np.uint8)).save(wrong)
     r = run("eval", astronaut_id, "--endpoint", service.endpoint, "--photo", wrong, check=False)
     assert r.returncode != 0 and "built from a 512x512 photo" in r.stderr
+
+
+def test_rm_keeps_an_avatars_exports_and_says_where(tmp_path, service, astronaut_id):
+    import shutil
+
+    from .conftest import ServiceProcess
+
+    shutil.copytree(service.store / astronaut_id, tmp_path / "store" / astronaut_id)
+    svc = ServiceProcess(tmp_path / "store")
+    try:
+        with svc.client() as c:
+            files = c.export(astronaut_id, to="folder").header["files"]
+        removed = last_json(run("rm", astronaut_id, "--endpoint", svc.endpoint, "--json"))
+        folder = tmp_path / "store" / "exports" / astronaut_id
+        assert removed == {"deleted": astronaut_id, "exports": str(folder)}
+        assert all(Path(f).is_file() for f in files) and not (svc.store / astronaut_id).exists()
+        shutil.copytree(service.store / astronaut_id, tmp_path / "store" / astronaut_id)
+        text = run("rm", astronaut_id, "--endpoint", svc.endpoint).stdout
+        assert f"its exports stay in {folder}" in text
+    finally:
+        svc.stop()
