@@ -147,6 +147,18 @@ def evaluated_curves(ob: bpy.types.Object, depsgraph: bpy.types.Depsgraph) -> np
     return np.clip(out, 0.0, 1.0)
 
 
+def held_by_collection(ob: bpy.types.Object, view_layer: bpy.types.ViewLayer) -> bool:
+    """Whether a collection holding ``ob`` is set to Holdout in ``view_layer`` (which
+    holds out everything inside it, child collections included)."""
+    stack = [view_layer.layer_collection]
+    while stack:
+        lc = stack.pop()
+        if lc.holdout and ob in lc.collection.all_objects[:]:  # by object, not name
+            return True
+        stack.extend(lc.children)
+    return False
+
+
 def gather(depsgraph: bpy.types.Depsgraph, final_render: bool) -> list[AvatarFrame]:
     """Every visible avatar in ``depsgraph`` at its current frame, each instance of one
     (a collection instanced or linked into the shot) where the instance puts it."""
@@ -155,14 +167,17 @@ def gather(depsgraph: bpy.types.Depsgraph, final_render: bool) -> list[AvatarFra
         ob = inst.object
         if not proxies([ob]) or not inst.show_self:
             continue
-        if final_render and ob.original.hide_render:
+        # the evaluated object's flags: keyed visibility and holdout change per frame,
+        # and an animation render does not update the original's
+        if final_render and ob.hide_render:
             continue
         head = np.array(inst.matrix_world, np.float64)  # copied: the iterator reuses it
         name = f"{inst.parent.name}/{ob.name}" if inst.is_instance else ob.name
-        layer = depsgraph.view_layer
         # an instance is held out as its instancer is, whatever its source collection is
         owner = inst.parent if inst.is_instance else ob
-        holdout = final_render and owner.original.holdout_get(view_layer=layer)
+        holdout = final_render and (
+            owner.is_holdout or held_by_collection(owner.original, depsgraph.view_layer)
+        )
         curves = evaluated_curves(ob, depsgraph)
         out.append(AvatarFrame(ob.splatface.avatar_id, curves, head, name, bool(holdout)))
     return out

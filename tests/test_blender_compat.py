@@ -406,6 +406,38 @@ def test_a_holdout_avatar_renders_as_a_hole(scene, avatar_id):
         bpy.data.collections.remove(coll)
 
 
+def test_keyed_visibility_and_holdout_change_during_an_animation_render(scene, avatar_id,
+                                                                        tmp_path):  # fmt: skip
+    """Disable in Renders and Holdout keyed over a take apply frame by frame, whatever
+    frame the timeline was parked on when the render began (the original object's flags
+    stay at that frame's)."""
+    from blender_addon import engine
+
+    proxy = import_avatar(bpy, avatar_id)
+    add_camera_from_opencv(bpy, scene, orbit(proxy.splatface.center, 0.9), FOV, 32)
+    for frame, hidden, held in ((1, True, False), (3, False, False), (5, False, True)):
+        proxy.hide_render, proxy.is_holdout = hidden, held
+        proxy.keyframe_insert("hide_render", frame=frame)
+        proxy.keyframe_insert("is_holdout", frame=frame)
+    scene.frame_start, scene.frame_end = 1, 6
+    scene.render.filepath = str(tmp_path / "take_")
+    seen = {}
+
+    def after(s, *_):
+        seen[s.frame_current] = float(_alpha(engine.last_render).max())
+
+    for parked in (1, 4):
+        scene.frame_set(parked)
+        seen.clear()
+        bpy.app.handlers.render_post.append(after)
+        try:
+            bpy.ops.render.render(animation=True)
+        finally:
+            bpy.app.handlers.render_post.remove(after)
+        shown = [f for f, alpha in sorted(seen.items()) if alpha > 0.5]
+        assert shown == [3, 4], f"parked at {parked}: {seen}"
+
+
 def test_the_compositor_offers_the_renders_alpha(scene):
     """A Render Layers node shows Image and Alpha as for Blender's own engines (a pass
     registered under the name Alpha took its Alpha socket away)."""
