@@ -27,7 +27,7 @@ import zmq
 
 from protocol import Client, CurveKeys, ProtocolError, messages
 from protocol.animation import NTSC_FPS
-from protocol.camera import framing_distance, intrinsics_from_fov, orbit
+from protocol.camera import intrinsics_from_fov, orbit, outline_distance
 from protocol.launch import READY_PREFIX, wait_for_endpoint
 
 from .build.diffusion import EnhanceModels, ModelFolderError
@@ -352,6 +352,17 @@ def frame_rate(text: str) -> float:
     return value
 
 
+def degrees(text: str) -> float:
+    """argparse type: an angle in degrees, a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a number of degrees, got {text!r}")
+    return value
+
+
 def field_of_view(text: str) -> float:
     """argparse type: degrees a pinhole camera can see, over 0 and under 180."""
     try:
@@ -403,8 +414,16 @@ def parse_range(text: str) -> tuple[int, int]:
 
 def orbit_camera(info: dict[str, Any], size: int, yaw: float, pitch: float, fov: float):
     center = np.asarray(info["center"], np.float64)
-    distance = framing_distance(float(info["radius"]), fov, fill=0.9)
+    distance = outline_distance(float(info["radius"]), fov, fill=0.9)
     return intrinsics_from_fov(size, size, fov), orbit(center, distance, yaw, pitch)
+
+
+def orbit_far(info: dict[str, Any], fov: float) -> float | None:
+    """The far clip plane :func:`orbit_camera`'s camera needs where the service's default
+    (100 m) would cut the head away: a very narrow ``--fov`` stands far back."""
+    radius = float(info["radius"])
+    far = outline_distance(radius, fov, fill=0.9) + 2 * radius
+    return far if far > messages.OPS["render"].fields["far"].default else None
 
 
 def avatar_info(client: Client, ref: str) -> dict[str, Any]:
@@ -565,10 +584,12 @@ def render_to_folder(
     heads: np.ndarray | None = None,
     preview: Mp4Writer | None = None,
     timeout: float | None = None,
+    far: float | None = None,
 ) -> list[str]:
     """Render len(cameras) frames (curves and heads row i, or the rest pose) in chunks;
     write the passes, and feed ``preview`` (which needs rgb and alpha) as frames arrive.
-    ``timeout``: seconds per chunk (default :data:`RENDER_TIMEOUT`)."""
+    ``timeout``: seconds per chunk (default :data:`RENDER_TIMEOUT`); ``far``: the far clip
+    plane (None: the service's)."""
     n = len(cameras)
     files: list[str] = []
     bar = Progress(n, "rendering", show)
@@ -588,6 +609,7 @@ def render_to_folder(
             result = client.render(
                 ref, intr, w2c, size, size, curves=rows(curves, start, stop),
                 head=rows(heads, start, stop), passes=passes, timeout=timeout or RENDER_TIMEOUT,
+                far=far,
             )  # fmt: skip
             files += write_passes(out, start, result, last=n - 1, names=asked)
             if preview is not None:
@@ -622,7 +644,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         heads = animation_heads(anim, info, not args.no_head_motion)
         files = render_to_folder(
             client, info["id"], out, curves, [cam] * n, args.size, passes, not args.json,
-            heads=heads, preview=preview, timeout=args.timeout,
+            heads=heads, preview=preview, timeout=args.timeout, far=orbit_far(info, args.fov),
         )  # fmt: skip
     record = {"avatar_id": info["id"], "out": str(out), "frames": n, "fps": fps, "files": files}
     if preview is not None:
@@ -975,11 +997,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--yaw",
-        type=float,
+        type=degrees,
         default=0.0,
         help="degrees; positive turns the camera to the subject's left (default: 0, front)",
     )
-    sp.add_argument("--pitch", type=float, default=0.0, help="degrees; positive looks from above")
+    sp.add_argument("--pitch", type=degrees, default=0.0, help="degrees; positive looks from above")
     sp.add_argument(
         "--fov",
         type=field_of_view,

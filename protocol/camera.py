@@ -22,8 +22,8 @@ def look_at(eye, target, up=(0.0, 0.0, 1.0)) -> np.ndarray:
         raise ValueError("eye and target coincide")
     forward /= norm
     right = np.cross(forward, up)
-    if np.linalg.norm(right) < 1e-9:  # looking straight along `up`
-        right = np.cross(forward, (0.0, 1.0, 0.0))
+    if np.linalg.norm(right) < 1e-9:  # looking straight along `up`: any axis across it
+        right = np.cross(forward, np.eye(3)[np.argmin(np.abs(forward))])
     right /= np.linalg.norm(right)
     down = np.cross(forward, right)
     m = np.eye(4)
@@ -56,8 +56,17 @@ def intrinsics_from_fov(width: int, height: int, fov_deg: float) -> np.ndarray:
 
 
 def framing_distance(radius: float, fov_deg: float, fill: float = 0.85) -> float:
-    """Distance at which a sphere of ``radius`` spans ``fill`` of the narrower fov."""
+    """Distance at which a sphere of ``radius`` spans ``fill`` of the narrower fov, in the
+    small-angle form (its radius at its centre's depth) that the builder's pseudo-views
+    and ``eval`` are framed with; past about 60° use :func:`outline_distance`."""
     return radius / (fill * math.tan(math.radians(fov_deg) / 2))
+
+
+def outline_distance(radius: float, fov_deg: float, fill: float = 0.85) -> float:
+    """Distance at which a sphere's outline spans ``fill`` of the narrower fov, at any fov:
+    a near sphere's outline is wider than its radius at its centre's depth, so the
+    small-angle form puts a wide camera inside the sphere (past 96° at fill 0.9)."""
+    return radius / math.sin(math.atan(fill * math.tan(math.radians(fov_deg) / 2)))
 
 
 def project(points, intrinsics, world_to_camera) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ import pytest
 
 from inference_service.headmodel import load_head_model
 from protocol.arkit import ARKIT_NAMES, check_curves, index_of, reorder
-from protocol.camera import intrinsics_from_fov, look_at, orbit, project
+from protocol.camera import intrinsics_from_fov, look_at, orbit, outline_distance, project
 
 
 def test_52_unique_apple_names_in_grouped_order():
@@ -107,6 +107,34 @@ def test_straight_above_or_below_the_view_turns_on_as_just_short_of_it(yaw):
 def test_look_at_rejects_coincident_points():
     with pytest.raises(ValueError):
         look_at((1, 1, 1), (1, 1, 1))
+
+
+@pytest.mark.parametrize("up", [(0, 1, 0), (0, -1, 0), (1, 0, 0), (0, 0, 1)])
+def test_look_at_along_any_up_is_a_rotation_looking_at_the_target(up):
+    """Looking straight along ``up`` leaves the roll free; any axis across the view will
+    do, but never NaN (an up of ±Y crossed the view with its own fallback axis)."""
+    eye = np.array([0.2, -0.1, 0.4])
+    m = look_at(eye, eye + np.asarray(up), up=up)
+    np.testing.assert_allclose(m[:3, :3] @ m[:3, :3].T, np.eye(3), atol=1e-12)
+    assert np.linalg.det(m[:3, :3]) == pytest.approx(1.0)
+    np.testing.assert_allclose(m[2, :3], up, atol=1e-12)
+    np.testing.assert_allclose(m[:3, :3] @ eye + m[:3, 3], 0, atol=1e-12)
+
+
+@pytest.mark.parametrize("fov", [0.2, 30.0, 90.0, 120.0, 170.0])
+def test_outline_distance_frames_a_sphere_at_any_fov(fov):
+    """The sphere's outline, found by projecting points all over it, spans ``fill`` of the
+    image at narrow and wide fovs alike, from a camera outside it."""
+    size, radius, fill, centre = 200, 0.2, 0.9, np.array([0.1, 0.0, 1.6])
+    d = outline_distance(radius, fov, fill)
+    assert d > radius
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(400_000, 3))
+    points = centre + radius * points / np.linalg.norm(points, axis=1, keepdims=True)
+    uv, z = project(points, intrinsics_from_fov(size, size, fov), orbit(centre, d, 20, 10))
+    assert (z > 0).all()
+    reach = np.abs(uv - size / 2).max(axis=0) / (size / 2)
+    np.testing.assert_allclose(reach, fill, rtol=2e-3)
 
 
 def test_tongue_out_pushes_the_tongue_tip_past_the_lips():

@@ -163,6 +163,22 @@ def test_render_checks_its_field_of_view_and_asks_each_pass_once(tmp_path, servi
         r = run("render", astronaut_id, *served, "--out", tmp_path / "x", "--fov", fov,
                 check=False)  # fmt: skip
         assert r.returncode == 2 and "over 0 and under 180" in r.stderr, (fov, r.stderr)
+    for option, angle in (("--yaw", "nan"), ("--pitch", "inf"), ("--yaw", "left")):
+        r = run("render", astronaut_id, *served, "--out", tmp_path / "x", option, angle,
+                check=False)  # fmt: skip
+        assert r.returncode == 2 and f"argument {option}: must be a number of degrees" in r.stderr
+    # the head is framed from outside it at either end of the fov range (the
+    # small-angle framing put a 120° camera inside the head, and a 0.2° one past far)
+    cover = {}
+    for fov in ("30", "120", "0.2"):
+        run("render", astronaut_id, *served, "--out", tmp_path / fov, "--size", 32,
+            "--fov", fov)  # fmt: skip
+        alpha = np.asarray(Image.open(tmp_path / fov / "alpha_0000.png"), np.float32) / 255
+        depth = np.load(tmp_path / fov / "depth_0000.npy")
+        cover[fov] = (alpha > 0.5).mean()
+        assert depth[np.isfinite(depth)].min() > 0.05, fov
+    assert 0.3 < cover["30"] < 0.7 and cover["120"] > 0.1
+    assert cover["0.2"] == pytest.approx(cover["30"], rel=0.25), cover
     out = tmp_path / "passes"
     run("render", astronaut_id, *served, "--out", out, "--size", 16,
         "--passes", "rgb,alpha,depth,normal,rgb")  # fmt: skip
