@@ -72,6 +72,7 @@ def render_frames(
             height,
             passes=tuple(passes),
             background=background,
+            backend=backend,
         )
         for name, arr in out.items():
             if arr is not None:

@@ -109,6 +109,9 @@ def test_render_passes_match_in_process_render(client, service, astronaut_id):
     local = render_frames(avatar, intr[None], w2c[None], SIZE, SIZE, curves, None, ("rgb", "depth"))
     np.testing.assert_allclose(out["rgb"], local["rgb"], atol=1e-6)
     np.testing.assert_array_equal(np.isinf(out["depth"]), np.isinf(local["depth"]))
+    # on the backend it is given (the service's --device): one it does not know is refused
+    with pytest.raises(ValueError, match="unknown backend 'abacus'"):
+        render_frames(avatar, intr[None], w2c[None], SIZE, SIZE, backend="abacus")
     # rows="bottom_up" (Blender, OpenGL): the same pixels, rows reversed
     up = client.render(astronaut_id, intr, w2c, SIZE, SIZE, curves=curves,
                        passes=("rgb", "alpha", "depth", "normal"), rows="bottom_up")  # fmt: skip
