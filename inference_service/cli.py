@@ -594,7 +594,9 @@ def render_to_folder(
     files: list[str] = []
     bar = Progress(n, "rendering", show)
     asked = passes
-    if "rgb" in passes and "alpha" not in passes:  # straight colour needs the alpha
+    if preview is not None:  # rendered for the preview, written only where asked
+        passes = tuple(dict.fromkeys((*passes, "rgb", "alpha")))
+    elif "rgb" in passes and "alpha" not in passes:  # straight colour needs the alpha
         passes = (*passes, "alpha")
     chunk = render_chunk(size, passes)
 
@@ -636,7 +638,6 @@ def cmd_render(args: argparse.Namespace) -> int:
     fps = args.fps or (anim is not None and anim.row_rate()) or 30.0
     preview = None
     if n > 1 and not args.no_preview:
-        passes = tuple(dict.fromkeys((*passes, "rgb", "alpha")))
         preview = Mp4Writer(out / "preview.mp4", fps)
     with connect(args) as client:
         info = avatar_info(client, args.avatar)

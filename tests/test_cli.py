@@ -66,6 +66,12 @@ def test_render_with_curves_csv(tmp_path, service, astronaut_id):
         assert np.load(out / f"normal_{i:04d}.npy").shape == (64, 64, 3)
     a, b = (np.asarray(Image.open(out / f"rgb_{i:04d}.png")) for i in (0, 2))
     assert np.abs(a.astype(int) - b).sum() > 0  # the jaw moved
+    # --passes names what is written: the preview's colour is rendered, not written
+    only = tmp_path / "normals"
+    run("render", astronaut_id, "--endpoint", service.endpoint, "--curves", csv, "--size", 16,
+        "--passes", "normal", "--out", only)  # fmt: skip
+    assert sorted(p.name for p in only.iterdir()) == [
+        "normal_0000.npy", "normal_0001.npy", "normal_0002.npy", "preview.mp4"]  # fmt: skip
 
 
 def test_render_live_link_face_take_with_head_motion_and_mp4(tmp_path, service, astronaut_id):
