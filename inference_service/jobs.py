@@ -142,11 +142,14 @@ class JobManager:
 
     def _finish(self, job: Job, state: str, error: ProtocolError | None = None) -> None:
         job.state, job.error, job.image = state, error, None
+        # the status's own stage and fraction end as its last event does
+        job.stage, job.message = state, error.message if error else "done"
+        job.fraction = 1.0 if state == "done" else job.fraction
         job.events.append(
             {
                 "stage": state,
-                "fraction": 1.0 if state == "done" else job.fraction,
-                "message": error.message if error else "done",
+                "fraction": job.fraction,
+                "message": job.message,
                 "time": round(time.time() - job.created, 3),
             }
         )

@@ -258,6 +258,7 @@ def test_progress_events(client, astronaut_png):
     assert stages[0] == "decode" and stages[-1] == "done" and "gaussians" in stages
     fractions = [e["fraction"] for e in events]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert st["stage"] == st["message"] == "done" and st["fraction"] == 1.0  # as its last event
     (face,) = st["faces"]  # the faces found are in the status, for clients to choose from
     assert len(face["box"]) == 4 and face["score"] > 0.5
     client.delete(st["avatar_id"])
@@ -523,7 +524,9 @@ def test_kill9_mid_build_keeps_the_store_whole(tmp_path, astronaut_png):
         done = c.wait(c.build(astronaut_png, name="first", preset="fast"), timeout=300)["avatar_id"]
         job = c.build(astronaut_png, name="second", preset="high")
         deadline = time.monotonic() + 120
-        while c.status(job)["stage"] not in ("finish", "save") and time.monotonic() < deadline:
+        while (
+            c.status(job)["stage"] not in ("finish", "save", "done") and time.monotonic() < deadline
+        ):
             time.sleep(0.005)
     svc.kill()  # in the middle of (or right before) writing the second avatar
     svc = ServiceProcess(store)
