@@ -159,6 +159,29 @@ def held_by_collection(ob: bpy.types.Object, view_layer: bpy.types.ViewLayer) ->
     return False
 
 
+def ignored_settings(ob: bpy.types.Object, depsgraph: bpy.types.Depsgraph) -> list[str]:
+    """What of ``ob``'s ARKit shape keys the render cannot follow, though the proxy mesh
+    does: a vertex-group mask, a key relative to another than the basis, a value outside
+    0..1 (rendered clamped). The splats follow the rig's own shapes at one weight each."""
+    key = ob.original.data.shape_keys
+    if key is None or not key.use_relative:
+        return []
+    basis = key.reference_key.name
+    out = []
+    for block in key.evaluated_get(depsgraph).key_blocks:
+        if block.name not in ARKIT_NAMES or block.mute:
+            continue
+        if block.vertex_group:
+            out.append(f"{block.name}'s vertex group")
+        if block.relative_key.name != basis:
+            out.append(f"{block.name} relative to {block.relative_key.name}")
+        if not 0.0 <= block.value <= 1.0:
+            out.append(
+                f"{block.name} at {block.value:.3g} (rendered at {min(max(block.value, 0), 1):g})"
+            )
+    return out
+
+
 def gather(depsgraph: bpy.types.Depsgraph, final_render: bool) -> list[AvatarFrame]:
     """Every visible avatar in ``depsgraph`` at its current frame, each instance of one
     (a collection instanced or linked into the shot) where the instance puts it."""

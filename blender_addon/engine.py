@@ -192,21 +192,24 @@ def render_layers(
         )
     layers = []
     for i, f in enumerate(frames):
-        reply = client.render(
-            f.avatar_id,
-            camera.intrinsics,
-            camera.world_to_camera,
-            w,
-            h,
-            curves=f.curves[None],
-            head=f.head,
-            passes=passes,
-            timeout=timeout,
-            rows="bottom_up",
-            on_sent=on_sent if i == 0 else None,
-            near=camera.near,
-            far=camera.far,
-        )
+        try:
+            reply = client.render(
+                f.avatar_id,
+                camera.intrinsics,
+                camera.world_to_camera,
+                w,
+                h,
+                curves=f.curves[None],
+                head=f.head,
+                passes=passes,
+                timeout=timeout,
+                rows="bottom_up",
+                on_sent=on_sent if i == 0 else None,
+                near=camera.near,
+                far=camera.far,
+            )
+        except ProtocolError as exc:  # which of the scene's avatars it was about
+            raise ProtocolError(exc.code, f"{f.name}: {exc.message}", exc.details) from exc
         layer = Layer.from_render(reply, bottom_up=True)
         layers.append(layer.held_out() if f.holdout else layer)
     return composite(layers)
@@ -281,6 +284,10 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
                     "splatface draws the world as one colour (its viewport colour here): "
                     "composite the avatars over an environment with Film > Transparent",
                 )
+        for ob in avatar.proxies(depsgraph.objects):
+            ignored = avatar.ignored_settings(ob, depsgraph)
+            if ignored:
+                self.report({"WARNING"}, f"{ob.name}: the render ignores {', '.join(ignored)}")
         for view in render_views(depsgraph.scene.render):
             if view:
                 self.active_view_set(view)

@@ -413,6 +413,34 @@ def test_a_failed_frame_fails_the_render_and_saves_no_blank_frame(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_shape_key_settings_the_render_cannot_follow_are_named(scene, astronaut_id):
+    """A vertex-group mask, a key relative to another than the basis and a value past
+    0..1 move the proxy mesh but not the splats: the render names them, not silently."""
+    from blender_addon import avatar
+
+    proxy = import_avatar(bpy, astronaut_id)
+    blocks = proxy.data.shape_keys.key_blocks
+    blocks["jawOpen"].vertex_group = proxy.vertex_groups.new(name="chin").name
+    blocks["mouthClose"].relative_key = blocks["jawOpen"]
+    blocks["browInnerUp"].slider_max, blocks["browInnerUp"].value = 2.0, 1.5
+    blocks["eyeBlinkLeft"].slider_min, blocks["eyeBlinkLeft"].value = -1.0, -0.5
+    blocks["mouthSmileLeft"].value = 0.5
+    blocks["cheekPuff"].slider_max, blocks["cheekPuff"].value = 2.0, 1.5
+    blocks["cheekPuff"].mute = True
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    assert set(avatar.ignored_settings(proxy.evaluated_get(depsgraph), depsgraph)) == {
+        "browInnerUp at 1.5 (rendered at 1)", "eyeBlinkLeft at -0.5 (rendered at 0)",
+        "jawOpen's vertex group", "mouthClose relative to jawOpen"}  # fmt: skip
+
+
+def test_a_head_transform_the_splats_cannot_follow_fails_naming_the_avatar(scene, astronaut_id):
+    proxy = import_avatar(bpy, astronaut_id)
+    add_camera_from_opencv(bpy, scene, orbit(proxy.splatface.center, 0.9), FOV, 32)
+    proxy.parent.scale = (1.0, 1.0, 1.1)  # squash and stretch on the head empty
+    with pytest.raises(RuntimeError, match=f"{proxy.name}: head.*uniform scale"):
+        bpy.ops.render.render()
+
+
 @pytest.mark.parametrize("first", ["connect", "refresh"])  # any first request starts it
 def test_auto_start_runs_the_configured_python_and_unregister_stops_it(
     scene, service, tmp_path, monkeypatch, first
