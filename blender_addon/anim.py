@@ -55,12 +55,36 @@ def find_fcurves(id_data: bpy.types.ID) -> Any:
     anim = id_data.animation_data
     if anim is None or anim.action is None:
         return None
+    return _action_fcurves(anim.action, anim.action_slot if _has_slots() else None)
+
+
+def _action_fcurves(action: bpy.types.Action, slot: Any) -> Any:
+    """``action``'s F-curves for ``slot`` (4.4+; ignored before), or None."""
     if not _has_slots():
-        return anim.action.fcurves
+        return action.fcurves
     from bpy_extras import anim_utils
 
-    bag = anim_utils.action_get_channelbag_for_slot(anim.action, anim.action_slot)
+    bag = anim_utils.action_get_channelbag_for_slot(action, slot)
     return None if bag is None else bag.fcurves
+
+
+def rotation_animation(ob: bpy.types.Object) -> str:
+    """What animates ``ob``'s rotation: "driver", "keys" (its action's or an NLA strip's),
+    or "" for nothing."""
+    anim = ob.animation_data
+    if anim is None:
+        return ""
+    path = _rotation_path(ob.rotation_mode)
+    if any(d.data_path == path for d in anim.drivers):
+        return "driver"
+    sources = [find_fcurves(ob)] + [
+        _action_fcurves(strip.action, strip.action_slot if _has_slots() else None)
+        for track in anim.nla_tracks
+        for strip in track.strips
+        if strip.action is not None
+    ]
+    keyed = any(fc.data_path == path for fcs in sources if fcs is not None for fc in fcs)
+    return "keys" if keyed else ""
 
 
 def _write_curve(fcurves: Any, path: str, index: int, frames: np.ndarray, values: Any) -> None:
@@ -143,13 +167,11 @@ def rotation_to_delta(ob: bpy.types.Object) -> bool:
     Blender turns an object by its delta rotation after its rotation (world = delta ·
     rotation), so once a take's keys drive the rotation, an avatar the artist turned to
     face its place in the set keeps facing it, and the take turns the head within that.
-    Keyed rotation is left alone (a take imported before moved it already); an
+    Animated rotation (keys, NLA strips, drivers) is left alone: its value is the frame's,
+    not a placement (and a take imported before moved the placement already); an
     axis-angle object, which has no delta rotation in Blender's API, too."""
     mode = ob.rotation_mode
-    if mode == "AXIS_ANGLE":
-        return False
-    fcurves = find_fcurves(ob)
-    if fcurves is not None and any(fc.data_path == _rotation_path(mode) for fc in fcurves):
+    if mode == "AXIS_ANGLE" or rotation_animation(ob):
         return False
     if mode == "QUATERNION":
         rot, delta = ob.rotation_quaternion.to_matrix(), ob.delta_rotation_quaternion.to_matrix()

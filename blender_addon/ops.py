@@ -426,6 +426,7 @@ class CurvesImport:
     head_path: str
     missing: tuple[str, ...] = ()
     placement_moved: bool = False  # the head empty's rotation went into its delta rotation
+    driven: bool = False  # a driver sets the head's rotation, over the take's keys
 
 
 def import_curves(
@@ -452,15 +453,16 @@ def import_curves(
             "Local > Selected Objects and Data), or import the take in that file"
         )
     head = proxy.parent
-    head_path, placed = "", False
+    head_path, placed, driven = "", False, False
     if head_motion and take.head_angles is not None:
         if head is None or head.splatface.role != "HEAD":
             raise ValueError(f"{proxy.name} has no head empty to key the head rotation on")
         angles = plan_keyframes(take.head_angles, take.fps, scene_fps, start_frame, times)
+        driven = anim.rotation_animation(head) == "driver"
         placed = anim.rotation_to_delta(head)
         head_path = anim.key_rotation(head, angles.frames, head_rotation(*angles.values.T))
     anim.key_shapes(key, plan, tuple("" if n in take.missing else n for n in ARKIT_NAMES))
-    return CurvesImport(len(plan.frames), head_path, take.missing, placed)
+    return CurvesImport(len(plan.frames), head_path, take.missing, placed, driven)
 
 
 class SPLATFACE_OT_import_curves(bpy.types.Operator, ImportHelper):
@@ -515,6 +517,12 @@ class SPLATFACE_OT_import_curves(bpy.types.Operator, ImportHelper):
                 f"{proxy.parent.name}'s rotation, where the avatar was placed, is now its "
                 "delta rotation (Object > Transform > Delta Transform): the take turns the "
                 "head from there",
+            )
+        if done.driven:
+            self.report(
+                {"WARNING"},
+                f"a driver sets {proxy.parent.name}'s rotation, over the take's head rotation "
+                "keys: remove the driver to see them, or import without Head rotation",
             )
         if done.missing:
             self.report(

@@ -956,6 +956,40 @@ def test_a_take_turns_the_head_from_where_the_artist_placed_it(scene, avatar_id,
         assert np.allclose(np.array(head.matrix_world)[:3, :3], want, atol=1e-5), mode
 
 
+def test_an_animated_head_rotation_is_not_taken_for_a_placement(scene, avatar_id, tmp_path):
+    """A head empty turned by an NLA strip or a driver is animated, not placed: its value
+    at the current frame does not move into the delta rotation (it turned the head twice),
+    and a driver, which sets the rotation over the take's keys, is named."""
+    from blender_addon.ops import import_curves
+
+    path = tmp_path / "take.csv"
+    _head_take(path)
+    proxy = import_avatar(bpy, avatar_id)
+    head = proxy.parent
+    for frame, turn in ((1, 0.0), (41, 1.0)):
+        head.rotation_euler = (0.0, 0.0, turn)
+        head.keyframe_insert("rotation_euler", frame=frame)
+    anim_data = head.animation_data
+    anim_data.nla_tracks.new().strips.new("turn", 1, anim_data.action)
+    anim_data.action = None
+    scene.frame_set(21)  # half-way through the strip's turn
+    assert head.rotation_euler.z == pytest.approx(0.5, abs=1e-3)
+    done = import_curves(proxy, str(path), 100)
+    assert not done.placement_moved and not done.driven
+    assert tuple(head.delta_rotation_euler) == (0.0, 0.0, 0.0)
+    proxy = import_avatar(bpy, avatar_id)
+    head = proxy.parent
+    head["turn"] = 0.5
+    driver = head.driver_add("rotation_euler", 2).driver
+    driver.type = "AVERAGE"
+    target = driver.variables.new().targets[0]
+    target.id, target.data_path = head, '["turn"]'
+    bpy.context.view_layer.update()
+    done = import_curves(proxy, str(path), 100)
+    assert done.driven and not done.placement_moved
+    assert tuple(head.delta_rotation_euler) == (0.0, 0.0, 0.0)
+
+
 def test_head_rotation_keys_follow_the_empty_rotation_mode(scene, avatar_id, tmp_path):
     from blender_addon import anim
     from blender_addon.core.curves import plan_keyframes
