@@ -246,6 +246,15 @@ class Service:
                     f"'id' must be a string of at most {MAX_REQUEST_ID} characters",
                 )
             version = msg.header.get("protocol")
+            if type(version) is not int:  # bool and float are not versions either
+                keys = " (header keys are msgpack bin here: send them as str)" * any(
+                    isinstance(k, bytes) for k in msg.header
+                )
+                raise ProtocolError(
+                    errors.BAD_REQUEST,
+                    f"header key 'protocol' must be an integer, the protocol version "
+                    f"({PROTOCOL_VERSION}), got {version!r}{keys}",
+                )
             if version != PROTOCOL_VERSION:
                 raise ProtocolError(
                     errors.UNSUPPORTED_VERSION,

@@ -364,7 +364,10 @@ BAD_MESSAGES = {
         [msgpack.packb({"protocol": 99, "op": "hello", "id": "r"})],
         errors.UNSUPPORTED_VERSION,
     ),
-    "no version": ([msgpack.packb({"op": "hello", "id": "r"})], errors.UNSUPPORTED_VERSION),
+    "no version": ([msgpack.packb({"op": "hello", "id": "r"})], errors.BAD_REQUEST),
+    "version true": ([msgpack.packb({"protocol": True, "op": "hello"})], errors.BAD_REQUEST),
+    "version 1.0": ([msgpack.packb({"protocol": 1.0, "op": "hello"})], errors.BAD_REQUEST),
+    "keys as bin": ([msgpack.packb({b"protocol": 1, b"op": b"hello"})], errors.BAD_REQUEST),
     "id not a string": (
         [msgpack.packb({"protocol": 1, "op": "hello", "id": 5})],
         errors.BAD_REQUEST,
@@ -388,6 +391,8 @@ def test_bad_messages(service, client, name):
     reply = raw(service.endpoint, frames)
     assert reply.header["ok"] is False and reply.header["error"]["code"] == code
     assert reply.header["error"]["message"]
+    if name == "keys as bin":
+        assert "send them as str" in reply.header["error"]["message"]
     assert_serving(client)
 
 
