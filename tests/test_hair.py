@@ -78,3 +78,26 @@ def test_a_bald_head_grows_no_shell(setup):
     shell = fit_hair(model, verts, photo, bald, intr, w2c)
     assert shell.measured.sum() > 100
     assert shell.thickness[shell.scalp].max() < MIN_SHELL
+
+
+@pytest.mark.parametrize("side", ["left", "top"])
+def test_hair_past_the_photos_border_is_unknown_not_bald(setup, side):
+    """A head cut by the photo's border: marches that leave the photo still in the hair
+    (or begin outside it) measure nothing, and that side's scalp takes the hair the photo
+    does show, not 0 (a face cut on the left had a bald left side)."""
+    model, verts, intr, w2c, uv, bald, scalp, _ = setup
+    photo = np.full((SIZE, SIZE, 3), 128, np.uint8)
+    hair = bald | ndimage.binary_dilation(bald, iterations=20)
+    whole = fit_hair(model, verts, photo, hair, intr, w2c)
+    cols, rows = np.flatnonzero(hair.any(axis=0)), np.flatnonzero(hair.any(axis=1))
+    axis, ends = (0, cols) if side == "left" else (1, rows)
+    cut = int(ends[0] + 0.3 * (ends[-1] - ends[0]))  # 30 % of the head outside the frame
+    k = np.asarray(intr, np.float64).copy()
+    k[2 + axis] -= cut
+    keep = (slice(None), slice(cut, None)) if side == "left" else (slice(cut, None),)
+    shell = fit_hair(model, verts, photo[keep], hair[keep], k, w2c)
+    gone = scalp & (uv[:, axis] < cut)
+    assert gone.sum() > 50 and not shell.measured[gone].any()
+    thick = np.median(whole.thickness[whole.scalp])
+    assert thick > 3 * MIN_SHELL
+    assert np.median(shell.thickness[gone]) == pytest.approx(thick, rel=0.35)

@@ -149,6 +149,11 @@ def fit_hair(
     ids, hit = ids[outline], hit[outline]
     # thickness: the samples still inside the person, counted from the scalp outwards
     run = np.cumprod(hit, axis=1).sum(axis=1)
+    # unless the march left the photo (or passed behind the camera) still in the person or
+    # before it began: what lies past the border is unknown, not bald
+    seen = (inside & (z > 0)).reshape(-1, len(steps))[outline]
+    known = (run == len(steps)) | seen[np.arange(len(run)), np.minimum(run, len(steps) - 1)]
+    ids, run = ids[known], run[known]
     thickness = np.zeros(len(vertices))
     thickness[ids] = run * MARCH_STEP
     measured = np.zeros(len(vertices), bool)
