@@ -69,20 +69,29 @@ def _action_fcurves(action: bpy.types.Action, slot: Any) -> Any:
 
 
 def rotation_animation(ob: bpy.types.Object) -> str:
-    """What animates ``ob``'s rotation: "driver", "keys" (its action's or an NLA strip's),
-    or "" for nothing."""
+    """What animates ``ob``'s rotation: "driver", "keys" (its action's, or an NLA strip's
+    that plays: not muted, in a track that is not muted, nor outshone by a solo one), or
+    "" for nothing."""
     anim = ob.animation_data
     if anim is None:
         return ""
     path = _rotation_path(ob.rotation_mode)
     if any(d.data_path == path for d in anim.drivers):
         return "driver"
-    sources = [find_fcurves(ob)] + [
-        _action_fcurves(strip.action, strip.action_slot if _has_slots() else None)
-        for track in anim.nla_tracks
-        for strip in track.strips
-        if strip.action is not None
-    ]
+    sources = [find_fcurves(ob)]
+    if anim.use_nla:
+        tracks = [t for t in anim.nla_tracks if not t.mute]
+        if any(t.is_solo for t in tracks):
+            tracks = [t for t in tracks if t.is_solo]
+        strips = [s for t in tracks for s in t.strips]
+        while strips:  # a meta strip's own strips hold its actions
+            strip = strips.pop()
+            if strip.mute:
+                continue
+            strips.extend(strip.strips)
+            if strip.action is not None:
+                slot = strip.action_slot if _has_slots() else None
+                sources.append(_action_fcurves(strip.action, slot))
     keyed = any(fc.data_path == path for fcs in sources if fcs is not None for fc in fcs)
     return "keys" if keyed else ""
 

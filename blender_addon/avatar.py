@@ -32,6 +32,8 @@ class AvatarFrame:
         name: the proxy object's name (for messages).
         holdout: a holdout in the view layer (the object's or its collection's): it
             renders as a hole, alpha 0, hiding what lies behind it.
+        warning: what of the proxy's shape-key settings the render cannot follow (see
+            :func:`ignored_settings`), "" where nothing.
     """
 
     avatar_id: str
@@ -39,6 +41,7 @@ class AvatarFrame:
     head: np.ndarray
     name: str
     holdout: bool = False
+    warning: str = ""
 
 
 def create_avatar(
@@ -148,14 +151,21 @@ def evaluated_curves(ob: bpy.types.Object, depsgraph: bpy.types.Depsgraph) -> np
 
 
 def held_by_collection(ob: bpy.types.Object, view_layer: bpy.types.ViewLayer) -> bool:
-    """Whether a collection holding ``ob`` is set to Holdout in ``view_layer`` (which
-    holds out everything inside it, child collections included)."""
-    stack = [view_layer.layer_collection]
+    """Whether a collection holding ``ob`` (an original) is set to Holdout in
+    ``view_layer``, which holds out everything inside it, child collections included;
+    an excluded collection holds nothing out, as in Blender."""
+    if not ob.is_holdout:  # Blender's answer is then its collections' alone
+        return ob.holdout_get(view_layer=view_layer)
+    homes = list(ob.users_collection)
+    stack = [(view_layer.layer_collection, False)]
     while stack:
-        lc = stack.pop()
-        if lc.holdout and ob in lc.collection.all_objects[:]:  # by object, not name
+        lc, held = stack.pop()
+        if lc.exclude:
+            continue
+        held = held or lc.holdout
+        if held and lc.collection in homes:
             return True
-        stack.extend(lc.children)
+        stack.extend((child, held) for child in lc.children)
     return False
 
 
@@ -186,6 +196,7 @@ def gather(depsgraph: bpy.types.Depsgraph, final_render: bool) -> list[AvatarFra
     """Every visible avatar in ``depsgraph`` at its current frame, each instance of one
     (a collection instanced or linked into the shot) where the instance puts it."""
     out = []
+    warnings: dict[str, str] = {}  # per proxy, however many instances it has
     for inst in depsgraph.object_instances:
         ob = inst.object
         if not proxies([ob]) or not inst.show_self:
@@ -202,5 +213,13 @@ def gather(depsgraph: bpy.types.Depsgraph, final_render: bool) -> list[AvatarFra
             owner.is_holdout or held_by_collection(owner.original, depsgraph.view_layer)
         )
         curves = evaluated_curves(ob, depsgraph)
-        out.append(AvatarFrame(ob.splatface.avatar_id, curves, head, name, bool(holdout)))
+        if ob.name not in warnings:
+            ignored = ignored_settings(ob, depsgraph)
+            said = f"{ob.name}: the render ignores {', '.join(ignored)}"
+            warnings[ob.name] = said if ignored else ""
+        out.append(
+            AvatarFrame(
+                ob.splatface.avatar_id, curves, head, name, bool(holdout), warnings[ob.name]
+            )
+        )
     return out

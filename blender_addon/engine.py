@@ -209,7 +209,9 @@ def render_layers(
                 far=camera.far,
             )
         except ProtocolError as exc:  # which of the scene's avatars it was about
-            raise ProtocolError(exc.code, f"{f.name}: {exc.message}", exc.details) from exc
+            raise ProtocolError(
+                exc.code, f"{f.name}: {exc.message}", exc.details, exc.remote_traceback
+            ) from exc
         layer = Layer.from_render(reply, bottom_up=True)
         layers.append(layer.held_out() if f.holdout else layer)
     return composite(layers)
@@ -284,18 +286,18 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
                     "splatface draws the world as one colour (its viewport colour here): "
                     "composite the avatars over an environment with Film > Transparent",
                 )
-        for ob in avatar.proxies(depsgraph.objects):
-            ignored = avatar.ignored_settings(ob, depsgraph)
-            if ignored:
-                self.report({"WARNING"}, f"{ob.name}: the render ignores {', '.join(ignored)}")
-        for view in render_views(depsgraph.scene.render):
+        for i, view in enumerate(render_views(depsgraph.scene.render)):
             if view:
                 self.active_view_set(view)
-            if not self._render_view(depsgraph, view, background):
+            if not self._render_view(depsgraph, view, background, warn=i == 0):
                 return
 
     def _render_view(
-        self, depsgraph: bpy.types.Depsgraph, view: str, background: np.ndarray | None
+        self,
+        depsgraph: bpy.types.Depsgraph,
+        view: str,
+        background: np.ndarray | None,
+        warn: bool = True,
     ) -> bool:
         """Render ``view`` ("" where the scene has one) into its result, over the linear
         colour ``background`` if one is given; False (and the render failed, with why)
@@ -310,6 +312,8 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
         except (ValueError, OSError) as exc:
             self._fail(str(exc))
             return False
+        for warning in dict.fromkeys(f.warning for f in frames if f.warning and warn):
+            self.report({"WARNING"}, warning)
         wanted = ("rgb", "alpha", "depth") + (
             ("normal",) if depsgraph.view_layer.use_pass_normal else ()
         )

@@ -141,8 +141,9 @@ class JobManager:
             del self._jobs[k]
 
     def _finish(self, job: Job, state: str, error: ProtocolError | None = None) -> None:
-        job.state, job.error, job.image = state, error, None
-        # the status's own stage and fraction end as its last event does
+        job.error, job.image = error, None
+        # the status's own stage and fraction end as its last event does; the state goes
+        # last, so a status read meanwhile (without the lock) that says done has it all
         job.stage, job.message = state, error.message if error else "done"
         job.fraction = 1.0 if state == "done" else job.fraction
         job.events.append(
@@ -153,6 +154,7 @@ class JobManager:
                 "time": round(time.time() - job.created, 3),
             }
         )
+        job.state = state
 
     def _run(self) -> None:
         while True:

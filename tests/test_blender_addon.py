@@ -431,6 +431,9 @@ def test_shape_key_settings_the_render_cannot_follow_are_named(scene, astronaut_
     assert set(avatar.ignored_settings(proxy.evaluated_get(depsgraph), depsgraph)) == {
         "browInnerUp at 1.5 (rendered at 1)", "eyeBlinkLeft at -0.5 (rendered at 0)",
         "jawOpen's vertex group", "mouthClose relative to jawOpen"}  # fmt: skip
+    (frame,) = avatar.gather(depsgraph, final_render=True)  # what the render warns with
+    assert frame.warning.startswith(f"{proxy.name}: the render ignores ")
+    assert "jawOpen's vertex group" in frame.warning
 
 
 def test_a_head_transform_the_splats_cannot_follow_fails_naming_the_avatar(scene, astronaut_id):

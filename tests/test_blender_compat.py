@@ -392,6 +392,26 @@ def test_a_holdout_avatar_renders_as_a_hole(scene, avatar_id):
         scene.view_layers[0].layer_collection.children[coll.name].holdout = True
         bpy.ops.render.render()
         assert engine.last_render.passes["Combined"].max() == 0.0
+        # a held-out collection excluded from the view layer holds nothing out: the
+        # avatar, also in an included one, renders (as holdout_get says)
+        shown = bpy.data.collections.new("Shown")
+        scene.collection.children.link(shown)
+        for ob in (proxy, proxy.parent):
+            shown.objects.link(ob)
+        scene.view_layers[0].layer_collection.children[coll.name].exclude = True
+        for keyed_off in (False, True):  # its own holdout off, or keyed off this frame
+            proxy.is_holdout = keyed_off
+            if keyed_off:
+                proxy.keyframe_insert("is_holdout", frame=scene.frame_current - 1)
+                proxy.is_holdout = False
+                proxy.keyframe_insert("is_holdout", frame=scene.frame_current)
+                proxy.is_holdout = True  # the original's flag, which the frame's keys undo
+            bpy.ops.render.render()
+            assert _alpha(engine.last_render).max() > 0.5, keyed_off
+        proxy.animation_data_clear()
+        proxy.is_holdout = False
+        bpy.data.collections.remove(shown)
+        scene.view_layers[0].layer_collection.children[coll.name].exclude = False
         # an instance of the held-out collection is held out as its instancer is: not
         # at all here (the camera sees it beside the hole)
         instancer = bpy.data.objects.new("cast_instance", None)
@@ -426,7 +446,7 @@ def test_keyed_visibility_and_holdout_change_during_an_animation_render(scene, a
     def after(s, *_):
         seen[s.frame_current] = float(_alpha(engine.last_render).max())
 
-    for parked in (1, 4):
+    for parked in (1, 4, 5):
         scene.frame_set(parked)
         seen.clear()
         bpy.app.handlers.render_post.append(after)
@@ -964,19 +984,35 @@ def test_an_animated_head_rotation_is_not_taken_for_a_placement(scene, avatar_id
 
     path = tmp_path / "take.csv"
     _head_take(path)
-    proxy = import_avatar(bpy, avatar_id)
-    head = proxy.parent
-    for frame, turn in ((1, 0.0), (41, 1.0)):
-        head.rotation_euler = (0.0, 0.0, turn)
-        head.keyframe_insert("rotation_euler", frame=frame)
-    anim_data = head.animation_data
-    anim_data.nla_tracks.new().strips.new("turn", 1, anim_data.action)
-    anim_data.action = None
-    scene.frame_set(21)  # half-way through the strip's turn
-    assert head.rotation_euler.z == pytest.approx(0.5, abs=1e-3)
-    done = import_curves(proxy, str(path), 100)
-    assert not done.placement_moved and not done.driven
-    assert tuple(head.delta_rotation_euler) == (0.0, 0.0, 0.0)
+    for nla in ("strip", "meta strip", "muted track"):
+        proxy = import_avatar(bpy, avatar_id)
+        head = proxy.parent
+        for frame, turn in ((1, 0.0), (41, 1.0)):
+            head.rotation_euler = (0.0, 0.0, turn)
+            head.keyframe_insert("rotation_euler", frame=frame)
+        anim_data = head.animation_data
+        track = anim_data.nla_tracks.new()
+        track.strips.new("turn", 1, anim_data.action)
+        anim_data.action = None
+        if nla == "meta strip":  # the strip inside a meta strip holds the action
+            track.strips.new("turn again", 50, track.strips[0].action)
+            window = bpy.context.window_manager.windows[0]
+            area = window.screen.areas[0]
+            area.type = "NLA_EDITOR"
+            for strip in track.strips:
+                strip.select = True
+            with bpy.context.temp_override(window=window, area=area, region=area.regions[-1]):
+                assert bpy.ops.nla.meta_add() == {"FINISHED"}
+            assert [s.type for s in track.strips] == ["META"]
+        track.mute = nla == "muted track"
+        scene.frame_set(21)  # half-way through the strip's turn, where it plays
+        turned = 0.0 if track.mute else 0.5
+        if track.mute:  # an old take, muted; the artist placed the head
+            head.rotation_euler = (0.0, 0.0, 1.2)
+        assert head.rotation_euler.z == pytest.approx(turned or 1.2, abs=1e-3)
+        done = import_curves(proxy, str(path), 100)
+        assert done.placement_moved == track.mute and not done.driven, nla
+        assert head.delta_rotation_euler.z == pytest.approx(1.2 if track.mute else 0.0), nla
     proxy = import_avatar(bpy, avatar_id)
     head = proxy.parent
     head["turn"] = 0.5

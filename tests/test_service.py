@@ -250,6 +250,29 @@ def test_req_sockets_are_answered(service):
         s.close()
 
 
+def test_a_finished_jobs_state_comes_last(tmp_path):
+    """A status read while a job finishes (statuses take no lock) that says done, failed
+    or cancelled already has everything that goes with it: the state is set last."""
+    from inference_service.jobs import Job, JobManager
+
+    class Watched(Job):
+        def __setattr__(self, name, value):
+            if name == "state" and value in ("done", "failed", "cancelled"):
+                assert self.events[-1]["stage"] == self.stage == value, "state set early"
+                assert self.fraction == 1.0 or value != "done"
+            super().__setattr__(name, value)
+
+    manager = JobManager(Store(tmp_path))
+    try:
+        for state, error in (("done", None), ("failed", ProtocolError(errors.NO_FACE, "no"))):
+            job = Watched(id="j", options=None, image=b"")
+            job.report("save", 0.97, "saving")
+            manager._finish(job, state, error)
+            assert job.status()["state"] == state
+    finally:
+        manager.shutdown()
+
+
 def test_progress_events(client, astronaut_png):
     events = []
     job = client.build(astronaut_png, name="progress", preset="fast")
