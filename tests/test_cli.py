@@ -92,10 +92,12 @@ def test_render_live_link_face_take_with_head_motion_and_mp4(tmp_path, service, 
     save_livelink_csv(take, Animation(curves=curves, fps=30.0, head_angles=head, timecodes=codes))
     moving, still = tmp_path / "moving", tmp_path / "still"
     r = last_json(run("render", astronaut_id, "--endpoint", service.endpoint, "--curves", take,
-                      "--size", 64, "--passes", "depth", "--out", moving, "--json"))  # fmt: skip
+                      "--size", 64, "--passes", "alpha,depth", "--out", moving,
+                      "--json"))  # fmt: skip
     assert r["fps"] == 60 and r["frames"] == n
-    # the preview needs rgb and alpha, so they are rendered and written too
-    assert len(list(moving.glob("rgb_*.png"))) == n and len(list(moving.glob("depth_*.npy"))) == n
+    # the preview's rgb is rendered for it, not written: --passes says what is
+    assert len(list(moving.glob("alpha_*.png"))) == n and len(list(moving.glob("depth_*.npy"))) == n
+    assert not list(moving.glob("rgb_*"))
     reader = imageio_ffmpeg.read_frames(r["preview"])
     meta = next(reader)
     assert meta["size"] == (64, 64) and meta["fps"] == pytest.approx(60)
