@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -122,19 +123,24 @@ def scene_camera(
     depsgraph: bpy.types.Depsgraph,
     override: bpy.types.Object | None = None,
     engine: bpy.types.RenderEngine | None = None,
+    size: tuple[int, int] | None = None,
 ) -> cam.ProtocolCamera:
     """The protocol camera of the scene's active camera at the evaluated frame; with a
     render region (Ctrl+B), the camera of that region alone, which is what Blender's
     result holds (composited into the frame by Blender unless cropped to it). ``override``:
     the camera Blender names instead (a sequencer Scene strip's). ``engine``: where the
     scene renders several views, the engine whose active view is meant (its eye's place
-    and shift, as Blender derives them from the camera's stereo settings)."""
+    and shift, as Blender derives them from the camera's stereo settings). ``size``: the
+    full frame Blender allocated (the engine's ``resolution_x``/``_y``), which stays as
+    the render began when a handler changes the resolution between frames."""
     scene = depsgraph.scene
     camera = override or scene.camera
     if camera is None:
         raise ValueError("the scene has no active camera")
     ob = camera.evaluated_get(depsgraph)
     data = ob.data
+    if ob.type != "CAMERA":  # an empty or a mesh can be made the scene's camera
+        raise ValueError(f"the scene's camera {ob.name!r} is a {ob.type.lower()}, not a camera")
     if data.type != "PERSP":
         raise ValueError(f"camera {ob.name!r} is {data.type}; splatface renders perspective only")
     r = scene.render
@@ -151,9 +157,9 @@ def scene_camera(
             sensor_fit=data.sensor_fit,
             shift_x=shift_x,
             shift_y=data.shift_y,
-            resolution_x=r.resolution_x,
-            resolution_y=r.resolution_y,
-            resolution_percentage=r.resolution_percentage,
+            resolution_x=r.resolution_x if size is None else size[0],
+            resolution_y=r.resolution_y if size is None else size[1],
+            resolution_percentage=r.resolution_percentage if size is None else 100,
             pixel_aspect_x=r.pixel_aspect_x,
             pixel_aspect_y=r.pixel_aspect_y,
             clip_start=data.clip_start,
@@ -276,7 +282,15 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
 
     def render(self, depsgraph: bpy.types.Depsgraph) -> None:
         """One frame of one view layer: every view of it (both eyes in Stereo 3D), over
-        the world's colour where the film is not transparent."""
+        the world's colour where the film is not transparent. Whatever goes wrong fails
+        the frame: an exception out of here would have Blender save it blank."""
+        try:
+            self._render(depsgraph)
+        except Exception as exc:
+            traceback.print_exc()
+            self._fail(f"splatface: {type(exc).__name__}: {exc}")
+
+    def _render(self, depsgraph: bpy.types.Depsgraph) -> None:
         background = None
         if not depsgraph.scene.render.film_transparent:
             background, flat = world_background(depsgraph.scene.world)
@@ -305,7 +319,12 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
         timing = FrameTiming()
         t0 = time.perf_counter()
         try:
-            camera = scene_camera(depsgraph, self.camera_override, self if view else None)
+            camera = scene_camera(
+                depsgraph,
+                self.camera_override,
+                self if view else None,
+                (self.resolution_x, self.resolution_y),
+            )
             frames = avatar.gather(depsgraph, final_render=True)
             settings = prefs.connection_settings().resolved()
             client = runtime.client()

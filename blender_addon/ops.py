@@ -449,8 +449,9 @@ def import_curves(
     if key.library is not None:  # keys written there are not saved with this file
         raise ValueError(
             f"{proxy.name}'s shape keys are linked from {key.library.filepath}, where its "
-            "keys would be lost on save: make its mesh local (Object > Relations > Make "
-            "Local > Selected Objects and Data), or import the take in that file"
+            "keys would be lost on save: override its mesh too (Outliner: Library Override "
+            "> Make > Selected & Content), make it local (Object > Relations > Make Local > "
+            "Selected Objects and Data), or import the take in that file"
         )
     head = proxy.parent
     head_path, placed, driven = "", False, False
