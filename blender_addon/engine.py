@@ -140,7 +140,7 @@ def scene_camera(
     ob = camera.evaluated_get(depsgraph)
     data = ob.data
     if ob.type != "CAMERA":  # an empty or a mesh can be made the scene's camera
-        raise ValueError(f"the scene's camera {ob.name!r} is a {ob.type.lower()}, not a camera")
+        raise ValueError(f"the scene's camera {ob.name!r} is not a camera object ({ob.type})")
     if data.type != "PERSP":
         raise ValueError(f"camera {ob.name!r} is {data.type}; splatface renders perspective only")
     r = scene.render

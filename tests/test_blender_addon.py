@@ -467,7 +467,7 @@ def test_any_failure_fails_the_frame_and_an_empty_is_no_camera(scene, astronaut_
     scene.camera = bpy.data.objects.new("rig_target", None)
     scene.collection.objects.link(scene.camera)
     try:
-        with pytest.raises(RuntimeError, match="'rig_target' is a empty, not a camera"):
+        with pytest.raises(RuntimeError, match="'rig_target' is not a camera object \\(EMPTY\\)"):
             bpy.ops.render.render(animation=True)
     finally:
         scene.camera = camera
