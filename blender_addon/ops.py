@@ -450,8 +450,10 @@ def import_curves(
         raise ValueError(
             f"{proxy.name}'s shape keys are linked from {key.library.filepath}, where its "
             "keys would be lost on save: override its mesh too (Outliner: Library Override "
-            "> Make > Selected & Content), make it local (Object > Relations > Make Local > "
-            "Selected Objects and Data), or import the take in that file"
+            "> Make > Selected & Content; in Python, "
+            "obj.data.override_create(remap_local_usages=True)), make it local (Object > "
+            "Relations > Make Local > Selected Objects and Data), or import the take in that "
+            "file"
         )
     head = proxy.parent
     head_path, placed, driven = "", False, False
