@@ -331,8 +331,9 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
         except (ValueError, OSError) as exc:
             self._fail(str(exc))
             return False
-        for warning in dict.fromkeys(f.warning for f in frames if f.warning and warn):
-            self.report({"WARNING"}, warning)
+        if warn:
+            for warning in dict.fromkeys(f.warning for f in frames if f.warning):
+                self.report({"WARNING"}, warning)
         wanted = ("rgb", "alpha", "depth") + (
             ("normal",) if depsgraph.view_layer.use_pass_normal else ()
         )

@@ -412,17 +412,22 @@ def parse_range(text: str) -> tuple[int, int]:
     return a, b
 
 
+def orbit_distance(info: dict[str, Any], fov: float) -> float:
+    """How far :func:`orbit_camera`'s camera stands from the head's centre: where the
+    head's bounding sphere fills 90 % of the frame."""
+    return outline_distance(float(info["radius"]), fov, fill=0.9)
+
+
 def orbit_camera(info: dict[str, Any], size: int, yaw: float, pitch: float, fov: float):
     center = np.asarray(info["center"], np.float64)
-    distance = outline_distance(float(info["radius"]), fov, fill=0.9)
+    distance = orbit_distance(info, fov)
     return intrinsics_from_fov(size, size, fov), orbit(center, distance, yaw, pitch)
 
 
 def orbit_far(info: dict[str, Any], fov: float) -> float | None:
     """The far clip plane :func:`orbit_camera`'s camera needs where the service's default
     (100 m) would cut the head away: a very narrow ``--fov`` stands far back."""
-    radius = float(info["radius"])
-    far = outline_distance(radius, fov, fill=0.9) + 2 * radius
+    far = orbit_distance(info, fov) + 2 * float(info["radius"])
     return far if far > messages.OPS["render"].fields["far"].default else None
 
 
