@@ -82,7 +82,8 @@ def _report_error(message: str) -> None:
 # -- connection --------------------------------------------------------------------
 
 
-def _apply_list(avatars: list[dict[str, Any]]) -> None:
+def _apply_list(avatars: list[dict[str, Any]], select: str = "") -> None:
+    """Show the service's avatars; ``select``: the id to make the list's active row."""
     st = props.state()
     st.avatars.clear()
     for a in avatars:
@@ -91,6 +92,10 @@ def _apply_list(avatars: list[dict[str, Any]]) -> None:
         item.avatar_id = a["id"]
         item.preset = a.get("preset", "")
         item.gaussians = int(a.get("gaussians", 0))
+        item.warnings = "\n".join(w.get("message", "") for w in a.get("warnings", ()))
+    ids = [item.avatar_id for item in st.avatars]
+    if select in ids:
+        st.avatar_index = ids.index(select)
     st.avatar_index = min(st.avatar_index, max(0, len(st.avatars) - 1))
 
 
@@ -305,9 +310,11 @@ def start_build(image_path: str, name: str, preset: str, face: int, enhance: boo
             return
         status = future.result()
         st.build_stage, st.build_fraction = "done", 1.0
-        st.status = f"built {status['avatar_id']}"
-        fetch_and_create(client, status["avatar_id"])
-        runtime.submit(client.avatars, lambda f: f.exception() or _apply_list(f.result()))
+        built = status["avatar_id"]
+        st.status = f"built {built}"
+        fetch_and_create(client, built)
+        # the new avatar selected, so that the panel shows its warnings
+        runtime.submit(client.avatars, lambda f: f.exception() or _apply_list(f.result(), built))
 
     return runtime.submit(work, done, on=runtime.build_worker)
 

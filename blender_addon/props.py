@@ -26,6 +26,8 @@ class SPLATFACE_PG_avatar_item(bpy.types.PropertyGroup):
     avatar_id: bpy.props.StringProperty()
     preset: bpy.props.StringProperty()
     gaussians: bpy.props.IntProperty()
+    #: the build's warnings about its photo, a message a line (see SPEC.md, ``list``)
+    warnings: bpy.props.StringProperty()
 
 
 class SPLATFACE_PG_face_item(bpy.types.PropertyGroup):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 import bpy
@@ -36,7 +37,7 @@ class SPLATFACE_UL_avatars(bpy.types.UIList):
         flt_flag: int = 0,
     ) -> None:
         row = layout.row()
-        row.label(text=item.name or item.avatar_id, icon="USER")
+        row.label(text=item.name or item.avatar_id, icon="ERROR" if item.warnings else "USER")
         row.label(text=f"{item.preset} · {item.gaussians // 1000}k")
 
 
@@ -84,6 +85,13 @@ class SPLATFACE_PT_main(bpy.types.Panel):
         col = row.column(align=True)
         col.operator(SPLATFACE_OT_refresh.bl_idname, text="", icon="FILE_REFRESH")
         col.operator(SPLATFACE_OT_delete_avatar.bl_idname, text="", icon="TRASH")
+        if 0 <= st.avatar_index < len(st.avatars) and st.avatars[st.avatar_index].warnings:
+            box = layout.box()
+            box.label(text="Built with warnings:", icon="ERROR")
+            chars = max(20, context.region.width // 7) if context.region else 40
+            for message in st.avatars[st.avatar_index].warnings.splitlines():
+                for i, line in enumerate(textwrap.wrap(message, chars)):
+                    box.label(text=line, icon="DOT" if i == 0 else "BLANK1")
         layout.operator(SPLATFACE_OT_import_avatar.bl_idname, icon="ADD")
 
         proxy = avatar.proxy_of(context.active_object)

@@ -558,14 +558,18 @@ def cmd_build(args: argparse.Namespace) -> int:
         "job": job,
         "gaussians": info.get("gaussians"),
         "seconds": round(time.monotonic() - t0, 2),
+        "warnings": info.get("warnings", []),
     }
-    emit(
-        args,
-        record,
-        f"built avatar {avatar_id} ({info['name']}): {info.get('gaussians')} "
-        f"Gaussians in {record['seconds']} s",
-    )
+    emit(args, record, build_text(record))
     return 0
+
+
+def build_text(record: dict[str, Any]) -> str:
+    """What ``build`` prints without ``--json``: the avatar, then a line per warning."""
+    lines = [f"built avatar {record['avatar_id']} ({record['name']}): {record['gaussians']} "
+             f"Gaussians in {record['seconds']} s"]  # fmt: skip
+    lines += [f"warning: {w['message']}" for w in record["warnings"]]
+    return "\n".join(lines)
 
 
 def render_chunk(size: int, passes: tuple[str, ...]) -> int:

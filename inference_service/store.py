@@ -189,5 +189,6 @@ def bounding_sphere(avatar: Avatar) -> dict[str, Any]:
 
 
 def summary(meta: dict[str, Any]) -> dict[str, Any]:
-    keys = ("id", "name", "created", "preset", "gaussians", "center", "radius", "builder")
+    keys = ("id", "name", "created", "preset", "gaussians", "center", "radius", "builder",
+            "warnings")  # fmt: skip
     return {k: meta[k] for k in keys if k in meta}

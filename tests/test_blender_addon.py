@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from tests.blender_util import (
     reset_scene,
     settle,
 )
-from tests.conftest import REPO, ServiceProcess
+from tests.conftest import REPO, ServiceProcess, encode_png
 
 pytestmark = pytest.mark.slow
 FOV = 30.0
@@ -59,11 +60,33 @@ def scene(addon):
     return reset_scene(bpy)
 
 
-def test_build_from_photo_with_progress(scene, astronaut_png, tmp_path, client):
+class DrawnPanel:
+    """Stands in for the UILayout that only a window has, so that a panel's ``draw`` runs
+    headless: every element it makes is this object, and ``labels`` collects their text."""
+
+    def __init__(self) -> None:
+        self.labels: list[str] = []
+
+    def label(self, text: str = "", **_kw) -> None:
+        self.labels.append(text)
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kw: self
+
+
+def drawn_labels(context) -> list[str]:
+    from blender_addon.ui import SPLATFACE_PT_main
+
+    panel = types.SimpleNamespace(layout=DrawnPanel())
+    SPLATFACE_PT_main.draw(panel, context)
+    return panel.layout.labels
+
+
+def test_build_from_photo_with_progress(scene, astronaut, tmp_path, client, astronaut_id):
     from blender_addon import avatar, props
 
     photo = tmp_path / "portrait.png"
-    photo.write_bytes(astronaut_png)
+    photo.write_bytes(encode_png(astronaut[60:]))  # the top of her hair cut off
     fractions: list[float] = []
     assert bpy.ops.splatface.build(filepath=str(photo), preset="fast") == {"FINISHED"}
     st = props.state()
@@ -86,6 +109,16 @@ def test_build_from_photo_with_progress(scene, astronaut_png, tmp_path, client):
     assert max(fractions) > 0 and len(st.faces) >= 1
     proxy = avatar.proxies(scene.objects)[-1]
     assert proxy.name.startswith("portrait") and len(proxy.data.shape_keys.key_blocks) == 53
+    # the new avatar is the list's active row, and the panel shows its warnings
+    item = st.avatars[st.avatar_index]
+    assert item.avatar_id == proxy.splatface.avatar_id
+    assert "top edge cuts off the head" in item.warnings, item.warnings
+    context = types.SimpleNamespace(region=None, active_object=None, scene=scene)
+    labels = drawn_labels(context)
+    warned = labels.index("Built with warnings:")
+    assert " ".join(labels[warned + 1 :]).startswith("the photo's top edge cuts off the head")
+    st.avatar_index = next(i for i, a in enumerate(st.avatars) if not a.warnings)
+    assert "Built with warnings:" not in drawn_labels(context)
 
 
 def _free_port() -> int:

@@ -89,7 +89,7 @@ def test_astronaut(astronaut):
         "finish",
     ]
     assert all(a <= b for (_, a), (_, b) in zip(stages, stages[1:], strict=False))
-    assert len(av.meta["faces"]) == 1
+    assert len(av.meta["faces"]) == 1 and av.meta["warnings"] == []
     # all 478 landmarks, as a fraction of the eye distance: the similarity start is far
     # off (its silhouette points), the fit of identity, expression, pose and focal is not
     assert av.meta["landmark_rms"] < 0.05 < av.meta["landmark_rms_before_fit"]
@@ -198,7 +198,7 @@ def check_hair_covers_the_silhouette(av, photo: np.ndarray, hair: np.ndarray) ->
 
 def test_grace_hopper(hopper):
     av, _ = build(hopper)
-    assert av.meta["landmark_rms"] < 0.05
+    assert av.meta["landmark_rms"] < 0.05 and av.meta["warnings"] == []
     assert face_psnr(av, hopper) > 21  # 19 dB before the photo fit; 23 after (fast)
 
 
@@ -212,8 +212,11 @@ def test_several_faces_largest_by_default_or_chosen(astronaut, hopper):
     assert len(faces) == 2 and av.meta["face"] == 0
     areas = [(b[2] - b[0]) * (b[3] - b[1]) for b in (f["box"] for f in faces)]
     assert areas[0] >= areas[1]
+    # the build says which face it took and how to choose another; a chosen one is not warned of
+    assert [w["code"] for w in av.meta["warnings"]] == ["faces"]
+    assert "2 faces found; this avatar is face 0" in av.meta["warnings"][0]["message"]
     av1, _ = build(canvas, face=1)
-    assert av1.meta["face"] == 1
+    assert av1.meta["face"] == 1 and "faces" not in [w["code"] for w in av1.meta["warnings"]]
     for a, face in ((av, faces[0]), (av1, faces[1])):
         assert nose_in_box(a, face["box"])
     assert not nose_in_box(av1, faces[0]["box"])

@@ -15,12 +15,12 @@ import pytest
 from PIL import Image
 from plyfile import PlyData
 
-from inference_service.cli import build_parser, frame_rate, linear_to_srgb8, main
+from inference_service.cli import build_parser, build_text, frame_rate, linear_to_srgb8, main
 from inference_service.curves import load_curves, save_curves_csv
 from protocol.animation import load_animation
 from protocol.arkit import ARKIT_NAMES, index_of
 
-from .conftest import REPO
+from .conftest import REPO, encode_png
 
 
 def run(*args, check=True, timeout=600):
@@ -35,17 +35,31 @@ def last_json(r) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_private_service_build_then_list_and_remove(tmp_path, astronaut_png, env_store):
+def test_private_service_build_then_list_and_remove(tmp_path, astronaut, env_store):
     photo = tmp_path / "portrait.png"
-    photo.write_bytes(astronaut_png)
+    photo.write_bytes(encode_png(astronaut[60:]))  # the top of her hair cut off
     built = last_json(run("build", photo, "--preset", "fast", "--json"))
     assert built["name"] == "portrait" and len(built["avatar_id"]) == 12
+    assert [w["code"] for w in built["warnings"]] == ["cut"], built["warnings"]
     # a second command starts another private service on the same default store
     listed = last_json(run("avatars", "--json"))["avatars"]
     assert [a["id"] for a in listed] == [built["avatar_id"]]
+    assert listed[0]["warnings"] == built["warnings"]
     assert last_json(run("rm", "portrait", "--json")) == {"deleted": built["avatar_id"]}
     assert last_json(run("avatars", "--json"))["avatars"] == []
     assert (env_store / "service.log").exists()
+
+
+def test_build_prints_each_warning_on_its_own_line():
+    record = {"avatar_id": "0123456789ab", "name": "me", "gaussians": 9, "seconds": 1.5,
+              "warnings": [{"code": "cut", "message": "the photo's top edge cuts off the head"},
+                           {"code": "small", "message": "the head is 70 px across"}]}  # fmt: skip
+    assert build_text(record).splitlines() == [
+        "built avatar 0123456789ab (me): 9 Gaussians in 1.5 s",
+        "warning: the photo's top edge cuts off the head",
+        "warning: the head is 70 px across",
+    ]
+    assert build_text({**record, "warnings": []}).count("\n") == 0
 
 
 def test_render_with_curves_csv(tmp_path, service, astronaut_id):

@@ -17,6 +17,7 @@ from ..headmodel import HeadModel, load_correspondence, load_head_model
 from ..images import decode_image, pixels_sha256
 from . import detect
 from .align import align
+from .checks import photo_warnings
 from .coin import fit_coin, photo_seen
 from .diffusion import EnhanceModels
 from .enhance import build_stage as enhance_stage
@@ -156,7 +157,12 @@ def build_avatar(
     # invisible, and they must not learn; the folds they cover fade as they appear
     closing = [lid_layer(model, rest, gaussians), lash_line(model, rest, gaussians)]
     gaussians = fading_folds(model, rest, BoundGaussians.concat([gaussians, *closing]))
-    progress("finish", 0.95, f"{len(gaussians)} Gaussians")
+    warnings = photo_warnings(
+        model, load_correspondence(), fit, (w, h), head[2], CROP_SIZE[options.preset],
+        len(faces), used, asked,
+    )  # fmt: skip
+    told = f"; {len(warnings)} warning(s)" if warnings else ""
+    progress("finish", 0.95, f"{len(gaussians)} Gaussians{told}")
     name = options.name or f"avatar-{avatar_id[:6]}"
     meta = {
         "format_version": FORMAT_VERSION,
@@ -184,6 +190,8 @@ def build_avatar(
         },
         "gaussians": len(gaussians),
         "coin_fit": coin_facts,
+        # where the photo held the avatar back (see checks.py), for clients to show
+        "warnings": warnings,
         "enhance": None if options.enhance is None else options.enhance.to_dict(),
     }
     return Avatar(

@@ -1,0 +1,108 @@
+"""A build's warnings about its photo: each fires on the photo it names, none on a clear
+portrait."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from inference_service.build import detect
+from inference_service.build.align import align
+from inference_service.build.checks import photo_warnings, view_angles
+from inference_service.build.fit import fit_geometry
+from inference_service.build.photometric import CROP_SIZE, photo_crop
+from inference_service.headmodel import load_correspondence, load_head_model
+from protocol.camera import orbit
+
+CROP = CROP_SIZE["default"]
+
+
+def fitted(photo: np.ndarray):
+    """(fit, head box side, faces found) as the builder has them before its checks."""
+    h, w = photo.shape[:2]
+    model = load_head_model()
+    faces = detect.detect_faces(photo)
+    _, landmarks = detect.locate_face(photo, faces, None, None)
+    fit = fit_geometry(model, load_correspondence(), landmarks, align(model, landmarks, (w, h)))
+    head, _ = photo_crop(fit.photo_vertices(model), fit.intrinsics, fit.world_to_camera, CROP)
+    return fit, head[2], len(faces)
+
+
+def warnings_of(photo: np.ndarray, fit=None, crop: int = CROP, faces: int | None = None,
+                asked: bool = False) -> list[dict[str, str]]:  # fmt: skip
+    found, side, n = fitted(photo)
+    h, w = photo.shape[:2]
+    return photo_warnings(load_head_model(), load_correspondence(), fit or found, (w, h), side,
+                          crop, n if faces is None else faces, 0, asked)  # fmt: skip
+
+
+def codes(warnings: list[dict[str, str]]) -> list[str]:
+    return [w["code"] for w in warnings]
+
+
+@pytest.mark.parametrize(("yaw", "pitch"), [(0, 0), (-60, 10), (35, -25), (120, 40)])
+def test_view_angles_read_back_the_orbit_that_placed_the_camera(yaw, pitch):
+    center = np.array([0.01, -0.02, 0.03])
+    off, y, p = view_angles(orbit(center, 0.7, yaw, pitch), center)
+    assert y == pytest.approx(yaw, abs=1e-6) and p == pytest.approx(pitch, abs=1e-6)
+    # the angle off the face's forward direction (-Y) by the dot product
+    forward = math.cos(math.radians(yaw)) * math.cos(math.radians(pitch))
+    assert off == pytest.approx(math.degrees(math.acos(forward)), abs=1e-6)
+
+
+def test_a_clear_portrait_has_no_warnings(astronaut, hopper):
+    assert warnings_of(astronaut) == []
+    assert warnings_of(hopper) == []
+
+
+def test_a_head_turned_from_the_camera(astronaut):
+    fit, _, _ = fitted(astronaut)
+    # the head turned 50° about the vertical through its centre: the camera, in the head's
+    # frame, moves round it the other way
+    center = fit.photo_vertices(load_head_model()).mean(0)
+    a = math.radians(50)
+    turn = np.eye(4)
+    turn[:3, :3] = [[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]]
+    to_center, back = np.eye(4), np.eye(4)
+    to_center[:3, 3], back[:3, 3] = -center, center
+    turned = dataclasses.replace(fit, world_to_camera=fit.world_to_camera @ back @ turn @ to_center)
+    found = warnings_of(astronaut, turned)
+    assert codes(found) == ["turned"]
+    yaw = view_angles(fit.world_to_camera, center)[1] - 50  # the photo's, 1.6°, turned
+    assert f"(yaw {yaw:.0f}°" in found[0]["message"], found[0]["message"]
+
+
+def test_a_loose_landmark_fit(astronaut):
+    fit, _, _ = fitted(astronaut)
+    found = warnings_of(astronaut, dataclasses.replace(fit, rms=0.1))
+    assert codes(found) == ["loose_fit"] and "0.100" in found[0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "named"),
+    [
+        (slice(60, None), slice(None), "top edge cuts"),
+        (slice(None), slice(200, None), "left edge cuts"),
+        (slice(60, None), slice(None, 250), "top and right edges cut"),
+    ],
+)
+def test_the_photo_cutting_off_the_head(astronaut, rows, cols, named):
+    found = warnings_of(np.ascontiguousarray(astronaut[rows, cols]))
+    assert codes(found) == ["cut"] and named in found[0]["message"], found
+
+
+def test_a_small_head_for_the_preset(astronaut):
+    small = np.asarray(Image.fromarray(astronaut).resize((160, 160), Image.LANCZOS))
+    found = warnings_of(small)
+    assert codes(found) == ["small"] and f"at {CROP} px" in found[0]["message"]
+    # the fast preset works at 192 px: the astronaut's 233 px head is not small for it
+    assert warnings_of(astronaut, crop=CROP_SIZE["fast"]) == []
+
+
+def test_several_faces_warn_only_when_none_was_chosen(astronaut):
+    assert codes(warnings_of(astronaut, faces=3)) == ["faces"]
+    assert warnings_of(astronaut, faces=3, asked=True) == []
