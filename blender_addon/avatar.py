@@ -172,10 +172,14 @@ def held_by_collection(ob: bpy.types.Object, view_layer: bpy.types.ViewLayer) ->
 def ignored_settings(ob: bpy.types.Object, depsgraph: bpy.types.Depsgraph) -> list[str]:
     """What of ``ob``'s ARKit shape keys the render cannot follow, though the proxy mesh
     does: a vertex-group mask, a key relative to another than the basis, a value outside
-    0..1 (rendered clamped). The splats follow the rig's own shapes at one weight each."""
+    0..1 (rendered clamped), Absolute keys. The splats follow the rig's own shapes at one
+    weight each."""
     key = ob.original.data.shape_keys
-    if key is None or not key.use_relative:
+    if key is None:
         return []
+    if not key.use_relative:  # the proxy blends the keys by time, key to key
+        return ["the shape keys' Evaluation Time (Relative is off; the splats follow each "
+                "key's Value)"]  # fmt: skip
     basis = key.reference_key.name
     out = []
     for block in key.evaluated_get(depsgraph).key_blocks:

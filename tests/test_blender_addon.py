@@ -467,6 +467,11 @@ def test_shape_key_settings_the_render_cannot_follow_are_named(scene, astronaut_
     (frame,) = avatar.gather(depsgraph, final_render=True)  # what the render warns with
     assert frame.warning.startswith(f"{proxy.name}: the render ignores ")
     assert "jawOpen's vertex group" in frame.warning
+    # Absolute keys: the proxy shows the blocks blended by Evaluation Time, not their values
+    proxy.data.shape_keys.use_relative = False
+    (frame,) = avatar.gather(bpy.context.evaluated_depsgraph_get(), final_render=True)
+    said = "the shape keys' Evaluation Time (Relative is off; the splats follow each key's Value)"
+    assert frame.warning == f"{proxy.name}: the render ignores {said}"
 
 
 def test_a_head_transform_the_splats_cannot_follow_fails_naming_the_avatar(scene, astronaut_id):
