@@ -459,7 +459,14 @@ class ViewportState:
         w, h = camera.width, camera.height
         frames = avatar.gather(depsgraph, final_render=False)
         clip = [camera.near or 0.0, camera.far or 0.0]
-        parts = [camera.intrinsics, camera.world_to_camera, np.array([w, h, *clip], np.float64)]
+        # behind the avatars, what a final render puts there: the world's colour unless
+        # the film is transparent (then the viewport's own background shows through)
+        scene = depsgraph.scene
+        background = None
+        if not scene.render.film_transparent:
+            background = world_background(scene.world)[0]
+        parts = [camera.intrinsics, camera.world_to_camera, np.array([w, h, *clip], np.float64),
+                 np.zeros(0) if background is None else background]  # fmt: skip
         for f in frames:
             parts += [np.frombuffer(f.avatar_id.encode(), np.uint8), f.curves, f.head]
         signature = b"".join(np.ascontiguousarray(x).tobytes() for x in parts)
@@ -475,6 +482,8 @@ class ViewportState:
         def work() -> np.ndarray:
             runtime.start_if_down()
             layer = render_layers(client, frames, camera, timeout, ("rgb", "alpha", "depth"))
+            if background is not None:
+                layer = layer.over(background)
             return np.concatenate([layer.rgb, layer.alpha[..., None]], axis=-1)  # bottom-up
 
         def done(future: Future) -> None:

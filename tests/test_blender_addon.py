@@ -121,6 +121,46 @@ def test_build_from_photo_with_progress(scene, astronaut, tmp_path, client, astr
     assert "Built with warnings:" not in drawn_labels(context)
 
 
+def test_the_viewport_shows_the_world_behind_the_avatar_as_a_render_does(
+    scene, astronaut_id, client
+):
+    """Film > Transparent off: the Rendered viewport fills the frame behind the head with
+    the world's colour, as the final render does; on, it leaves the view's background."""
+    from blender_addon import engine
+
+    proxy = import_avatar(bpy, astronaut_id)
+    w2c = orbit((0.0, 0.0, 0.0), 0.9, yaw_deg=-10)
+    cam = add_camera_from_opencv(bpy, scene, w2c, FOV, 64)
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    window = np.array(cam.evaluated_get(depsgraph).calc_matrix_camera(depsgraph, x=64, y=64))
+    view = np.linalg.inv(np.array(cam.matrix_world))
+    ref = client.render(astronaut_id, intrinsics_from_fov(64, 64, FOV), w2c, 64, 64,
+                        head=np.array(proxy.matrix_world))  # fmt: skip
+    rgb, alpha = ref["rgb"][0][::-1], ref["alpha"][0][::-1]  # rows from the bottom
+    world = bpy.data.worlds.new("sky")
+    if bpy.app.version < (5, 0):  # 5.0 always uses the world's nodes
+        world.use_nodes = True
+    background = next(n for n in world.node_tree.nodes if n.bl_idname == "ShaderNodeBackground")
+    background.inputs["Color"].default_value = (0.2, 0.4, 0.8, 1.0)
+    background.inputs["Strength"].default_value = 0.5
+    scene.world = world
+    state = engine.ViewportState()
+    try:
+        for transparent, colour in ((False, (0.1, 0.2, 0.4)), (True, (0.0, 0.0, 0.0))):
+            scene.render.film_transparent = transparent
+            depsgraph = bpy.context.evaluated_depsgraph_get()
+            assert state.request_view(view, window, 64, 64, depsgraph) is not None
+            settle()
+            assert state.error == "", state.error
+            want = rgb + (1.0 - alpha)[..., None] * np.array(colour, np.float32)
+            assert_close_renders(state.image[..., :3], want, f"over {colour}")
+            assert_close_renders(state.image[..., 3], alpha if transparent else np.ones_like(alpha),
+                                 f"alpha, transparent {transparent}")  # fmt: skip
+    finally:
+        scene.world = None
+        bpy.data.worlds.remove(world)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
