@@ -9,6 +9,7 @@ one thread. So queries and renders are answered while a build runs.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -71,11 +72,12 @@ def bind_address(endpoint: str) -> str:
 def _remove_stale_temporaries(exports: Path) -> None:
     """Temporary files an export stopped by a crash left (``.NAME.XXXXXXXX.tmp``, see
     ``atomic_write``), once untouched for ``STALE_SECONDS`` (another service on the same
-    folder may be writing a fresh one)."""
+    folder may be writing a fresh one). Only where exports write (``ID/`` and
+    ``ID/STAMP/``): a farm's export folder may hold a great deal else."""
     if not exports.is_dir():
         return
     now = time.time()
-    for tmp in exports.rglob(".*.tmp"):
+    for tmp in itertools.chain(exports.glob("*/.*.tmp"), exports.glob("*/*/.*.tmp")):
         with contextlib.suppress(OSError):
             if tmp.is_file() and now - tmp.stat().st_mtime > STALE_SECONDS:
                 tmp.unlink()
@@ -140,7 +142,12 @@ class Service:
         self._server_keys = None if self.curve_keys is None else check_server_keys(self.curve_keys)
         self.store = Store(store)
         self.exports = Path(exports) if exports else self.store.root / "exports"
-        _remove_stale_temporaries(self.exports)
+        # in the background: on a large shared folder the walk takes a while, and a start
+        # (Blender's, waiting to connect) should not
+        self.tidying = threading.Thread(
+            target=_remove_stale_temporaries, args=(self.exports,), daemon=True
+        )
+        self.tidying.start()
         self.jobs = JobManager(self.store)
         self.bound: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="splatface-work")

@@ -175,13 +175,18 @@ def test_a_start_removes_what_an_interrupted_export_left(tmp_path):
     folder.mkdir(parents=True)
     stale, fresh = folder / ".frame_00050.ply.2e05aa1e.tmp", folder / ".frame_00051.ply.1f2a.tmp"
     done = folder / "frame_00049.ply"
-    for f in (stale, fresh, done):
+    bundle = folder.parent / ".0123456789ab-rig.zip.77aa.tmp"  # a bundle's, one level up
+    mine = folder / "my-own" / ".notes.txt.tmp"  # not where exports write: not touched
+    mine.parent.mkdir()
+    for f in (stale, fresh, done, bundle, mine):
         f.write_bytes(b"ply")
     old = time.time() - STALE_SECONDS - 60
-    os.utime(stale, (old, old))
-    os.utime(done, (old, old))
-    Service(tmp_path / "store", exports=tmp_path / "exports")
-    assert sorted(p.name for p in folder.iterdir()) == sorted([fresh.name, done.name])
+    for f in (stale, done, bundle, mine):
+        os.utime(f, (old, old))
+    service = Service(tmp_path / "store", exports=tmp_path / "exports")
+    service.tidying.join(30)  # in the background, so that a start does not wait for it
+    assert sorted(p.name for p in folder.iterdir()) == sorted([fresh.name, done.name, "my-own"])
+    assert not bundle.exists() and mine.exists()
 
 
 def test_export_takes_a_whole_long_take_with_its_head_motion(client, astronaut_id):
