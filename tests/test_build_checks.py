@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
@@ -36,8 +37,23 @@ def warnings_of(photo: np.ndarray, fit=None, crop: int = CROP, faces: int | None
                 asked: bool = False) -> list[dict[str, str]]:  # fmt: skip
     found, side, n = fitted(photo)
     h, w = photo.shape[:2]
-    return photo_warnings(load_head_model(), load_correspondence(), fit or found, (w, h), side,
-                          crop, n if faces is None else faces, 0, asked)  # fmt: skip
+    return photo_warnings(load_head_model(), load_correspondence(), fit or found, (w, h),
+                          crop / side, n if faces is None else faces, 0, asked)  # fmt: skip
+
+
+def turned(fit, axis: int, degrees: float):
+    """``fit`` with the head turned ``degrees`` about its centre's ``axis`` (0: x, across
+    the face, nodding; 2: z, up, shaking): the camera, in the head's frame, moves round
+    it the other way."""
+    center = fit.photo_vertices(load_head_model()).mean(0)
+    a = math.radians(degrees)
+    c, s = math.cos(a), math.sin(a)
+    i, j = [k for k in range(3) if k != axis]
+    turn = np.eye(4)
+    turn[i, i], turn[i, j], turn[j, i], turn[j, j] = c, -s, s, c
+    to_center, back = np.eye(4), np.eye(4)
+    to_center[:3, 3], back[:3, 3] = -center, center
+    return dataclasses.replace(fit, world_to_camera=fit.world_to_camera @ back @ turn @ to_center)
 
 
 def codes(warnings: list[dict[str, str]]) -> list[str]:
@@ -61,19 +77,17 @@ def test_a_clear_portrait_has_no_warnings(astronaut, hopper):
 
 def test_a_head_turned_from_the_camera(astronaut):
     fit, _, _ = fitted(astronaut)
-    # the head turned 50° about the vertical through its centre: the camera, in the head's
-    # frame, moves round it the other way
     center = fit.photo_vertices(load_head_model()).mean(0)
-    a = math.radians(50)
-    turn = np.eye(4)
-    turn[:3, :3] = [[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]]
-    to_center, back = np.eye(4), np.eye(4)
-    to_center[:3, 3], back[:3, 3] = -center, center
-    turned = dataclasses.replace(fit, world_to_camera=fit.world_to_camera @ back @ turn @ to_center)
-    found = warnings_of(astronaut, turned)
+    _, yaw0, pitch0 = view_angles(fit.world_to_camera, center)  # the photo's: 1.6°, 3.0°
+    found = warnings_of(astronaut, turned(fit, 2, 50))
     assert codes(found) == ["turned"]
-    yaw = view_angles(fit.world_to_camera, center)[1] - 50  # the photo's, 1.6°, turned
-    assert f"(yaw {yaw:.0f}°" in found[0]["message"], found[0]["message"]
+    assert f"(yaw {yaw0 - 50:.0f}°" in found[0]["message"], found[0]["message"]
+    assert warnings_of(astronaut, turned(fit, 2, 25)) == []
+    # looking up or down, a smaller angle: 40° reads as 32-33° (see PITCHED_DEG)
+    found = warnings_of(astronaut, turned(fit, 0, 32))
+    assert codes(found) == ["turned"]
+    assert f"pitch {pitch0 + 32:.0f}°" in found[0]["message"], found[0]["message"]
+    assert warnings_of(astronaut, turned(fit, 0, 20)) == []
 
 
 def test_a_loose_landmark_fit(astronaut):
@@ -88,6 +102,7 @@ def test_a_loose_landmark_fit(astronaut):
         (slice(60, None), slice(None), "top edge cuts"),
         (slice(None), slice(200, None), "left edge cuts"),
         (slice(60, None), slice(None, 250), "top and right edges cut"),
+        (slice(45, 170), slice(180, 270), "top, bottom, left and right edges cut"),
     ],
 )
 def test_the_photo_cutting_off_the_head(astronaut, rows, cols, named):
@@ -98,8 +113,12 @@ def test_the_photo_cutting_off_the_head(astronaut, rows, cols, named):
 def test_a_small_head_for_the_preset(astronaut):
     small = np.asarray(Image.fromarray(astronaut).resize((160, 160), Image.LANCZOS))
     found = warnings_of(small)
-    assert codes(found) == ["small"] and f"at {CROP} px" in found[0]["message"]
-    # the fast preset works at 192 px: the astronaut's 233 px head is not small for it
+    side = fitted(small)[1]  # the head's box, neck and a margin in: 288 px enlarge it
+    assert codes(found) == ["small"] and f"enlarges {CROP / side:.1f}x" in found[0]["message"]
+    # her head, crown to chin, is about 147 px of the 512 px photo (read off it by eye)
+    tall = float(re.search(r"is (\d+) px from crown to chin", found[0]["message"])[1])
+    assert abs(tall - 147 * 160 / 512) < 4, found
+    # the fast preset works at 192 px: the astronaut's 233 px head box is not small for it
     assert warnings_of(astronaut, crop=CROP_SIZE["fast"]) == []
 
 

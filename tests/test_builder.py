@@ -228,6 +228,19 @@ def test_several_faces_largest_by_default_or_chosen(astronaut, hopper):
     assert e.value.code == errors.BAD_REQUEST and len(e.value.details["faces"]) == 2
 
 
+def test_a_doubtful_second_box_is_not_offered_as_a_face_to_choose(astronaut):
+    """On a wide grey canvas a patch of her suit passes for a face, without landmarks of
+    its own: it stays listed, but the build does not warn of several faces and point at
+    a face it cannot build."""
+    canvas = np.full((1536, 1536, 3), 200, np.uint8)
+    canvas[512:1024, 512:1024] = astronaut
+    av, _ = build(canvas)
+    assert len(av.meta["faces"]) == 2
+    with pytest.raises(ProtocolError, match="landmarks"):
+        build(canvas, face=1 - av.meta["face"])
+    assert av.meta["warnings"] == []
+
+
 def test_no_face():
     rng = np.random.default_rng(0)
     noise = (rng.random((256, 256, 3)) * 255).astype(np.uint8)

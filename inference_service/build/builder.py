@@ -157,9 +157,12 @@ def build_avatar(
     # invisible, and they must not learn; the folds they cover fade as they appear
     closing = [lid_layer(model, rest, gaussians), lash_line(model, rest, gaussians)]
     gaussians = fading_folds(model, rest, BoundGaussians.concat([gaussians, *closing]))
+    # the faces the user could choose instead: a doubtful box with no landmarks is none
+    others = len(faces) > 1 and not asked
+    usable = len(detect.choosable(photo, faces)) if others else 1
     warnings = photo_warnings(
-        model, load_correspondence(), fit, (w, h), head[2], CROP_SIZE[options.preset],
-        len(faces), used, asked,
+        model, load_correspondence(), fit, (w, h), CROP_SIZE[options.preset] / head[2],
+        usable, used, asked,
     )  # fmt: skip
     told = f"; {len(warnings)} warning(s)" if warnings else ""
     progress("finish", 0.95, f"{len(gaussians)} Gaussians{told}")

@@ -21,14 +21,18 @@ from .fit import GeometryFit
 CODES = ("turned", "loose_fit", "cut", "small", "faces")
 
 #: Degrees between the face's forward direction and the camera past which the far side
-#: is mostly guessed. Renders of a built head: 2° at the front, 31° at 30°, 43° at 45°
-#: read back by the fit; its landmark rms there 0.019, 0.038 and 0.073.
+#: is mostly guessed, and the pitch alone past which it is. Read back by the fit from
+#: renders of a built head (the astronaut's), yaw 30°, 40°, 45° read 31°, 40°, 43°; but
+#: up or down 40° reads 32-33°, and past 45° the turn is under-read (50° reads 37°, 60°
+#: 30°: MediaPipe's landmarks flatten there too), where the fit is loose instead.
 TURNED_DEG = 35.0
+PITCHED_DEG = 30.0
 #: Landmark rms (share of the eye-corner distance) past which the fitted shape is off.
-#: The astronaut fits within 0.022, Grace Hopper 0.029; a real 45° turned head 0.133.
+#: The astronaut fits within 0.022, Grace Hopper 0.029; renders of a head turned 40°
+#: 0.054, 50° 0.082, 60° 0.066; a real 45° turned head 0.133.
 LOOSE_RMS = 0.06
-#: A head whose box is under this share of the preset's crop is magnified past 2x.
-SMALL_SHARE = 0.5
+#: The preset enlarging the photo's head more than this makes a soft avatar.
+MAX_ENLARGE = 2.0
 #: MediaPipe's chin landmark: the head above it is what a photo must hold whole.
 CHIN_LANDMARK = 152
 EDGES = ("top", "bottom", "left", "right")
@@ -47,21 +51,25 @@ def view_angles(world_to_camera: np.ndarray, center: np.ndarray) -> tuple[float,
     return off, yaw, pitch
 
 
-def cut_edges(
+def head_in_photo(
     model: HeadModel,
     corr: Correspondence,
     posed: np.ndarray,
     intrinsics: np.ndarray,
     world_to_camera: np.ndarray,
-    size: tuple[int, int],
-) -> list[str]:
-    """The photo's edges (of :data:`EDGES`) that cut the fitted head above the chin."""
+) -> np.ndarray:
+    """``[N, 2]`` photo pixels of the fitted head's vertices above the chin (in front of
+    the camera): the head a photo must hold whole, the neck aside."""
     tri = model.triangles[corr.triangle[CHIN_LANDMARK]]
     chin = float(corr.bary[CHIN_LANDMARK] @ posed[tri][:, 2])
     regions = [model.region("face"), model.region("head_neck")]
     points = posed[np.unique(model.triangles[np.isin(model.triangle_region, regions)])]
     uv, z = project(points[points[:, 2] >= chin], intrinsics, world_to_camera)
-    uv = uv[z > 0]
+    return uv[z > 0]
+
+
+def cut_edges(uv: np.ndarray, size: tuple[int, int]) -> list[str]:
+    """The photo's edges (of :data:`EDGES`) past which points ``uv`` ``[N, 2]`` lie."""
     w, h = size
     past = {
         "top": uv[:, 1] < 0,
@@ -72,20 +80,24 @@ def cut_edges(
     return [edge for edge in EDGES if past[edge].any()]
 
 
+def listed(words: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
 def photo_warnings(
     model: HeadModel,
     corr: Correspondence,
     fit: GeometryFit,
     size: tuple[int, int],
-    head_side: float,
-    crop: int,
+    enlarge: float,
     faces: int,
     used: int,
     asked: bool,
 ) -> list[dict[str, str]]:
     """The warnings of a build whose geometry ``fit`` came from a photo of ``size`` (w, h)
-    holding ``faces`` faces, of which it used ``used`` (``asked``: the request chose it);
-    ``head_side``: pixels across the head's box in the photo; ``crop``: the preset's."""
+    holding ``faces`` sure faces; it used face ``used`` (``asked``: the request chose it);
+    ``enlarge``: how much the preset's crop enlarges the photo's head."""
     out: list[dict[str, str]] = []
 
     def warn(code: str, message: str) -> None:
@@ -93,23 +105,27 @@ def photo_warnings(
 
     posed = fit.photo_vertices(model)
     off, yaw, pitch = view_angles(fit.world_to_camera, posed.mean(0))
-    if off > TURNED_DEG:
+    if off > TURNED_DEG or abs(pitch) > PITCHED_DEG:
         warn("turned", f"the head is turned {off:.0f}° from the camera (yaw {yaw:.0f}°, pitch "
                        f"{pitch:.0f}°): its far side is guessed; a photo facing the camera "
                        "builds better")  # fmt: skip
     if fit.rms > LOOSE_RMS:
         warn("loose_fit", f"the head model fits the face's landmarks loosely (rms {fit.rms:.3f} "
                           f"of the eye-corner distance; a clear portrait fits within 0.03): the "
-                          "avatar's shape may be off")  # fmt: skip
-    edges = cut_edges(model, corr, posed, fit.intrinsics, fit.world_to_camera, size)
+                          "avatar's shape may be off; a head turned far from the camera (past "
+                          "about 45° its turn is under-read) or a partly hidden face does "
+                          "this")  # fmt: skip
+    head = head_in_photo(model, corr, posed, fit.intrinsics, fit.world_to_camera)
+    edges = cut_edges(head, size)
     if edges:
         many = len(edges) > 1
-        warn("cut", f"the photo's {' and '.join(edges)} edge{'s cut' if many else ' cuts'} off "
-                    f"the head: what lies past {'them' if many else 'it'} (hair, skull, face) "
-                    "is guessed; a photo with room round the head builds better")  # fmt: skip
-    if head_side < SMALL_SHARE * crop:
-        warn("small", f"the head is {head_side:.0f} px across in the photo and the preset "
-                      f"samples it at {crop} px: the avatar will look soft; a larger or "
+        warn("cut", f"the photo's {listed(edges)} edge{'s cut' if many else ' cuts'} off the "
+                    f"head: what lies past {'them' if many else 'it'} is guessed; a photo with "
+                    "room round the head builds better")  # fmt: skip
+    if enlarge > MAX_ENLARGE and len(head):
+        tall = float(np.ptp(head[:, 1]))
+        warn("small", f"the head is {tall:.0f} px from crown to chin in the photo, which the "
+                      f"preset enlarges {enlarge:.1f}x: the avatar will look soft; a larger or "
                       "sharper photo of the face builds better")  # fmt: skip
     if faces > 1 and not asked:
         warn("faces", f"{faces} faces found; this avatar is face {used} (0 = largest): "

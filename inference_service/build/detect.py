@@ -26,6 +26,8 @@ FACE_TRIES = 4
 #: A box's own landmarks span at least this share of its side (a real detection's span
 #: 1.05-1.15 of it): a doubtful box around a shirt finds the face inside it, far smaller.
 OWN_EXTENT = 0.5
+#: A build with several faces checks this many, largest first, for ones it could use.
+CHOOSABLE_TRIES = 8
 
 
 @dataclass(frozen=True)
@@ -331,31 +333,54 @@ def locate_face(
     first: ProtocolError | None = None
     for face in tries:
         try:
-            landmarks = face_landmarks(img, face)
-            # boxes are clipped to the photo; a face cut by its border centres outside it
-            cx, cy = np.clip(landmarks[:, :2].mean(axis=0), 0, (w, h))
-            x0, y0, x1, y1 = face.box
-            if not (x0 <= cx <= x1 and y0 <= cy <= y1):
-                raise ProtocolError(
-                    errors.NO_FACE,
-                    f"the face at {face.to_dict()['box']} has no landmarks of its own: the "
-                    f"ones found lie around ({cx:.0f}, {cy:.0f}), outside it",
-                    {"faces": [f.to_dict() for f in faces]},
-                )
-            extent = float((landmarks[:, :2].max(axis=0) - landmarks[:, :2].min(axis=0)).max())
-            if extent < OWN_EXTENT * _side(face):
-                raise ProtocolError(
-                    errors.NO_FACE,
-                    f"the face at {face.to_dict()['box']} has no landmarks of its own: the "
-                    f"face found inside it is {extent:.0f} px across, the box "
-                    f"{_side(face):.0f} px (a false box around a smaller face)",
-                    {"faces": [f.to_dict() for f in faces]},
-                )
-            return face, landmarks
+            return face, own_landmarks(img, face, faces)
         except ProtocolError as e:
             first = first or e
     assert first is not None
     raise first
+
+
+def own_landmarks(img: np.ndarray, face: Face, faces: list[Face]) -> np.ndarray:
+    """``face``'s landmarks (:func:`face_landmarks`) if they are its own (see
+    :func:`locate_face`); ProtocolError ``no_face`` naming why not (``faces``: the
+    detections, for the error's details)."""
+    h, w = img.shape[:2]
+    landmarks = face_landmarks(img, face)
+    # boxes are clipped to the photo; a face cut by its border centres outside it
+    cx, cy = np.clip(landmarks[:, :2].mean(axis=0), 0, (w, h))
+    x0, y0, x1, y1 = face.box
+    if not (x0 <= cx <= x1 and y0 <= cy <= y1):
+        raise ProtocolError(
+            errors.NO_FACE,
+            f"the face at {face.to_dict()['box']} has no landmarks of its own: the "
+            f"ones found lie around ({cx:.0f}, {cy:.0f}), outside it",
+            {"faces": [f.to_dict() for f in faces]},
+        )
+    extent = float((landmarks[:, :2].max(axis=0) - landmarks[:, :2].min(axis=0)).max())
+    if extent < OWN_EXTENT * _side(face):
+        raise ProtocolError(
+            errors.NO_FACE,
+            f"the face at {face.to_dict()['box']} has no landmarks of its own: the "
+            f"face found inside it is {extent:.0f} px across, the box "
+            f"{_side(face):.0f} px (a false box around a smaller face)",
+            {"faces": [f.to_dict() for f in faces]},
+        )
+    return landmarks
+
+
+def choosable(img: np.ndarray, faces: list[Face], limit: int = CHOOSABLE_TRIES) -> list[int]:
+    """Indices of the faces, of the ``limit`` largest, that have landmarks of their own:
+    those a build asked for them could use (a doubtful box on clothing has none)."""
+    out = []
+    for i, face in enumerate(faces[:limit]):
+        if _side(face) < MIN_FACE_PX:
+            continue
+        try:
+            own_landmarks(img, face, faces)
+        except ProtocolError:
+            continue
+        out.append(i)
+    return out
 
 
 def _side(face: Face) -> float:
