@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -291,6 +292,7 @@ class Mp4Writer:
         self.path, self.fps, self.background = path, fps, background
         self.tmp = path.with_name(f".{path.name}.tmp.mp4")
         self.gen = None
+        self.process: subprocess.Popen | None = None
 
     def add(self, rgb: np.ndarray, alpha: np.ndarray) -> None:
         """One frame from premultiplied linear ``rgb`` ``[H, W, 3]`` and ``alpha``."""
@@ -307,12 +309,23 @@ class Mp4Writer:
                 output_params=["-movflags", "+faststart"], ffmpeg_log_level="error",
             )  # fmt: skip
             self.gen.send(None)
+            # imageio-ffmpeg does not say how ffmpeg ended: a full disk fails its trailer
+            # (exit 1) and left a broken file that replaced a good one
+            self.process = self.gen.gi_frame.f_locals.get("p")
         self.gen.send(np.ascontiguousarray(img))
 
     def close(self) -> Path | None:
+        """Finish the file and put it in place; OSError (the old file kept) where ffmpeg
+        could not finish it."""
         if self.gen is None:
             return None
         self.gen.close()
+        status = None if self.process is None else self.process.wait()
+        if status:
+            self.tmp.unlink(missing_ok=True)
+            how = f"exit status {status}" if status > 0 else f"stopped by signal {-status}"
+            raise OSError(errno.EIO, f"ffmpeg could not finish the preview ({how}; is the disk "
+                                     "full?)", str(self.path))  # fmt: skip
         os.replace(self.tmp, self.path)
         return self.path
 

@@ -62,6 +62,36 @@ def test_build_prints_each_warning_on_its_own_line():
     assert build_text({**record, "warnings": []}).count("\n") == 0
 
 
+def test_a_preview_ffmpeg_cannot_finish_fails_and_keeps_the_old_one(tmp_path):
+    """ffmpeg stopped short (here by a file-size limit, as a full disk stops it): the
+    writer says so, and the last good preview stays (it was replaced by a broken file,
+    and the render reported success)."""
+    import resource
+
+    from inference_service.cli import Mp4Writer
+
+    path = tmp_path / "preview.mp4"
+    path.write_bytes(b"the last good preview")
+    writer = Mp4Writer(path, 30)
+    ramp = np.linspace(0.2, 0.6, 64, dtype=np.float32)[None, :, None]
+    frames = [np.broadcast_to(ramp + 0.01 * i, (64, 64, 3)) for i in range(60)]
+    alpha = np.ones((64, 64), np.float32)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2000, hard))
+    try:
+        writer.add(frames[0], alpha)  # ffmpeg starts here, and keeps the limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    with pytest.raises(OSError, match="ffmpeg could not finish the preview") as err:
+        for frame in frames[1:]:
+            writer.add(frame, alpha)
+        writer.close()
+    writer.abort()  # as render_to_folder does
+    assert err.value.filename == str(path)
+    assert path.read_bytes() == b"the last good preview"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preview.mp4"]
+
+
 def test_render_with_curves_csv(tmp_path, service, astronaut_id):
     curves = np.zeros((3, 52), np.float32)
     curves[:, index_of("jawOpen")] = [0, 0.5, 1]
