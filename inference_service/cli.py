@@ -62,7 +62,15 @@ def private_service(store: Path, device: str = "auto") -> Iterator[str]:
            "--log-level", "warning"]  # fmt: skip
     store.mkdir(parents=True, exist_ok=True)
     log_path = store / "service.log"
-    with open(log_path, "ab") as log_file:
+    try:
+        log_file = open(log_path, "ab")  # noqa: SIM115 (closed below, once the child has it)
+    except OSError:  # a store read-only here (a farm's shared one): it still serves
+        import tempfile
+
+        user = getattr(os, "getuid", lambda: "")()  # per user where /tmp is shared
+        log_path = Path(tempfile.gettempdir()) / f"splatface-service{user}.log"
+        log_file = open(log_path, "ab")  # noqa: SIM115
+    with log_file:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True)
     try:
         endpoint = wait_ready(proc, timeout=120, log_path=log_path)

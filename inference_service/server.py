@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import shutil
 import threading
 import time
 import traceback
@@ -48,7 +49,7 @@ from .export.ply import frame_file_name, ply_bytes, write_ply
 from .jobs import JobManager
 from .posing import pose, split_transform
 from .render import frame_count, render_frames
-from .store import STALE_SECONDS, Store, summary
+from .store import STALE_SECONDS, Store, storage_error, summary
 
 log = logging.getLogger(__name__)
 MAX_PENDING = 64
@@ -391,6 +392,7 @@ class Service:
             face_box=None if box is None else tuple(box),
             enhance=self._enhance(fields["enhance"]),
         )
+        self.store.check_writable()
         job = self.jobs.submit(arrays["image"].tobytes(), options)
         return {"job": job.id, "state": job.state}, None
 
@@ -578,9 +580,15 @@ class Service:
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         folder = self.exports / avatar.id / stamp
         written = []
-        for i in frames:
-            self._check_stop()
-            written.append(str(write_ply(folder / frame_file_name(i, frames[-1]), posed(i))))
+        try:
+            for i in frames:
+                self._check_stop()
+                written.append(str(write_ply(folder / frame_file_name(i, frames[-1]), posed(i))))
+        except BaseException as exc:  # none of a range that failed: a retry is whole again
+            shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise storage_error(exc, "cannot write the export into", folder) from exc
+            raise
         return {"format": "ply", "folder": str(folder), "files": written}, None
 
     def _export_bundle(self, avatar, fields):
@@ -592,5 +600,8 @@ class Service:
         if fields["to"] == "reply":
             return {"format": "bundle", "bytes": len(data)}, {"file": np.frombuffer(data, np.uint8)}
         path = self.exports / avatar.id / f"{avatar.id}-rig.zip"
-        atomic_write(path, data)
+        try:
+            atomic_write(path, data)
+        except OSError as exc:
+            raise storage_error(exc, "cannot write the bundle into", path.parent) from exc
         return {"format": "bundle", "folder": str(path.parent), "files": [str(path)]}, None

@@ -10,6 +10,7 @@ SHA-256, checked on load.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -64,8 +65,8 @@ class Store:
         if final.exists():
             raise ProtocolError(errors.INTERNAL, f"avatar {avatar.id} already exists")
         tmp = self.root / f".tmp-{avatar.id}-{secrets.token_hex(4)}"
-        tmp.mkdir()
         try:
+            tmp.mkdir()
             with open(tmp / "avatar.npz", "wb") as f:
                 np.savez_compressed(f, **avatar.to_arrays())
                 f.flush()
@@ -84,10 +85,27 @@ class Store:
                 os.fsync(f.fileno())
             fsync_dir(tmp)
             os.rename(tmp, final)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise storage_error(exc, f"cannot save avatar {avatar.id} into", self.root) from exc
             raise
         fsync_dir(self.root)
+
+    def check_writable(self) -> None:
+        """ProtocolError ``storage`` now where the store cannot take a file (a read-only
+        mount, a folder not ours, a full disk), rather than after a build's minutes of
+        work: a byte written and removed, as a save would write it."""
+        probe = self.root / f".probe-{secrets.token_hex(4)}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0")
+                f.flush()
+            probe.unlink()
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+            raise storage_error(exc, "cannot save a new avatar into the store", self.root) from exc
 
     def meta(self, avatar_id: str) -> dict[str, Any]:
         path = self._dir(avatar_id) / "meta.json"
@@ -163,9 +181,20 @@ class Store:
         if not src.is_dir():
             raise ProtocolError(errors.NOT_FOUND, f"no avatar {avatar_id!r}")
         trash = self.root / f".trash-{avatar_id}-{secrets.token_hex(4)}"
-        os.rename(src, trash)
+        try:
+            os.rename(src, trash)
+        except OSError as exc:
+            raise storage_error(exc, f"cannot delete avatar {avatar_id} from", self.root) from exc
         fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def storage_error(exc: OSError, doing: str, folder: Path) -> ProtocolError:
+    """``storage``: ``doing`` (``"cannot save avatar X into"``) ``folder``, and why; the
+    folder the user knows, not the temporary names the system call failed on."""
+    return ProtocolError(
+        errors.STORAGE, f"{doing} {folder}: {exc.strerror or exc}", {"path": str(folder)}
+    )
 
 
 def _untouched_for(folder: Path) -> float:

@@ -50,6 +50,14 @@ def test_private_service_build_then_list_and_remove(tmp_path, astronaut, env_sto
     assert (env_store / "service.log").exists()
 
 
+def test_a_store_the_private_service_cannot_log_into_still_serves(tmp_path):
+    """A farm's shared store mounted read-only (here: its service.log cannot be opened,
+    being a folder): the command's private service logs to the temporary folder."""
+    store = tmp_path / "store"
+    (store / "service.log").mkdir(parents=True)
+    assert last_json(run("avatars", "--store", store, "--json")) == {"avatars": []}
+
+
 def test_build_prints_each_warning_on_its_own_line():
     record = {"avatar_id": "0123456789ab", "name": "me", "gaussians": 9, "seconds": 1.5,
               "warnings": [{"code": "cut", "message": "the photo's top edge cuts off the head"},

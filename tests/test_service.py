@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import socket
@@ -187,6 +188,68 @@ def test_a_start_removes_what_an_interrupted_export_left(tmp_path):
     service.tidying.join(30)  # in the background, so that a start does not wait for it
     assert sorted(p.name for p in folder.iterdir()) == sorted([fresh.name, done.name, "my-own"])
     assert not bundle.exists() and mine.exists()
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """Files written meanwhile stop at ``nbytes``, as on a full disk: Python ignores
+    SIGXFSZ, so a write past it is an OSError (EFBIG, "File too large")."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+# numpy's savez leaves its ZipFile to the collector when a write fails under it
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_store_or_exports_folder_that_cannot_be_written_is_a_storage_error(
+    tmp_path, astronaut_png
+):
+    """A full disk, a read-only store: a typed ``storage`` error naming the folder (it
+    was ``internal``, naming a temporary), a build refused before its minutes of work,
+    and nothing half-written left, frames of a failed range export included."""
+    from inference_service.server import Service
+
+    from .test_store_ply_posing import tiny_avatar
+
+    svc = Service(tmp_path / "store", exports=tmp_path / "exports")
+    svc.store.save(tiny_avatar())
+    build = {"face_box": None, "name": "x", "preset": "fast", "face": None, "enhance": None}
+    export = {"avatar": "tiny", "format": "ply", "frame": 0, "frames": [0, 3], "to": "folder",
+              "curve_names": None}  # fmt: skip
+    image = {"image": np.frombuffer(astronaut_png, np.uint8)}
+    svc._op_export({**export, "frames": None, "to": "reply"}, {})  # numba set up first
+    failed = {}
+    with file_size_limit(0):
+        for what, call in {
+            "build": lambda: svc._op_build(build, image),
+            "save": lambda: svc.store.save(tiny_avatar("0123456789ac")),
+            "export": lambda: svc._op_export(export, {}),
+            "bundle": lambda: svc._op_export({**export, "format": "bundle", "frames": None}, {}),
+        }.items():
+            with pytest.raises(ProtocolError) as e:
+                call()
+            failed[what] = ProtocolError(e.value.code, e.value.message, e.value.details)
+    del e
+    gc.collect()  # that ZipFile now, under this test's filter
+    exports = tmp_path / "exports" / "0123456789ab"
+    for what, folder in (("build", svc.store.root), ("save", svc.store.root),
+                         ("bundle", exports)):  # fmt: skip
+        assert failed[what].code == errors.STORAGE, (what, failed[what])
+        assert failed[what].message.endswith(f"{folder}: File too large"), failed[what].message
+        assert failed[what].details == {"path": str(folder)}
+    assert failed["export"].code == errors.STORAGE
+    assert failed["export"].details["path"].startswith(f"{exports}/")
+    assert svc.jobs.active() == []  # refused, not queued
+    assert sorted(p.name for p in svc.store.root.iterdir()) == ["0123456789ab"]
+    assert list(exports.iterdir()) == []
+    # room again: the same requests work
+    reply, _ = svc._op_export(export, {})
+    assert len(reply["files"]) == 4 and all(Path(f).stat().st_size > 0 for f in reply["files"])
 
 
 def test_export_takes_a_whole_long_take_with_its_head_motion(client, astronaut_id):
