@@ -170,6 +170,51 @@ def test_composite_puts_the_nearer_avatar_over_the_farther():
     assert out.depth[0, 0] == 2.0 and out.rgb[0, 0, 0] == pytest.approx(0.2)
 
 
+def composite_everywhere(layers: list[Layer]) -> Layer:
+    """The obvious composite: every pixel's layers sorted by depth and blended front to
+    back (what ``composite`` does only where two or more layers reach)."""
+    depth = np.stack([lay.depth for lay in layers])
+    order = np.argsort(depth, axis=0, kind="stable")
+    held_in = [np.zeros_like(lay.alpha) if lay.held is None else lay.held for lay in layers]
+    take = np.take_along_axis
+    rgb = take(np.stack([lay.rgb for lay in layers]), order[..., None], axis=0)
+    alpha = take(np.stack([lay.alpha for lay in layers]), order, axis=0)
+    held = take(np.stack(held_in), order, axis=0)
+    normal = take(np.stack([lay.normal for lay in layers]), order[..., None], axis=0)
+    out_rgb, out_alpha, out_held = np.zeros_like(rgb[0]), np.zeros_like(alpha[0]), 0 * alpha[0]
+    for k in range(len(layers)):
+        through = 1.0 - out_alpha - out_held
+        out_rgb += through[..., None] * rgb[k]
+        out_alpha += through * alpha[k]
+        out_held += through * held[k]
+    return Layer(out_rgb, out_alpha, take(depth, order, axis=0)[0], normal[0], held=out_held)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_composite_matches_sorting_every_pixel(seed):
+    """Heads as discs of random place, size, depth and alpha (some held out, two at one
+    depth): the same frame as blending every pixel's sorted layers, bit for bit."""
+    rng = np.random.default_rng(seed)
+    h, w = 48, 64
+    rows, cols = np.mgrid[0:h, 0:w]
+    layers = []
+    for k in range(int(rng.integers(2, 7))):
+        disc = np.hypot(rows - rng.uniform(0, h), cols - rng.uniform(0, w)) < rng.uniform(5, 25)
+        alpha = np.where(disc, rng.uniform(0.05, 1.0, (h, w)), 0).astype(np.float32)
+        depth = np.where(disc, rng.choice([1.0, 1.5, rng.uniform(1, 3)]), np.inf)
+        rgb = alpha[..., None] * rng.uniform(0, 1, (h, w, 3)).astype(np.float32)
+        normal = np.where(disc[..., None], rng.normal(size=(h, w, 3)), 0).astype(np.float32)
+        lay = Layer(rgb, alpha, depth.astype(np.float32), normal)
+        layers.append(lay.held_out() if k == 1 and seed % 2 else lay)
+    got, want = composite(layers), composite_everywhere(layers)
+    for name in ("rgb", "alpha", "depth", "normal"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    if seed % 2:
+        np.testing.assert_array_equal(got.held, want.held)
+    else:
+        assert got.held is None
+
+
 def test_a_holdout_hides_what_is_behind_it_and_shows_nothing():
     """Blender's holdout: no colour and no alpha where it covers, and what lies behind
     it hidden as by any avatar; over an opaque film it stays a hole (Cycles, EEVEE)."""

@@ -93,6 +93,11 @@ def composite(layers: list[Layer]) -> Layer:
     not interpenetrate, which heads in one scene rarely do. Depth and normal come from
     the nearest layer with any coverage. A holdout layer (:meth:`Layer.held_out`) hides
     what lies behind it as any other does, and adds to ``held``, not to colour or alpha.
+
+    Only the pixels two or more layers reach are sorted and blended: a few heads in a
+    1080p frame reach a few per cent of it, and sorting all of it took 9 s and 1.4 GB
+    for twelve. Elsewhere a pixel is its one layer's, or the first layer's where none
+    reaches it (empty: no colour, infinite depth).
     """
     if not layers:
         raise ValueError("composite needs at least one layer")
@@ -100,30 +105,48 @@ def composite(layers: list[Layer]) -> Layer:
         return layers[0]
     if len({lay.bottom_up for lay in layers}) > 1:
         raise ValueError("layers to composite must share one row order")
-    depth = np.stack([lay.depth for lay in layers])  # [K, H, W]
-    order = np.argsort(depth, axis=0, kind="stable")
-    rgb = np.stack([lay.rgb for lay in layers])
-    alpha = np.stack([lay.alpha for lay in layers])
-    held = np.stack([np.zeros_like(lay.alpha) if lay.held is None else lay.held for lay in layers])
-    normal = np.stack([lay.normal for lay in layers])
-    take = np.take_along_axis
-    rgb = take(rgb, order[..., None], axis=0)
-    alpha = take(alpha, order, axis=0)
-    held = take(held, order, axis=0)
-    depth = take(depth, order, axis=0)
-    normal = take(normal, order[..., None], axis=0)
-    out_rgb = np.zeros_like(rgb[0])
-    out_alpha = np.zeros_like(alpha[0])
-    out_held = np.zeros_like(alpha[0])
-    for k in range(len(layers)):
-        through = 1.0 - out_alpha - out_held
-        out_rgb += through[..., None] * rgb[k]
-        out_alpha += through * alpha[k]
-        out_held += through * held[k]
     any_held = any(lay.held is not None for lay in layers)
-    return Layer(
-        out_rgb, out_alpha, depth[0], normal[0], layers[0].bottom_up, out_held if any_held else None
-    )
+    zero = np.zeros_like(layers[0].alpha)
+    helds = [zero if lay.held is None else lay.held for lay in layers]
+    reach = [
+        np.isfinite(lay.depth) | (lay.alpha > 0) | (held > 0)
+        for lay, held in zip(layers, helds, strict=True)
+    ]
+    count = np.sum(reach, axis=0, dtype=np.int16)
+    first = layers[0]
+    rgb, alpha, depth = first.rgb.copy(), first.alpha.copy(), first.depth.copy()
+    normal = first.normal.copy()
+    held = helds[0].copy()
+    for lay, lay_held, lay_reach in zip(layers[1:], helds[1:], reach[1:], strict=True):
+        alone = lay_reach & (count == 1)
+        for out, src in ((rgb, lay.rgb), (alpha, lay.alpha), (depth, lay.depth),
+                         (normal, lay.normal), (held, lay_held)):  # fmt: skip
+            out[alone] = src[alone]
+    shared = np.nonzero(count >= 2)
+    if len(shared[0]):
+
+        def at(arrays: list[np.ndarray]) -> np.ndarray:  # [K, M, ...] at the shared pixels
+            return np.stack([a[shared] for a in arrays])
+
+        k_depth = at([lay.depth for lay in layers])
+        order = np.argsort(k_depth, axis=0, kind="stable")
+        take = np.take_along_axis
+        k_rgb = take(at([lay.rgb for lay in layers]), order[..., None], axis=0)
+        k_alpha = take(at([lay.alpha for lay in layers]), order, axis=0)
+        k_held = take(at(helds), order, axis=0)
+        k_normal = take(at([lay.normal for lay in layers]), order[..., None], axis=0)
+        out_rgb = np.zeros_like(k_rgb[0])
+        out_alpha = np.zeros_like(k_alpha[0])
+        out_held = np.zeros_like(k_alpha[0])
+        for k in range(len(layers)):
+            through = 1.0 - out_alpha - out_held
+            out_rgb += through[..., None] * k_rgb[k]
+            out_alpha += through * k_alpha[k]
+            out_held += through * k_held[k]
+        rgb[shared], alpha[shared], held[shared] = out_rgb, out_alpha, out_held
+        depth[shared] = take(k_depth, order, axis=0)[0]
+        normal[shared] = k_normal[0]
+    return Layer(rgb, alpha, depth, normal, first.bottom_up, held if any_held else None)
 
 
 class PassBuffers:
