@@ -294,7 +294,11 @@ def format_timecode(seconds: float, fps: float) -> str:
 
 def infer_fps(timecodes: Sequence[str]) -> float | None:
     """Frame rate of Live Link Face timecodes (see the module notes), or None."""
-    parsed = [parse_timecode(t) for t in timecodes]
+    return _fps_of([parse_timecode(t) for t in timecodes])
+
+
+def _fps_of(parsed: list[tuple[int, int, int, float]]) -> float | None:
+    """:func:`infer_fps` of timecodes already parsed."""
     if not parsed:
         return None
     top = max(int(p[3]) for p in parsed)
@@ -467,6 +471,7 @@ def _load_csv(path: Path) -> Animation:
     width = len(header)
     numeric = [c for c, k in enumerate(kinds) if k[0] in ("shape", "head", "eye")]
     timecodes: list[str] = []
+    parsed: list[tuple[int, int, int, float]] = []
     untracked: list[bool] = []
     cells: list[list[str]] = []
     frame_cells: list[tuple[int, str | None]] = []
@@ -491,7 +496,7 @@ def _load_csv(path: Path) -> Animation:
             raise ValueError(f"line {line} has {len(row)} values, the header has {width} columns")
         untracked.append(count == 0)
         if tc_col is not None:
-            _parse_timecode_at(row[tc_col], line)
+            parsed.append(_parse_timecode_at(row[tc_col], line))
             timecodes.append(row[tc_col])
         cells.append(["0"] * len(numeric) if empty else [row[c] for c in numeric])
         if frame_col is not None:  # an untracked row may leave its frame out
@@ -500,7 +505,7 @@ def _load_csv(path: Path) -> Animation:
     if frame_col is not None:
         _check_frame_numbers(frame_cells, header[frame_col])
     try:
-        if any("_" in cell for cell_row in cells for cell in cell_row):
+        if any("_" in "".join(cell_row) for cell_row in cells):
             raise ValueError  # numpy, as float(), reads "0_5" as 5
         values = np.array(cells, dtype=np.float64).reshape(len(cells), len(numeric))
     except ValueError:
@@ -541,7 +546,7 @@ def _load_csv(path: Path) -> Animation:
     present = {idx for _, idx in shape_cols}
     return Animation(
         curves=curves,
-        fps=infer_fps(timecodes) if timecodes else None,
+        fps=_fps_of(parsed) if timecodes else None,
         head_angles=head,
         eye_angles=eyes,
         timecodes=tuple(timecodes) if timecodes else None,
