@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -120,6 +121,7 @@ class Store:
             or meta.get("id") != avatar_id
             or not isinstance(meta.get("name"), str)
             or not isinstance(meta.get("created", ""), str)
+            or not _summary_types(meta)
         ):
             raise ProtocolError(errors.INTERNAL, f"avatar {avatar_id} has a damaged meta.json")
         return meta
@@ -187,6 +189,23 @@ class Store:
             raise storage_error(exc, f"cannot delete avatar {avatar_id} from", self.root) from exc
         fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _summary_types(meta: dict[str, Any]) -> bool:
+    """Whether what :func:`summary` serves has the types clients rely on (a meta.json
+    edited by hand with a text for ``center`` crashed the CLI framing its camera)."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    center, warnings = meta.get("center", [0, 0, 0]), meta.get("warnings", [])
+    return (
+        isinstance(center, list) and len(center) == 3 and all(number(c) for c in center)
+        and number(meta.get("radius", 0.0))
+        and isinstance(meta.get("gaussians", 0), int)
+        and isinstance(warnings, list)
+        and all(isinstance(w, dict) and isinstance(w.get("message"), str) for w in warnings)
+    )  # fmt: skip
 
 
 def storage_error(exc: OSError, doing: str, folder: Path) -> ProtocolError:

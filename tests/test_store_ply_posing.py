@@ -91,6 +91,18 @@ def test_damaged_avatars_are_skipped_and_refused(tmp_path):
         (tmp_path / damaged / "meta.json").write_text(json.dumps({"id": damaged, **meta}))
     (tmp_path / "eeeeeeeeeeee" / "avatar.npz").write_bytes(b"x")
     (tmp_path / "ffffffffffff" / "avatar.npz").write_bytes(b"x")  # 999999999999 has none
+    # summaries of the wrong types, as a meta.json edited by hand has them: clients frame
+    # cameras with the centre and radius and show the warnings
+    summary = json.loads((tmp_path / good.id / "meta.json").read_text())
+    for damaged, wrong in (("777777777777", {"center": "abc"}), ("777777777778", {"radius": "r"}),
+                           ("777777777779", {"center": [0, 0]}),
+                           ("77777777777a", {"warnings": ["turned"]})):  # fmt: skip
+        (tmp_path / damaged).mkdir()
+        (tmp_path / damaged / "avatar.npz").write_bytes(npz.read_bytes())
+        text = json.dumps({**summary, "id": damaged, "name": "y", **wrong})
+        (tmp_path / damaged / "meta.json").write_text(text)
+        with pytest.raises(ProtocolError, match="damaged meta.json"):
+            store.meta(damaged)
     assert [m["id"] for m in store.list()] == ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]
     with pytest.raises(ProtocolError, match="2 avatars are named 'tiny'"):  # past the damaged
         store.resolve("tiny")
