@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,9 @@ from .track import add_parser as add_track_parser
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 RENDER_CHUNK = 8  # frames per render request
+#: Passes of two chunks, at most, held at once so that one is written while the next
+#: renders; larger chunks (4096 px frames) are written before the next is asked for.
+OVERLAP_BYTES = 512 << 20
 REPLY_TIMEOUT = 30.0  # seconds a command waits for a reply (--timeout)
 RENDER_TIMEOUT = 600.0  # ... for a render request of up to RENDER_CHUNK frames on a CPU
 
@@ -619,7 +623,13 @@ def render_to_folder(
     """Render len(cameras) frames (curves and heads row i, or the rest pose) in chunks;
     write the passes, and feed ``preview`` (which needs rgb and alpha) as frames arrive.
     ``timeout``: seconds per chunk (default :data:`RENDER_TIMEOUT`); ``far``: the far clip
-    plane (None: the service's)."""
+    plane (None: the service's).
+
+    A chunk is written (PNG encoding, the preview's frames) on a thread of its own while
+    the service renders the next, where two chunks fit in :data:`OVERLAP_BYTES`: at
+    1024 px the writing took as long as the rendering, with the service idle meanwhile."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     n = len(cameras)
     files: list[str] = []
     bar = Progress(n, "rendering", show)
@@ -629,25 +639,54 @@ def render_to_folder(
     elif "rgb" in passes and "alpha" not in passes:  # straight colour needs the alpha
         passes = (*passes, "alpha")
     chunk = render_chunk(size, passes)
+    channels = sum(messages.PASS_CHANNELS.get(p, 0) for p in passes)
+    overlap = 2 * chunk * size * size * max(1, channels) * 4 <= OVERLAP_BYTES
+    stop = threading.Event()  # an interrupted render: the writer ends at its next frame
 
     def rows(a: np.ndarray | None, start: int, stop: int) -> np.ndarray | None:
         return None if a is None else a[start:stop] if len(a) > 1 else a
 
-    try:
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            intr = np.stack([c[0] for c in cameras[start:stop]])
-            w2c = np.stack([c[1] for c in cameras[start:stop]])
-            result = client.render(
-                ref, intr, w2c, size, size, curves=rows(curves, start, stop),
-                head=rows(heads, start, stop), passes=passes, timeout=timeout or RENDER_TIMEOUT,
-                far=far,
-            )  # fmt: skip
-            files += write_passes(out, start, result, last=n - 1, names=asked)
+    def write(start: int, result: dict[str, np.ndarray]) -> list[str]:
+        written = []
+        for k in range(len(next(iter(result.values())))):
+            if stop.is_set():
+                break
+            frame = {name: result[name][k : k + 1] for name in result}
+            written += write_passes(out, start + k, frame, last=n - 1, names=asked)
             if preview is not None:
-                for rgb, alpha in zip(result["rgb"], result["alpha"], strict=True):
-                    preview.add(rgb, alpha)
-            bar.update_to(stop, f"{stop}/{n} frames")
+                preview.add(result["rgb"][k], result["alpha"][k])
+        return written
+
+    writing: tuple[Future, int] | None = None  # a chunk being written, and its end
+
+    def finish_writing() -> None:
+        nonlocal writing
+        if writing is not None:
+            future, end = writing
+            writing = None
+            files.extend(future.result())
+            bar.update_to(end, f"{end}/{n} frames")
+
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="splatface-write") as pool:
+            try:
+                for start in range(0, n, chunk):
+                    stop_at = min(n, start + chunk)
+                    intr = np.stack([c[0] for c in cameras[start:stop_at]])
+                    w2c = np.stack([c[1] for c in cameras[start:stop_at]])
+                    result = client.render(
+                        ref, intr, w2c, size, size, curves=rows(curves, start, stop_at),
+                        head=rows(heads, start, stop_at), passes=passes,
+                        timeout=timeout or RENDER_TIMEOUT, far=far,
+                    )  # fmt: skip
+                    finish_writing()  # the chunk before, and its errors
+                    writing = pool.submit(write, start, result), stop_at
+                    if not overlap:
+                        finish_writing()
+                finish_writing()
+            except BaseException:
+                stop.set()
+                raise
         if preview is not None and (path := preview.close()) is not None:
             files.append(str(path))
     except BaseException:

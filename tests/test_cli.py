@@ -100,6 +100,25 @@ def test_a_preview_ffmpeg_cannot_finish_fails_and_keeps_the_old_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["preview.mp4"]
 
 
+def test_a_frame_that_cannot_be_written_ends_the_render_and_its_preview(
+    tmp_path, service, astronaut_id
+):
+    """Frames are written on a thread while the next chunk renders: a file it cannot
+    write (here a folder in its place) still ends the command, naming it, with no
+    preview left behind."""
+    curves = np.zeros((12, 52), np.float32)
+    csv = tmp_path / "curves.csv"
+    save_curves_csv(csv, curves)
+    out = tmp_path / "frames"
+    (out / "rgb_0010.png").mkdir(parents=True)  # in the second chunk of eight
+    r = run("render", astronaut_id, "--endpoint", service.endpoint, "--curves", csv,
+            "--size", 32, "--out", out, "--json", check=False)  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert str(out / "rgb_0010.png") in last_json(r)["error"]["message"]
+    assert not (out / "preview.mp4").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporaries
+
+
 def test_render_with_curves_csv(tmp_path, service, astronaut_id):
     curves = np.zeros((3, 52), np.float32)
     curves[:, index_of("jawOpen")] = [0, 0.5, 1]
