@@ -65,15 +65,7 @@ def private_service(store: Path, device: str = "auto") -> Iterator[str]:
            "tcp://127.0.0.1:0", "--store", str(store), "--device", device,
            "--log-level", "warning"]  # fmt: skip
     store.mkdir(parents=True, exist_ok=True)
-    log_path = store / "service.log"
-    try:
-        log_file = open(log_path, "ab")  # noqa: SIM115 (closed below, once the child has it)
-    except OSError:  # a store read-only here (a farm's shared one): it still serves
-        import tempfile
-
-        user = getattr(os, "getuid", lambda: "")()  # per user where /tmp is shared
-        log_path = Path(tempfile.gettempdir()) / f"splatface-service{user}.log"
-        log_file = open(log_path, "ab")  # noqa: SIM115
+    log_path, log_file = _service_log(store)
     with log_file:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True)
     try:
@@ -87,6 +79,24 @@ def private_service(store: Path, device: str = "auto") -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _service_log(store: Path) -> tuple[Path, Any]:
+    """Where a private service logs, opened: ``STORE/service.log``; where the store is
+    read-only (a farm's shared one), a file of this user's in the temporary folder; as a
+    last resort, nowhere."""
+    import tempfile
+
+    user = getattr(os, "getuid", lambda: "")()  # per user where /tmp is shared
+    for path in (
+        store / "service.log",
+        Path(tempfile.gettempdir()) / f"splatface-service{user}.log",
+    ):
+        try:
+            return path, open(path, "ab")  # noqa: SIM115 (closed by the caller)
+        except OSError:
+            continue
+    return Path(os.devnull), open(os.devnull, "ab")  # noqa: SIM115
 
 
 def wait_ready(proc: subprocess.Popen, timeout: float, log_path: Path) -> str:

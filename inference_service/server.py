@@ -17,6 +17,7 @@ import time
 import traceback
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,15 @@ def _remove_stale_temporaries(exports: Path) -> None:
     ``ID/STAMP/``): a farm's export folder may hold a great deal else."""
     if not exports.is_dir():
         return
+
+    def found(pattern: str) -> Iterator[Path]:
+        try:  # a folder removed while the walk goes on ends it quietly
+            yield from exports.glob(pattern)
+        except OSError:
+            return
+
     now = time.time()
-    for tmp in itertools.chain(exports.glob("*/.*.tmp"), exports.glob("*/*/.*.tmp")):
+    for tmp in itertools.chain(found("*/.*.tmp"), found("*/*/.*.tmp")):
         with contextlib.suppress(OSError):
             if tmp.is_file() and now - tmp.stat().st_mtime > STALE_SECONDS:
                 tmp.unlink()
@@ -587,7 +595,7 @@ class Service:
         except BaseException as exc:  # none of a range that failed: a retry is whole again
             shutil.rmtree(folder, ignore_errors=True)
             if isinstance(exc, OSError):
-                raise storage_error(exc, "cannot write the export into", folder) from exc
+                raise storage_error(exc, "cannot write the export into", folder.parent) from exc
             raise
         return {"format": "ply", "folder": str(folder), "files": written}, None
 

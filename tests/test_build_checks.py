@@ -124,4 +124,8 @@ def test_a_small_head_for_the_preset(astronaut):
 
 def test_several_faces_warn_only_when_none_was_chosen(astronaut):
     assert codes(warnings_of(astronaut, faces=3)) == ["faces"]
+    fit, side, _ = fitted(astronaut)
+    (many,) = photo_warnings(load_head_model(), load_correspondence(), fit, (512, 512),
+                             CROP / side, 8, 0, False, more=True)  # fmt: skip
+    assert many["message"].startswith("8 or more faces found; this avatar is face 0")
     assert warnings_of(astronaut, faces=3, asked=True) == []

@@ -55,7 +55,13 @@ def test_a_store_the_private_service_cannot_log_into_still_serves(tmp_path):
     being a folder): the command's private service logs to the temporary folder."""
     store = tmp_path / "store"
     (store / "service.log").mkdir(parents=True)
-    assert last_json(run("avatars", "--store", store, "--json")) == {"avatars": []}
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    r = subprocess.run([sys.executable, "-m", "inference_service", "avatars", "--store",
+                        str(store), "--json"], cwd=REPO, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "TMPDIR": str(temp)})  # fmt: skip
+    assert r.returncode == 0 and last_json(r) == {"avatars": []}, r.stderr
+    assert [p.name for p in temp.iterdir()] == [f"splatface-service{os.getuid()}.log"]
 
 
 def test_build_prints_each_warning_on_its_own_line():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +38,8 @@ from .photometric import CROP_SIZE, bind, person_mask, photo_crop, resample
 from .pseudoviews import Splats, make_pseudo_views, splats_labels
 from .texture import bake_texture
 from .views import View
+
+log = logging.getLogger(__name__)
 
 #: Hair Gaussians as a share of the preset's count (fewer where the hair is thin).
 HAIR_SHARE = 0.25
@@ -157,12 +160,17 @@ def build_avatar(
     # invisible, and they must not learn; the folds they cover fade as they appear
     closing = [lid_layer(model, rest, gaussians), lash_line(model, rest, gaussians)]
     gaussians = fading_folds(model, rest, BoundGaussians.concat([gaussians, *closing]))
+    progress("finish", 0.945, "checking what the photo allowed")
     # the faces the user could choose instead: a doubtful box with no landmarks is none
-    others = len(faces) > 1 and not asked
-    usable = len(detect.choosable(photo, faces)) if others else 1
+    usable = 1
+    if len(faces) > 1 and not asked:
+        try:
+            usable = len(detect.choosable(photo, faces, used))
+        except Exception:  # a warning's check must not fail a finished build
+            log.exception("could not check the other faces for landmarks")
     warnings = photo_warnings(
         model, load_correspondence(), fit, (w, h), CROP_SIZE[options.preset] / head[2],
-        usable, used, asked,
+        usable, used, asked, more=len(faces) > detect.CHOOSABLE_TRIES,
     )  # fmt: skip
     told = f"; {len(warnings)} warning(s)" if warnings else ""
     progress("finish", 0.95, f"{len(gaussians)} Gaussians{told}")

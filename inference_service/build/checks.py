@@ -94,10 +94,12 @@ def photo_warnings(
     faces: int,
     used: int,
     asked: bool,
+    more: bool = False,
 ) -> list[dict[str, str]]:
     """The warnings of a build whose geometry ``fit`` came from a photo of ``size`` (w, h)
-    holding ``faces`` sure faces; it used face ``used`` (``asked``: the request chose it);
-    ``enlarge``: how much the preset's crop enlarges the photo's head."""
+    holding ``faces`` faces it could use (``more``: and perhaps more, not all looked at);
+    it used face ``used`` (``asked``: the request chose it); ``enlarge``: how much the
+    preset's crop enlarges the photo's head."""
     out: list[dict[str, str]] = []
 
     def warn(code: str, message: str) -> None:
@@ -128,7 +130,8 @@ def photo_warnings(
                       f"preset enlarges {enlarge:.1f}x: the avatar will look soft; a larger or "
                       "sharper photo of the face builds better")  # fmt: skip
     if faces > 1 and not asked:
-        warn("faces", f"{faces} faces found; this avatar is face {used} (0 = largest): "
+        warn("faces", f"{faces}{' or more' * more} faces found; this avatar is face {used} "
+                      "(0 = largest): "
                       "choose another with --face or --face-box, or the Blender panel's "
                       "face buttons")  # fmt: skip
     return out

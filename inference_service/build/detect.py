@@ -368,17 +368,21 @@ def own_landmarks(img: np.ndarray, face: Face, faces: list[Face]) -> np.ndarray:
     return landmarks
 
 
-def choosable(img: np.ndarray, faces: list[Face], limit: int = CHOOSABLE_TRIES) -> list[int]:
+def choosable(
+    img: np.ndarray, faces: list[Face], used: int, limit: int = CHOOSABLE_TRIES
+) -> list[int]:
     """Indices of the faces, of the ``limit`` largest, that have landmarks of their own:
-    those a build asked for them could use (a doubtful box on clothing has none)."""
+    those a build asked for them could use (a doubtful box on clothing has none).
+    ``used``: the face the build has landmarks for already."""
     out = []
     for i, face in enumerate(faces[:limit]):
-        if _side(face) < MIN_FACE_PX:
-            continue
-        try:
-            own_landmarks(img, face, faces)
-        except ProtocolError:
-            continue
+        if i != used:
+            if _side(face) < MIN_FACE_PX:
+                continue
+            try:
+                own_landmarks(img, face, faces)
+            except ProtocolError:
+                continue
         out.append(i)
     return out
 
