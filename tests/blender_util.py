@@ -101,6 +101,18 @@ def reset_scene(bpy):
     return sc
 
 
+def flat_world(bpy):
+    """A new world whose Background node is a plain colour (0.2, 0.4, 0.8) at strength
+    0.5: linear (0.1, 0.2, 0.4) behind the avatars where the film is opaque."""
+    world = bpy.data.worlds.new("sky")
+    if bpy.app.version < (5, 0):  # 5.0 always uses the world's nodes
+        world.use_nodes = True
+    background = next(n for n in world.node_tree.nodes if n.bl_idname == "ShaderNodeBackground")
+    background.inputs["Color"].default_value = (0.2, 0.4, 0.8, 1.0)
+    background.inputs["Strength"].default_value = 0.5
+    return world
+
+
 def settle() -> None:
     """Run the add-on's queued work to the end (timers do not fire in background mode)."""
     from blender_addon import runtime

@@ -27,6 +27,7 @@ from tests.blender_util import (
     assert_close_renders,
     disable_addon,
     enable_addon,
+    flat_world,
     import_avatar,
     reset_scene,
     settle,
@@ -137,12 +138,7 @@ def test_the_viewport_shows_the_world_behind_the_avatar_as_a_render_does(
     ref = client.render(astronaut_id, intrinsics_from_fov(64, 64, FOV), w2c, 64, 64,
                         head=np.array(proxy.matrix_world))  # fmt: skip
     rgb, alpha = ref["rgb"][0][::-1], ref["alpha"][0][::-1]  # rows from the bottom
-    world = bpy.data.worlds.new("sky")
-    if bpy.app.version < (5, 0):  # 5.0 always uses the world's nodes
-        world.use_nodes = True
-    background = next(n for n in world.node_tree.nodes if n.bl_idname == "ShaderNodeBackground")
-    background.inputs["Color"].default_value = (0.2, 0.4, 0.8, 1.0)
-    background.inputs["Strength"].default_value = 0.5
+    world = flat_world(bpy)
     scene.world = world
     state = engine.ViewportState()
     try:

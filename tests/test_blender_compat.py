@@ -34,6 +34,7 @@ from tests.blender_util import (
     assert_close_renders,
     disable_addon,
     enable_addon,
+    flat_world,
     import_avatar,
     reset_scene,
     settle,
@@ -344,12 +345,7 @@ def test_an_opaque_film_shows_the_world_behind_the_avatar(scene, avatar_id, dire
     ref = direct.render(avatar_id, intrinsics_from_fov(size, size, FOV), w2c, size, size,
                         passes=("rgb", "alpha"))  # fmt: skip
     rgb, alpha = ref["rgb"][0][::-1], ref["alpha"][0][::-1]  # rows from the bottom
-    world = bpy.data.worlds.new("sky")
-    if bpy.app.version < (5, 0):  # 5.0 always uses the world's nodes
-        world.use_nodes = True
-    background = next(n for n in world.node_tree.nodes if n.bl_idname == "ShaderNodeBackground")
-    background.inputs["Color"].default_value = (0.2, 0.4, 0.8, 1.0)
-    background.inputs["Strength"].default_value = 0.5
+    world = flat_world(bpy)
     scene.render.film_transparent = False
     try:
         for w, colour in ((world, (0.1, 0.2, 0.4)), (None, (0.0, 0.0, 0.0))):
@@ -361,6 +357,7 @@ def test_an_opaque_film_shows_the_world_behind_the_avatar(scene, avatar_id, dire
             assert_close_renders(got[..., :3], want, f"over {colour}")
         # a textured world is not one colour: its viewport colour stands in, and says so
         texture = world.node_tree.nodes.new("ShaderNodeTexEnvironment")
+        background = world.node_tree.nodes["Background"]
         world.node_tree.links.new(texture.outputs["Color"], background.inputs["Color"])
         world.color = (0.3, 0.3, 0.3)
         colour, flat = engine.world_background(world)
