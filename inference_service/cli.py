@@ -651,7 +651,7 @@ def render_to_folder(
     chunk = render_chunk(size, passes)
     channels = sum(messages.PASS_CHANNELS.get(p, 0) for p in passes)
     overlap = 2 * chunk * size * size * max(1, channels) * 4 <= OVERLAP_BYTES
-    stop = threading.Event()  # an interrupted render: the writer ends at its next frame
+    interrupted = threading.Event()  # the writer ends at its next frame
 
     def rows(a: np.ndarray | None, start: int, stop: int) -> np.ndarray | None:
         return None if a is None else a[start:stop] if len(a) > 1 else a
@@ -659,7 +659,7 @@ def render_to_folder(
     def write(start: int, result: dict[str, np.ndarray]) -> list[str]:
         written = []
         for k in range(len(next(iter(result.values())))):
-            if stop.is_set():
+            if interrupted.is_set():
                 break
             frame = {name: result[name][k : k + 1] for name in result}
             written += write_passes(out, start + k, frame, last=n - 1, names=asked)
@@ -695,7 +695,7 @@ def render_to_folder(
                         finish_writing()
                 finish_writing()
             except BaseException:
-                stop.set()
+                interrupted.set()
                 raise
         if preview is not None and (path := preview.close()) is not None:
             files.append(str(path))

@@ -546,7 +546,7 @@ def _load_csv(path: Path) -> Animation:
     present = {idx for _, idx in shape_cols}
     return Animation(
         curves=curves,
-        fps=_fps_of(parsed) if timecodes else None,
+        fps=_fps_of(parsed),
         head_angles=head,
         eye_angles=eyes,
         timecodes=tuple(timecodes) if timecodes else None,
