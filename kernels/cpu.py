@@ -5,9 +5,10 @@ sorted front to back once, binned into 16x16 tiles by a counting sort (so every 
 list stays in depth order), and composited per tile in parallel. Each Gaussian touches
 only the pixels of its 3-sigma box inside the tile, and a pixel stops once its
 transmittance would reach 1e-4; a tile stops when all its pixels have. The backward pass
-walks each tile's list back to front, rebuilding transmittance from the final value; each
-worker thread adds its tiles' gradients into rows of its own, so threads never write the
-same memory, and the workers' rows are summed at the end.
+walks each tile's list back to front, rebuilding transmittance from the final value, and
+skips pixels whose loss gradient is zero (outside a masked loss: a quarter of the build's
+photo-view backward). Each worker thread adds its tiles' gradients into rows of its own,
+so threads never write the same memory, and the workers' rows are summed at the end.
 
 The maths is exactly ``reference.rasterize_reference`` (tests hold them to 1e-4).
 Kernels compile on first use and are cached on disk (``cache=True``).
@@ -251,19 +252,20 @@ def backward_tiles(offsets, entries, boxes, means2d, conics, colors, opacities, 
         behind = np.empty((TILE, TILE, 3))  # colour of what lies behind, / T after
         prev_alpha = np.empty((TILE, TILE))
         prev_color = np.empty((TILE, TILE, 3))
-        row_last = np.empty(TILE, np.int64)  # per row of the tile, the largest ``last``
+        row_last = np.empty(TILE, np.int64)  # per row of the tile, the largest ``stop``
+        stop = np.empty((TILE, TILE), np.int64)
         for t in range(worker, n_tiles, workers):
             _backward_tile(t, tiles_x, offsets, entries, boxes, means2d, conics, colors,
                            opacities, trans_final, last, background, grad_rgb, grad_alpha,
                            width, height, tcur, behind, prev_alpha, prev_color, row_last,
-                           out)  # fmt: skip
+                           stop, out)  # fmt: skip
     return grads
 
 
 @njit(cache=True, fastmath={"contract", "afn"})
 def _backward_tile(t, tiles_x, offsets, entries, boxes, means2d, conics, colors, opacities,
                    trans_final, last, background, grad_rgb, grad_alpha, width, height, tcur,
-                   behind, prev_alpha, prev_color, row_last, out):  # fmt: skip
+                   behind, prev_alpha, prev_color, row_last, stop, out):  # fmt: skip
     x0 = (t % tiles_x) * TILE
     y0 = (t // tiles_x) * TILE
     x1 = min(x0 + TILE, width)
@@ -272,10 +274,17 @@ def _backward_tile(t, tiles_x, offsets, entries, boxes, means2d, conics, colors,
     prev_alpha[:] = 0.0
     prev_color[:] = 0.0
     row_last[:] = 0
+    # a pixel whose loss gradient is zero (outside a loss's mask) adds exactly nothing:
+    # it stops before its first entry
     for i in range(y0, y1):
         for j in range(x0, x1):
-            tcur[i - y0, j - x0] = trans_final[i, j]
-            row_last[i - y0] = max(row_last[i - y0], last[i, j])
+            li, lj = i - y0, j - x0
+            tcur[li, lj] = trans_final[i, j]
+            zero = grad_alpha[i, j] == 0.0
+            for ch in range(3):
+                zero = zero and grad_rgb[i, j, ch] == 0.0
+            stop[li, lj] = 0 if zero else last[i, j]
+            row_last[li] = max(row_last[li], stop[li, lj])
     # entries after the last one any pixel blended (behind saturated pixels) add nothing
     start = offsets[t]
     for li in range(y1 - y0):
@@ -296,7 +305,8 @@ def _backward_tile(t, tiles_x, offsets, entries, boxes, means2d, conics, colors,
             dy = i + 0.5 - my
             ja, jb = _row_span(dy, mx, ca, cb, cc, cutoff, jlo, jhi)
             for j in range(ja, jb + 1):
-                if k >= last[i, j]:
+                li, lj = i - y0, j - x0
+                if k >= stop[li, lj]:
                     continue
                 dx = j + 0.5 - mx
                 power = -0.5 * (ca * dx * dx + cc * dy * dy) - cb * dx * dy
@@ -307,7 +317,6 @@ def _backward_tile(t, tiles_x, offsets, entries, boxes, means2d, conics, colors,
                 alpha = min(ALPHA_MAX, raw)
                 if alpha < ALPHA_MIN:
                     continue
-                li, lj = i - y0, j - x0
                 t_before = tcur[li, lj] / (1.0 - alpha)
                 tcur[li, lj] = t_before
                 d_alpha = 0.0

@@ -137,10 +137,26 @@ def test_cpu_gradients_match_finite_differences_of_reference(degree):
         assert np.abs(fd).max() > 1e-3, f"{name}: the scene does not exercise this parameter"
 
 
-def test_cpu_and_plain_torch_agree_forward_and_backward():
+def masked_weights(w, h):
+    """Loss weights that are zero where a loss's mask is (the cpu backward skips pixels
+    whose gradient is all zero): zero on the left third, rgb alone zero in a band of
+    rows (alpha still counts there), alpha alone zero in another, alpha and red zero in a
+    third (green and blue still count)."""
+    wr, wa = loss_weights(w, h)
+    wr[:, : w // 3] = 0.0
+    wa[:, : w // 3] = 0.0
+    wr[5:12] = 0.0
+    wa[15:20] = 0.0
+    wr[24:30, :, 0] = 0.0
+    wa[24:30] = 0.0
+    return wr, wa
+
+
+@pytest.mark.parametrize("weights", [loss_weights, masked_weights])
+def test_cpu_and_plain_torch_agree_forward_and_backward(weights):
     args, cam, w, h = scene(400, 7, 2, width=45, height=37)
     bg = torch.tensor([0.3, 0.2, 0.1], dtype=torch.float64)
-    wr, wa = (torch.tensor(x) for x in loss_weights(w, h))
+    wr, wa = (torch.tensor(x) for x in weights(w, h))
     results = []
     for impl in ("cpu", "torch"):
         ts = [torch.tensor(a, requires_grad=True) for a in args]
