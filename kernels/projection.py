@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .reference import EPS2D
-from .sh import degree_of, sh_basis
+from .sh import C0, degree_of, sh_basis
 from .types import Camera
 
 
@@ -47,6 +47,8 @@ def quat_to_rotmat(q: torch.Tensor) -> torch.Tensor:
 
 def eval_sh(sh: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
     """Colours [N,3] from SH [N,K,3] and directions [N,3] (camera → Gaussian)."""
+    if sh.shape[1] == 1:  # view-independent: the builder's colours, every fitting step
+        return (sh[:, 0] * C0 + 0.5).clamp_min(0.0)
     d = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
     basis = sh_basis(d, degree_of(sh.shape[1]))
     return (torch.einsum("nk,nkc->nc", basis, sh) + 0.5).clamp_min(0.0)
