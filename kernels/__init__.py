@@ -122,8 +122,7 @@ def rasterize(
 
         result = rasterize_numpy(means, quats, scales, opacities, colors, camera, width, height,
                                  background, passes)  # fmt: skip
-        return Passes(**{k: result[k].astype(np.float32) if k in passes else None
-                         for k in PASS_NAMES})  # fmt: skip
+        return Passes(**{k: result[k] if k in passes else None for k in PASS_NAMES})
     tensors = [torch.from_numpy(np.asarray(a, np.float64)).cuda()
                for a in (means, quats, scales, opacities, colors)]  # fmt: skip
     with torch.no_grad():

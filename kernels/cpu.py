@@ -360,10 +360,30 @@ def composite(means2d, conics, colors, opacities, depths, normals, radii, width,
     return outs, (offsets, entries, boxes)
 
 
+def reach(means2d, radii, width, height) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1), ends exclusive: the pixels that any drawn Gaussian's box reaches
+    (as ``_pixel_box`` clips it), or None when none is drawn."""
+    drawn = radii > 0
+    if not drawn.any():
+        return None
+    m, r = means2d[drawn], radii[drawn]
+    x0 = max(0, int(np.ceil(m[:, 0] - r - 0.5).min()))
+    y0 = max(0, int(np.ceil(m[:, 1] - r - 0.5).min()))
+    x1 = min(width, int(np.floor(m[:, 0] + r - 0.5).max()) + 1)
+    y1 = min(height, int(np.floor(m[:, 1] + r - 0.5).max()) + 1)
+    return (x0, y0, x1, y1) if x0 < x1 and y0 < y1 else None
+
+
 def rasterize_numpy(means, quats, scales, opacities, colors, camera, width, height,
                     background=None, passes=("rgb", "alpha", "depth", "normal"),
-                    ) -> dict[str, np.ndarray]:  # fmt: skip
-    """The inference path: no torch, no gradients. Same results as ``rasterize_cpu``."""
+                    ) -> dict[str, np.ndarray | None]:  # fmt: skip
+    """The inference path: no torch, no gradients. ``rasterize_cpu``'s results, float32,
+    for the ``passes`` asked (the others None).
+
+    Only the box that the Gaussians reach is composited; the rest of the frame is what no
+    Gaussian covers (background, alpha 0, depth inf, normal 0). A head small in a large
+    frame (2 % of a 1920x1080 frame) took 150-180 ms in the compositing of empty tiles
+    and in the page faults of float64 frames."""
     from .sh import eval_sh
 
     f64 = [np.ascontiguousarray(a, np.float64) for a in (means, quats, scales, opacities, colors)]
@@ -375,11 +395,26 @@ def rasterize_numpy(means, quats, scales, opacities, colors, camera, width, heig
     if colors.ndim == 3:
         colors = eval_sh(colors, means - camera.position)
     bg = np.zeros(3) if background is None else np.asarray(background, np.float64)
+    out: dict[str, np.ndarray | None] = {
+        "rgb": np.empty((height, width, 3), np.float32) if "rgb" in passes else None,
+        "alpha": np.zeros((height, width), np.float32) if "alpha" in passes else None,
+        "depth": np.full((height, width), np.inf, np.float32) if "depth" in passes else None,
+        "normal": np.zeros((height, width, 3), np.float32) if "normal" in passes else None,
+    }
+    if out["rgb"] is not None:
+        out["rgb"][:] = bg
+    box = reach(m2d, rad, width, height)
+    if box is None:
+        return out
+    x0, y0, x1, y1 = box
     (rgb, alpha, _, depth, normal, _), _ = composite(
-        m2d, con, np.ascontiguousarray(colors), opacities, z, nrm, rad, width, height, bg,
-        "depth" in passes, "normal" in passes,
+        m2d - np.array([x0, y0], np.float64), con, np.ascontiguousarray(colors), opacities, z,
+        nrm, rad, x1 - x0, y1 - y0, bg, "depth" in passes, "normal" in passes,
     )  # fmt: skip
-    return {"rgb": rgb, "alpha": alpha, "depth": depth, "normal": normal}
+    for name, part in (("rgb", rgb), ("alpha", alpha), ("depth", depth), ("normal", normal)):
+        if out[name] is not None:
+            out[name][y0:y1, x0:x1] = part
+    return out
 
 
 class RasterizeTiles(torch.autograd.Function):

@@ -78,6 +78,43 @@ def test_empty_scene():
     assert out.alpha.max() == 0 and np.isinf(out.depth).all() and out.normal.max() == 0
 
 
+def test_cpu_inference_composites_only_the_box_the_gaussians_reach():
+    """A small cluster in a large frame (the numpy path composites only its box and fills
+    the rest): every pass against the reference, with a background, with the cluster in
+    the middle and cut by the frame's edges, and a scene whose Gaussians are all culled."""
+    from kernels.cpu import bin_tiles, reach
+    from kernels.cpu_projection import project_gaussians
+
+    rng = np.random.default_rng(11)
+    n, w, h = 300, 160, 120
+    means = rng.normal(size=(n, 3)) * 0.06 + [0, 0, 2.5]
+    quats, scales = rng.normal(size=(n, 4)), np.exp(rng.uniform(-5, -3, (n, 3)))
+    opac, sh = rng.uniform(0.05, 1, n), rng.normal(size=(n, 4, 3)) * 0.4
+    cam = Camera(150.0, 150.0, w / 2 + 0.3, h / 2 - 0.6, np.eye(4))
+    bg = np.array([0.2, 0.3, 0.1])
+    for shift in ([0.0, 0.0, 0.0], [1.3, -0.9, 0.0], [-1.25, 0.95, 0.0]):  # centre, edges
+        args = (means + shift, quats, scales, opac, sh)
+        out = rasterize(*args, cam, w, h, PASSES, background=bg, backend="cpu")
+        compare(out, rasterize_reference(*args, cam, w, h, PASSES, bg))
+        assert all(getattr(out, p).dtype == np.float32 for p in PASSES)
+        assert 0.0 < out.alpha.mean() and out.alpha.max() > 0.9
+        m2d, _, _, _, rad = project_gaussians(
+            args[0], quats, scales, cam.world_to_camera, cam.fx, cam.fy, cam.cx, cam.cy,
+            cam.near, cam.far, w, h,
+        )  # fmt: skip
+        x0, y0, x1, y1 = reach(m2d, rad, w, h)
+        assert (x1 - x0) * (y1 - y0) < 0.25 * w * h  # the case this is about
+        _, _, boxes = bin_tiles(np.flatnonzero(rad > 0), m2d, rad, w, h, 1)
+        box = boxes[rad > 0]  # every drawn Gaussian's own pixels: j0, j1, i0, i1 inclusive
+        box = box[(box[:, 0] <= box[:, 1]) & (box[:, 2] <= box[:, 3])]
+        assert (x0, y0, x1, y1) == (box[:, 0].min(), box[:, 2].min(), box[:, 1].max() + 1,
+                                    box[:, 3].max() + 1)  # fmt: skip
+    behind = (means * [1, 1, -1], quats, scales, opac, sh)
+    out = rasterize(*behind, cam, w, h, PASSES, background=bg, backend="cpu")
+    assert out.alpha.max() == 0 and np.isinf(out.depth).all() and out.normal.max() == 0
+    np.testing.assert_allclose(out.rgb, np.broadcast_to(bg, (h, w, 3)), atol=1e-7)
+
+
 def test_depth_order_is_numpys_stable_argsort():
     """The cpu backend's radix sort against ``np.argsort(kind="stable")``: ties keep their
     order, negatives and zeros sort as floats, magnitudes far apart share no digits."""
