@@ -83,6 +83,7 @@ def main() -> None:
             rec = {**base, "gaussians": len(args[0]), "width": size, "height": size}
             for r in measure_scene(args, cam, size, seconds_per_unit):
                 emit({**rec, **r, "process_peak_rss_mb": peak_rss_mb()})
+    emit({**base, **small_in_frame()})
 
 
 def measure_scene(args, cam, size, seconds_per_unit) -> list[dict]:
@@ -179,6 +180,49 @@ def cuda_record(args, cam, size, ref_ms) -> dict:
         "ratio_forward_vs_reference": ratio(ref_ms, f["median_ms"]),
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
     }
+
+
+def small_in_frame(n: int = 50_000, width: int = 1920, height: int = 1080) -> dict:
+    """A head a fifth of a 1080p frame's height, as a scene frames it: the numpy path
+    (inference: the service's renders), which composites only the box the Gaussians
+    reach, against compositing every tile of the frame in float64 and converting, as it
+    did before, in the same run."""
+    from kernels.cpu import composite
+    from kernels.cpu_projection import project_gaussians
+    from kernels.sh import eval_sh
+
+    args, head_cam = head_scene(n, height)
+    fx = head_cam.fx * 0.2
+    cam = Camera(fx, fx, width / 2, height / 2, head_cam.world_to_camera)
+    passes = ("rgb", "alpha", "depth", "normal")
+
+    def boxed():
+        return rasterize(*args, cam, width, height, passes, backend="cpu")
+
+    def whole_frame():
+        means, quats, scales, opac, colors = (np.ascontiguousarray(a, np.float64) for a in args)
+        m2d, con, z, nrm, rad = project_gaussians(
+            means, quats, scales, np.ascontiguousarray(cam.world_to_camera, np.float64),
+            cam.fx, cam.fy, cam.cx, cam.cy, cam.near, cam.far, width, height,
+        )  # fmt: skip
+        rgb = np.ascontiguousarray(eval_sh(colors, means - cam.position))
+        (c, a, _, d, nm, _), _ = composite(m2d, con, rgb, opac, z, nrm, rad, width, height,
+                                           np.zeros(3), True, True)  # fmt: skip
+        return [x.astype(np.float32) for x in (c, a, d, nm)]
+
+    new, old = boxed(), whole_frame()
+    for name, ref in zip(passes, old, strict=True):  # the same image, or the figure is moot
+        got = getattr(new, name)
+        finite = np.isfinite(ref)
+        assert np.array_equal(finite, np.isfinite(got)), name
+        assert np.abs(got[finite] - ref[finite]).max() < 1e-4, name
+    b, w = timed(boxed, 10), timed(whole_frame, 10)
+    return {
+        "case": "small_head_in_frame", "gaussians": n, "width": width, "height": height,
+        "covered": round(float((new.alpha > 0).mean()), 4), "passes": list(passes),
+        "forward_ms": b["median_ms"], "whole_frame_ms": w["median_ms"],
+        "ratio_whole_frame_vs_box": round(w["median_ms"] / b["median_ms"], 2),
+    }  # fmt: skip
 
 
 def compile_times() -> dict:
