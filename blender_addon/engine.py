@@ -181,10 +181,14 @@ def render_layers(
     timeout: float,
     passes: tuple[str, ...] = PASSES,
     on_sent: Callable[[], None] | None = None,
+    kept: dict[bytes, Layer] | None = None,
 ) -> Layer:
     """Render every avatar with ``camera`` and composite them (an empty frame without).
     Rows come bottom-up, as Blender's passes and textures hold them. ``on_sent`` is
-    called once the first request is on its way (also when there is none)."""
+    called once the first request is on its way (also when there is none). ``kept``: an
+    earlier call's layers by what they show; an avatar whose values, transform, camera
+    and passes are unchanged reuses its layer instead of asking again, and ``kept`` is
+    left holding this call's layers."""
     h, w = camera.height, camera.width
     if not frames:
         if on_sent is not None:
@@ -196,30 +200,45 @@ def render_layers(
             np.zeros((h, w, 3), np.float32),
             bottom_up=True,
         )
-    layers = []
-    for i, f in enumerate(frames):
-        try:
-            reply = client.render(
-                f.avatar_id,
-                camera.intrinsics,
-                camera.world_to_camera,
-                w,
-                h,
-                curves=f.curves[None],
-                head=f.head,
-                passes=passes,
-                timeout=timeout,
-                rows="bottom_up",
-                on_sent=on_sent if i == 0 else None,
-                near=camera.near,
-                far=camera.far,
-            )
-        except ProtocolError as exc:  # which of the scene's avatars it was about
-            raise ProtocolError(
-                exc.code, f"{f.name}: {exc.message}", exc.details, exc.remote_traceback
-            ) from exc
-        layer = Layer.from_render(reply, bottom_up=True)
+    view = b"".join(
+        np.ascontiguousarray(x, np.float64).tobytes()
+        for x in (camera.intrinsics, camera.world_to_camera, [w, h, camera.near or 0.0,
+                                                              camera.far or 0.0])
+    ) + ",".join(passes).encode()  # fmt: skip
+    layers, shown, sent = [], {}, False
+    for f in frames:
+        key = view + f.avatar_id.encode() + f.curves.tobytes() + f.head.tobytes()
+        layer = kept.get(key) if kept is not None else None
+        if layer is None:
+            try:
+                reply = client.render(
+                    f.avatar_id,
+                    camera.intrinsics,
+                    camera.world_to_camera,
+                    w,
+                    h,
+                    curves=f.curves[None],
+                    head=f.head,
+                    passes=passes,
+                    timeout=timeout,
+                    rows="bottom_up",
+                    on_sent=None if sent else on_sent,
+                    near=camera.near,
+                    far=camera.far,
+                )
+            except ProtocolError as exc:  # which of the scene's avatars it was about
+                raise ProtocolError(
+                    exc.code, f"{f.name}: {exc.message}", exc.details, exc.remote_traceback
+                ) from exc
+            sent = True
+            layer = Layer.from_render(reply, bottom_up=True)
+        shown[key] = layer
         layers.append(layer.held_out() if f.holdout else layer)
+    if not sent and on_sent is not None:
+        on_sent()
+    if kept is not None:
+        kept.clear()
+        kept.update(shown)
     return composite(layers)
 
 
@@ -429,6 +448,9 @@ class ViewportState:
         self.image: np.ndarray | None = None  # [h, w, 4] float32, rows bottom-up
         self.texture: Any = None
         self.error: str = ""
+        #: the last image's layers, per avatar (see :func:`render_layers`): editing one of
+        #: a dozen avatars re-renders that one; only the worker thread touches them
+        self.layers: dict[bytes, Layer] = {}
 
     def request(self, context: bpy.types.Context, depsgraph: bpy.types.Depsgraph) -> None:
         """Ask for the 3D View's current frame at the preferences' viewport scale."""
@@ -481,7 +503,8 @@ class ViewportState:
 
         def work() -> np.ndarray:
             runtime.start_if_down()
-            layer = render_layers(client, frames, camera, timeout, ("rgb", "alpha", "depth"))
+            layer = render_layers(client, frames, camera, timeout, ("rgb", "alpha", "depth"),
+                                  kept=self.layers)  # fmt: skip
             if background is not None:
                 layer = layer.over(background)
             return np.concatenate([layer.rgb, layer.alpha[..., None]], axis=-1)  # bottom-up

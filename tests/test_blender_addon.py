@@ -385,6 +385,48 @@ def test_viewport_requests_off_the_ui_thread_latest_wins(scene, astronaut_id, cl
     settle()
 
 
+def test_viewport_renders_again_only_the_avatars_that_changed(scene, astronaut_id, monkeypatch):
+    """Editing one avatar of several re-renders that one: the others' layers are kept
+    from the last image, and the composite is the one a fresh viewport would draw. A
+    new view, or another avatar's edit, asks again for what changed."""
+    from blender_addon import engine, runtime
+
+    a, b = import_avatar(bpy, astronaut_id), import_avatar(bpy, astronaut_id)
+    b.parent.location.x += 0.12
+    b.parent.location.y += 0.25
+    w2c = orbit((0.06, 0.1, 0.0), 1.2)
+    cam = add_camera_from_opencv(bpy, scene, w2c, FOV, 96)
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    window = np.array(cam.evaluated_get(depsgraph).calc_matrix_camera(depsgraph, x=96, y=96))
+    view = np.linalg.inv(np.array(cam.matrix_world))
+    client = runtime.client()
+    asked = []
+    real = client.render
+    monkeypatch.setattr(client, "render", lambda *a, **k: asked.append(k["head"]) or real(*a, **k))
+
+    def shown(state, look=view):
+        assert state.request_view(look, window, 96, 96, bpy.context.evaluated_depsgraph_get())
+        settle()
+        assert state.error == ""
+        return state.image
+
+    state = engine.ViewportState()
+    shown(state)
+    assert len(asked) == 2
+    a.data.shape_keys.key_blocks["jawOpen"].value = 0.7
+    edited = shown(state)
+    assert len(asked) == 3 and np.allclose(asked[-1], np.array(a.matrix_world))
+    np.testing.assert_array_equal(edited, shown(engine.ViewportState()))  # a fresh one
+    assert len(asked) == 5
+    b.data.shape_keys.key_blocks["mouthSmileLeft"].value = 0.8
+    shown(state)
+    assert len(asked) == 6 and np.allclose(asked[-1], np.array(b.matrix_world))
+    turned = view.copy()
+    turned[0, 3] += 0.02
+    shown(state, turned)
+    assert len(asked) == 8
+
+
 def _jaw(value: float) -> np.ndarray:
     curves = np.zeros((1, 52), np.float32)
     curves[0, index_of("jawOpen")] = value
