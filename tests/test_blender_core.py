@@ -195,7 +195,8 @@ def composite_everywhere(layers: list[Layer]) -> Layer:
 @pytest.mark.parametrize("seed", range(4))
 def test_composite_matches_sorting_every_pixel(seed):
     """Heads as discs of random place, size, depth and alpha (some held out, two at one
-    depth): the same frame as blending every pixel's sorted layers, bit for bit."""
+    depth; for two seeds as flipped, read-only views, as replies decoded bottom-up come):
+    the same frame as blending every pixel's sorted layers, bit for bit."""
     rng = np.random.default_rng(seed)
     h, w = 48, 64
     rows, cols = np.mgrid[0:h, 0:w]
@@ -206,7 +207,12 @@ def test_composite_matches_sorting_every_pixel(seed):
         depth = np.where(disc, rng.choice([1.0, 1.5, rng.uniform(1, 3)]), np.inf)
         rgb = alpha[..., None] * rng.uniform(0, 1, (h, w, 3)).astype(np.float32)
         normal = np.where(disc[..., None], rng.normal(size=(h, w, 3)), 0).astype(np.float32)
-        lay = Layer(rgb, alpha, depth.astype(np.float32), normal)
+        arrays = [rgb, alpha, depth.astype(np.float32), normal]
+        if seed >= 2:
+            arrays = [np.flipud(a) for a in arrays]
+            for a in arrays:
+                a.flags.writeable = False
+        lay = Layer(*arrays)
         layers.append(lay.held_out() if k == 1 and seed % 2 else lay)
     got, want = composite(layers), composite_everywhere(layers)
     for name in ("rgb", "alpha", "depth", "normal"):
