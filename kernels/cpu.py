@@ -395,25 +395,34 @@ def rasterize_numpy(means, quats, scales, opacities, colors, camera, width, heig
     if colors.ndim == 3:
         colors = eval_sh(colors, means - camera.position)
     bg = np.zeros(3) if background is None else np.asarray(background, np.float64)
-    out: dict[str, np.ndarray | None] = {
-        "rgb": np.empty((height, width, 3), np.float32) if "rgb" in passes else None,
-        "alpha": np.zeros((height, width), np.float32) if "alpha" in passes else None,
-        "depth": np.full((height, width), np.inf, np.float32) if "depth" in passes else None,
-        "normal": np.zeros((height, width, 3), np.float32) if "normal" in passes else None,
-    }
-    if out["rgb"] is not None:
-        out["rgb"][:] = bg
+    fills = {"rgb": bg, "alpha": 0.0, "depth": np.inf, "normal": np.zeros(3)}
     box = reach(m2d, rad, width, height)
-    if box is None:
-        return out
+    parts: dict[str, np.ndarray] = {}
+    if box is not None:
+        x0, y0, x1, y1 = box
+        (rgb, alpha, _, depth, normal, _), _ = composite(
+            m2d - np.array([x0, y0], np.float64), con, np.ascontiguousarray(colors), opacities,
+            z, nrm, rad, x1 - x0, y1 - y0, bg, "depth" in passes, "normal" in passes,
+        )  # fmt: skip
+        parts = {"rgb": rgb, "alpha": alpha, "depth": depth, "normal": normal}
+    return {
+        name: _framed(parts.get(name), box or (0, 0, 0, 0), width, height, fill)
+        if name in passes else None
+        for name, fill in fills.items()
+    }  # fmt: skip
+
+
+def _framed(part, box, width, height, fill) -> np.ndarray:
+    """A float32 frame: ``part`` (None: nothing) in ``box``, ``fill`` around it; each
+    pixel written once, as a conversion of the whole frame would."""
     x0, y0, x1, y1 = box
-    (rgb, alpha, _, depth, normal, _), _ = composite(
-        m2d - np.array([x0, y0], np.float64), con, np.ascontiguousarray(colors), opacities, z,
-        nrm, rad, x1 - x0, y1 - y0, bg, "depth" in passes, "normal" in passes,
-    )  # fmt: skip
-    for name, part in (("rgb", rgb), ("alpha", alpha), ("depth", depth), ("normal", normal)):
-        if out[name] is not None:
-            out[name][y0:y1, x0:x1] = part
+    out = np.empty((height, width, *np.shape(fill)), np.float32)
+    out[:y0] = fill
+    out[y1:] = fill
+    out[y0:y1, :x0] = fill
+    out[y0:y1, x1:] = fill
+    if part is not None:
+        out[y0:y1, x0:x1] = part
     return out
 
 
