@@ -381,9 +381,9 @@ def rasterize_numpy(means, quats, scales, opacities, colors, camera, width, heig
     for the ``passes`` asked (the others None).
 
     Only the box that the Gaussians reach is composited; the rest of the frame is what no
-    Gaussian covers (background, alpha 0, depth inf, normal 0). A head small in a large
-    frame (2 % of a 1920x1080 frame) took 150-180 ms in the compositing of empty tiles
-    and in the page faults of float64 frames."""
+    Gaussian covers (background, alpha 0, depth inf, normal 0). Through the service, a
+    head covering 2 % of a 1920x1080 frame rendered its four passes in half the time of
+    compositing every tile in float64 and converting."""
     from .sh import eval_sh
 
     f64 = [np.ascontiguousarray(a, np.float64) for a in (means, quats, scales, opacities, colors)]
