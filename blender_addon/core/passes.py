@@ -150,7 +150,7 @@ def composite(layers: list[Layer]) -> Layer:
         flat = rgb.shape[0] * rgb.shape[1]
         rgb.reshape(flat, 3)[shared], alpha.reshape(flat)[shared] = out_rgb, out_alpha
         held.reshape(flat)[shared] = out_held
-        depth.reshape(flat)[shared] = np.take_along_axis(k_depth, order[:1], axis=0)[0]
+        depth.reshape(flat)[shared] = k_depth.reshape(-1)[rows[0]]
         normal.reshape(flat, 3)[shared] = k_normal[0]
     return Layer(rgb, alpha, depth, normal, first.bottom_up, held if any_held else None)
 
