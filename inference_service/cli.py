@@ -739,7 +739,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from protocol.files import atomic_write
+    from protocol.files import atomic_write_all
 
     from .export.ply import frame_file_name
 
@@ -766,16 +766,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         info = avatar_info(client, args.avatar)
         heads = animation_heads(anim, info, not args.no_head_motion)
         bar = Progress(len(frames), "exporting", not args.json)
-        try:
+
+        def posed() -> Iterator[tuple[Path, bytes]]:
             for k, (i, path) in enumerate(zip(frames, paths, strict=True)):
                 reply = client.export(
                     info["id"],
                     curves=None if curves is None else curves[[i]],
                     head=None if heads is None else heads[[i]],
                 )
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(path, reply.arrays["file"].tobytes())
+                yield path, reply.arrays["file"].tobytes()
                 bar.update_to(k + 1)
+
+        try:  # staged, then renamed together: a range that fails leaves none of its frames
+            atomic_write_all(posed())
         finally:
             bar.close()
     files = [str(p) for p in paths]

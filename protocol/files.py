@@ -6,7 +6,7 @@ import contextlib
 import errno
 import os
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 #: Characters of the file's name its temporary file keeps (at most 4 bytes each): any
@@ -22,11 +22,13 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     atomic_write_all([(path, data)])
 
 
-def atomic_write_all(files: Sequence[tuple[str | Path, bytes]]) -> None:
-    """Write files that belong together (a bundle's): every one to its temporary file
-    first, then each renamed into place in the order given, so a failure while writing
-    (a full disk, a folder where a file should go) leaves all the old ones as they were.
-    Put the file that describes the others last. Each file as :func:`atomic_write`."""
+def atomic_write_all(files: Iterable[tuple[str | Path, bytes]]) -> None:
+    """Write files that belong together (a bundle's, a frame range's): every one to its
+    temporary file first, then each renamed into place in the order given, so a failure
+    while writing (a full disk, a folder where a file should go, an error or interrupt
+    raised by ``files`` itself) leaves all the old ones as they were and none of the new.
+    Put the file that describes the others last. ``files`` may be a generator: each
+    file's bytes are let go once staged. Each file as :func:`atomic_write`."""
     staged: list[tuple[Path, Path]] = []
     try:
         for path, data in files:

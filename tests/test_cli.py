@@ -392,6 +392,23 @@ def test_export_frame_and_range(tmp_path, service, astronaut_id):
     bad = run("export", astronaut_id, "--endpoint", service.endpoint, "--out", folder,
               "--curves", npy, "--range", "2:9", check=False)  # fmt: skip
     assert bad.returncode != 0 and "the curves have 4 (0 to 3)" in bad.stderr
+    # a folder where the last frame goes: none of the range is written, the old files stay
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    blocked = tmp_path / "blocked"
+    (blocked / "frame_00003.ply").mkdir(parents=True)
+    bad = run("export", astronaut_id, "--endpoint", service.endpoint, "--out", blocked,
+              "--curves", npy, "--range", "0:3", check=False)  # fmt: skip
+    assert bad.returncode != 0 and "frame_00003.ply" in bad.stderr
+    assert [p.name for p in blocked.iterdir()] == ["frame_00003.ply"]
+    (folder / "frame_00003.ply").unlink()
+    (folder / "frame_00003.ply").mkdir()
+    np.save(tmp_path / "reversed.npy", curves[::-1])  # other poses: frames 1-2 would change
+    bad = run("export", astronaut_id, "--endpoint", service.endpoint, "--out", folder,
+              "--curves", tmp_path / "reversed.npy", "--range", "1:3", check=False)  # fmt: skip
+    assert bad.returncode != 0
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == {
+        k: v for k, v in before.items() if k != "frame_00003.ply"
+    }
     for extra, message in (
         (("--curves", npy, "--frame", 4), "the curves have 4 (0 to 3)"),
         (("--curves", npy, "--frame", -1), "0 or more, got '-1'"),
