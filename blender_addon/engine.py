@@ -451,6 +451,7 @@ class ViewportState:
         #: the last image's layers, per avatar (see :func:`render_layers`): editing one of
         #: a dozen avatars re-renders that one; only the worker thread touches them
         self.layers: dict[bytes, Layer] = {}
+        self.layers_epoch = runtime.store_epoch  # see :data:`runtime.store_epoch`
 
     def request(self, context: bpy.types.Context, depsgraph: bpy.types.Depsgraph) -> None:
         """Ask for the 3D View's current frame at the preferences' viewport scale."""
@@ -489,6 +490,8 @@ class ViewportState:
             background = world_background(scene.world)[0]
         parts = [camera.intrinsics, camera.world_to_camera, np.array([w, h, *clip], np.float64),
                  np.zeros(0) if background is None else background]  # fmt: skip
+        epoch = runtime.store_epoch
+        parts.append(np.array([epoch]))
         for f in frames:
             parts += [np.frombuffer(f.avatar_id.encode(), np.uint8), f.curves, f.head]
         signature = b"".join(np.ascontiguousarray(x).tobytes() for x in parts)
@@ -503,6 +506,9 @@ class ViewportState:
 
         def work() -> np.ndarray:
             runtime.start_if_down()
+            if self.layers_epoch != epoch:  # avatars left the store: none kept is trusted
+                self.layers.clear()
+                self.layers_epoch = epoch
             layer = render_layers(client, frames, camera, timeout, ("rgb", "alpha", "depth"),
                                   kept=self.layers)  # fmt: skip
             if background is not None:

@@ -85,6 +85,8 @@ def _report_error(message: str) -> None:
 def _apply_list(avatars: list[dict[str, Any]], select: str = "") -> None:
     """Show the service's avatars; ``select``: the id to make the list's active row."""
     st = props.state()
+    if {item.avatar_id for item in st.avatars} - {a["id"] for a in avatars}:
+        runtime.store_changed()
     st.avatars.clear()
     for a in avatars:
         item = st.avatars.add()

@@ -37,6 +37,10 @@ _client_settings: ConnectionSettings | None = None
 _client_lock = threading.Lock()
 local_service: LocalService | None = None
 build_cancel = threading.Event()
+#: Counts the times avatars left the service's store (deleted here or elsewhere): views
+#: that keep layers per avatar drop them when it moves, so a deleted avatar's proxy asks
+#: again (and shows why it is gone) instead of showing the avatar from memory.
+store_epoch = 0
 
 
 def worker() -> Worker:
@@ -130,6 +134,12 @@ def settle(timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"splatface work still running after {timeout:.0f} s")
         time.sleep(0.01)
+
+
+def store_changed() -> None:
+    """Avatars left the store: see :data:`store_epoch`."""
+    global store_epoch
+    store_epoch += 1
 
 
 def tag_redraw() -> None:

@@ -425,6 +425,16 @@ def test_viewport_renders_again_only_the_avatars_that_changed(scene, astronaut_i
     turned[0, 3] += 0.02
     shown(state, turned)
     assert len(asked) == 8
+    # an avatar leaves the store (here, or as a refreshed list finds): the kept layers
+    # go, and the same view asks again, so a deleted avatar's proxy shows why it is gone
+    from blender_addon import ops
+
+    ops._apply_list(client.avatars())
+    ops._apply_list([a for a in client.avatars() if a["id"] != astronaut_id])
+    shown(state, turned)
+    assert len(asked) == 10
+    ops._apply_list(client.avatars())
+    assert state.request_view(turned, window, 96, 96, bpy.context.evaluated_depsgraph_get()) is None
 
 
 def _jaw(value: float) -> np.ndarray:
