@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import zipfile
@@ -23,9 +24,13 @@ from protocol.arkit import ARKIT_NAMES, index_of
 from .conftest import REPO, encode_png
 
 
-def run(*args, check=True, timeout=600):
+def run(*args, check=True, timeout=600, file_size=None):
+    """``file_size``: bytes any file the command writes stops at, as on a full disk."""
+    limit = None if file_size is None else lambda: resource.setrlimit(
+        resource.RLIMIT_FSIZE, (file_size, resource.RLIM_INFINITY))  # fmt: skip
     r = subprocess.run([sys.executable, "-m", "inference_service", *map(str, args)],
-                       cwd=REPO, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+                       cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                       preexec_fn=limit)  # fmt: skip
     if check and r.returncode != 0:
         raise AssertionError(f"splatface {args} failed ({r.returncode}):\n{r.stderr[-3000:]}")
     return r
@@ -216,11 +221,18 @@ def test_an_out_the_command_cannot_write_is_refused_before_work(tmp_path, servic
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, args
         assert json.loads(r.stdout.splitlines()[-1])["error"]["code"] == "cli", args
     assert file.read_text() == "" and list(folder.iterdir()) == []
-    # a file the command cannot write after all is one line naming it, not a traceback
-    r = run("export", astronaut_id, *served, "--out", "/proc/self/x.ply", "--json", check=False)
+    # a folder that takes no file (a full disk here) is refused before the work too
+    r = run("track", video, "--out", folder / "c.csv", "--json", check=False, file_size=0)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.rstrip().endswith(": /proc/self/x.ply"), r.stderr  # not its temporary file
+    assert f"cannot write --out {folder / 'c.csv'}: {folder}: File too large" in r.stderr
+    assert list(folder.iterdir()) == []
+    # a file the command cannot write after all is one line naming it, not a traceback
+    r = run("export", astronaut_id, *served, "--out", folder / "x.ply", "--json", check=False,
+            file_size=1)  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.rstrip().endswith(f": {folder / 'x.ply'}"), r.stderr  # not its temporary
     assert json.loads(r.stdout.splitlines()[-1])["error"]["code"] == "cli"
+    assert list(folder.iterdir()) == []
 
 
 def test_render_requests_stay_under_the_reply_limit_and_names_fit_the_protocol(tmp_path):
