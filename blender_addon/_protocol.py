@@ -37,6 +37,7 @@ head_rotation = _impl.head_rotation
 errors = _impl.errors
 wait_for_endpoint = _launch.wait_for_endpoint
 atomic_write = _files.atomic_write
+atomic_write_all = _files.atomic_write_all
 is_loopback_endpoint = _launch.is_loopback_endpoint
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "CurveKeys",
     "ProtocolError",
     "atomic_write",
+    "atomic_write_all",
     "errors",
     "head_pivot",
     "head_rotation",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from ._protocol import (
     Client,
     ProtocolError,
     atomic_write,
+    atomic_write_all,
     head_rotation,
     load_animation,
 )
@@ -568,9 +570,11 @@ def export_frames(
     frame_start: int,
     frame_end: int,
     frame_step: int = 1,
+    sh_degree: int | None = None,
 ) -> list[str]:
-    """Write ``.ply`` files (world space, posed as evaluated) or the bundle, each whole or
-    not at all; returns paths."""
+    """Write ``.ply`` files (world space, posed as evaluated) or the bundle, all whole or
+    none of them (a range that fails leaves none of its frames); returns paths.
+    ``sh_degree``: the files' SH degree (default: the avatar's own)."""
     client = runtime.client()
     timeout = runtime.settings().timeout
     scene = bpy.context.scene
@@ -589,17 +593,22 @@ def export_frames(
         frames = list(range(frame_start, frame_end + 1, max(1, frame_step)))
     written = []
     current = scene.frame_current
-    try:
+
+    def posed() -> Iterator[tuple[Path, bytes]]:
         for frame in frames:
             scene.frame_set(frame)
             depsgraph = bpy.context.evaluated_depsgraph_get()
             ob = proxy.evaluated_get(depsgraph)
             curves = avatar.evaluated_curves(ob, depsgraph)
             head = np.array(ob.matrix_world, np.float64)
-            reply = client.export(avatar_id, curves=curves[None], head=head, timeout=timeout)
+            reply = client.export(avatar_id, curves=curves[None], head=head, timeout=timeout,
+                                  sh_degree=sh_degree)  # fmt: skip
             target = out if mode == "CURRENT" else out.with_name(f"{out.stem}_{frame:04d}.ply")
-            atomic_write(target, reply.arrays["file"].tobytes())
             written.append(str(target))
+            yield target, reply.arrays["file"].tobytes()
+
+    try:
+        atomic_write_all(posed())
     finally:
         scene.frame_set(current)
     return written
@@ -623,6 +632,12 @@ class SPLATFACE_OT_export_ply(bpy.types.Operator, ExportHelper):
     )
     frame_step: bpy.props.IntProperty(
         name="Step", description="Frames between exports (default: the scene's)", default=1, min=1
+    )
+    full_sh: bpy.props.BoolProperty(
+        name="Degree-3 SH",
+        description="Write the 45 f_rest values (zeros: the same colours) that 3DGS's "
+        "reference loader and the SIBR viewer require; other viewers take the smaller file",
+        default=False,
     )
 
     @classmethod
@@ -662,6 +677,7 @@ class SPLATFACE_OT_export_ply(bpy.types.Operator, ExportHelper):
                 self.frame_start,
                 self.frame_end,
                 self.frame_step,
+                3 if self.full_sh else None,
             )
         except (ProtocolError, ValueError, OSError, zmq.ZMQError) as exc:
             self.report({"ERROR"}, f"export failed: {_error_text(exc)}")

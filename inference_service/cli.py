@@ -790,6 +790,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                     info["id"],
                     curves=None if curves is None else curves[[i]],
                     head=None if heads is None else heads[[i]],
+                    sh_degree=args.sh_degree,
                 )
                 yield path, reply.arrays["file"].tobytes()
                 bar.update_to(k + 1)
@@ -816,9 +817,10 @@ def export_bundle(args: argparse.Namespace) -> int:
 
     from protocol.files import atomic_write, atomic_write_all
 
-    if args.curves or args.range or args.frame is not None:
+    if args.curves or args.range or args.frame is not None or args.sh_degree is not None:
         raise SystemExit(
-            "splatface export: --bundle is the rig itself; drop --curves/--range/--frame"
+            "splatface export: --bundle is the rig itself; drop --curves/--range/--frame/"
+            "--sh-degree"
         )
     out = Path(args.out)
     (out_file if out.suffix.lower() == ".zip" else out_folder)("export", out)
@@ -1151,6 +1153,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         type=parse_range,
         metavar="A:B",
         help="rows A to B inclusive, one frame_NNNNN.ply each, into the folder --out",
+    )
+    sp.add_argument(
+        "--sh-degree",
+        type=int,
+        choices=range(4),
+        metavar="{0,1,2,3}",
+        help="SH degree the .ply holds (default: the avatar's own, 0 for builds: 17 floats a "
+        "Gaussian); 3 adds the 45 f_rest_* values, as zeros (the same colours), that 3DGS's "
+        "reference loader and the SIBR viewer require",
     )
     common(sp)
     sp.set_defaults(func=cmd_export)

@@ -558,7 +558,7 @@ class Service:
         if fields["frames"] is None:
             i = fields["frame"]
             check_frame(i)
-            data = ply_bytes(posed(i))
+            data = ply_bytes(posed(i), fields["sh_degree"])
             if fields["to"] == "reply":
                 return {"format": "ply", "frame": i, "bytes": len(data)}, {
                     "file": np.frombuffer(data, np.uint8)
@@ -591,7 +591,8 @@ class Service:
         try:
             for i in frames:
                 self._check_stop()
-                written.append(str(write_ply(folder / frame_file_name(i, frames[-1]), posed(i))))
+                path = folder / frame_file_name(i, frames[-1])
+                written.append(str(write_ply(path, posed(i), fields["sh_degree"])))
         except BaseException as exc:  # none of a range that failed: a retry is whole again
             shutil.rmtree(folder, ignore_errors=True)
             if isinstance(exc, OSError):

@@ -408,11 +408,14 @@ class Client:
         curve_names: list[str] | None = None,
         timeout: float | None = None,
         format: str = "ply",
+        sh_degree: int | None = None,
     ) -> Message:
         """Export posed Gaussians as ``.ply``, or with ``format='bundle'`` the rigged
         bundle (a zip: glTF head with 52 ARKit morph targets plus the bound Gaussians):
         the bytes (``to='reply'``) or files the service writes into its export folder
-        (``to='folder'``, names in the reply). ``curves`` as for :meth:`render`."""
+        (``to='folder'``, names in the reply). ``curves`` as for :meth:`render`.
+        ``sh_degree``: the ``.ply``'s SH degree (default: the avatar's own); 3 for
+        loaders that take only 3DGS's training output (zeros, the same colours)."""
         curves = _curves_array(curves, curve_names)
         return self.request(
             "export",
@@ -423,6 +426,7 @@ class Client:
                 "frames": None if frames is None else [int(frames[0]), int(frames[1])],
                 "to": to,
                 "curve_names": curve_names,
+                "sh_degree": sh_degree,
             },
             {
                 "curves": curves,

@@ -151,6 +151,7 @@ OPS: dict[str, OpSpec] = {
             "frames": Field("list", item="int", length=2),
             "to": Field("str", default="reply", choices=("reply", "folder")),
             "curve_names": _CURVE_NAMES,
+            "sh_degree": Field("int", lo=0, hi=3),
         },
         {  # a whole take, of which ``frame``/``frames`` pick rows: heads as many as curves
             "curves": ArrayField(_FLOAT, (None, None), dim_max=MAX_FRAMES * 100),

@@ -716,6 +716,23 @@ def test_a_script_exporting_a_range_gets_the_scenes_range_and_step(scene, avatar
         "head_0002.ply", "head_0004.ply", "head_0006.ply"]  # fmt: skip
 
 
+def test_a_range_export_that_fails_leaves_none_of_its_frames(scene, avatar_id, tmp_path):
+    import plyfile
+
+    proxy = import_avatar(bpy, avatar_id)
+    bpy.context.view_layer.objects.active = proxy
+    (tmp_path / "head_0003.ply").mkdir()  # the last frame cannot be written
+    with pytest.raises(RuntimeError, match="head_0003.ply"):
+        bpy.ops.splatface.export_ply(filepath=str(tmp_path / "head.ply"), mode="RANGE",
+                                     frame_start=1, frame_end=3)  # fmt: skip
+    assert [f.name for f in tmp_path.iterdir()] == ["head_0003.ply"]
+    # degree-3 SH for 3DGS's reference loader: its 45 f_rest values, zeros
+    out = tmp_path / "full.ply"
+    assert bpy.ops.splatface.export_ply(filepath=str(out), full_sh=True) == {"FINISHED"}
+    v = plyfile.PlyData.read(str(out))["vertex"]
+    assert len(v.properties) == 62 and not v["f_rest_44"].any()
+
+
 def test_export_range_rereads_and_imports_as_point_attributes(scene, avatar_id, direct, tmp_path):
     import plyfile
 

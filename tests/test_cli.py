@@ -391,6 +391,14 @@ def test_export_frame_and_range(tmp_path, service, astronaut_id):
     run("export", astronaut_id, "--endpoint", service.endpoint, "--out", one,
         "--curves", npy, "--frame", 3)  # fmt: skip
     assert PlyData.read(one)["vertex"].count > 1000
+    three = tmp_path / "three.ply"
+    run("export", astronaut_id, "--endpoint", service.endpoint, "--out", three,
+        "--curves", npy, "--frame", 3, "--sh-degree", 3)  # fmt: skip
+    a, b = PlyData.read(one)["vertex"], PlyData.read(three)["vertex"]
+    assert len(b.properties) == 62 and len(a.properties) == 17  # 3DGS's training output's
+    assert not any(b[f"f_rest_{i}"].any() for i in range(45))
+    for p in a.properties:
+        np.testing.assert_array_equal(a[p.name], b[p.name])
     folder = tmp_path / "seq"
     r = last_json(run("export", astronaut_id, "--endpoint", service.endpoint, "--out", folder,
                       "--curves", npy, "--range", "1:3", "--json"))  # fmt: skip

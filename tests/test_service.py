@@ -145,6 +145,14 @@ def test_export_range_to_service_folder(client, astronaut_id):
     assert [f.rsplit("/", 1)[-1] for f in files] == [f"frame_{i:05d}.ply" for i in (1, 2, 3)]
     sizes = {PlyData.read(f)["vertex"].count for f in files}
     assert len(sizes) == 1
+    # at the SH degree asked for (3DGS's reference loader takes 3 only): zeros added
+    padded = client.export(astronaut_id, curves=curves, frames=(1, 3), to="folder", sh_degree=3)
+    v = PlyData.read(padded.header["files"][1])["vertex"]
+    assert len(v.properties) == 62 and not v["f_rest_44"].any()
+    np.testing.assert_array_equal(v["f_dc_2"], PlyData.read(files[1])["vertex"]["f_dc_2"])
+    with pytest.raises(ProtocolError) as e:
+        client.export(astronaut_id, sh_degree=4)
+    assert e.value.code == errors.BAD_REQUEST and "sh_degree" in e.value.message
     # another export of the same frames writes its own folder: the first reply's files
     # still hold the first take (they were overwritten, crossing the two replies)
     before = [Path(f).read_bytes() for f in files]

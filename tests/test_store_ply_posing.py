@@ -228,6 +228,24 @@ def test_ply_has_inria_layout_and_values():
     np.testing.assert_allclose(np.abs((q * posed.quats).sum(1)), 1, atol=1e-6)
 
 
+def test_ply_holds_the_sh_degree_asked_for():
+    """Degree 3 for loaders that take only that (3DGS's reference code): the avatar's
+    coefficients where they were, per channel, and zeros after them; degree 0 drops them.
+    Nothing else changes."""
+    posed = pose(tiny_avatar(sh_degree=1))
+    own = PlyData.read(io.BytesIO(ply_bytes(posed)))["vertex"]
+    for degree in (3, 0):
+        v = PlyData.read(io.BytesIO(ply_bytes(posed, degree)))["vertex"]
+        k = (degree + 1) ** 2
+        assert [p.name for p in v.properties] == property_names(k)
+        for name in property_names(1):
+            np.testing.assert_array_equal(v[name], own[name], err_msg=name)
+        for c in range(3):  # channel-major: each channel's k - 1 coefficients in a row
+            for i in range(k - 1):
+                want = own[f"f_rest_{3 * c + i}"] if i < 3 else 0.0
+                np.testing.assert_array_equal(v[f"f_rest_{(k - 1) * c + i}"], want)
+
+
 def textbook_srgb(c: np.ndarray) -> np.ndarray:
     """IEC 61966-2-1's encoding, written out for the tests."""
     c = np.asarray(c, np.float64)

@@ -52,12 +52,17 @@ def srgb_sh(sh: np.ndarray) -> np.ndarray:
     return out
 
 
-def ply_bytes(g: PosedGaussians) -> bytes:
-    n, k = g.sh.shape[:2]
+def ply_bytes(g: PosedGaussians, sh_degree: int | None = None) -> bytes:
+    """``sh_degree``: the degree the file holds (default: the Gaussians' own). Coefficients
+    the Gaussians lack are written as zeros, which change no colour: loaders made for
+    3DGS's training output (its reference code, the SIBR viewer) take degree 3 only."""
+    n, have = g.sh.shape[:2]
+    k = have if sh_degree is None else (sh_degree + 1) ** 2
     names = property_names(k)
     rows = np.zeros((n, len(names)), "<f4")
     rows[:, 0:3] = g.means
-    sh = srgb_sh(g.sh)
+    sh = np.zeros((n, k, 3))
+    sh[:, : min(k, have)] = srgb_sh(g.sh)[:, :k]
     rows[:, 6:9] = sh[:, 0, :]
     rows[:, 9 : 9 + 3 * (k - 1)] = sh[:, 1:, :].transpose(0, 2, 1).reshape(n, -1)
     op = np.clip(g.opacities, 1e-7, 1 - 1e-7)
@@ -72,9 +77,9 @@ def ply_bytes(g: PosedGaussians) -> bytes:
     return header.encode("ascii") + b"\n" + rows.tobytes()
 
 
-def write_ply(path: str | Path, g: PosedGaussians) -> Path:
-    """Write atomically; returns the path."""
+def write_ply(path: str | Path, g: PosedGaussians, sh_degree: int | None = None) -> Path:
+    """Write atomically; returns the path. ``sh_degree`` as :func:`ply_bytes`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, ply_bytes(g))
+    atomic_write(path, ply_bytes(g, sh_degree))
     return path
