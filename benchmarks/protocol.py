@@ -8,6 +8,10 @@ Three measurements in one run, so the ratios compare like with like:
 - ``service``: a real ``splatface serve`` process answering ``render`` for a one-Gaussian
   avatar, so validation, the worker pool and the inproc hop are included (and a near-empty
   render of three 512x512 buffers).
+
+Then ``store_listing``: the listing behind every request that names an avatar by name,
+for a store of 2,000 avatars, first (every meta.json read) against later (only the
+metas that changed read).
 """
 
 from __future__ import annotations
@@ -93,34 +97,63 @@ def main() -> None:
     emit({**base, "case": "service", **service_t,
           "ratio": round(service_t["median_ms"] / echo_t["median_ms"], 3)})  # fmt: skip
     ctx.term()
+    emit({"benchmark": "protocol", "case": "store_listing", "machine": machine(),
+          **store_listing()})  # fmt: skip
+
+
+def one_gaussian_avatar(avatar_id: str = "0000000000aa"):
+    from inference_service.avatar import Avatar, BoundGaussians
+
+    g = BoundGaussians(
+        triangle=np.zeros(1, np.int32), bary=np.full((1, 3), 1 / 3, np.float32),
+        offset=np.zeros(1, np.float32), rotation=np.array([[1, 0, 0, 0]], np.float32),
+        log_scale=np.full((1, 3), -4.0, np.float32), opacity_logit=np.zeros(1, np.float32),
+        sh=np.zeros((1, 1, 3), np.float32),
+    )  # fmt: skip
+    verts = np.array([[0, 0, 0], [0.1, 0, 0], [0, 0, 0.1]], np.float32)
+    return Avatar(avatar_id, "one", verts, np.array([[0, 1, 2]], np.int32),
+                  np.zeros((52, 3, 3), np.float32), g, np.array([1.0, 1, 0, 0]),
+                  np.eye(4))  # fmt: skip
+
+
+STORE_AVATARS = 2000
+
+
+def store_listing() -> dict:
+    """A store of ``STORE_AVATARS`` avatars (every request naming an avatar by name lists
+    it): the first listing, which reads every meta.json, against the next ones, which
+    read only those that changed (none here)."""
+    import json
+    import shutil
+
+    from inference_service.store import Store
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "store"
+        Store(root).save(one_gaussian_avatar())
+        first = root / "0000000000aa"
+        meta = json.loads((first / "meta.json").read_text())
+        for k in range(1, STORE_AVATARS):
+            avatar_id = f"1{k:011x}"
+            shutil.copytree(first, root / avatar_id)
+            (root / avatar_id / "meta.json").write_text(json.dumps({**meta, "id": avatar_id}))
+        cold = timed(lambda: Store(root).list(), 10, warmup=1)
+        store = Store(root)
+        store.list()
+        warm = timed(store.list, 10, warmup=1)
+    return {"avatars": STORE_AVATARS, "first_listing": cold, "next_listings": warm,
+            "ratio": round(warm["median_ms"] / cold["median_ms"], 3)}  # fmt: skip
 
 
 def service_render(ctx) -> dict:
     """Time ``render`` against a real service process holding a one-Gaussian avatar."""
 
-    from inference_service.avatar import Avatar, BoundGaussians
     from inference_service.store import Store
     from tests.conftest import ServiceProcess
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
-        g = BoundGaussians(
-            triangle=np.zeros(1, np.int32), bary=np.full((1, 3), 1 / 3, np.float32),
-            offset=np.zeros(1, np.float32), rotation=np.array([[1, 0, 0, 0]], np.float32),
-            log_scale=np.full((1, 3), -4.0, np.float32), opacity_logit=np.zeros(1, np.float32),
-            sh=np.zeros((1, 1, 3), np.float32),
-        )  # fmt: skip
-        verts = np.array([[0, 0, 0], [0.1, 0, 0], [0, 0, 0.1]], np.float32)
-        av = Avatar(
-            "0000000000aa",
-            "one",
-            verts,
-            np.array([[0, 1, 2]], np.int32),
-            np.zeros((52, 3, 3), np.float32),
-            g,
-            np.array([1.0, 1, 0, 0]),
-            np.eye(4),
-        )
+        av = one_gaussian_avatar()
         Store(store).save(av)
         svc = ServiceProcess(store)
         try:

@@ -62,6 +62,31 @@ def test_store_round_trip_and_listing(tmp_path):
     assert e.value.code == errors.NOT_FOUND
 
 
+def test_a_listing_rereads_only_the_metas_that_changed(tmp_path, monkeypatch):
+    """Names resolve through a listing; a store of thousands read every meta.json each
+    time. What changed (a meta replaced, an avatar gone or added, even by another service
+    on the store) still shows at once."""
+    store = Store(tmp_path)
+    for avatar_id in ("aaaaaaaaaaaa", "bbbbbbbbbbbb"):
+        store.save(tiny_avatar(avatar_id))
+    first = store.list()
+    reads = []
+    real = Store.meta
+    monkeypatch.setattr(Store, "meta", lambda self, i: reads.append(i) or real(self, i))
+    assert store.list() == first and reads == []
+    first[0]["name"] = "changed by a caller"  # a caller's copy, not the store's
+    meta_file = tmp_path / "bbbbbbbbbbbb" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    atomic_write(meta_file, json.dumps({**meta, "name": "renamed"}).encode())
+    Store(tmp_path).save(tiny_avatar("cccccccccccc"))  # another service's
+    listed = store.list()
+    assert [m["name"] for m in listed] == ["tiny", "renamed", "tiny"]
+    assert reads == ["bbbbbbbbbbbb", "cccccccccccc"]
+    assert store.resolve("renamed") == "bbbbbbbbbbbb"
+    store.delete("aaaaaaaaaaaa")
+    assert [m["id"] for m in store.list()] == ["bbbbbbbbbbbb", "cccccccccccc"]
+
+
 @pytest.mark.parametrize("ref", ["../etc", "/etc/passwd", "..", "0123456789ab/../../x", ".tmp-x"])
 def test_ids_cannot_escape_the_store(tmp_path, ref):
     store = Store(tmp_path / "s")
