@@ -4,6 +4,12 @@ Threads: the socket loop (owns the ROUTER, answers quick ops inline), one build 
 (``jobs.py``), and a small pool for renders, exports and mesh fetches. Pool threads hand
 replies back through an ``inproc`` PUSH/PULL pair, since a ZeroMQ socket belongs to
 one thread. So queries and renders are answered while a build runs.
+
+A client that goes away (killed, or closing its socket after its own timeout) takes its
+pool work with it: the socket's monitor reports the connection's file descriptor closed,
+and the renders and exports that came over it stop at their next frame. Otherwise two
+such clients held both pool threads, and every other render waited for their frames.
+Builds are jobs, polled by id, and carry on.
 """
 
 from __future__ import annotations
@@ -113,6 +119,16 @@ def check_server_keys(folder: Path) -> tuple[bytes, bytes]:
     return public, secret
 
 
+def _connection(frame: Any) -> int | None:
+    """The file descriptor of the connection a request came over (the monitor names
+    closed connections by it), or None where the transport has none."""
+    try:
+        fd = frame.get(zmq.SRCFD)
+    except (zmq.ZMQError, AttributeError, TypeError):
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
+
+
 class Service:
     """Serve until :meth:`stop`. ``device``: auto, cpu or cuda. ``enhance``: diffusion
     weight folders builds use unless a request names its own (checked here, so a bad
@@ -169,6 +185,12 @@ class Service:
         self._reply_addr = f"inproc://replies-{uuid.uuid4().hex}"
         self._local = threading.local()
         self._pushes: list[zmq.Socket] = []
+        #: per connection (its file descriptor), the pool work that came over it: each
+        #: request's event, set when the connection closes (see the module notes)
+        self._by_connection: dict[int, set[threading.Event]] = {}
+        #: descriptors reported closed and not yet taken by a new connection: a request
+        #: read after its connection's close was reported is stopped at once
+        self._closed: set[int] = set()
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -189,9 +211,11 @@ class Service:
         self.bound = router.getsockopt_string(zmq.LAST_ENDPOINT)
         replies = self._ctx.socket(zmq.PULL)
         replies.bind(self._reply_addr)
+        closed = router.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED)
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(replies, zmq.POLLIN)
+        poller.register(closed, zmq.POLLIN)
         log.info("listening on %s (device %s, store %s)", self.bound, self.device, self.store.root)
         threading.Thread(target=self._warmup, daemon=True).start()
         if ready is not None:
@@ -206,6 +230,9 @@ class Service:
                         except zmq.Again:
                             break
                         router.send_multipart(frames, copy=False)
+                # before the requests: a connection closed, and its descriptor taken by a
+                # new one, is reported before anything the new one sends can be read
+                self._connections_closed(closed)
                 if router in events:
                     for _ in range(100):
                         try:
@@ -226,11 +253,29 @@ class Service:
                 router.send_multipart(replies.recv_multipart(copy=False), copy=False)
             for push in self._pushes:  # pool threads are done with them
                 push.close(0)
+            router.disable_monitor()
+            closed.close(0)
             router.close(SHUTDOWN_LINGER_MS)  # let the last replies leave
             replies.close(0)
             if auth is not None:
                 auth.stop()
             self._ctx.term()
+
+    def _connections_closed(self, monitor: zmq.Socket) -> None:
+        """Stop the pool work of every connection the monitor reports closed."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            fd = int(event["value"])
+            with self._pending_lock:
+                if event["event"] == zmq.EVENT_ACCEPTED:
+                    self._closed.discard(fd)
+                    continue
+                self._closed.add(fd)
+                gone = self._by_connection.pop(fd, ())
+            for work in gone:
+                work.set()
 
     def _setup_curve(self, router: zmq.Socket):
         from zmq.auth.thread import ThreadAuthenticator
@@ -280,7 +325,7 @@ class Service:
                 )
             fields, arrays = messages.validate(msg)
             if op in POOL_OPS:
-                self._submit(route, op, req_id, fields, arrays)
+                self._submit(route, op, req_id, fields, arrays, _connection(frames[0]))
                 return None
             header, out = getattr(self, "_op_" + op)(fields, arrays)
         except ProtocolError as exc:
@@ -311,16 +356,22 @@ class Service:
             }
         )
 
-    def _submit(self, route, op, req_id, fields, arrays) -> None:
+    def _submit(self, route, op, req_id, fields, arrays, connection: int | None) -> None:
+        gone = threading.Event()
         with self._pending_lock:
             if self._pending >= MAX_PENDING:
                 raise ProtocolError(errors.BUSY, f"{self._pending} requests in progress; try later")
             self._pending += 1
-        self._pool.submit(self._work, route, op, req_id, fields, arrays)
+            if connection in self._closed:
+                gone.set()
+            elif connection is not None:
+                self._by_connection.setdefault(connection, set()).add(gone)
+        self._pool.submit(self._work, route, op, req_id, fields, arrays, connection, gone)
 
-    def _work(self, route, op, req_id, fields, arrays) -> None:
+    def _work(self, route, op, req_id, fields, arrays, connection, gone) -> None:
+        self._local.gone = gone
         try:
-            self._check_stop()  # queued when the service began to stop
+            self._check_stop()  # queued when the service began to stop, or the client left
             header, out = getattr(self, "_op_" + op)(fields, arrays)
             reply = self._ok(op, req_id, header, out)
         except ProtocolError as exc:
@@ -332,6 +383,15 @@ class Service:
         finally:
             with self._pending_lock:
                 self._pending -= 1
+                works = self._by_connection.get(connection)
+                if works is not None:
+                    works.discard(gone)
+                    if not works:
+                        del self._by_connection[connection]
+            self._local.gone = None
+        if gone.is_set():
+            log.info("stopped a %s for a client that went away", op)
+            return
         sock = getattr(self._local, "push", None)
         if sock is None:
             sock = self._ctx.socket(zmq.PUSH)
@@ -531,8 +591,12 @@ class Service:
         return {"frames": f, "width": w, "height": h, "passes": list(passes), "service_ms": ms}, out
 
     def _check_stop(self) -> None:
+        """Between frames of pool work: stop if the service is, or the client went away."""
         if self._stop.is_set():
             raise ProtocolError(errors.CANCELLED, "the service is shutting down")
+        gone = getattr(self._local, "gone", None)
+        if gone is not None and gone.is_set():
+            raise ProtocolError(errors.CANCELLED, "the client went away")
 
     def _op_export(self, fields, arrays):
         avatar = self._avatar(fields["avatar"])

@@ -269,7 +269,8 @@ class Client:
         raise ProtocolError(
             errors.TIMEOUT,
             f"no reply to {op!r} from {self.endpoint} within {timeout:g} s "
-            f"({retries + 1} attempt(s)); is the service running?",
+            f"({retries + 1} attempt(s)); is the service running, and not busy with longer "
+            "renders (two run at a time)?",
         )
 
     # -- ops ------------------------------------------------------------------------

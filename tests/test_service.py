@@ -412,6 +412,42 @@ def test_several_clients_at_once(service, client, astronaut_id):
         np.testing.assert_array_equal(results[y], expected[y])
 
 
+def test_work_for_clients_that_went_away_stops(service, client, astronaut_id):
+    """Two clients gone mid-render (here: each gave up after its own timeout and closed
+    its socket; kill -9 closes it too) held both render threads until their frames were
+    done, and everyone else's renders waited behind them. Their renders stop at the next
+    frame, and a third client is answered."""
+    info = info_of(client, astronaut_id)
+    intr, w2c = front_camera(info, 512)
+    long = np.zeros((256, 52), np.float32)  # 256 frames at 512x512: many seconds each
+    gave_up = []
+
+    def leave():
+        with service.client() as c:
+            try:
+                c.render(astronaut_id, intr, w2c, 512, 512, curves=long, timeout=1.0)
+            except ProtocolError as exc:
+                gave_up.append(exc.code)
+
+    leavers = [threading.Thread(target=leave) for _ in range(2)]
+    for t in leavers:
+        t.start()
+    for t in leavers:
+        t.join(60)
+    assert gave_up == [errors.TIMEOUT, errors.TIMEOUT]
+    with service.client(timeout=60) as c:
+        assert c.render(astronaut_id, *front_camera(info, 32), 32, 32)["rgb"].shape == (
+            1,
+            32,
+            32,
+            3,
+        )
+    deadline = time.monotonic() + 60
+    while service.log.read_text().count("stopped a render for a client that went away") < 2:
+        assert time.monotonic() < deadline, "the leavers' renders were not stopped"
+        time.sleep(0.1)
+
+
 def test_cancel_queued_and_running(client, astronaut_png):
     before = {a["id"] for a in client.avatars()}
     running = client.build(astronaut_png, name="cancel-running", preset="high")
