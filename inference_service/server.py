@@ -119,6 +119,34 @@ def check_server_keys(folder: Path) -> tuple[bytes, bytes]:
     return public, secret
 
 
+#: Pixels (intrinsics) and metres (a camera's translation): past these a float32 camera
+#: overflows or loses the head entirely, and a frame comes back empty or infinite.
+MAX_CAMERA_VALUE = 1e6
+
+
+def check_camera(intrinsics: np.ndarray, world_to_camera: np.ndarray) -> None:
+    """``bad_request`` naming the first frame whose camera is not one: fx, fy > 0; values
+    within :data:`MAX_CAMERA_VALUE`; ``world_to_camera`` a rotation (orthonormal, no scale,
+    which would scale depth, or mirror) and a translation."""
+
+    def refuse(frames: np.ndarray, what: str) -> None:
+        if frames.any():
+            raise ProtocolError(errors.BAD_REQUEST, f"frame {int(np.argmax(frames))}: {what}")
+
+    rot = world_to_camera[:, :3, :3]
+    refuse(np.any(intrinsics[:, :2] <= 0, axis=1), "intrinsics fx and fy must be positive")
+    refuse(np.any(np.abs(intrinsics) > MAX_CAMERA_VALUE, axis=1),
+           f"intrinsics must lie within ±{MAX_CAMERA_VALUE:g} pixels")  # fmt: skip
+    refuse(~np.all(np.isclose(world_to_camera[:, 3], (0, 0, 0, 1)), axis=1),
+           "world_to_camera's last row must be (0,0,0,1)")  # fmt: skip
+    gram = np.einsum("fij,fkj->fik", rot, rot)
+    refuse(~np.all(np.isclose(gram, np.eye(3), atol=1e-3), axis=(1, 2)) | (np.linalg.det(rot) <= 0),
+           "world_to_camera's 3x3 part must be a rotation (orthonormal: no scale, shear or "
+           "mirror)")  # fmt: skip
+    refuse(np.any(np.abs(world_to_camera[:, :3, 3]) > MAX_CAMERA_VALUE, axis=1),
+           f"world_to_camera's translation must lie within ±{MAX_CAMERA_VALUE:g} m")  # fmt: skip
+
+
 def _connection(frame: Any) -> int | None:
     """The file descriptor of the connection a request came over (the monitor names
     closed connections by it), or None where the transport has none."""
@@ -551,10 +579,7 @@ class Service:
             f = frame_count(intr, w2c, curves, heads)
         except ValueError as exc:
             raise ProtocolError(errors.BAD_REQUEST, str(exc)) from None
-        if np.any(intr[:, :2] <= 0):
-            raise ProtocolError(errors.BAD_REQUEST, "intrinsics fx and fy must be positive")
-        if not np.allclose(w2c[:, 3], (0, 0, 0, 1)):
-            raise ProtocolError(errors.BAD_REQUEST, "world_to_camera's last row must be (0,0,0,1)")
+        check_camera(intr, w2c)
         if fields["near"] >= fields["far"]:
             raise ProtocolError(errors.BAD_REQUEST, "near must be less than far")
         w, h, passes = fields["width"], fields["height"], tuple(dict.fromkeys(fields["passes"]))

@@ -149,7 +149,8 @@ def _header(frame: Any, limits: Limits) -> dict[str, Any]:
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError(errors.BAD_REQUEST, f"header is not valid msgpack: {exc}") from None
+        why = str(exc) or type(exc).__name__  # some say nothing: their type then
+        raise ProtocolError(errors.BAD_REQUEST, f"header is not valid msgpack: {why}") from None
     if not isinstance(header, dict):
         raise ProtocolError(errors.BAD_REQUEST, "header must be a msgpack map")
     return header

@@ -130,7 +130,9 @@ OPS: dict[str, OpSpec] = {
             "passes": Field(
                 "list", item="str", choices=PASSES, default=["rgb", "alpha"], max_len=len(PASSES)
             ),
-            "background": Field("list", item="float", length=3, default=[0.0, 0.0, 0.0]),
+            "background": Field(
+                "list", item="float", length=3, default=[0.0, 0.0, 0.0], lo=-1e4, hi=1e4
+            ),
             "near": Field("float", lo=1e-4, hi=1e3, default=0.01),
             "far": Field("float", lo=1e-3, hi=1e5, default=100.0),
             "curve_names": _CURVE_NAMES,
@@ -222,7 +224,8 @@ def validate(msg: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
                 raise ProtocolError(
                     errors.TOO_LARGE, f"field {name!r} has more than {f.max_len} items"
                 )
-            item_spec = Field(f.item or "str", choices=f.choices, max_len=f.item_len)
+            item_spec = Field(f.item or "str", lo=f.lo, hi=f.hi, choices=f.choices,
+                              max_len=f.item_len)  # fmt: skip
             fields[name] = [
                 _check_scalar(f"{name}[{i}]", item_spec.kind, v, item_spec)
                 for i, v in enumerate(value)

@@ -101,6 +101,15 @@ def test_camera_scale_is_ignored_and_round_trip():
     assert np.allclose(w2c[:3, :3] @ w2c[:3, :3].T, np.eye(3))
     back = cam.opencv_to_blender_matrix_world(w2c)
     assert np.allclose(back[:3, :3], np.eye(3)) and np.allclose(back[:3, 3], (1, 2, 3))
+    # a parent's uneven scale shears a turned camera: the nearest rotation is sent (the
+    # service refuses anything else), and a mirrored camera is refused by name
+    turn = np.array([[0.8, -0.6, 0], [0.6, 0.8, 0], [0, 0, 1.0]])
+    m[:3, :3] = np.diag([1.0, 3.0, 1.0]) @ turn
+    w2c = cam.blender_to_opencv_world_to_camera(m)
+    assert np.allclose(w2c[:3, :3] @ w2c[:3, :3].T, np.eye(3)) and np.linalg.det(w2c[:3, :3]) > 0
+    m[:3, :3] = np.diag([-1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="mirrored"):
+        cam.blender_to_opencv_world_to_camera(m)
 
 
 def test_bad_camera_values_are_refused():

@@ -523,7 +523,7 @@ def test_bad_messages(service, client, name):
     frames, code = BAD_MESSAGES[name]
     reply = raw(service.endpoint, frames)
     assert reply.header["ok"] is False and reply.header["error"]["code"] == code
-    assert reply.header["error"]["message"]
+    assert reply.header["error"]["message"] and not reply.header["error"]["message"].endswith(": ")
     if name == "keys as bin":
         assert "send them as str" in reply.header["error"]["message"]
     assert_serving(client)
@@ -550,6 +550,48 @@ BAD_RENDERS = {
         {"curves": np.zeros((1, 1), np.float32), "fields": {"curve_names": ["jawOpenWide"]}},
         errors.BAD_REQUEST,
         "valid names",
+    ),
+    # cameras that are not (found by a review: a blank frame, or depth 5.5x too far, came
+    # back) and values that overflow float32 (inf pixels)
+    "singular camera": (
+        {"world_to_camera": np.diag([0.0, 0, 0, 1])[None]},
+        errors.BAD_REQUEST,
+        "rotation",
+    ),
+    "scaled camera": (
+        {
+            "world_to_camera": np.tile(np.diag([50.0, 50, 50, 1]), (2, 1, 1)),
+            "intrinsics": np.tile([[10.0, 10, 4, 4]], (2, 1)),
+        },
+        errors.BAD_REQUEST,
+        "frame 0: world_to_camera's 3x3 part must be a rotation",
+    ),
+    "mirrored camera": (
+        {
+            "world_to_camera": np.stack([np.eye(4), np.diag([-1.0, 1, 1, 1])]),
+            "intrinsics": np.tile([[10.0, 10, 4, 4]], (2, 1)),
+        },
+        errors.BAD_REQUEST,
+        "frame 1: world_to_camera's 3x3 part must be a rotation",
+    ),
+    "camera far away": (
+        {
+            "world_to_camera": np.array(
+                [[[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1e39], [0, 0, 0, 1]]]
+            )
+        },
+        errors.BAD_REQUEST,
+        "translation must lie within",
+    ),
+    "focal length past float32": (
+        {"intrinsics": np.array([[1e39, 1e39, 4, 4]])},
+        errors.BAD_REQUEST,
+        "within",
+    ),
+    "background past float32": (
+        {"fields": {"background": [1e300, 0.0, 0.0]}},
+        errors.BAD_REQUEST,
+        "background[0]",
     ),
     "too many pixels": (
         {

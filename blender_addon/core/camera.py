@@ -131,14 +131,19 @@ def crop(camera: ProtocolCamera, x: int, y: int, w: int, h: int) -> ProtocolCame
 
 
 def blender_to_opencv_world_to_camera(matrix_world: np.ndarray) -> np.ndarray:
-    """World-to-camera ``[4, 4]`` (OpenCV axes) of a Blender camera-to-world matrix."""
+    """World-to-camera ``[4, 4]`` (OpenCV axes) of a Blender camera-to-world matrix. Its
+    scale (and any shear a parent's uneven scale adds) is dropped: the nearest rotation
+    is kept, as the service takes cameras as rotations. ValueError for a camera scaled to
+    nothing or mirrored (a negative scale)."""
     m = np.asarray(matrix_world, np.float64).reshape(4, 4)
     rot = m[:3, :3]
-    scale = np.linalg.norm(rot, axis=0)
-    if np.any(scale < 1e-12):
+    if np.any(np.linalg.norm(rot, axis=0) < 1e-12):
         raise ValueError("camera matrix_world has a zero scale axis")
+    if np.linalg.det(rot) <= 0:
+        raise ValueError("the camera is mirrored (a negative scale): the service renders no mirror")
+    u, _, vt = np.linalg.svd(rot)
     cam_to_world = np.eye(4)
-    cam_to_world[:3, :3] = rot / scale
+    cam_to_world[:3, :3] = u @ vt
     cam_to_world[:3, 3] = m[:3, 3]
     return np.linalg.inv(cam_to_world @ _BLENDER_TO_OPENCV)
 
