@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -91,6 +92,10 @@ IRIS = tuple(range(468, 478))  # MediaPipe's iris landmarks; the rest are face s
 IRIS_CENTER = (473, 468)  # subject's left eye, right eye
 #: Per eye, as IRIS_CENTER: MediaPipe's upper and lower lid at the middle, then the corners.
 LIDS = ((386, 374, 362, 263), (159, 145, 33, 133))
+#: After a gap, in a video that has shown more than one face: how far (in sides of the
+#: followed face's box) from where it was last seen a face may be and still be taken
+#: for it. People move little while a detection fails; another person sits further off.
+REFIND_REACH = 1.5
 IDENTITY_FRAMES = 5  # frames fitted for the identity, spread over the first window
 IDENTITY_WINDOW = 2.0  # seconds of video the identity frames come from
 IDENTITY_ROUNDS = 8  # alternations of the identity fit
@@ -199,12 +204,13 @@ def _one_series(folder: Path, files: list[Path]) -> list[Path]:
     """The frames of a folder holding one numbered series (``frame_0001.png``...). A
     ``splatface render`` folder also holds ``alpha_`` images: its ``rgb_`` ones are the
     frames. Several other numbered series are refused, named: read together, they would
-    play as one take of interleaved frames. Names without numbers are frames in name
-    order, as they always were."""
+    play as one take of interleaved frames; so is a series with images of other names
+    beside it (a cover or a still would become a frame of the take, in name order).
+    Images none of whose names hold a number are frames in name order."""
     series: dict[str, list[Path]] = {}
     for f in files:
         series.setdefault(re.sub(r"\d+", "#", f.name.lower()), []).append(f)
-    if len(series) == 1 or not all("#" in k for k in series):
+    if len(series) == 1 or not any("#" in k for k in series):
         return files
     rgb = [k for k in series if k.startswith("rgb_")]
     if len(rgb) == 1 and all(k.startswith(("rgb_", "alpha_")) for k in series):
@@ -242,11 +248,23 @@ def video_rate(printed: float) -> Fraction | None:
     return Fraction(printed).limit_denominator(1001)
 
 
+class _ResizeNotice(logging.Filter):
+    """imageio-ffmpeg warns that frames come out another size than the file's whenever
+    ``SQUARE_PIXELS`` or a phone's rotation tag makes them so: the sizes asked for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("The frame size for reading")
+
+
 def _open_video(path: Path, fps: float | None) -> FrameSource:
     """Frames at one steady rate: the video's own, unless ``fps`` is given. ffmpeg hands
     a variable-rate video (a phone that dropped frames) on at a steady rate of its own
     choosing, so that rate is asked for by name and is the rate the frames carry."""
     import imageio_ffmpeg
+
+    quiet = logging.getLogger("imageio_ffmpeg")
+    if not any(isinstance(f, _ResizeNotice) for f in quiet.filters):
+        quiet.addFilter(_ResizeNotice())
 
     def start(output: list[str]) -> tuple[Iterator[bytes], dict]:
         try:
@@ -297,7 +315,10 @@ class LandmarkTracker:
     """MediaPipe landmarks frame by frame, following one face: detection picks the face
     (``face``: index by size, 0 = largest) until one is followed; the landmarks are then
     looked for around the previous ones, and after a gap detection picks the face nearest
-    where the followed one was last seen (sizes change as people move)."""
+    where the followed one was last seen (sizes change as people move). Once the video
+    has shown more than one face, that face must lie within ``REFIND_REACH`` of the
+    followed one's size from where it was: a subject who steps out of the frame leaves a
+    gap, where the nearest face was another person's, followed from then on."""
 
     def __init__(self, face: int | None = None) -> None:
         self.face = face
@@ -323,6 +344,10 @@ class LandmarkTracker:
             self.most_faces = max(self.most_faces, len(faces))
             if self.last is not None and faces:
                 face = min(faces, key=lambda f: _centre_distance(f.box, self.last))
+                side = max(self.last[2] - self.last[0], self.last[3] - self.last[1])
+                far = _centre_distance(face.box, self.last) > REFIND_REACH * side
+                if far and self.most_faces > 1:  # someone else: the subject is away
+                    return None
             else:
                 face = detect.choose_face(faces, self.face, None, (w, h))
             self.turn = face.turn
@@ -1115,6 +1140,8 @@ def track(
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """``splatface track``: registered by the CLI."""
+    from .cli import frame_rate  # the CLI is loaded by now: it is registering this
+
     sp = subparsers.add_parser(
         "track",
         help="track a face in a video or folder of frames into ARKit curves (Live Link Face CSV)",
@@ -1127,9 +1154,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     sp.add_argument("--out", required=True, help="the CSV to write (Live Link Face layout)")
     sp.add_argument(
         "--fps",
-        type=float,
+        type=frame_rate,
         help=f"frame rate of a folder of images (default: {DEFAULT_FPS:g}); for a video, "
-        "overrides the rate its file states",
+        "overrides the rate its file states; a number or a fraction such as 30000/1001",
     )
     sp.add_argument(
         "--smooth",
@@ -1141,7 +1168,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--face",
         type=int,
         help="which face to follow when there are several (0 = largest, default), picked "
-        "by size in the first frame showing it; after a gap, the face nearest where it was",
+        "by size in the first frame showing it; after a gap, the face nearest where it was "
+        f"(within {REFIND_REACH:g} of its size once the video has shown several faces: "
+        "otherwise the gap goes on)",
     )
     sp.add_argument(
         "--neutral",
