@@ -248,6 +248,32 @@ def video_rate(printed: float) -> Fraction | None:
     return Fraction(printed).limit_denominator(1001)
 
 
+def _standard_rate(fps: float) -> bool:
+    """A rate a Live Link Face CSV's timecodes can state: whole frames a second, or an
+    NTSC one (``video_rate``'s N x 1000/1001)."""
+    rate = video_rate(fps)
+    return rate is not None and (rate.denominator in (1, 1001))
+
+
+def _nominal_rate(path: Path) -> float | None:
+    """The rate a video's timestamps step at (ffmpeg's ``tbr``), None where it names
+    none. A phone that drops frames in low light records 30 nominal and, say, 22.88 on
+    average: tracked at the average, the take's CSV could not state its rate (readers
+    took it as 24, playing 5 % fast); at the nominal one, ffmpeg repeats a frame where
+    one was dropped and every row keeps its time."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    try:
+        probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)],
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"Video:.*?, ([0-9]+(?:\.[0-9]+)?) tbr", probe.stderr)
+    return float(found.group(1)) if found else None
+
+
 class _ResizeNotice(logging.Filter):
     """imageio-ffmpeg warns that frames come out another size than the file's whenever
     ``SQUARE_PIXELS`` or a phone's rotation tag makes them so: the sizes asked for."""
@@ -274,7 +300,12 @@ def _open_video(path: Path, fps: float | None) -> FrameSource:
             raise TrackError(f"{path}: not a readable video ({_ffmpeg_reason(exc)})") from None
 
     gen, meta = start(SQUARE_PIXELS)
-    steady = None if fps else video_rate(float(meta.get("fps") or 0))
+    printed = float(meta.get("fps") or 0)
+    if not fps and not _standard_rate(printed):
+        nominal = _nominal_rate(path)
+        if nominal is not None and nominal > printed and _standard_rate(nominal):
+            printed = nominal  # a phone's variable rate: its frames at their nominal times
+    steady = None if fps else video_rate(printed)
     if steady is not None:
         gen.close()
         gen, meta = start([*SQUARE_PIXELS, "-r", f"{steady.numerator}/{steady.denominator}"])

@@ -233,13 +233,16 @@ def test_video_rates_printed_rounded_are_read_exactly():
 
 def test_a_variable_rate_video_keeps_its_length(tmp_path):
     """A phone that dropped frames: 60 frames at 30 fps with every 5th dropped, the rest
-    at their own times (ffmpeg reports 24.41 fps on average). The frames come at the
-    rate they are labelled with, so the take lasts as long as the video."""
+    at their own times (ffmpeg reports 24.41 fps on average, 30 nominal). The frames
+    come at the nominal rate, a dropped one repeating the one before, so the take lasts
+    as long as the video and a CSV's timecodes state its rate."""
     video = tmp_path / "vfr.mp4"
     _ffmpeg_video(video, _numbered(60), 30, "-vf", "select='not(eq(mod(n\\,5)\\,4))'",
                   "-fps_mode", "passthrough")  # fmt: skip
     src = open_frames(video)
     frames = list(src.frames)
+    # at the nominal 30, which a CSV's timecodes state (24.41 read back as 24: 2 % fast)
+    assert src.fps == 30
     assert len(frames) / src.fps == pytest.approx(2.0, abs=1.5 / src.fps)
     # in order, each at its time: frame k shows the source frame nearest k / fps
     shown = np.array([f[8, 8, 0] / 4 for f in frames])
