@@ -800,11 +800,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         finally:
             bar.close()
     files = [str(p) for p in paths]
-    emit(
-        args,
-        {"avatar_id": info["id"], "files": files},
-        f"wrote {len(files)} .ply file(s): {files[0]}" + (" ..." if len(files) > 1 else ""),
-    )
+    record: dict[str, Any] = {"avatar_id": info["id"], "files": files}
+    text = f"wrote {len(files)} .ply file(s): {files[0]}" + (" ..." if len(files) > 1 else "")
+    if args.range:  # frames of an earlier, longer take read as part of this one
+        others = sorted(set(out.glob("frame_*.ply")) - set(paths))
+        if others:
+            record["other_frames"] = len(others)
+            text += (f"\nnote: {out} also holds {len(others)} frame file(s) this export did not "
+                     f"write ({others[0].name} ...), from an earlier one")  # fmt: skip
+    emit(args, record, text)
     return 0
 
 

@@ -409,6 +409,10 @@ def test_export_frame_and_range(tmp_path, service, astronaut_id):
     ]
     a, b = (PlyData.read(folder / f"frame_0000{i}.ply")["vertex"] for i in (1, 3))
     assert not np.allclose(a["x"], b["x"])
+    # a shorter take into the same folder: the earlier take's other frames are named
+    r = run("export", astronaut_id, "--endpoint", service.endpoint, "--out", folder,
+            "--curves", npy, "--range", "2:2")  # fmt: skip
+    assert "also holds 2 frame file(s) this export did not write (frame_00001.ply" in r.stdout
     bad = run("export", astronaut_id, "--endpoint", service.endpoint, "--out", folder,
               "--curves", npy, "--range", "2:9", check=False)  # fmt: skip
     assert bad.returncode != 0 and "the curves have 4 (0 to 3)" in bad.stderr
