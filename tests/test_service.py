@@ -228,7 +228,7 @@ def test_a_store_or_exports_folder_that_cannot_be_written_is_a_storage_error(
     svc.store.save(tiny_avatar())
     build = {"face_box": None, "name": "x", "preset": "fast", "face": None, "enhance": None}
     export = {"avatar": "tiny", "format": "ply", "frame": 0, "frames": [0, 3], "to": "folder",
-              "curve_names": None}  # fmt: skip
+              "curve_names": None, "sh_degree": None}  # fmt: skip
     image = {"image": np.frombuffer(astronaut_png, np.uint8)}
     svc._op_export({**export, "frames": None, "to": "reply"}, {})  # numba set up first
     failed = {}
