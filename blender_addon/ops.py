@@ -636,7 +636,7 @@ class SPLATFACE_OT_export_ply(bpy.types.Operator, ExportHelper):
     full_sh: bpy.props.BoolProperty(
         name="Degree-3 SH",
         description="Write the 45 f_rest values (zeros: the same colours) that 3DGS's "
-        "reference loader and the SIBR viewer require; other viewers take the smaller file",
+        "reference loader and tools built on its code require; other viewers take the smaller file",
         default=False,
     )
 

@@ -1165,7 +1165,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         metavar="{0,1,2,3}",
         help="SH degree the .ply holds (default: the avatar's own, 0 for builds: 17 floats a "
         "Gaussian); 3 adds the 45 f_rest_* values, as zeros (the same colours), that 3DGS's "
-        "reference loader and the SIBR viewer require",
+        "reference loader and tools built on its code require",
     )
     common(sp)
     sp.set_defaults(func=cmd_export)

@@ -55,7 +55,7 @@ def srgb_sh(sh: np.ndarray) -> np.ndarray:
 def ply_bytes(g: PosedGaussians, sh_degree: int | None = None) -> bytes:
     """``sh_degree``: the degree the file holds (default: the Gaussians' own). Coefficients
     the Gaussians lack are written as zeros, which change no colour: loaders made for
-    3DGS's training output (its reference code, the SIBR viewer) take degree 3 only."""
+    3DGS's training output (its reference code and tools built on it) assert degree 3."""
     n, have = g.sh.shape[:2]
     k = have if sh_degree is None else (sh_degree + 1) ** 2
     names = property_names(k)
