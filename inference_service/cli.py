@@ -744,15 +744,32 @@ def cmd_render(args: argparse.Namespace) -> int:
             heads=heads, preview=preview, timeout=args.timeout, far=orbit_far(info, args.fov),
         )  # fmt: skip
     record = {"avatar_id": info["id"], "out": str(out), "frames": n, "fps": fps, "files": files}
+    text = f"rendered {n} frame(s) of {info['name']} into {out}"
     if preview is not None:
         record["preview"] = str(preview.path)
-    emit(
-        args,
-        record,
-        f"rendered {n} frame(s) of {info['name']} into {out}"
-        + (f" (preview: {preview.path}, {fps:g} fps)" if preview is not None else ""),
-    )
+        text += f" (preview: {preview.path}, {fps:g} fps)"
+    written = [*files, *([record["preview"]] if preview is not None else [])]
+    text += earlier_take(out, RENDER_FILES, written, record)
+    emit(args, record, text)
     return 0
+
+
+#: What ``render`` writes into its folder (``export --range``: ``frame_*.ply``).
+RENDER_FILES = ("rgb_*.png", "alpha_*.png", "depth_*.npy", "normal_*.npy", "preview.mp4")
+
+
+def earlier_take(out: Path, patterns: tuple[str, ...], written: list[str], record: dict) -> str:
+    """A note naming the files in ``out`` like the command's own (``patterns``) that it
+    did not write: an earlier, longer take's, which read as part of this one. Their
+    count goes into ``record`` as ``other_frames``; "" when there are none."""
+    mine = {Path(p).resolve() for p in written}
+    found = {p for pattern in patterns for p in out.glob(pattern)}
+    others = sorted(p for p in found if p.resolve() not in mine)
+    if not others:
+        return ""
+    record["other_frames"] = len(others)
+    return (f"\nnote: {out} also holds {len(others)} file(s) like these that this command did "
+            f"not write ({others[0].name} ...), from an earlier take")  # fmt: skip
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -802,12 +819,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     files = [str(p) for p in paths]
     record: dict[str, Any] = {"avatar_id": info["id"], "files": files}
     text = f"wrote {len(files)} .ply file(s): {files[0]}" + (" ..." if len(files) > 1 else "")
-    if args.range:  # frames of an earlier, longer take read as part of this one
-        others = sorted(set(out.glob("frame_*.ply")) - set(paths))
-        if others:
-            record["other_frames"] = len(others)
-            text += (f"\nnote: {out} also holds {len(others)} frame file(s) this export did not "
-                     f"write ({others[0].name} ...), from an earlier one")  # fmt: skip
+    if args.range:
+        text += earlier_take(out, ("frame_*.ply",), files, record)
     emit(args, record, text)
     return 0
 

@@ -154,6 +154,11 @@ def test_render_with_curves_csv(tmp_path, service, astronaut_id):
         "--passes", "normal", "--out", only)  # fmt: skip
     assert sorted(p.name for p in only.iterdir()) == [
         "normal_0000.npy", "normal_0001.npy", "normal_0002.npy", "preview.mp4"]  # fmt: skip
+    assert "other_frames" not in r
+    # one frame into the folder of that take: its other frames and preview are named
+    again = last_json(run("render", astronaut_id, "--endpoint", service.endpoint, "--size", 16,
+                          "--passes", "normal", "--out", only, "--json"))  # fmt: skip
+    assert again["other_frames"] == 3  # normal_0001, normal_0002, preview.mp4
 
 
 def test_render_live_link_face_take_with_head_motion_and_mp4(tmp_path, service, astronaut_id):
@@ -412,7 +417,9 @@ def test_export_frame_and_range(tmp_path, service, astronaut_id):
     # a shorter take into the same folder: the earlier take's other frames are named
     r = run("export", astronaut_id, "--endpoint", service.endpoint, "--out", folder,
             "--curves", npy, "--range", "2:2")  # fmt: skip
-    assert "also holds 2 frame file(s) this export did not write (frame_00001.ply" in r.stdout
+    assert "also holds 2 file(s) like these that this command did not write (frame_00001.ply" in (
+        r.stdout
+    )
     bad = run("export", astronaut_id, "--endpoint", service.endpoint, "--out", folder,
               "--curves", npy, "--range", "2:9", check=False)  # fmt: skip
     assert bad.returncode != 0 and "the curves have 4 (0 to 3)" in bad.stderr
