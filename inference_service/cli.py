@@ -604,6 +604,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             bar.close()
         avatar_id = st["avatar_id"]
         info = avatar_info(client, avatar_id)
+        namesakes = sum(a["name"] == info["name"] for a in client.avatars())
     record = {
         "avatar_id": avatar_id,
         "name": info["name"],
@@ -611,6 +612,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         "gaussians": info.get("gaussians"),
         "seconds": round(time.monotonic() - t0, 2),
         "warnings": info.get("warnings", []),
+        "same_name": namesakes,
     }
     emit(args, record, build_text(record))
     return 0
@@ -621,6 +623,11 @@ def build_text(record: dict[str, Any]) -> str:
     lines = [f"built avatar {record['avatar_id']} ({record['name']}): {record['gaussians']} "
              f"Gaussians in {record['seconds']} s"]  # fmt: skip
     lines += [f"warning: {w['message']}" for w in record["warnings"]]
+    if record.get("same_name", 1) > 1:  # a build adds an avatar; it never replaces one
+        lines.append(
+            f"note: {record['same_name']} avatars are now named {record['name']!r}: "
+            f"give this one's id ({record['avatar_id']}), or build with --name"
+        )
     return "\n".join(lines)
 
 

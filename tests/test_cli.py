@@ -78,6 +78,11 @@ def test_build_prints_each_warning_on_its_own_line():
         "warning: the photo's top edge cuts off the head",
         "warning: the head is 70 px across",
     ]
+    # a second build of the same photo adds an avatar of the same name: say so
+    assert build_text({**record, "warnings": [], "same_name": 2}).splitlines()[1] == (
+        "note: 2 avatars are now named 'me': give this one's id (0123456789ab), or build "
+        "with --name"
+    )
     assert build_text({**record, "warnings": []}).count("\n") == 0
 
 
