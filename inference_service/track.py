@@ -177,7 +177,8 @@ def _natural_key(path: Path) -> list:
 
 def open_frames(source: str | Path, fps: float | None = None) -> FrameSource:
     """A video file (rate from its metadata unless ``fps`` is given) or a folder of
-    images (sorted by name, numbers in names compared as numbers; ``fps`` or 30)."""
+    images (sorted by name, numbers in names compared as numbers; ``fps``, else a render
+    folder's preview's rate, else 30)."""
     path = Path(source)
     if fps is not None and not (np.isfinite(fps) and fps > 0):
         raise TrackError(f"fps must be a positive number, got {fps!r}")
@@ -194,10 +195,28 @@ def open_frames(source: str | Path, fps: float | None = None) -> FrameSource:
         if not files:
             raise TrackError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
         files = _one_series(path, files)
+        if fps is None and files[0].name.lower().startswith("rgb_"):
+            fps = _preview_rate(path / "preview.mp4")
         return FrameSource(str(path), float(fps or DEFAULT_FPS), len(files), _read_images(files))
     if not path.is_file():
         raise TrackError(f"{path}: no such file or folder")
     return _open_video(path, fps)
+
+
+def _preview_rate(preview: Path) -> Fraction | None:
+    """The rate of a ``splatface render`` folder's ``preview.mp4`` (the take's), None
+    without one: the folder's frames record no rate of their own."""
+    import imageio_ffmpeg
+
+    if not preview.is_file():
+        return None
+    try:
+        gen = imageio_ffmpeg.read_frames(str(preview))
+        meta = next(gen)
+        gen.close()
+    except (OSError, RuntimeError, StopIteration):
+        return None
+    return video_rate(float(meta.get("fps") or 0))
 
 
 def _one_series(folder: Path, files: list[Path]) -> list[Path]:
@@ -1186,8 +1205,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     sp.add_argument(
         "--fps",
         type=frame_rate,
-        help=f"frame rate of a folder of images (default: {DEFAULT_FPS:g}); for a video, "
-        "overrides the rate its file states; a number or a fraction such as 30000/1001",
+        help=f"frame rate of a folder of images (default: {DEFAULT_FPS:g}, or a render "
+        "folder's preview.mp4's); for a video, overrides the rate its file states; a number "
+        "or a fraction such as 30000/1001",
     )
     sp.add_argument(
         "--smooth",

@@ -283,6 +283,11 @@ def test_a_render_folder_is_read_as_its_rgb_frames_and_mixed_series_are_refused(
     src = open_frames(tmp_path)
     got = list(src.frames)
     assert src.total == 3 and all(np.array_equal(a, b) for a, b in zip(got, frames, strict=True))
+    # at the take's rate, which its preview.mp4 holds (the demo's 24 fps take read at 30
+    # came back 1.2 s long instead of 1.5 s); --fps still decides
+    assert src.fps == 30
+    _ffmpeg_video(tmp_path / "preview.mp4", frames, 24)
+    assert open_frames(tmp_path).fps == 24 and open_frames(tmp_path, fps=25).fps == 25
     Image.fromarray(frames[0]).save(tmp_path / "thumb_01.png")
     with pytest.raises(TrackError, match=r"several series of images \(alpha_#.png \(3\), rgb_"):
         open_frames(tmp_path)
