@@ -171,24 +171,18 @@ def _reachable(command: str, out: Path) -> None:
     """The nearest folder of ``out`` that exists must be a folder that takes a file (not
     read-only, not another user's, not a full disk): a byte written there and removed,
     so that the command fails now, not after its minutes of work."""
-    import secrets
+    from protocol.files import check_writable
 
     for parent in out.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
                 raise SystemExit(f"splatface {command}: --out {out} lies under {parent}, a file")
-            probe = parent / f".splatface-probe-{secrets.token_hex(4)}"
             try:
-                with open(probe, "wb") as f:
-                    f.write(b"\0")
-                    f.flush()
+                check_writable(parent)
             except OSError as exc:
                 raise SystemExit(
                     f"splatface {command}: cannot write --out {out}: {parent}: {exc.strerror}"
                 ) from None
-            finally:
-                with contextlib.suppress(OSError):
-                    probe.unlink()
             return
 
 

@@ -10,7 +10,6 @@ SHA-256, checked on load.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -26,7 +25,7 @@ import numpy as np
 
 from protocol import errors
 from protocol.errors import ProtocolError
-from protocol.files import fsync_dir
+from protocol.files import check_writable, fsync_dir
 
 from .avatar import FORMAT_VERSION, Avatar
 
@@ -101,15 +100,9 @@ class Store:
         """ProtocolError ``storage`` now where the store cannot take a file (a read-only
         mount, a folder not ours, a full disk), rather than after a build's minutes of
         work: a byte written and removed, as a save would write it."""
-        probe = self.root / f".probe-{secrets.token_hex(4)}"
         try:
-            with open(probe, "wb") as f:
-                f.write(b"\0")
-                f.flush()
-            probe.unlink()
+            check_writable(self.root)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                probe.unlink()
             raise storage_error(exc, "cannot save a new avatar into the store", self.root) from exc
 
     def meta(self, avatar_id: str) -> dict[str, Any]:

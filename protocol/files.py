@@ -14,6 +14,20 @@ from pathlib import Path
 TMP_NAME_CHARS = 40
 
 
+def check_writable(folder: str | Path) -> None:
+    """OSError now where ``folder`` cannot take a file (a read-only mount, a folder not
+    ours, a full disk), rather than after minutes of work: a byte written there, flushed,
+    and removed."""
+    probe = Path(folder) / f".probe-{secrets.token_hex(4)}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0")
+            f.flush()
+    finally:
+        with contextlib.suppress(OSError):  # never in place of an error above
+            probe.unlink()
+
+
 def atomic_write(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the whole new one: a
     temporary file in the same folder, flushed to disk, renamed over ``path``, and the
