@@ -195,28 +195,14 @@ def open_frames(source: str | Path, fps: float | None = None) -> FrameSource:
         if not files:
             raise TrackError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
         files = _one_series(path, files)
-        if fps is None and files[0].name.lower().startswith("rgb_"):
-            fps = _preview_rate(path / "preview.mp4")
+        # a render folder's frames record no rate; its preview.mp4 holds the take's
+        preview = path / "preview.mp4"
+        if fps is None and files[0].name.lower().startswith("rgb_") and preview.is_file():
+            fps = video_rate(_nominal_rate(preview) or 0.0)
         return FrameSource(str(path), float(fps or DEFAULT_FPS), len(files), _read_images(files))
     if not path.is_file():
         raise TrackError(f"{path}: no such file or folder")
     return _open_video(path, fps)
-
-
-def _preview_rate(preview: Path) -> Fraction | None:
-    """The rate of a ``splatface render`` folder's ``preview.mp4`` (the take's), None
-    without one: the folder's frames record no rate of their own."""
-    import imageio_ffmpeg
-
-    if not preview.is_file():
-        return None
-    try:
-        gen = imageio_ffmpeg.read_frames(str(preview))
-        meta = next(gen)
-        gen.close()
-    except (OSError, RuntimeError, StopIteration):
-        return None
-    return video_rate(float(meta.get("fps") or 0))
 
 
 def _one_series(folder: Path, files: list[Path]) -> list[Path]:
