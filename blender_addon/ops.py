@@ -453,7 +453,8 @@ def import_curves(
     take = load_animation(path)
     scene_fps = scene.render.fps / scene.render.fps_base
     times = take.row_times()  # a capture's dropped frames keep their time
-    plan = plan_keyframes(take.curves, take.fps, scene_fps, start_frame, times)
+    rate = take.row_rate()  # else rows one step apart (a 60 fps take on a 30 fps clock)
+    plan = plan_keyframes(take.curves, rate, scene_fps, start_frame, times)
     key = proxy.data.shape_keys
     if key is None:
         raise ValueError(f"{proxy.name} has no shape keys")
@@ -471,7 +472,7 @@ def import_curves(
     if head_motion and take.head_angles is not None:
         if head is None or head.splatface.role != "HEAD":
             raise ValueError(f"{proxy.name} has no head empty to key the head rotation on")
-        angles = plan_keyframes(take.head_angles, take.fps, scene_fps, start_frame, times)
+        angles = plan_keyframes(take.head_angles, rate, scene_fps, start_frame, times)
         driven = anim.rotation_animation(head) == "driver"
         placed = anim.rotation_to_delta(head)
         head_path = anim.key_rotation(head, angles.frames, head_rotation(*angles.values.T))

@@ -284,8 +284,10 @@ def write_passes(
 
 
 def read_animation(path: str | None):
-    """The ``--curves`` file as a ``protocol.Animation`` (None without one); bad files end
-    the command with the reader's message. Shapes the file lacks are reported."""
+    """The ``--curves`` file as a ``protocol.Animation`` (None without one), one row per
+    frame: frames a capture dropped are filled (``Animation.fill_dropped``). Bad files end
+    the command with the reader's message. Shapes the file lacks, and dropped frames, are
+    reported."""
     if path is None:
         return None
     from protocol.animation import load_animation
@@ -298,6 +300,14 @@ def read_animation(path: str | None):
         print(
             f"splatface: {path} has no column for {len(anim.missing)} shape(s), held at 0: "
             + ", ".join(anim.missing),
+            file=sys.stderr,
+        )
+    anim, dropped = anim.fill_dropped()
+    if dropped:
+        print(
+            f"splatface: {path}'s timecodes skip {dropped} frame(s) the capture dropped; "
+            f"each repeats the row before it, so the take keeps its length ({anim.frames} "
+            f"frames at {anim.fps:g} fps)",
             file=sys.stderr,
         )
     return anim
@@ -1165,12 +1175,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         help="the rigged bundle instead: head.glb (52 ARKit morph targets), gaussians.npz "
         "(triangle bindings), rest.ply, bundle.json; see docs/rigged-bundle.md",
     )
-    sp.add_argument("--frame", type=frame_number, help="row of --curves to export (default: 0)")
+    sp.add_argument("--frame", type=frame_number, help="frame of --curves to export (default: 0)")
     sp.add_argument(
         "--range",
         type=parse_range,
         metavar="A:B",
-        help="rows A to B inclusive, one frame_NNNNN.ply each, into the folder --out",
+        help="frames A to B inclusive, one frame_NNNNN.ply each, into the folder --out",
     )
     sp.add_argument(
         "--sh-degree",

@@ -25,7 +25,9 @@ and ``AppleARKitFaceSupport`` in Unreal Engine, Faceit's and other public import
   rate (24, 25, 30, 48, 50, 60, 100, 120) up to 5 % above it (a recording that dropped the
   last frames of every second); in a take shorter than one second, Epic's rule (30, or 60
   once ``FF`` reaches 30), so a file of ours under a second long reads at 30 or 60 fps.
-  Files without timecodes have ``fps`` None.
+  Drop-frame timecodes (``;`` before ``FF`` on every row) read as 29.97 or 59.94 fps, their
+  labels counted as SMPTE counts them. A take that runs past midnight (``23:59:59`` to
+  ``00:00:00``) counts on into the next day. Files without timecodes have ``fps`` None.
 - *Column order*: real captures (quoted byte for byte by several importers) follow Unreal's
   ``EARFaceBlendShape`` order, which is Apple's, except ``JawRight`` before ``JawLeft`` and
   ``MouthRight`` before ``MouthLeft``; ``save_livelink_csv`` writes that order. Some captures
@@ -99,6 +101,7 @@ DROP_TOLERANCE = 0.05  # largest FF + 1 this far below a common rate reads as th
 NTSC_FPS: tuple[float, ...] = tuple(r * 1000 / 1001 for r in (24, 30, 48, 60, 120))
 #: How close (relative) rows' measured rate comes to a known one to be read as it.
 RATE_SNAP = 0.005
+DAY = 24 * 3600.0  # seconds; Live Link Face's timecodes wrap at midnight
 #: Bookkeeping columns read past in CSVs (any case).
 IGNORED_COLUMNS: tuple[str, ...] = ("frame", "time", "timestamp")
 
@@ -216,30 +219,63 @@ class Animation:
     def frames(self) -> int:
         return len(self.curves)
 
-    def row_times(self) -> np.ndarray | None:
-        """Seconds of each row after the first, from the timecodes at ``fps``: a capture
-        that dropped frames has gaps here that counting rows would close. None without
-        timecodes and a rate, or when they do not increase (a take across midnight)."""
+    def _timecode_times(self) -> np.ndarray | None:
+        """Seconds of each row after the first as its timecode says, a take that runs
+        past midnight counted on into the next day; None without timecodes and a rate."""
         if self.timecodes is None or self.fps is None:
             return None
         t = np.array([timecode_seconds(tc, self.fps) for tc in self.timecodes])
-        if len(t) > 1 and not np.all(np.diff(t) > 0):
-            return None
+        t += DAY * np.cumsum(np.diff(t, prepend=t[0]) < -DAY / 2)  # 23:59:59 → 00:00:00
         return t - t[0]
+
+    def row_times(self) -> np.ndarray | None:
+        """Seconds of each row after the first, from the timecodes at ``fps``: a capture
+        that dropped frames has gaps here that counting rows would close. None without
+        timecodes and a rate, or when they do not increase (a timecode written twice, or
+        rows out of order): no time can be told for those rows."""
+        t = self._timecode_times()
+        if t is None or (len(t) > 1 and not np.all(np.diff(t) > 0)):
+            return None
+        return t
 
     def row_rate(self) -> float | None:
         """Rows per second, the rate the take plays at one frame per row: ``fps`` where
         the rows step one timecode frame, else the rows' typical step (a 60 fps capture
         stamped with a 30 fps timecode steps half a frame, ``FF.000``, ``FF.500``; 29.97
         on a 30 fps clock steps ``1.001`` frames), taken to the nearest common or NTSC
-        rate within :data:`RATE_SNAP`. None without timecodes and a rate."""
-        times = self.row_times()
-        if times is None or len(times) < 2:
+        rate within :data:`RATE_SNAP`. A timecode written twice does not count as a
+        step. None without timecodes and a rate."""
+        times = self._timecode_times()
+        steps = np.array([]) if times is None else np.diff(times)
+        steps = steps[steps > 0]
+        if not len(steps):
             return self.fps
-        rate = 1.0 / float(np.median(np.diff(times)))
+        rate = 1.0 / float(np.median(steps))
         rates = (self.fps, *COMMON_FPS, *NTSC_FPS)
         near = min(rates, key=lambda r: abs(rate - r))
         return float(near) if abs(rate - near) <= RATE_SNAP * near else rate
+
+    def fill_dropped(self) -> tuple[Animation, int]:
+        """This take one row per frame at :meth:`row_rate`, and how many frames were
+        added: a frame the capture dropped (a gap in the timecodes) repeats the row before
+        it, so a take rendered one frame per row keeps its length and stays in time with
+        its sound. Without gaps (or timecodes), the take itself and 0. The filled take has
+        no timecodes; its ``fps`` is the row rate."""
+        times, rate = self.row_times(), self.row_rate()
+        if times is None or rate is None:
+            return self, 0
+        frame = np.rint(times * rate).astype(np.int64)
+        if frame[-1] <= self.frames - 1:
+            return self, 0
+        row = np.searchsorted(frame, np.arange(frame[-1] + 1), "right") - 1
+        filled = Animation(
+            curves=self.curves[row],
+            fps=rate,
+            head_angles=None if self.head_angles is None else self.head_angles[row],
+            eye_angles=None if self.eye_angles is None else self.eye_angles[row],
+            missing=self.missing,
+        )
+        return filled, len(row) - self.frames
 
     def head_transforms(self, pivot: Sequence[float] | np.ndarray) -> np.ndarray:
         """Head-to-world transforms ``[F, 4, 4]``: the recorded head rotation about ``pivot``.
@@ -275,9 +311,22 @@ def parse_timecode(text: str) -> tuple[int, int, int, float]:
 
 
 def timecode_seconds(text: str, fps: float) -> float:
-    """Seconds since midnight of a timecode at ``fps`` frames per second."""
+    """Seconds since midnight of a timecode at ``fps`` frames per second. A drop-frame
+    timecode (``;`` before the frame, at 29.97 or 59.94 fps) counts its labels as SMPTE
+    does: frame numbers 0 and 1 (0-3 at 59.94) are skipped at each minute but every tenth,
+    so the labels keep pace with the clock."""
     hours, minutes, seconds, frame = parse_timecode(text)
-    return hours * 3600 + minutes * 60 + seconds + frame / fps
+    nominal = _drop_frame_nominal(fps) if ";" in text else None
+    if nominal is None:
+        return hours * 3600 + minutes * 60 + seconds + frame / fps
+    total_minutes = 60 * hours + minutes
+    skipped = nominal // 15 * (total_minutes - total_minutes // 10)
+    return ((3600 * hours + 60 * minutes + seconds) * nominal + frame - skipped) / fps
+
+
+def _drop_frame_nominal(fps: float) -> int | None:
+    """30 or 60 where ``fps`` is 29.97 or 59.94, the rates drop-frame timecode counts."""
+    return next((n for n in (30, 60) if abs(fps - n * 1000 / 1001) < 1e-6), None)
 
 
 def format_timecode(seconds: float, fps: float) -> str:
@@ -294,11 +343,17 @@ def format_timecode(seconds: float, fps: float) -> str:
 
 def infer_fps(timecodes: Sequence[str]) -> float | None:
     """Frame rate of Live Link Face timecodes (see the module notes), or None."""
-    return _fps_of([parse_timecode(t) for t in timecodes])
+    return _fps_of([parse_timecode(t) for t in timecodes], _drop_frame(timecodes))
 
 
-def _fps_of(parsed: list[tuple[int, int, int, float]]) -> float | None:
-    """:func:`infer_fps` of timecodes already parsed."""
+def _drop_frame(timecodes: Sequence[str]) -> bool:
+    """Whether every timecode is drop-frame (``;`` before its frame number)."""
+    return bool(timecodes) and all(";" in t for t in timecodes)
+
+
+def _fps_of(parsed: list[tuple[int, int, int, float]], drop_frame: bool = False) -> float | None:
+    """:func:`infer_fps` of timecodes already parsed; ``drop_frame`` timecodes at 30 or
+    60 read as 29.97 or 59.94."""
     if not parsed:
         return None
     top = max(int(p[3]) for p in parsed)
@@ -306,8 +361,12 @@ def _fps_of(parsed: list[tuple[int, int, int, float]]) -> float | None:
         # a common rate up to DROP_TOLERANCE above, where the seconds' last frames were
         # dropped; else the rate the frames show (our own files at 15 fps, say)
         rate = next((r for r in COMMON_FPS if top < r <= (top + 1) * (1 + DROP_TOLERANCE)), None)
-        return float(rate or top + 1)
-    return next((float(r) for r in (30, 60) if r > top), None)
+        rate = float(rate or top + 1)
+    else:
+        rate = next((float(r) for r in (30, 60) if r > top), None)
+    if drop_frame and rate in (30.0, 60.0):
+        return rate * 1000 / 1001
+    return rate
 
 
 # -- loading ---------------------------------------------------------------------------
@@ -546,7 +605,7 @@ def _load_csv(path: Path) -> Animation:
     present = {idx for _, idx in shape_cols}
     return Animation(
         curves=curves,
-        fps=_fps_of(parsed),
+        fps=_fps_of(parsed, _drop_frame(timecodes)),
         head_angles=head,
         eye_angles=eyes,
         timecodes=tuple(timecodes) if timecodes else None,

@@ -78,8 +78,76 @@ def test_row_times_follow_the_timecodes_through_dropped_frames(tmp_path):
     np.testing.assert_allclose(got.row_times(), (np.array(rows) - rows[0]) / 60, atol=1e-9)
     assert load_animation(f).row_times()[-1] == pytest.approx(129 / 60)
     assert Animation(curves=np.zeros((2, 52)), fps=30.0).row_times() is None  # no timecodes
-    across_midnight = ("23:59:59:59.000", "00:00:00:00.000")
-    assert Animation(np.zeros((2, 52)), fps=60.0, timecodes=across_midnight).row_times() is None
+    twice = ("10:00:00:01.000", "10:00:00:01.000")  # no time can be told for the second row
+    assert Animation(np.zeros((2, 52)), fps=60.0, timecodes=twice).row_times() is None
+
+
+def test_a_take_across_midnight_keeps_its_rate_and_length():
+    # 60 fps on the app's 30 fps clock (FF.000, FF.500), 23:59:59 into the next day: the
+    # same take recorded at noon plays at 60 fps for 2 s; it read as 30 fps, 4 s long
+    def take(start):
+        codes = tuple(format_timecode(start + i / 60, 30) for i in range(120))
+        return Animation(curves=np.zeros((120, 52)), fps=30.0, timecodes=codes)
+
+    noon, night = take(12 * 3600.0 - 1), take(24 * 3600.0 - 1)
+    assert night.timecodes[0] == "23:59:59:00.000" and night.timecodes[-1] == "24:00:00:29.500"
+    wrapped = tuple(("00" + tc[2:]) if tc.startswith("24") else tc for tc in night.timecodes)
+    night = Animation(curves=night.curves, fps=30.0, timecodes=wrapped)
+    np.testing.assert_allclose(night.row_times(), noon.row_times(), atol=1e-9)
+    assert night.row_times()[-1] == pytest.approx(119 / 60)
+    assert night.row_rate() == noon.row_rate() == 60
+
+
+def test_fill_dropped_repeats_the_row_before_each_dropped_frame():
+    rows = [0, 1, 2, 5, 6, 9]  # 60 fps on the 30 fps clock, frames 3, 4, 7, 8 dropped
+    curves = np.zeros((6, 52))
+    curves[:, 0] = np.arange(6) / 10
+    head = np.arange(18, dtype=float).reshape(6, 3) / 100
+    codes = tuple(format_timecode(i / 60, 30) for i in rows)
+    take = Animation(curves=curves, fps=30.0, head_angles=head, timecodes=codes,
+                     missing=("tongueOut",))  # fmt: skip
+    filled, added = take.fill_dropped()
+    held = [0, 1, 2, 2, 2, 3, 4, 4, 4, 5]
+    assert added == 4 and filled.frames == 10 and filled.fps == 60
+    np.testing.assert_array_equal(filled.curves, take.curves[held])
+    np.testing.assert_array_equal(filled.head_angles, head[held])
+    assert filled.eye_angles is None and filled.missing == ("tongueOut",)
+    assert filled.fill_dropped()[1] == 0 and filled.row_rate() == 60
+    whole = Animation(curves=curves, fps=30.0, timecodes=codes[:3] + tuple(
+        format_timecode(i / 60, 30) for i in (3, 4, 5)))  # fmt: skip
+    assert whole.fill_dropped() == (whole, 0)  # nothing dropped: the take itself
+    assert Animation(curves=curves).fill_dropped()[1] == 0  # no timecodes
+
+
+def test_a_timecode_written_twice_leaves_the_row_rate():
+    codes = [format_timecode(i / 60, 30) for i in range(120)]
+    codes[40] = codes[39]
+    take = Animation(curves=np.zeros((120, 52)), fps=30.0, timecodes=tuple(codes))
+    assert take.row_times() is None and take.row_rate() == 60
+
+
+def test_drop_frame_timecodes_read_at_29_97(tmp_path):
+    # SMPTE drop-frame: labels ;00 and ;01 skipped each minute but every tenth
+    nominal, rate = 30, 30000 / 1001
+
+    def label(n):  # frame count → drop-frame label
+        tens, rest = divmod(n, 17982)
+        extra = 0 if rest < 2 else 2 * ((rest - 2) // 1798)
+        n += 18 * tens + extra
+        f, s = n % nominal, n // nominal
+        return f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d};{f:02d}"
+
+    n = 17982 + 40  # ten minutes and a bit
+    codes = [label(i) for i in range(n)]
+    assert codes[1799:1801] == ["00:00:59;29", "00:01:00;02"] and codes[17982] == "00:10:00;00"
+    f = tmp_path / "df.csv"
+    save_livelink_csv(f, Animation(curves=np.zeros((n, 52)), timecodes=tuple(codes)))
+    got = load_animation(f)
+    assert got.fps == pytest.approx(rate) and infer_fps(codes) == pytest.approx(rate)
+    np.testing.assert_allclose(got.row_times(), np.arange(n) / rate, atol=1e-9)
+    assert got.row_rate() == pytest.approx(rate)
+    # the same labels with ':' are a 30 fps clock's, read as they are
+    assert infer_fps([c.replace(";", ":") for c in codes[:100]]) == 30
 
 
 def test_written_layout_is_live_link_face(tmp_path):

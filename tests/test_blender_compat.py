@@ -27,6 +27,7 @@ from bpy_extras.object_utils import world_to_camera_view
 from mathutils import Matrix, Vector
 
 from protocol import ARKIT_NAMES, Animation, Client, load_animation, save_livelink_csv
+from protocol.animation import format_timecode
 from protocol.camera import intrinsics_from_fov, orbit
 from tests.blender_util import (
     ADDON,
@@ -918,6 +919,24 @@ def _head_take(path) -> Animation:
     angles = np.stack([0.5 * t, -0.3 * t, 0.25 * t], axis=1)  # yaw, pitch, roll (radians)
     save_livelink_csv(path, Animation(curves=curves, fps=60, head_angles=angles))
     return load_animation(path)  # the values as written (6 decimals)
+
+
+def test_a_take_with_a_timecode_written_twice_keeps_its_length(scene, avatar_id, tmp_path):
+    # 60 fps rows on the app's 30 fps clock, one timecode written twice: the rows still
+    # come 60 a second (2 s, 48 keys at 24 fps), not the clock's 30 (96 keys, 4 s)
+    from blender_addon import anim
+
+    proxy = import_avatar(bpy, avatar_id)
+    codes = [format_timecode(i / 60, 30) for i in range(120)]
+    codes[40] = codes[39]
+    curves = np.zeros((120, 52), np.float32)
+    curves[:, ARKIT_NAMES.index("jawOpen")] = np.linspace(0.0, 1.0, 120)
+    path = tmp_path / "twice.csv"
+    save_livelink_csv(path, Animation(curves=curves, timecodes=tuple(codes)))
+    bpy.context.view_layer.objects.active = proxy
+    assert bpy.ops.splatface.import_curves(filepath=str(path), start_frame=1) == {"FINISHED"}
+    fc = anim.find_fcurves(proxy.data.shape_keys).find('key_blocks["jawOpen"].value')
+    assert len(fc.keyframe_points) == 48
 
 
 def test_live_link_face_head_rotation_renders_like_the_service(scene, avatar_id, direct, tmp_path):

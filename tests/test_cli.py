@@ -207,6 +207,33 @@ def test_render_live_link_face_take_with_head_motion_and_mp4(tmp_path, service, 
     assert np.abs(alpha(moving, n - 1) - alpha(still, n - 1)).mean() > 2
 
 
+def test_frames_a_capture_dropped_are_held_so_the_take_keeps_its_length(
+    tmp_path, service, astronaut_id
+):
+    from protocol.animation import Animation, format_timecode, save_livelink_csv
+
+    # 30 fps, frames 5 and 6 dropped: 20 rows over 22 frames' time; one frame a row made
+    # the preview 2 frames short, out of time with the take's sound
+    rows = [i for i in range(22) if i not in (5, 6)]
+    curves = np.zeros((len(rows), 52), np.float32)
+    curves[:, index_of("jawOpen")] = np.array(rows) / 21
+    take = tmp_path / "dropped.csv"
+    codes = tuple(format_timecode(7200 + i / 30, 30) for i in rows)
+    save_livelink_csv(take, Animation(curves=curves, timecodes=codes))
+    out = tmp_path / "out"
+    r = run("render", astronaut_id, "--endpoint", service.endpoint, "--curves", take,
+            "--size", 16, "--passes", "alpha", "--out", out, "--json")  # fmt: skip
+    assert last_json(r)["frames"] == 22 and last_json(r)["fps"] == 30
+    assert "skip 2 frame(s) the capture dropped" in r.stderr
+    assert len(list(out.glob("alpha_*.png"))) == 22
+    # export's frames count the same way: frame 6 is frame 4's row held
+    ply = {i: tmp_path / f"f{i}.ply" for i in (4, 6, 7)}
+    for i, path in ply.items():
+        run("export", astronaut_id, "--endpoint", service.endpoint, "--curves", take,
+            "--frame", i, "--out", path)  # fmt: skip
+    assert ply[4].read_bytes() == ply[6].read_bytes() != ply[7].read_bytes()
+
+
 def test_an_out_the_command_cannot_write_is_refused_before_work(tmp_path, service, astronaut_id):
     folder, file, csv_folder = tmp_path / "folder", tmp_path / "file.ply", tmp_path / "c.csv"
     folder.mkdir()
