@@ -393,6 +393,13 @@ def load_animation(path: str | os.PathLike) -> Animation:
 
 
 def _load_npy(path: Path) -> Animation:
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY" and not magic.startswith(b"PK"):  # a .npy, or a .npz (below)
+        raise ValueError(
+            "not a .npy array (it has no NumPy header): save curves with numpy.save, "
+            "or name a CSV .csv"
+        )
     try:
         curves = np.load(path, allow_pickle=False)
     except (EOFError, ValueError) as exc:
@@ -430,8 +437,12 @@ def _describe(value: float) -> str:
 
 
 def _read_rows(path: Path) -> list[list[str]]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        text = f.read()
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ValueError(
+            "the file is UTF-16 text (Excel's Unicode Text): save it as CSV UTF-8 (comma delimited)"
+        )
+    text = data.decode("utf-8-sig")
     first = next((line for line in text.splitlines() if line.strip()), "")  # the header
     delimiter = ","
     if "," not in first:

@@ -64,6 +64,8 @@ class ArrayField:
     #: What the array holds and what to do, for a ``too_large`` a user can act on
     #: ("the photo file", "save it compressed"); else the array's name and limit.
     too_large: tuple[str, str] | None = None
+    #: What each ``None`` dimension counts, for messages ("frames"); "N" where unnamed.
+    dims: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,9 @@ class OpSpec:
 
 _FLOAT = ("float32", "float64")
 _AVATAR = Field("str", required=True, max_len=MAX_NAME)
-_CURVES = ArrayField(_FLOAT, (None, None))
+_CURVES = ArrayField(_FLOAT, (None, None), dims=("frames", "shapes"))
 _CURVE_NAMES = Field("list", item="str", max_len=52)
-_HEAD = ArrayField(_FLOAT, (None, 4, 4))
+_HEAD = ArrayField(_FLOAT, (None, 4, 4), dims=("frames",))
 
 OPS: dict[str, OpSpec] = {
     "hello": OpSpec({"client": Field("str", max_len=200, default="")}, {}),
@@ -141,8 +143,10 @@ OPS: dict[str, OpSpec] = {
         {
             "curves": _CURVES,
             "head": _HEAD,
-            "intrinsics": ArrayField(_FLOAT, (None, 4), required=True),
-            "world_to_camera": ArrayField(_FLOAT, (None, 4, 4), required=True),
+            "intrinsics": ArrayField(_FLOAT, (None, 4), required=True, dims=("frames",)),
+            "world_to_camera": ArrayField(
+                _FLOAT, (None, 4, 4), required=True, dims=("frames",)
+            ),  # fmt: skip
         },
     ),
     "export": OpSpec(
@@ -156,8 +160,10 @@ OPS: dict[str, OpSpec] = {
             "sh_degree": Field("int", lo=0, hi=3),
         },
         {  # a whole take, of which ``frame``/``frames`` pick rows: heads as many as curves
-            "curves": ArrayField(_FLOAT, (None, None), dim_max=MAX_FRAMES * 100),
-            "head": ArrayField(_FLOAT, (None, 4, 4), dim_max=MAX_FRAMES * 100),
+            "curves": ArrayField(
+                _FLOAT, (None, None), dim_max=MAX_FRAMES * 100, dims=("frames", "shapes")
+            ),
+            "head": ArrayField(_FLOAT, (None, 4, 4), dim_max=MAX_FRAMES * 100, dims=("frames",)),
         },
     ),
     "delete": OpSpec({"avatar": _AVATAR}, {}),
@@ -262,15 +268,23 @@ def too_large(spec: ArrayField, nbytes: int) -> ProtocolError:
 def _check_array(name: str, arr: np.ndarray, spec: ArrayField) -> np.ndarray:
     if arr.dtype.name not in spec.dtypes:
         raise _bad(f"array {name!r} must be {' or '.join(spec.dtypes)}, got {arr.dtype.name}")
-    want = "[" + ", ".join("N" if s is None else str(s) for s in spec.shape) + "]"
+    names = iter(spec.dims)
+    labels = [next(names, "N") if s is None else str(s) for s in spec.shape]
+    want = "[" + ", ".join(labels) + "]"
     if arr.ndim != len(spec.shape) or any(
         s is not None and s != d for s, d in zip(spec.shape, arr.shape, strict=True)
     ):
         raise _bad(f"array {name!r} must have shape {want}, got {list(arr.shape)}")
     if spec.too_large is not None and spec.max_bytes is not None and arr.nbytes > spec.max_bytes:
         raise too_large(spec, arr.nbytes)
-    if any(s is None and d > spec.dim_max for s, d in zip(spec.shape, arr.shape, strict=True)):
-        raise ProtocolError(errors.TOO_LARGE, f"array {name!r} has a dimension over {spec.dim_max}")
+    for s, d, label in zip(spec.shape, arr.shape, labels, strict=True):
+        if s is None and d > spec.dim_max:
+            what = "a dimension" if label == "N" else label
+            hint = " a request: send them in parts" if label == "frames" else ""
+            raise ProtocolError(
+                errors.TOO_LARGE,
+                f"array {name!r} has {d} {what}, over the limit of {spec.dim_max}{hint}",
+            )
     if any(d == 0 for d in arr.shape):
         raise ProtocolError(spec.empty_code, f"array {name!r} is empty")
     if spec.max_bytes is not None and arr.nbytes > spec.max_bytes:

@@ -449,10 +449,14 @@ def test_file_level_errors(tmp_path):
     (tmp_path / "text.npy").write_text("jawOpen\n0.5\n")
     np.savez(tmp_path / "archive.npz", curves=np.zeros((2, 52)))
     (tmp_path / "archive.npz").rename(tmp_path / "archive.npy")
-    for name, message in (("empty", "not a .npy array"), ("text", "not a .npy array"),
+    no_header = "not a .npy array \\(it has no NumPy header\\): save curves with numpy.save"
+    for name, message in (("empty", no_header), ("text", no_header),
                           ("archive", "a .npz archive, not a .npy array")):  # fmt: skip
         with pytest.raises(ValueError, match=f"{name}.npy: {message}"):
             load_animation(tmp_path / f"{name}.npy")
+    (tmp_path / "utf16.csv").write_text("jawOpen\n0.5\n", encoding="utf-16")  # Excel's
+    with pytest.raises(ValueError, match="utf16.csv: the file is UTF-16 text .*save it as CSV"):
+        load_animation(tmp_path / "utf16.csv")
     np.save(tmp_path / "c51.npy", np.zeros((4, 51), np.float32))
     with pytest.raises(ValueError, match="c51.npy: wrong curve count.*\\[4, 51\\]"):
         load_animation(tmp_path / "c51.npy")

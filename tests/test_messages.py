@@ -71,6 +71,7 @@ def test_oversize_string_is_too_large():
     "arrays, words",
     [
         ({"intrinsics": np.zeros((1, 3))}, "shape"),
+        ({"curves": np.zeros(52, np.float32)}, "must have shape [frames, shapes], got [52]"),
         ({"world_to_camera": np.zeros((1, 4, 4), np.int32)}, "float32 or float64"),
         ({"curves": np.full((2, 52), np.nan, np.float32)}, "NaN"),
         ({"curves": np.zeros((0, 52), np.float32)}, "empty"),
@@ -84,7 +85,9 @@ def test_bad_arrays(arrays, words):
 
 
 def test_too_many_frames():
-    fails(errors.TOO_LARGE, "render", render_arrays(2000), avatar="a", width=8, height=8)
+    message = fails(errors.TOO_LARGE, "render", render_arrays(2000), avatar="a", width=8,
+                    height=8)  # fmt: skip
+    assert "has 2000 frames, over the limit of 1024 a request: send them in parts" in message
 
 
 def test_a_photo_file_over_the_limit_says_its_size_and_what_to_do():
