@@ -9,7 +9,8 @@ right profile, the back and the top, rendered by the service. Metrics (JSON):
   and the rest from the photo, so the silhouette's soft edge is judged by what it
   covers (the same as comparing the premultiplied render with the photo times alpha).
   ``psnr_db_on_grey`` lays it over the contact sheet's flat grey instead, which also
-  charges the edge for the grey;
+  charges the edge for the grey. A photo over 4096 px (a render's largest side) is
+  measured scaled down to it, ``scale`` saying by how much;
 - per novel view, ``coverage`` (share of the silhouette's interior, 3 px in from its
   edge, with alpha ≥ 0.98: 1.0 means no holes) and ``stray`` (share of pixels more than
   3 px outside the silhouette with alpha ≥ 0.02; both 3 px counted in steps to the four
@@ -33,6 +34,7 @@ import numpy as np
 from protocol import Client
 from protocol.arkit import index_of
 from protocol.camera import framing_distance, intrinsics_from_fov, orbit, project
+from protocol.messages import MAX_SIZE
 
 from .images import pixels_sha256, srgb_to_linear
 
@@ -147,10 +149,20 @@ def evaluate(client: Client, avatar_id: str, photo: np.ndarray, out: Path,
     if built_from is not None and built_from != pixels_sha256(photo):
         raise ValueError(f"this {w}x{h} photo is not the one avatar {avatar_id} was built from")
     intr, w2c = np.array(cam["intrinsics"]), np.array(cam["world_to_camera"])
+    box = meta.get("photo_head_box")
+    scale = min(1.0, MAX_SIZE / max(w, h))
+    if scale < 1:  # a photo over a render's largest side: measured at that side
+        from PIL import Image
+
+        sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+        intr = intr * np.array([sw / w, sh / h, sw / w, sh / h])  # pixel edges at 0: scale
+        box = None if box is None else [v * scale for v in box]
+        w, h = sw, sh
+        photo = np.asarray(Image.fromarray(photo).resize((w, h), Image.Resampling.LANCZOS))
     r = client.render(avatar_id, intr, w2c, w, h, curves=_weights(meta)[None],
                       passes=("rgb", "alpha"), timeout=600)  # fmt: skip
     rgb, alpha = r["rgb"][0], r["alpha"][0]
-    box = meta.get("photo_head_box")  # older avatars: the rendered head's own square
+    # older avatars have no head box: the rendered head's own square
     head = tuple(box) if box is not None else _square_around(alpha > 0.5)
     mask = (alpha > 0.5) & person_mask(photo, head)
     if not mask.any():
@@ -168,6 +180,7 @@ def evaluate(client: Client, avatar_id: str, photo: np.ndarray, out: Path,
             "ssim": round(float(ssim_map.mean(axis=2)[mask].mean()), 4),
             "mask_pixels": int(mask.sum()),
             "head_box": None if head is None else [round(v, 2) for v in head],
+            "scale": round(scale, 5),
         },  # fmt: skip
         "views": {},
     }

@@ -670,6 +670,45 @@ def test_eval_lays_the_render_over_the_photo():
     assert np.array_equal(_srgb8(0 * colour, np.zeros((6, 7)), under), photo)
 
 
+def test_eval_measures_a_photo_over_4096_px_scaled_down(tmp_path, service, astronaut_id,
+                                                        astronaut):  # fmt: skip
+    """Builds take photos to 8k, renders are at most 4096 px a side: eval renders the
+    input view scaled down (it asked for the photo's size and was refused). Her avatar,
+    as if built from her photo 9 times as large (4608 px), measures as she does."""
+    import shutil
+
+    from inference_service.images import pixels_sha256
+
+    from .conftest import ServiceProcess
+
+    k = 9
+    big = np.repeat(np.repeat(astronaut, k, 0), k, 1)
+    shutil.copytree(service.store / astronaut_id, tmp_path / "store" / astronaut_id)
+    meta_file = tmp_path / "store" / astronaut_id / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["source"] = {"width": 512 * k, "height": 512 * k}
+    meta["photo_sha256"] = pixels_sha256(big)
+    meta["photo_camera"]["intrinsics"] = [k * v for v in meta["photo_camera"]["intrinsics"]]
+    meta["photo_head_box"] = [k * v for v in meta["photo_head_box"]]
+    meta_file.write_text(json.dumps(meta))
+    photo, small = tmp_path / "big.png", tmp_path / "small.png"
+    Image.fromarray(big).save(photo)
+    Image.fromarray(astronaut).save(small)
+    svc = ServiceProcess(tmp_path / "store")
+    try:
+        big_view = last_json(run("eval", astronaut_id, "--endpoint", svc.endpoint, "--photo",
+                                 photo, "--out", tmp_path / "b", "--size", 32,
+                                 "--json"))["input_view"]  # fmt: skip
+    finally:
+        svc.stop()
+    small_view = last_json(run("eval", astronaut_id, "--endpoint", service.endpoint, "--photo",
+                               small, "--out", tmp_path / "s", "--size", 32,
+                               "--json"))["input_view"]  # fmt: skip
+    assert big_view["scale"] == round(4096 / 4608, 5) and small_view["scale"] == 1.0
+    assert big_view["psnr_db"] == pytest.approx(small_view["psnr_db"], abs=1.0)
+    assert big_view["mask_pixels"] == pytest.approx(small_view["mask_pixels"] * 8**2, rel=0.05)
+
+
 def test_eval_refuses_a_different_photo(tmp_path, service, astronaut_id):
     wrong = tmp_path / "small.png"
     Image.fromarray(np.zeros((100, 120, 3), np.uint8)).save(wrong)
