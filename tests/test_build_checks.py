@@ -38,7 +38,8 @@ def warnings_of(photo: np.ndarray, fit=None, crop: int = CROP, faces: int | None
     found, side, n = fitted(photo)
     h, w = photo.shape[:2]
     return photo_warnings(load_head_model(), load_correspondence(), fit or found, (w, h),
-                          crop / side, n if faces is None else faces, 0, asked)  # fmt: skip
+                          crop / side, list(range(n if faces is None else faces)), 0,
+                          asked)  # fmt: skip
 
 
 def turned(fit, axis: int, degrees: float):
@@ -126,6 +127,17 @@ def test_several_faces_warn_only_when_none_was_chosen(astronaut):
     assert codes(warnings_of(astronaut, faces=3)) == ["faces"]
     fit, side, _ = fitted(astronaut)
     (many,) = photo_warnings(load_head_model(), load_correspondence(), fit, (512, 512),
-                             CROP / side, 8, 0, False, more=True)  # fmt: skip
+                             CROP / side, list(range(8)), 0, False, more=True)  # fmt: skip
     assert many["message"].startswith("8 or more faces found; this avatar is face 0")
+    # a doubtful box (face 0 here) has no landmarks and is no choice: the indices say
+    (two,) = photo_warnings(load_head_model(), load_correspondence(), fit, (512, 512),
+                            CROP / side, [1, 2], 1, False)  # fmt: skip
+    assert two["message"].startswith(
+        "2 faces found; this avatar is face 1 (0 = largest), the other is face 2: choose"
+    )
+    (three,) = photo_warnings(load_head_model(), load_correspondence(), fit, (512, 512),
+                              CROP / side, [0, 2, 3], 0, False)  # fmt: skip
+    assert "is face 0 (0 = largest), the others are faces 2 and 3: choose" in three["message"]
+    assert photo_warnings(load_head_model(), load_correspondence(), fit, (512, 512),
+                          CROP / side, [1], 1, False) == []  # fmt: skip
     assert warnings_of(astronaut, faces=3, asked=True) == []

@@ -180,10 +180,10 @@ def build_avatar(
     gaussians = fading_folds(model, rest, BoundGaussians.concat([gaussians, *closing]))
     progress("finish", 0.945, "checking what the photo allowed")
     # the faces the user could choose instead: a doubtful box with no landmarks is none
-    usable = 1
+    usable = [used]
     if len(faces) > 1 and not asked:
         try:
-            usable = len(detect.choosable(photo, faces, used))
+            usable = detect.choosable(photo, faces, used)
         except Exception:  # a warning's check must not fail a finished build
             log.exception("could not check the other faces for landmarks")
     warnings = photo_warnings(

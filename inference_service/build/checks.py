@@ -91,15 +91,16 @@ def photo_warnings(
     fit: GeometryFit,
     size: tuple[int, int],
     enlarge: float,
-    faces: int,
+    faces: list[int],
     used: int,
     asked: bool,
     more: bool = False,
 ) -> list[dict[str, str]]:
     """The warnings of a build whose geometry ``fit`` came from a photo of ``size`` (w, h)
-    holding ``faces`` faces it could use (``more``: and perhaps more, not all looked at);
-    it used face ``used`` (``asked``: the request chose it); ``enlarge``: how much the
-    preset's crop enlarges the photo's head."""
+    holding the faces it could use, ``faces`` (their indices among those detected; a
+    doubtful box between them is none, so the indices may skip; ``more``: and perhaps
+    more, not all looked at); it used face ``used`` (``asked``: the request chose it);
+    ``enlarge``: how much the preset's crop enlarges the photo's head."""
     out: list[dict[str, str]] = []
 
     def warn(code: str, message: str) -> None:
@@ -129,9 +130,11 @@ def photo_warnings(
         warn("small", f"the head is {tall:.0f} px from crown to chin in the photo, which the "
                       f"preset enlarges {enlarge:.1f}x: the avatar will look soft; a larger or "
                       "sharper photo of the face builds better")  # fmt: skip
-    if faces > 1 and not asked:
-        warn("faces", f"{faces}{' or more' * more} faces found; this avatar is face {used} "
-                      "(0 = largest): "
-                      "choose another with --face or --face-box, or the Blender panel's "
-                      "face buttons")  # fmt: skip
+    others = [str(i) for i in faces if i != used]
+    if others and not asked:
+        warn("faces", f"{len(faces)}{' or more' * more} faces found; this avatar is face "
+                      f"{used} (0 = largest), the other{'s are faces' * (len(others) > 1)}"
+                      f"{' is face' * (len(others) == 1)} {listed(others)}: choose another "
+                      "with --face or --face-box, or the Blender panel's face "
+                      "buttons")  # fmt: skip
     return out
