@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 import numpy as np
 import zmq
 
-from protocol import Client, CurveKeys, ProtocolError, messages
+from protocol import Client, CurveKeys, ProtocolError, errors, messages
 from protocol.animation import NTSC_FPS
 from protocol.camera import intrinsics_from_fov, orbit, outline_distance
 from protocol.launch import READY_PREFIX, wait_for_endpoint
@@ -42,6 +42,7 @@ RENDER_CHUNK = 8  # frames per render request
 OVERLAP_BYTES = 512 << 20
 REPLY_TIMEOUT = 30.0  # seconds a command waits for a reply (--timeout)
 RENDER_TIMEOUT = 600.0  # ... for a render request of up to RENDER_CHUNK frames on a CPU
+CANCEL_WAIT = 60.0  # seconds a cancelled build has to reach its next check and end
 
 
 STORE_HELP = "$SPLATFACE_STORE, else $XDG_DATA_HOME (~/.local/share)/splatface/avatars"
@@ -599,10 +600,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         try:
             st = client.wait(job, progress=lambda ev: bar.update_to(ev["fraction"], ev["message"]))
         except KeyboardInterrupt:  # the service would finish the build regardless
-            try:
-                client.cancel(job)
-            except ProtocolError:
-                pass  # already ended, or the service is gone: nothing left to stop
+            bar.close()
+            say_cancelled(client, job)
             raise
         finally:
             bar.close()
@@ -734,6 +733,22 @@ def render_to_folder(
     finally:
         bar.close()
     return files
+
+
+def say_cancelled(client: Client, job: str) -> None:
+    """Cancel build ``job`` and say on stderr how it ended: cancelled, or, where Ctrl-C
+    came while it was saving (past its last check), the avatar it kept. A second Ctrl-C
+    stops the wait."""
+    try:
+        client.cancel(job)
+        st = client.wait(job, timeout=CANCEL_WAIT)
+    except ProtocolError as exc:  # cancelled; or it failed, or the service is gone
+        cancelled = exc.code == errors.CANCELLED
+        print(f"splatface: {'build cancelled' if cancelled else exc.message}", file=sys.stderr)
+        return
+    kept = st.get("avatar_id")
+    print(f"splatface: too late to cancel: the build was saving, and kept avatar {kept} "
+          f"(splatface rm {kept} removes it)", file=sys.stderr)  # fmt: skip
 
 
 def cmd_render(args: argparse.Namespace) -> int:

@@ -366,6 +366,7 @@ def test_ctrl_c_during_a_build_cancels_it_on_the_service(tmp_path, astronaut_png
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130
+        assert "splatface: build cancelled" in proc.stderr.read().decode()
         while "cancelled" not in svc.log.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert "cancelled" in svc.log.read_text()
@@ -373,6 +374,20 @@ def test_ctrl_c_during_a_build_cancels_it_on_the_service(tmp_path, astronaut_png
             assert c.avatars() == []
     finally:
         svc.stop()
+
+
+def test_ctrl_c_too_late_to_cancel_names_the_avatar_kept(client, astronaut_png, capsys):
+    """Ctrl-C while the service saves (past the build's last check) cannot stop it: the
+    CLI said nothing and left the avatar behind unnamed."""
+    from inference_service.cli import say_cancelled
+
+    job = client.build(astronaut_png, name="late", preset="fast")
+    kept = client.wait(job, timeout=300)["avatar_id"]
+    say_cancelled(client, job)  # the job ended as a cancel reached it: as if saving
+    err = capsys.readouterr().err
+    assert f"too late to cancel: the build was saving, and kept avatar {kept}" in err
+    assert f"splatface rm {kept} removes it" in err
+    client.delete(kept)
 
 
 def test_pass_files_sort_in_frame_order_past_frame_9999(tmp_path):
