@@ -7,6 +7,7 @@ import pytest
 from PIL import Image, ImageFilter, ImageOps
 
 from inference_service.build.builder import BuildOptions, build_avatar
+from inference_service.build.detect import detect_faces
 from protocol import errors
 from protocol.errors import ProtocolError
 
@@ -172,6 +173,15 @@ def test_face_cut_by_the_border_builds(portrait):
 
 def test_heavy_blur_is_refused(portrait):
     assert "blurred" in refused(portrait.filter(ImageFilter.GaussianBlur(6)), errors.NO_FACE)
+
+
+def test_heavy_blur_with_a_false_box_around_it_is_refused_as_blurred(hopper):
+    # blurred this much, her photo also yields a box around her whole head and shoulders;
+    # the refusal named that false box, not her face's blur
+    blurred = Image.fromarray(hopper).filter(ImageFilter.GaussianBlur(12))
+    assert len(detect_faces(np.asarray(blurred))) == 2
+    message = refused(blurred, errors.NO_FACE)
+    assert "too blurred" in message and "false box" not in message
 
 
 def test_line_drawing_is_refused(portrait):

@@ -325,19 +325,20 @@ def locate_face(
     face can return the real face's landmarks: landmarks count as the box's own only where
     their centre lies in it and they span at least :data:`OWN_EXTENT` of it. A face asked
     for (``index``, ``box``) must pass; otherwise the first of the :data:`FACE_TRIES`
-    largest that does is used, and failing all, the largest one's error is raised."""
+    largest that does is used, and failing all, the error of the largest one that is not
+    a false box (whose landmarks are another face's) is raised: a blurred face's "too
+    blurred", not the box around it that holds it."""
     h, w = img.shape[:2]
     face = choose_face(faces, index, box, (w, h))
     asked = index is not None or box is not None
     tries = [face] if asked else [f for f in faces[:FACE_TRIES] if _side(f) >= MIN_FACE_PX]
-    first: ProtocolError | None = None
+    failed: list[ProtocolError] = []
     for face in tries:
         try:
             return face, own_landmarks(img, face, faces)
         except ProtocolError as e:
-            first = first or e
-    assert first is not None
-    raise first
+            failed.append(e)
+    raise next((e for e in failed if not e.details.get("false_box")), failed[0])
 
 
 def own_landmarks(img: np.ndarray, face: Face, faces: list[Face]) -> np.ndarray:
@@ -354,7 +355,7 @@ def own_landmarks(img: np.ndarray, face: Face, faces: list[Face]) -> np.ndarray:
             errors.NO_FACE,
             f"the face at {face.to_dict()['box']} has no landmarks of its own: the "
             f"ones found lie around ({cx:.0f}, {cy:.0f}), outside it",
-            {"faces": [f.to_dict() for f in faces]},
+            {"faces": [f.to_dict() for f in faces], "false_box": True},
         )
     extent = float((landmarks[:, :2].max(axis=0) - landmarks[:, :2].min(axis=0)).max())
     if extent < OWN_EXTENT * _side(face):
@@ -363,7 +364,7 @@ def own_landmarks(img: np.ndarray, face: Face, faces: list[Face]) -> np.ndarray:
             f"the face at {face.to_dict()['box']} has no landmarks of its own: the "
             f"face found inside it is {extent:.0f} px across, the box "
             f"{_side(face):.0f} px (a false box around a smaller face)",
-            {"faces": [f.to_dict() for f in faces]},
+            {"faces": [f.to_dict() for f in faces], "false_box": True},
         )
     return landmarks
 
