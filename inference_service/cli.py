@@ -586,6 +586,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         data = photo.read_bytes()
     except OSError as exc:
         raise SystemExit(f"splatface build: cannot read {photo}: {exc}") from None
+    if not data:
+        raise SystemExit(f"splatface build: {photo} is empty (0 bytes)")
     box = None
     if args.face_box:
         box = list(args.face_box)

@@ -514,6 +514,9 @@ def test_errors_are_clear_and_typed(tmp_path, service):
     assert r.returncode != 0 and "smileHarder" in r.stderr and "eyeBlinkLeft" in r.stderr
     r = run("build", tmp_path / "missing.jpg", "--endpoint", service.endpoint, check=False)
     assert r.returncode != 0 and "cannot read" in r.stderr
+    (tmp_path / "empty.jpg").write_bytes(b"")  # named, not "array 'image' is empty"
+    r = run("build", tmp_path / "empty.jpg", "--endpoint", service.endpoint, check=False)
+    assert r.returncode != 0 and "empty.jpg is empty (0 bytes)" in r.stderr
     for box in ("1,2,x,4", "1 2 3 4", "10,10,5,20"):
         r = run("build", tmp_path / "missing.jpg", "--face-box", box, check=False)
         assert r.returncode == 2 and "X0,Y0,X1,Y1" in r.stderr and "Traceback" not in r.stderr
