@@ -183,7 +183,7 @@ def fetch_and_create(client: Client, avatar_id: str, then: Any = None) -> Future
         # the active collection, as Add > Mesh puts new objects, unless it is linked from
         # another file (it cannot take objects): then the scene's, as Add > Mesh does too
         editable = active.library is None and active.is_editable
-        proxy, _head = avatar.create_avatar(
+        proxy, head = avatar.create_avatar(
             active if editable else bpy.context.scene.collection,
             reply.header["avatar"],
             reply.arrays["vertices"],
@@ -195,6 +195,7 @@ def fetch_and_create(client: Client, avatar_id: str, then: Any = None) -> Future
         for ob in bpy.context.view_layer.objects.selected:
             ob.select_set(False)
         proxy.select_set(True)
+        head.select_set(True)  # moved or turned, the whole avatar goes: the head leads
         bpy.context.view_layer.objects.active = proxy  # ready for Import face curves
         if then is not None:
             then(proxy)
@@ -243,7 +244,10 @@ class SPLATFACE_OT_delete_avatar(bpy.types.Operator):
         return 0 <= st.avatar_index < len(st.avatars)
 
     def invoke(self, context: bpy.types.Context, event: Any) -> set[str]:
-        return context.window_manager.invoke_confirm(self, event)
+        st = props.state()
+        users = _proxies_using(st.avatars[st.avatar_index].avatar_id)
+        message = _in_use(users) or "It cannot be undone."
+        return context.window_manager.invoke_confirm(self, event, message=message)
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         st = props.state()
@@ -251,6 +255,9 @@ class SPLATFACE_OT_delete_avatar(bpy.types.Operator):
         client = _client(self)
         if client is None:
             return {"CANCELLED"}
+        users = _proxies_using(avatar_id)
+        if users:
+            self.report({"WARNING"}, _in_use(users))
 
         def work() -> list[dict[str, Any]]:
             runtime.start_if_down()
@@ -266,6 +273,21 @@ class SPLATFACE_OT_delete_avatar(bpy.types.Operator):
 
         runtime.submit(work, done)
         return {"FINISHED"}
+
+
+def _proxies_using(avatar_id: str) -> list[str]:
+    """Names of this file's avatar proxies that render ``avatar_id``."""
+    proxies = (ob for ob in bpy.data.objects if ob.splatface.role == "PROXY")
+    return sorted(ob.name for ob in proxies if ob.splatface.avatar_id == avatar_id)
+
+
+def _in_use(users: list[str]) -> str:
+    """What deleting an avatar these proxies use costs them ("" for none)."""
+    if not users:
+        return ""
+    return (f"{len(users)} object(s) in this file use it ({', '.join(users[:5])}"
+            f"{' ...' * (len(users) > 5)}): their renders and exports fail once it is "
+            "gone, and a build from the same photo is another avatar")  # fmt: skip
 
 
 # -- builds --------------------------------------------------------------------------
@@ -438,6 +460,8 @@ class CurvesImport:
     missing: tuple[str, ...] = ()
     placement_moved: bool = False  # the head empty's rotation went into its delta rotation
     driven: bool = False  # a driver sets the head's rotation, over the take's keys
+    driven_shapes: tuple[str, ...] = ()  # shapes a driver sets, over the take's keys
+    apart: bool = False  # the proxy was moved or turned away from its head empty
 
 
 def import_curves(
@@ -476,8 +500,18 @@ def import_curves(
         driven = anim.rotation_animation(head) == "driver"
         placed = anim.rotation_to_delta(head)
         head_path = anim.key_rotation(head, angles.frames, head_rotation(*angles.values.T))
-    anim.key_shapes(key, plan, tuple("" if n in take.missing else n for n in ARKIT_NAMES))
-    return CurvesImport(len(plan.frames), head_path, take.missing, placed, driven)
+    keyed = tuple("" if n in take.missing else n for n in ARKIT_NAMES)
+    anim.key_shapes(key, plan, keyed)
+    drivers = key.animation_data.drivers if key.animation_data else ()
+    paths = {d.data_path for d in drivers if not d.mute}
+    driven_shapes = tuple(n for n in keyed if n and f'key_blocks["{n}"].value' in paths)
+    apart = bool(head_path) and not _is_identity(proxy.matrix_basis)
+    return CurvesImport(len(plan.frames), head_path, take.missing, placed, driven,
+                        driven_shapes, apart)  # fmt: skip
+
+
+def _is_identity(m: Any) -> bool:
+    return bool(np.allclose(np.array(m), np.eye(4), atol=1e-6))
 
 
 class SPLATFACE_OT_import_curves(bpy.types.Operator, ImportHelper):
@@ -538,6 +572,20 @@ class SPLATFACE_OT_import_curves(bpy.types.Operator, ImportHelper):
                 {"WARNING"},
                 f"a driver sets {proxy.parent.name}'s rotation, over the take's head rotation "
                 "keys: remove the driver to see them, or import without Head rotation",
+            )
+        if done.driven_shapes:
+            self.report(
+                {"WARNING"},
+                f"a driver sets {len(done.driven_shapes)} shape key(s) over the take's keys "
+                f"({', '.join(done.driven_shapes)}): remove or mute the drivers to see them",
+            )
+        if done.apart:
+            self.report(
+                {"WARNING"},
+                f"{proxy.name} was moved or turned apart from its head empty "
+                f"{proxy.parent.name}: the take turns the head about {proxy.parent.name}, "
+                f"so the head swings round its old place; place an avatar by its head empty "
+                f"(clear {proxy.name}'s location and rotation, and move {proxy.parent.name})",
             )
         if done.missing:
             self.report(

@@ -691,7 +691,9 @@ def test_add_to_scene_puts_the_avatar_in_the_active_collection_selected(scene, a
         proxy = import_avatar(bpy, avatar_id)
         assert proxy.name in shot.objects and proxy.parent.name in shot.objects
         assert proxy.select_get() and layer.objects.active == proxy
-        assert list(layer.objects.selected) == [proxy]
+        # the head empty too: moved or turned, the avatar goes whole (the proxy alone,
+        # moved off its head, swung round its old neck when a take turned the head)
+        assert set(layer.objects.selected) == {proxy, proxy.parent}
     finally:
         layer.active_layer_collection = layer.layer_collection
 
@@ -937,6 +939,34 @@ def test_a_take_with_a_timecode_written_twice_keeps_its_length(scene, avatar_id,
     assert bpy.ops.splatface.import_curves(filepath=str(path), start_frame=1) == {"FINISHED"}
     fc = anim.find_fcurves(proxy.data.shape_keys).find('key_blocks["jawOpen"].value')
     assert len(fc.keyframe_points) == 48
+
+
+def test_import_names_driven_shapes_and_a_proxy_moved_off_its_head(scene, avatar_id,
+                                                                    tmp_path):  # fmt: skip
+    # both override the take in silence: a driver's value wins over keys, and a proxy
+    # moved apart from its head empty swings round the empty when the take turns the head
+    from blender_addon import ops
+
+    proxy = import_avatar(bpy, avatar_id)
+    key = proxy.data.shape_keys
+    driver = key.key_blocks["jawOpen"].driver_add("value").driver
+    driver.expression = "0"
+    key.key_blocks["eyeBlinkLeft"].driver_add("value").mute = True  # muted: no override
+    n = 24
+    head = np.zeros((n, 3))
+    head[:, 0] = np.linspace(0, 0.3, n)
+    path = tmp_path / "take.csv"
+    save_livelink_csv(path, Animation(curves=np.full((n, 52), 0.5, np.float32), fps=24.0,
+                                      head_angles=head))  # fmt: skip
+    done = ops.import_curves(proxy, str(path), 1)
+    assert done.driven_shapes == ("jawOpen",) and not done.apart
+    proxy.location = (1.0, 0.0, 0.0)  # placed by the mesh, not by its head
+    done = ops.import_curves(proxy, str(path), 1)
+    assert done.apart
+    assert not ops.import_curves(proxy, str(path), 1, head_motion=False).apart  # no turn
+    # deleting its avatar from the service says what in this file uses it
+    assert proxy.name in ops._in_use(ops._proxies_using(avatar_id))
+    assert ops._in_use(ops._proxies_using("0" * 12)) == ""
 
 
 def test_live_link_face_head_rotation_renders_like_the_service(scene, avatar_id, direct, tmp_path):
