@@ -144,9 +144,7 @@ OPS: dict[str, OpSpec] = {
             "curves": _CURVES,
             "head": _HEAD,
             "intrinsics": ArrayField(_FLOAT, (None, 4), required=True, dims=("frames",)),
-            "world_to_camera": ArrayField(
-                _FLOAT, (None, 4, 4), required=True, dims=("frames",)
-            ),  # fmt: skip
+            "world_to_camera": ArrayField(_FLOAT, (None, 4, 4), required=True, dims=("frames",)),
         },
     ),
     "export": OpSpec(
