@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protocol.animation import Animation, infer_fps, load_animation, save_livelink_csv
+from protocol.animation import Animation, load_animation, save_livelink_csv, timecodes_rate
 
 
 def load_curves(path: str | Path) -> np.ndarray:
@@ -36,8 +36,8 @@ def save_curves_csv(
     column order, then head and eye yaw/pitch/roll; timecodes ``HH:MM:SS:FF.mmm`` from
     00:00:00:00.000 at ``fps``; BlendShapeCount 61. ``head_angles`` ``[F, 3]`` (HeadYaw,
     HeadPitch, HeadRoll, radians) are written when given, else 0, as are the eye angles.
-    Weights are clamped to [0, 1]; NaN is an error. Returns the frame rate readers will
-    infer from the timecodes (None or another rate for a take under a second).
+    Weights are clamped to [0, 1]; NaN is an error. Returns the rate readers will play
+    the rows at, from the timecodes (another rate for a take under a second).
     """
     animation = Animation(curves=curves, fps=fps, head_angles=head_angles)
-    return infer_fps(save_livelink_csv(path, animation))
+    return timecodes_rate(save_livelink_csv(path, animation))

@@ -66,7 +66,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protocol.animation import Animation, infer_fps, save_livelink_csv
+from protocol.animation import Animation, save_livelink_csv, timecodes_rate
 from protocol.arkit import ARKIT_NAMES, index_of
 from protocol.camera import orbit
 from protocol.errors import ProtocolError
@@ -1268,7 +1268,7 @@ def cmd_track(args: argparse.Namespace) -> int:
         text += f"\ncalibrated on neutral frames {neutral[0]}-{neutral[1]}"
     if result.gaps:
         text += f"\nno face in frame(s) {result.gaps_text()}: the last pose is held there"
-    read_back = infer_fps(timecodes)
+    read_back = timecodes_rate(timecodes)
     if read_back is not None and abs(read_back - anim.fps) > 1e-6:
         # Live Link Face timecodes state no rate: readers infer it (protocol.animation)
         text += (f"\nnote: readers of the CSV will take it as {read_back:g} fps (its timecodes "

@@ -101,7 +101,7 @@ DROP_TOLERANCE = 0.05  # largest FF + 1 this far below a common rate reads as th
 NTSC_FPS: tuple[float, ...] = tuple(r * 1000 / 1001 for r in (24, 30, 48, 60, 120))
 #: How close (relative) rows' measured rate comes to a known one to be read as it.
 RATE_SNAP = 0.005
-DAY = 24 * 3600.0  # seconds; Live Link Face's timecodes wrap at midnight
+MAX_HELD = 10.0  # seconds: a longer gap in a take's timecodes is no run of dropped frames
 #: Bookkeeping columns read past in CSVs (any case).
 IGNORED_COLUMNS: tuple[str, ...] = ("frame", "time", "timestamp")
 
@@ -225,7 +225,10 @@ class Animation:
         if self.timecodes is None or self.fps is None:
             return None
         t = np.array([timecode_seconds(tc, self.fps) for tc in self.timecodes])
-        t += DAY * np.cumsum(np.diff(t, prepend=t[0]) < -DAY / 2)  # 23:59:59 → 00:00:00
+        # a drop-frame day of labels is a little short of 24 h: its midnight is its own
+        day = timecode_seconds("24:00:00;00" if _drop_frame(self.timecodes) else "24:00:00:00",
+                               self.fps)  # fmt: skip
+        t += day * np.cumsum(np.diff(t, prepend=t[0]) < -day / 2)  # 23:59:59 → 00:00:00
         return t - t[0]
 
     def row_times(self) -> np.ndarray | None:
@@ -243,8 +246,9 @@ class Animation:
         the rows step one timecode frame, else the rows' typical step (a 60 fps capture
         stamped with a 30 fps timecode steps half a frame, ``FF.000``, ``FF.500``; 29.97
         on a 30 fps clock steps ``1.001`` frames), taken to the nearest common or NTSC
-        rate within :data:`RATE_SNAP`. A timecode written twice does not count as a
-        step. None without timecodes and a rate."""
+        rate within :data:`RATE_SNAP` (else rounded to a millionth of a frame a second).
+        A timecode written twice does not count as a step. None without timecodes and a
+        rate."""
         times = self._timecode_times()
         steps = np.array([]) if times is None else np.diff(times)
         steps = steps[steps > 0]
@@ -253,18 +257,22 @@ class Animation:
         rate = 1.0 / float(np.median(steps))
         rates = (self.fps, *COMMON_FPS, *NTSC_FPS)
         near = min(rates, key=lambda r: abs(rate - r))
-        return float(near) if abs(rate - near) <= RATE_SNAP * near else rate
+        return float(near) if abs(rate - near) <= RATE_SNAP * near else round(rate, 6)
 
     def fill_dropped(self) -> tuple[Animation, int]:
         """This take one row per frame at :meth:`row_rate`, and how many frames were
         added: a frame the capture dropped (a gap in the timecodes) repeats the row before
         it, so a take rendered one frame per row keeps its length and stays in time with
-        its sound. Without gaps (or timecodes), the take itself and 0. The filled take has
-        no timecodes; its ``fps`` is the row rate."""
+        its sound. A gap over :data:`MAX_HELD` seconds is no dropped frame (two takes in
+        one file, a clock that jumped): the rows either side follow each other. Without
+        gaps (or timecodes), the take itself and 0. The filled take has no timecodes; its
+        ``fps`` is the row rate."""
         times, rate = self.row_times(), self.row_rate()
         if times is None or rate is None:
             return self, 0
-        frame = np.rint(times * rate).astype(np.int64)
+        steps = np.diff(np.rint(times * rate).astype(np.int64), prepend=0)
+        steps[steps > max(1, round(MAX_HELD * rate))] = 1
+        frame = np.cumsum(steps)
         if frame[-1] <= self.frames - 1:
             return self, 0
         row = np.searchsorted(frame, np.arange(frame[-1] + 1), "right") - 1
@@ -326,7 +334,7 @@ def timecode_seconds(text: str, fps: float) -> float:
 
 def _drop_frame_nominal(fps: float) -> int | None:
     """30 or 60 where ``fps`` is 29.97 or 59.94, the rates drop-frame timecode counts."""
-    return next((n for n in (30, 60) if abs(fps - n * 1000 / 1001) < 1e-6), None)
+    return next((n for n in (30, 60) if abs(fps - n * 1000 / 1001) < 0.005), None)
 
 
 def format_timecode(seconds: float, fps: float) -> str:
@@ -344,6 +352,16 @@ def format_timecode(seconds: float, fps: float) -> str:
 def infer_fps(timecodes: Sequence[str]) -> float | None:
     """Frame rate of Live Link Face timecodes (see the module notes), or None."""
     return _fps_of([parse_timecode(t) for t in timecodes], _drop_frame(timecodes))
+
+
+def timecodes_rate(timecodes: Sequence[str]) -> float | None:
+    """The rate rows with these timecodes play at (:meth:`Animation.row_rate` of a take
+    that has them), or None without any."""
+    if not timecodes:
+        return None
+    fps = infer_fps(timecodes)
+    return Animation(np.zeros((len(timecodes), NUM_SHAPES), np.float32), fps=fps,
+                     timecodes=tuple(timecodes)).row_rate()  # fmt: skip
 
 
 def _drop_frame(timecodes: Sequence[str]) -> bool:
@@ -678,12 +696,14 @@ def save_livelink_csv(
     path: str | os.PathLike, animation: Animation | np.ndarray, fps: float | None = None
 ) -> tuple[str, ...]:
     """Write a Live Link Face CSV (``LLF_COLUMNS``, BlendShapeCount 61), atomically;
-    returns the timecodes written (:func:`infer_fps` of them is the rate readers take).
+    returns the timecodes written (:func:`infer_fps` of them is the clock readers take,
+    :meth:`Animation.row_rate` the rate the rows play at).
 
     ``animation`` may be an :class:`Animation` or curves ``[F, 52]``. Timecodes are the
     animation's own, or generated from 00:00:00:00.000 at ``fps`` (else the animation's
-    fps, else 30) when it has none or ``fps`` is given. Missing head or eye angles are
-    written as 0. Weights and angles with 6 decimals.
+    fps, else 30) when it has none or ``fps`` is given, on the whole-number clock at or
+    above it (29.97 on a 30 clock, stepping ``1.001`` frames). Missing head or eye angles
+    are written as 0. Weights and angles with 6 decimals.
     """
     if not isinstance(animation, Animation):
         animation = Animation(curves=animation)
@@ -691,8 +711,12 @@ def save_livelink_csv(
     if fps is None and animation.timecodes is not None:
         timecodes = animation.timecodes
     else:
+        # on a whole-number clock, as the app's: 29.97 steps 1.001 frames of a 30 clock,
+        # and reads back at 29.97 (frames counted at 29.97 would read as a 30 fps take
+        # with a frame dropped every 33 s)
         rate = float(fps or animation.fps or 30.0)
-        timecodes = tuple(format_timecode(i / rate, rate) for i in range(frames))
+        clock = math.ceil(rate - 1e-9)
+        timecodes = tuple(format_timecode(i / rate, clock) for i in range(frames))
     order = [_SHAPE_INDEX[n.lower()] for n in LLF_SHAPE_NAMES]
     head = animation.head_angles if animation.head_angles is not None else np.zeros((frames, 3))
     eyes = animation.eye_angles if animation.eye_angles is not None else np.zeros((frames, 2, 3))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -19,7 +20,13 @@ from protocol import (
     parse_timecode,
     save_livelink_csv,
 )
-from protocol.animation import EYE_COLUMNS, HEAD_COLUMNS, LLF_SHAPE_NAMES, infer_fps
+from protocol.animation import (
+    EYE_COLUMNS,
+    HEAD_COLUMNS,
+    LLF_SHAPE_NAMES,
+    MAX_HELD,
+    infer_fps,
+)
 from protocol.arkit import index_of
 from protocol.camera import framing_distance, intrinsics_from_fov, orbit
 
@@ -117,6 +124,37 @@ def test_fill_dropped_repeats_the_row_before_each_dropped_frame():
         format_timecode(i / 60, 30) for i in (3, 4, 5)))  # fmt: skip
     assert whole.fill_dropped() == (whole, 0)  # nothing dropped: the take itself
     assert Animation(curves=curves).fill_dropped()[1] == 0  # no timecodes
+
+
+def test_a_drop_frame_take_across_midnight_steps_one_frame():
+    codes = ("23:59:59;28", "23:59:59;29", "00:00:00;00", "00:00:00;01")
+    take = Animation(np.zeros((4, 52)), fps=30000 / 1001, timecodes=codes)
+    np.testing.assert_allclose(take.row_times() * take.fps, [0, 1, 2, 3], atol=1e-6)
+    assert take.fill_dropped()[1] == 0
+
+
+@pytest.mark.parametrize("rate", [30000 / 1001, 60000 / 1001, 24000 / 1001, 12.5])
+def test_our_own_files_at_rates_of_no_whole_frames_read_back_at_them(tmp_path, rate):
+    # what track writes for a 29.97 video: counted at 29.97 on a 30 clock, its rows read
+    # back as a 30 fps take with a frame dropped every 33 s
+    f = tmp_path / "take.csv"
+    codes = save_livelink_csv(f, np.zeros((3000, 52)), fps=rate)
+    got = load_animation(f)
+    assert got.row_rate() == pytest.approx(rate, rel=1e-9) and got.fill_dropped()[1] == 0
+    np.testing.assert_allclose(got.row_times(), np.arange(3000) / rate, atol=2e-5)
+    assert codes[1] == format_timecode(1 / rate, math.ceil(rate))
+
+
+def test_a_gap_of_more_than_max_held_is_no_dropped_frame():
+    def take(gap_s):
+        codes = [format_timecode(3600 + i / 60, 60) for i in range(30)]
+        codes += [format_timecode(3600 + gap_s + i / 60, 60) for i in range(30, 60)]
+        return Animation(np.zeros((60, 52)), fps=60.0, timecodes=tuple(codes))
+
+    assert take(4 * 3600).fill_dropped()[1] == 0  # two takes in one file: joined
+    assert take(MAX_HELD + 1).fill_dropped()[1] == 0
+    filled, added = take(5.0).fill_dropped()  # a phone's hiccup: held
+    assert added == 5 * 60 and filled.frames == 60 + added
 
 
 def test_a_timecode_written_twice_leaves_the_row_rate():

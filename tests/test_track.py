@@ -589,10 +589,12 @@ def test_cli_reports_gaps_and_holds_the_pose(clip, tmp_path, capsys):
         run_cli(["track", str(folder), "--out", str(out), "--neutral", "0-1"], capsys)
     assert call_cli(["track", str(folder), "--out", str(out), "--neutral", "2-4"]) == 0
     assert "calibrated on neutral frames 2-4" in capsys.readouterr().out
-    # a rate whole frames cannot state: the CSV reads back at another, and track says so
+    # a rate of no whole frames: on a 13 fps clock, the rows read back at 12.5, no note
+    record = run_cli(["track", str(folder), "--out", str(out), "--fps", "12.5", "--json"],
+                     capsys)  # fmt: skip
+    assert record["fps_read_back"] == 12.5 and load_animation(out).row_rate() == 12.5
     assert call_cli(["track", str(folder), "--out", str(out), "--fps", "12.5"]) == 0
-    said = capsys.readouterr().out
-    assert "readers of the CSV will take it as 13 fps" in said and "--fps 12.5" in said
+    assert "readers of the CSV" not in capsys.readouterr().out
     for bad in ("5-2", "-1", "x"):
         with pytest.raises(SystemExit, match="--neutral must be a frame A or a range A-B"):
             run_cli(["track", str(folder), "--out", str(out), "--neutral", bad], capsys)
