@@ -258,8 +258,6 @@ class Service:
                         except zmq.Again:
                             break
                         router.send_multipart(frames, copy=False)
-                # before the requests: a connection closed, and its descriptor taken by a
-                # new one, is reported before anything the new one sends can be read
                 self._connections_closed(closed)
                 if router in events:
                     for _ in range(100):
@@ -267,6 +265,12 @@ class Service:
                             frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
+                        # a connection closed, and its descriptor taken by a new one, is
+                        # reported before anything the new one sends can be read: drained
+                        # once a request is in hand, those reports are all in (drained
+                        # before the read, a connection that closed and was replaced in
+                        # between cancelled its successor's first request)
+                        self._connections_closed(closed)
                         reply = self._dispatch(frames)
                         if reply is not None:
                             router.send_multipart(reply, copy=False)

@@ -448,6 +448,36 @@ def test_work_for_clients_that_went_away_stops(service, client, astronaut_id):
         time.sleep(0.1)
 
 
+def test_a_client_on_the_descriptor_of_one_that_went_away_is_answered(
+    service, client, astronaut_id
+):
+    """A client that gave up mid-render closes its connection; the next one may take its
+    file descriptor. Reported closed after the newcomer's request was read, the old
+    connection's close cancelled the newcomer's render too: measured, 3 of 160 answers
+    lost (a 60 s timeout in ``test_several_clients_at_once`` on a clean clone)."""
+    info = info_of(client, astronaut_id)
+    small, large = front_camera(info, 48), front_camera(info, 96)
+    lost = []
+
+    def work():
+        for _ in range(40):
+            with service.client(timeout=0.002, retries=0) as c:  # leaves mid-render
+                with contextlib.suppress(ProtocolError):
+                    c.render(astronaut_id, *large, 96, 96)
+            with service.client(timeout=20) as c:
+                try:
+                    c.render(astronaut_id, *small, 48, 48)
+                except ProtocolError as exc:
+                    lost.append(exc.code)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert lost == []
+
+
 def test_cancel_queued_and_running(client, astronaut_png):
     before = {a["id"] for a in client.avatars()}
     running = client.build(astronaut_png, name="cancel-running", preset="high")
