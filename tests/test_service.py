@@ -38,6 +38,14 @@ def front_camera(info, size=SIZE, yaw=0.0):
     return intrinsics_from_fov(size, size, 30.0), orbit(info["center"], d, yaw, 0.0)
 
 
+def run_all(threads: list[threading.Thread], timeout: float) -> None:
+    """Start ``threads``, then wait for each, up to ``timeout`` seconds apiece."""
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+
+
 def info_of(client, ref):
     return client.get(ref, mesh=False, rig=False).header["avatar"]
 
@@ -402,11 +410,7 @@ def test_several_clients_at_once(service, client, astronaut_id):
         except Exception as exc:  # collected and asserted below
             failures.append(exc)
 
-    threads = [threading.Thread(target=work, args=(y,)) for y in yaws]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    run_all([threading.Thread(target=work, args=(y,)) for y in yaws], 120)
     assert not failures
     for y in yaws:
         np.testing.assert_array_equal(results[y], expected[y])
@@ -429,11 +433,7 @@ def test_work_for_clients_that_went_away_stops(service, client, astronaut_id):
             except ProtocolError as exc:
                 gave_up.append(exc.code)
 
-    leavers = [threading.Thread(target=leave) for _ in range(2)]
-    for t in leavers:
-        t.start()
-    for t in leavers:
-        t.join(60)
+    run_all([threading.Thread(target=leave) for _ in range(2)], 60)
     assert gave_up == [errors.TIMEOUT, errors.TIMEOUT]
     with service.client(timeout=60) as c:
         assert c.render(astronaut_id, *front_camera(info, 32), 32, 32)["rgb"].shape == (
@@ -470,11 +470,7 @@ def test_a_client_on_the_descriptor_of_one_that_went_away_is_answered(
                 except ProtocolError as exc:
                     lost.append(exc.code)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
+    run_all([threading.Thread(target=work) for _ in range(4)], 600)
     assert lost == []
 
 
