@@ -277,8 +277,8 @@ class SPLATFACE_OT_delete_avatar(bpy.types.Operator):
 
 def _proxies_using(avatar_id: str) -> list[str]:
     """Names of this file's avatar proxies that render ``avatar_id``."""
-    proxies = (ob for ob in bpy.data.objects if ob.splatface.role == "PROXY")
-    return sorted(ob.name for ob in proxies if ob.splatface.avatar_id == avatar_id)
+    using = avatar.proxies(bpy.data.objects)
+    return sorted(ob.name for ob in using if ob.splatface.avatar_id == avatar_id)
 
 
 def _in_use(users: list[str]) -> str:
