@@ -132,9 +132,9 @@ def photo_warnings(
                       "sharper photo of the face builds better")  # fmt: skip
     others = [str(i) for i in faces if i != used]
     if others and not asked:
+        rest = (f"the others are faces {listed(others)}" if len(others) > 1
+                else f"the other is face {others[0]}")  # fmt: skip
         warn("faces", f"{len(faces)}{' or more' * more} faces found; this avatar is face "
-                      f"{used} (0 = largest), the other{'s are faces' * (len(others) > 1)}"
-                      f"{' is face' * (len(others) == 1)} {listed(others)}: choose another "
-                      "with --face or --face-box, or the Blender panel's face "
-                      "buttons")  # fmt: skip
+                      f"{used} (0 = largest), {rest}: choose another with --face or "
+                      "--face-box, or the Blender panel's face buttons")  # fmt: skip
     return out
