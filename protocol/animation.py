@@ -220,44 +220,23 @@ class Animation:
         return len(self.curves)
 
     def _timecode_times(self) -> np.ndarray | None:
-        """Seconds of each row after the first as its timecode says, a take that runs
-        past midnight counted on into the next day; None without timecodes and a rate."""
+        """:func:`_times_of` the timecodes; None without timecodes and a rate."""
         if self.timecodes is None or self.fps is None:
             return None
-        t = np.array([timecode_seconds(tc, self.fps) for tc in self.timecodes])
-        # a drop-frame day of labels is a little short of 24 h: its midnight is its own
-        day = timecode_seconds("24:00:00;00" if _drop_frame(self.timecodes) else "24:00:00:00",
-                               self.fps)  # fmt: skip
-        t += day * np.cumsum(np.diff(t, prepend=t[0]) < -day / 2)  # 23:59:59 → 00:00:00
-        return t - t[0]
+        return _times_of(self.timecodes, self.fps)
 
     def row_times(self) -> np.ndarray | None:
         """Seconds of each row after the first, from the timecodes at ``fps``: a capture
         that dropped frames has gaps here that counting rows would close. None without
         timecodes and a rate, or when they do not increase (a timecode written twice, or
         rows out of order): no time can be told for those rows."""
-        t = self._timecode_times()
-        if t is None or (len(t) > 1 and not np.all(np.diff(t) > 0)):
-            return None
-        return t
+        return _increasing(self._timecode_times())
 
     def row_rate(self) -> float | None:
         """Rows per second, the rate the take plays at one frame per row: ``fps`` where
-        the rows step one timecode frame, else the rows' typical step (a 60 fps capture
-        stamped with a 30 fps timecode steps half a frame, ``FF.000``, ``FF.500``; 29.97
-        on a 30 fps clock steps ``1.001`` frames), taken to the nearest common or NTSC
-        rate within :data:`RATE_SNAP` (else rounded to a millionth of a frame a second).
-        A timecode written twice does not count as a step. None without timecodes and a
-        rate."""
-        times = self._timecode_times()
-        steps = np.array([]) if times is None else np.diff(times)
-        steps = steps[steps > 0]
-        if not len(steps):
-            return self.fps
-        rate = 1.0 / float(np.median(steps))
-        rates = (self.fps, *COMMON_FPS, *NTSC_FPS)
-        near = min(rates, key=lambda r: abs(rate - r))
-        return float(near) if abs(rate - near) <= RATE_SNAP * near else round(rate, 6)
+        the rows step one timecode frame, else the rows' typical step (see
+        :func:`_rate_of`). None without timecodes and a rate."""
+        return _rate_of(self._timecode_times(), self.fps)
 
     def fill_dropped(self) -> tuple[Animation, int]:
         """This take one row per frame at :meth:`row_rate`, and how many frames were
@@ -267,7 +246,8 @@ class Animation:
         one file, a clock that jumped): the rows either side follow each other. Without
         gaps (or timecodes), the take itself and 0. The filled take has no timecodes; its
         ``fps`` is the row rate."""
-        times, rate = self.row_times(), self.row_rate()
+        stamped = self._timecode_times()  # parsed once for both
+        times, rate = _increasing(stamped), _rate_of(stamped, self.fps)
         if times is None or rate is None:
             return self, 0
         steps = np.diff(np.rint(times * rate).astype(np.int64), prepend=0)
@@ -357,11 +337,42 @@ def infer_fps(timecodes: Sequence[str]) -> float | None:
 def timecodes_rate(timecodes: Sequence[str]) -> float | None:
     """The rate rows with these timecodes play at (:meth:`Animation.row_rate` of a take
     that has them), or None without any."""
-    if not timecodes:
-        return None
     fps = infer_fps(timecodes)
-    return Animation(np.zeros((len(timecodes), NUM_SHAPES), np.float32), fps=fps,
-                     timecodes=tuple(timecodes)).row_rate()  # fmt: skip
+    return None if fps is None else _rate_of(_times_of(timecodes, fps), fps)
+
+
+def _times_of(timecodes: Sequence[str], fps: float) -> np.ndarray:
+    """Seconds of each row after the first as its timecode at ``fps`` says, a take that
+    runs past midnight counted on into the next day."""
+    t = np.array([timecode_seconds(tc, fps) for tc in timecodes])
+    # a drop-frame day of labels is a little short of 24 h: its midnight is its own
+    day = timecode_seconds("24:00:00;00" if _drop_frame(timecodes) else "24:00:00:00", fps)
+    t += day * np.cumsum(np.diff(t, prepend=t[0]) < -day / 2)  # 23:59:59 → 00:00:00
+    return t - t[0]
+
+
+def _increasing(times: np.ndarray | None) -> np.ndarray | None:
+    """``times`` where each row comes after the one before, else None."""
+    if times is None or (len(times) > 1 and not np.all(np.diff(times) > 0)):
+        return None
+    return times
+
+
+def _rate_of(times: np.ndarray | None, fps: float | None) -> float | None:
+    """Rows per second of rows at ``times`` (seconds; None: ``fps``): the rows' typical
+    step (a 60 fps capture stamped with a 30 fps timecode steps half a frame, ``FF.000``,
+    ``FF.500``; 29.97 on a 30 fps clock steps ``1.001`` frames), taken to ``fps`` or the
+    nearest common or NTSC rate within :data:`RATE_SNAP` (else rounded to a millionth of
+    a frame a second). A timecode written twice does not count as a step; without any
+    step, ``fps``."""
+    steps = np.array([]) if times is None else np.diff(times)
+    steps = steps[steps > 0]
+    if not len(steps):
+        return fps
+    rate = 1.0 / float(np.median(steps))
+    rates = (fps, *COMMON_FPS, *NTSC_FPS)  # times come with a rate
+    near = min(rates, key=lambda r: abs(rate - r))
+    return float(near) if abs(rate - near) <= RATE_SNAP * near else round(rate, 6)
 
 
 def _drop_frame(timecodes: Sequence[str]) -> bool:
