@@ -640,9 +640,7 @@ def render_chunk(size: int, passes: tuple[str, ...]) -> int:
     """Frames per render request: :data:`RENDER_CHUNK`, fewer where that many frames of
     ``size`` x ``size`` would pass the protocol's limit on a reply (4096 px frames with
     every pass take 256 MiB each)."""
-    channels = sum(messages.PASS_CHANNELS.get(p, 0) for p in passes)
-    per_frame = size * size * max(1, channels) * 4
-    return max(1, min(RENDER_CHUNK, messages.MAX_RENDER_BYTES // per_frame))
+    return min(RENDER_CHUNK, messages.frames_per_render(size, size, passes))
 
 
 def render_to_folder(
@@ -682,9 +680,6 @@ def render_to_folder(
     overlap = 2 * chunk * size * size * max(1, channels) * 4 <= OVERLAP_BYTES
     interrupted = threading.Event()  # the writer ends at its next frame
 
-    def rows(a: np.ndarray | None, start: int, stop: int) -> np.ndarray | None:
-        return None if a is None else a[start:stop] if len(a) > 1 else a
-
     def write(start: int, result: dict[str, np.ndarray]) -> list[str]:
         written = []
         for k in range(len(next(iter(result.values())))):
@@ -709,17 +704,15 @@ def render_to_folder(
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="splatface-write") as pool:
             try:
-                for start in range(0, n, chunk):
-                    stop_at = min(n, start + chunk)
-                    intr = np.stack([c[0] for c in cameras[start:stop_at]])
-                    w2c = np.stack([c[1] for c in cameras[start:stop_at]])
-                    result = client.render(
-                        ref, intr, w2c, size, size, curves=rows(curves, start, stop_at),
-                        head=rows(heads, start, stop_at), passes=passes,
-                        timeout=timeout or RENDER_TIMEOUT, far=far,
-                    )  # fmt: skip
+                parts = client.render_chunks(
+                    ref, np.stack([c[0] for c in cameras]), np.stack([c[1] for c in cameras]),
+                    size, size, curves=curves, head=heads, passes=passes,
+                    timeout=timeout or RENDER_TIMEOUT, far=far, frames=chunk,
+                )  # fmt: skip
+                for start, _, result in parts:
                     finish_writing()  # the chunk before, and its errors
-                    writing = pool.submit(write, start, result), stop_at
+                    end = start + len(next(iter(result.values())))
+                    writing = pool.submit(write, start, result), end
                     if not overlap:
                         finish_writing()
                 finish_writing()

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,9 @@ from .errors import ProtocolError
 
 Progress = Callable[[dict[str, Any]], None]
 Curves = np.ndarray | str | os.PathLike
+#: Frames per render request, at most: a long take goes in parts, each answered within
+#: the client's timeout (64 frames of 512 px: about 6 s on two CPU cores).
+RENDER_FRAMES = 64
 
 
 def _curves_array(curves: Curves | None, curve_names: list[str] | None) -> np.ndarray | None:
@@ -368,35 +371,87 @@ class Client:
         ``curves``: an array, or the path of a curves file (see ``SPEC.md``); the head
         pose is ``head`` in either case. Returns the passes as arrays ``[F, H, W, ...]``,
         row 0 at the top, or at the bottom with ``rows="bottom_up"`` (Blender, OpenGL).
-        ``on_sent``: see :meth:`request`.
+        A take of any length is rendered in requests of :data:`RENDER_FRAMES` frames
+        (see :meth:`render_chunks`, which hands them over as they come); ``timeout`` is
+        per request. ``on_sent``: see :meth:`request` (called for the first request).
         """
+        out: dict[str, np.ndarray] = {}
+        chunks = self.render_chunks(
+            avatar, intrinsics, world_to_camera, width, height, curves, head, passes,
+            curve_names, background, timeout, rows, near, far, on_sent=on_sent,
+        )  # fmt: skip
+        for start, count, part in chunks:
+            if not out and start + len(next(iter(part.values()))) == count:
+                return part  # one request: its arrays as they came
+            for name, a in part.items():
+                if name not in out:
+                    out[name] = np.empty((count, *a.shape[1:]), a.dtype)
+                out[name][start : start + len(a)] = a
+        return out
+
+    def render_chunks(
+        self,
+        avatar: str,
+        intrinsics: np.ndarray,
+        world_to_camera: np.ndarray,
+        width: int,
+        height: int,
+        curves: Curves | None = None,
+        head: np.ndarray | None = None,
+        passes: tuple[str, ...] = ("rgb", "alpha"),
+        curve_names: list[str] | None = None,
+        background: tuple[float, float, float] | None = None,
+        timeout: float | None = None,
+        rows: str = "top_down",
+        near: float | None = None,
+        far: float | None = None,
+        frames: int | None = None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+        """:meth:`render` a take of any length, a request at a time, for a caller that
+        writes frames as they come instead of holding the take's passes: yields
+        ``(first frame, frames in the take, passes [n, H, W, ...])``. ``frames``: frames
+        per request, at most :data:`RENDER_FRAMES` and what
+        :func:`protocol.messages.frames_per_render` allows (a request's reply is at most
+        1 GiB). Per-frame arrays each have the take's F rows, or one row for all."""
         curves = _curves_array(curves, curve_names)
-        intrinsics = np.asarray(intrinsics, np.float64)
-        world_to_camera = np.asarray(world_to_camera, np.float64)
-        reply = self.request(
-            "render",
-            {
-                "avatar": avatar,
-                "width": int(width),
-                "height": int(height),
-                "passes": list(passes),
-                "curve_names": curve_names,
-                "background": None if background is None else [float(b) for b in background],
-                "rows": rows,
-                **({} if near is None else {"near": float(near)}),
-                **({} if far is None else {"far": float(far)}),
-            },
-            {
-                "intrinsics": intrinsics.reshape(-1, 4),
-                "world_to_camera": world_to_camera.reshape(-1, 4, 4),
-                "curves": curves,
-                "head": None if head is None else np.asarray(head, np.float64).reshape(-1, 4, 4),
-            },
-            timeout=timeout,
-            retries=0,
-            on_sent=on_sent,
-        )
-        return dict(reply.arrays)
+        intrinsics = np.asarray(intrinsics, np.float64).reshape(-1, 4)
+        world_to_camera = np.asarray(world_to_camera, np.float64).reshape(-1, 4, 4)
+        head = None if head is None else np.asarray(head, np.float64).reshape(-1, 4, 4)
+        per_frame = {"intrinsics": intrinsics, "world_to_camera": world_to_camera,
+                     "curves": curves, "head": head}  # fmt: skip
+        # curves of another shape than [F, columns] go whole, for the service to refuse
+        counts = {k: len(a) for k, a in per_frame.items()
+                  if a is not None and (k != "curves" or a.ndim == 2)}  # fmt: skip
+        many = set(counts.values()) - {1}
+        if len(many) > 1:
+            raise ProtocolError(
+                errors.BAD_REQUEST,
+                "per-frame arrays disagree on the frame count: "
+                + ", ".join(f"{k} has {n}" for k, n in counts.items()),
+            )
+        count = many.pop() if many else 1
+        step = min(frames or RENDER_FRAMES, messages.frames_per_render(width, height, passes))
+        fields = {
+            "avatar": avatar,
+            "width": int(width),
+            "height": int(height),
+            "passes": list(passes),
+            "curve_names": curve_names,
+            "background": None if background is None else [float(b) for b in background],
+            "rows": rows,
+            **({} if near is None else {"near": float(near)}),
+            **({} if far is None else {"far": float(far)}),
+        }
+        for start in range(0, count, max(1, step)):
+            stop = min(count, start + max(1, step))
+            arrays = {k: a[start:stop] if counts.get(k, 1) > 1 else a
+                      for k, a in per_frame.items()}  # fmt: skip
+            reply = self.request(
+                "render", fields, arrays, timeout=timeout, retries=0,
+                on_sent=on_sent if start == 0 else None,
+            )  # fmt: skip
+            yield start, count, dict(reply.arrays)
 
     def export(
         self,

@@ -34,6 +34,15 @@ PRESETS = ("fast", "default", "high")
 EXPORT_FORMATS = ("ply", "bundle")
 
 
+def frames_per_render(width: int, height: int, passes: tuple[str, ...] | list[str]) -> int:
+    """The most frames one ``render`` request may ask for: :data:`MAX_FRAMES`, fewer
+    where that many frames of ``width`` x ``height`` with ``passes`` would weigh more
+    than :data:`MAX_RENDER_BYTES` (256 frames of 512 px with rgb and alpha)."""
+    channels = sum(PASS_CHANNELS.get(p, 0) for p in dict.fromkeys(passes))
+    per_frame = max(1, width * height * max(1, channels) * 4)
+    return max(1, min(MAX_FRAMES, MAX_RENDER_BYTES // per_frame))
+
+
 @dataclass(frozen=True)
 class Field:
     """A scalar or list header field. ``kind``: str, int, float, bool, list."""

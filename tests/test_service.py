@@ -23,7 +23,7 @@ from plyfile import PlyData
 from inference_service.posing import pose
 from inference_service.render import render_frames
 from inference_service.store import Store
-from protocol import Client, CurveKeys, ProtocolError, errors
+from protocol import Client, CurveKeys, ProtocolError, errors, messages
 from protocol.arkit import index_of
 from protocol.camera import framing_distance, intrinsics_from_fov, orbit
 from protocol.codec import REPLY_LIMITS, decode, encode
@@ -126,6 +126,36 @@ def test_render_passes_match_in_process_render(client, service, astronaut_id):
                        passes=("rgb", "alpha", "depth", "normal"), rows="bottom_up")  # fmt: skip
     for name, value in out.items():
         np.testing.assert_array_equal(up[name], value[:, ::-1], err_msg=name)
+
+
+def test_a_take_longer_than_a_request_renders_in_parts(client, astronaut_id):
+    """A take past a request's max_frames (17 s of a 60 fps Live Link take) renders from
+    one Client.render call, each frame its own row's; it was refused ('send them in
+    parts'). render_chunks hands the parts over as they come."""
+    info = info_of(client, astronaut_id)
+    intr, w2c = front_camera(info, size=12)
+    n = messages.MAX_FRAMES + 6
+    heads = np.tile(np.eye(4), (n, 1, 1))
+    heads[:, 0, 3] = np.linspace(-0.05, 0.05, n)  # the head slides across the frame
+    out = client.render(astronaut_id, intr, w2c, 12, 12, head=heads, passes=("alpha",))
+    assert out["alpha"].shape == (n, 12, 12)
+    for i in (0, 63, 64, messages.MAX_FRAMES, n - 1):
+        one = client.render(astronaut_id, intr, w2c, 12, 12, head=heads[i], passes=("alpha",))
+        np.testing.assert_array_equal(out["alpha"][i], one["alpha"][0], err_msg=f"frame {i}")
+    assert not np.allclose(out["alpha"][0], out["alpha"][-1])
+
+    curves = np.zeros((10, 52), np.float32)
+    curves[:, index_of("jawOpen")] = np.linspace(0, 1, 10)
+    parts = list(client.render_chunks(astronaut_id, intr, w2c[None], 12, 12, curves=curves,
+                                      passes=("rgb",), frames=4))  # fmt: skip
+    assert [(start, count, len(p["rgb"])) for start, count, p in parts] == [
+        (0, 10, 4), (4, 10, 4), (8, 10, 2)
+    ]  # fmt: skip
+    whole = client.render(astronaut_id, intr, w2c, 12, 12, curves=curves, passes=("rgb",))
+    np.testing.assert_array_equal(np.concatenate([p["rgb"] for *_, p in parts]), whole["rgb"])
+    with pytest.raises(ProtocolError, match="curves has 10, head has 3") as e:
+        client.render(astronaut_id, intr, w2c, 12, 12, curves=curves, head=heads[:3])
+    assert e.value.code == errors.BAD_REQUEST
 
 
 def test_export_ply_in_world_space(client, service, astronaut_id):
