@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+
 import bpy
 
 from . import engine, ops, prefs, props, runtime, ui
@@ -28,7 +30,17 @@ _COMPAT_PANELS = (
 )
 
 
+_registered = False
+
+
 def register() -> None:
+    global _registered
+    _registered = True
+    # bpy as a Python module (no Blender binary) never exits while anything of an add-on
+    # is still registered (4.5: a script that called register() itself and ended hung for
+    # ever); Blender, and addon_utils in the module, unregister add-ons themselves
+    if not bpy.app.binary_path:
+        atexit.register(unregister)
     for cls in _classes:
         bpy.utils.register_class(cls)
     props.register_properties()
@@ -49,6 +61,11 @@ def _render_end_handlers() -> tuple[list, list]:
 
 
 def unregister() -> None:
+    global _registered
+    if not _registered:  # at exit, after a script's own unregister()
+        return
+    _registered = False
+    atexit.unregister(unregister)
     if bpy.app.timers.is_registered(runtime.drain):
         bpy.app.timers.unregister(runtime.drain)
     runtime.shutdown()

@@ -17,6 +17,8 @@ from __future__ import annotations
 import io
 import math
 import os
+import subprocess
+import sys
 import warnings
 import zipfile
 
@@ -91,6 +93,23 @@ def test_runs_under_the_blender_asked_for():
         assert got == wanted, f"launched for bpy {wanted}, running bpy {bpy.app.version_string}"
     else:
         assert bpy.app.version >= (4, 5, 0), "the add-on supports Blender 4.5 LTS and 5.0"
+
+
+@pytest.mark.parametrize(
+    "script",
+    ["blender_addon.register()",
+     "blender_addon.register(); blender_addon.unregister(); blender_addon.register()"],
+    ids=["registered", "registered-again"],
+)  # fmt: skip
+def test_a_script_that_registers_the_addon_itself_exits(script):
+    """bpy as a module never exits while an add-on is registered: under 4.5 a script that
+    called register() and ended without unregister() hung for ever."""
+    code = f"import bpy, blender_addon\n{script}\nprint('ended')"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True,
+                         text=True, timeout=180)  # fmt: skip
+    assert out.returncode == 0 and "ended" in out.stdout, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
 
 
 def test_register_connect_lists_avatars(scene, avatar_id):
