@@ -312,7 +312,8 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
     def _render(self, depsgraph: bpy.types.Depsgraph) -> None:
         background = None
         if not depsgraph.scene.render.film_transparent:
-            background, flat = world_background(depsgraph.scene.world)
+            # the evaluated world: an animation render leaves keyed colours off the original
+            background, flat = world_background(depsgraph.scene_eval.world)
             if not flat:
                 self.report(
                     {"WARNING"},
@@ -487,7 +488,7 @@ class ViewportState:
         scene = depsgraph.scene
         background = None
         if not scene.render.film_transparent:
-            background = world_background(scene.world)[0]
+            background = world_background(depsgraph.scene_eval.world)[0]
         parts = [camera.intrinsics, camera.world_to_camera, np.array([w, h, *clip], np.float64),
                  np.zeros(0) if background is None else background]  # fmt: skip
         epoch = runtime.store_epoch

@@ -353,7 +353,7 @@ def test_a_render_region_is_as_tall_as_blender_cuts_it(scene, avatar_id, tmp_pat
     assert np.abs(px.reshape(h, w, 4)[..., 3] - region).max() < 2 / 255
 
 
-def test_an_opaque_film_shows_the_world_behind_the_avatar(scene, avatar_id, direct):
+def test_an_opaque_film_shows_the_world_behind_the_avatar(scene, avatar_id, direct, tmp_path):
     """Film > Transparent off: the world's colour fills the frame behind the head and
     alpha is 1, as Cycles and EEVEE render it; without a world, black."""
     from blender_addon import engine
@@ -375,6 +375,28 @@ def test_an_opaque_film_shows_the_world_behind_the_avatar(scene, avatar_id, dire
             assert (got[..., 3] == 1.0).all()
             want = rgb + (1.0 - alpha)[..., None] * np.array(colour, np.float32)
             assert_close_renders(got[..., :3], want, f"over {colour}")
+        # a keyed colour is the frame's in an animation render, as in a still
+        scene.world = world
+        tint = world.node_tree.nodes["Background"].inputs["Color"]
+        for frame, value in ((1, (1.0, 0.0, 0.0, 1.0)), (3, (0.0, 0.0, 1.0, 1.0))):
+            tint.default_value = value
+            tint.keyframe_insert("default_value", frame=frame)
+        scene.frame_start, scene.frame_end = 1, 3
+        scene.render.filepath = str(tmp_path / "sky_")
+        corners = {}
+
+        def after(s, *_):
+            corners[s.frame_current] = engine.last_render.passes["Combined"][:3].tolist()
+
+        scene.frame_set(3)  # the original's colour is frame 3's while the take renders
+        bpy.app.handlers.render_post.append(after)
+        try:
+            bpy.ops.render.render(animation=True)
+        finally:
+            bpy.app.handlers.render_post.remove(after)
+        assert corners[1] == pytest.approx([0.5, 0.0, 0.0], abs=1e-6)  # strength 0.5
+        assert corners[2] == pytest.approx([0.25, 0.0, 0.25], abs=1e-6)
+        assert corners[3] == pytest.approx([0.0, 0.0, 0.5], abs=1e-6)
         # a textured world is not one colour: its viewport colour stands in, and says so
         texture = world.node_tree.nodes.new("ShaderNodeTexEnvironment")
         background = world.node_tree.nodes["Background"]
