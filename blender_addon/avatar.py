@@ -170,10 +170,11 @@ def held_by_collection(ob: bpy.types.Object, view_layer: bpy.types.ViewLayer) ->
 
 
 def ignored_settings(ob: bpy.types.Object, depsgraph: bpy.types.Depsgraph) -> list[str]:
-    """What of ``ob``'s ARKit shape keys the render cannot follow, though the proxy mesh
-    does: a vertex-group mask, a key relative to another than the basis, a value outside
-    0..1 (rendered clamped), Absolute keys. The splats follow the rig's own shapes at one
-    weight each."""
+    """What of ``ob``'s shape keys the render cannot follow, though the proxy mesh does:
+    a vertex-group mask, a key relative to another than the basis, a value outside 0..1
+    (rendered clamped), Absolute keys, a key of another name than the 52 ARKit ones (an
+    artist's own, or an ARKit key renamed) set above 0. The splats follow the rig's own
+    shapes at one weight each."""
     key = ob.original.data.shape_keys
     if key is None:
         return []
@@ -183,7 +184,14 @@ def ignored_settings(ob: bpy.types.Object, depsgraph: bpy.types.Depsgraph) -> li
     basis = key.reference_key.name
     out = []
     for block in key.evaluated_get(depsgraph).key_blocks:
-        if block.name not in ARKIT_NAMES or block.mute:
+        if block.mute or block.name == basis:
+            continue
+        if block.name not in ARKIT_NAMES:
+            if block.value != 0.0:
+                lacking = missing_shapes(ob.original)
+                named = ", ".join(lacking[:3]) + ", ..." * (len(lacking) > 3)
+                why = f"; the proxy has no {named}" if lacking else ""
+                out.append(f"{block.name} at {block.value:.3g} (not an ARKit name{why})")
             continue
         if block.vertex_group:
             out.append(f"{block.name}'s vertex group")

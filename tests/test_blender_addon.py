@@ -535,8 +535,9 @@ def test_a_failed_frame_fails_the_render_and_saves_no_blank_frame(
 
 
 def test_shape_key_settings_the_render_cannot_follow_are_named(scene, astronaut_id):
-    """A vertex-group mask, a key relative to another than the basis and a value past
-    0..1 move the proxy mesh but not the splats: the render names them, not silently."""
+    """A vertex-group mask, a key relative to another than the basis, a value past 0..1
+    and a key of no ARKit name (renamed: it rendered as 0) move the proxy mesh but not
+    the splats: the render names them, not silently."""
     from blender_addon import avatar
 
     proxy = import_avatar(bpy, astronaut_id)
@@ -548,10 +549,16 @@ def test_shape_key_settings_the_render_cannot_follow_are_named(scene, astronaut_
     blocks["mouthSmileLeft"].value = 0.5
     blocks["cheekPuff"].slider_max, blocks["cheekPuff"].value = 2.0, 1.5
     blocks["cheekPuff"].mute = True
+    # an ARKit key renamed, and an artist's own corrective: the proxy moves, the splats not
+    blocks["tongueOut"].name, blocks["tongueOut_v2"].value = "tongueOut_v2", 1.0
+    proxy.shape_key_add(name="fix_lips").value = 0.25
+    proxy.shape_key_add(name="unused").value = 0.0
     depsgraph = bpy.context.evaluated_depsgraph_get()
     assert set(avatar.ignored_settings(proxy.evaluated_get(depsgraph), depsgraph)) == {
         "browInnerUp at 1.5 (rendered at 1)", "eyeBlinkLeft at -0.5 (rendered at 0)",
-        "jawOpen's vertex group", "mouthClose relative to jawOpen"}  # fmt: skip
+        "jawOpen's vertex group", "mouthClose relative to jawOpen",
+        "tongueOut_v2 at 1 (not an ARKit name; the proxy has no tongueOut)",
+        "fix_lips at 0.25 (not an ARKit name; the proxy has no tongueOut)"}  # fmt: skip
     (frame,) = avatar.gather(depsgraph, final_render=True)  # what the render warns with
     assert frame.warning.startswith(f"{proxy.name}: the render ignores ")
     assert "jawOpen's vertex group" in frame.warning
