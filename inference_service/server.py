@@ -66,6 +66,11 @@ SHUTDOWN_QUIET_MS = 200
 SHUTDOWN_LINGER_MS = 2000
 CACHE_SIZE = 4
 POOL_OPS = ("get", "render", "export")
+#: Ops whose retry (the client resends a request under its id when a reply is late) gets
+#: the first attempt's reply: a retried delete answered not_found for the avatar it had
+#: just deleted. The last REMEMBERED replies are kept.
+ONCE_OPS = ("delete",)
+REMEMBERED = 256
 
 
 def bind_address(endpoint: str) -> str:
@@ -208,6 +213,7 @@ class Service:
         self._pending_lock = threading.Lock()
         self._cache: OrderedDict[str, Avatar] = OrderedDict()
         self._cache_lock = threading.Lock()
+        self._answered: OrderedDict[tuple[str, str], list[Any]] = OrderedDict()  # ONCE_OPS' replies
         self._stop = threading.Event()
         self._ctx = zmq.Context()
         self._reply_addr = f"inproc://replies-{uuid.uuid4().hex}"
@@ -359,7 +365,14 @@ class Service:
             if op in POOL_OPS:
                 self._submit(route, op, req_id, fields, arrays, _connection(frames[0]))
                 return None
+            if op in ONCE_OPS and (op, req_id) in self._answered:
+                return [*route, *self._answered[op, req_id]]
             header, out = getattr(self, "_op_" + op)(fields, arrays)
+            if op in ONCE_OPS and req_id is not None:
+                self._answered[op, req_id] = reply = self._ok(op, req_id, header, out)
+                while len(self._answered) > REMEMBERED:
+                    self._answered.popitem(last=False)
+                return [*route, *reply]
         except ProtocolError as exc:
             if op is None:  # refused while decoding: answer the id the caller waits on
                 op, req_id = request_op_and_id(body)

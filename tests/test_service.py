@@ -723,6 +723,28 @@ def test_an_avatar_deleted_while_it_loads_is_not_cached(tmp_path, service, astro
     assert astronaut_id not in svc._cache
 
 
+def test_a_retried_delete_gets_the_first_attempts_reply(tmp_path, service, astronaut_id):
+    """A client resends a request whose reply is late (Lazy Pirate), under its id: a
+    retried delete answered not_found for the avatar it had just deleted. The retry gets
+    the first attempt's reply; a new request for the same avatar is not_found."""
+    import shutil
+
+    from inference_service.server import Service
+
+    shutil.copytree(service.store / astronaut_id, tmp_path / "store" / astronaut_id)
+    svc = Service(tmp_path / "store")
+
+    def delete(req_id: str) -> dict:
+        request = encode({"op": "delete", "id": req_id, "avatar": astronaut_id})
+        return decode(svc._dispatch([b"peer", *request])[1:], REPLY_LIMITS).header
+
+    first = delete("attempt-1")
+    assert first["ok"] and first["deleted"] == astronaut_id
+    assert delete("attempt-1") == first
+    again = delete("attempt-2")
+    assert not again["ok"] and again["error"]["code"] == errors.NOT_FOUND
+
+
 def test_an_empty_photo_is_a_bad_image(client):
     with pytest.raises(ProtocolError) as e:
         client.build(b"", name="empty", preset="fast")
