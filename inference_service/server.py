@@ -15,9 +15,11 @@ Builds are jobs, polled by id, and carry on.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import shutil
+import socket
 import threading
 import time
 import traceback
@@ -80,6 +82,26 @@ def bind_address(endpoint: str) -> str:
         if endpoint.startswith("tcp://") and endpoint.endswith(":0")
         else endpoint
     )
+
+
+def check_ipc_free(endpoint: str) -> None:
+    """``EADDRINUSE`` where an ``ipc://`` endpoint's socket file is another live service's.
+    ZeroMQ binds a path by replacing the file there: a second service took the endpoint
+    from a running one (its clients then saw another store), and when it stopped, the
+    first was left running where no client could reach it. A file that takes no
+    connection is stale, and replaced."""
+    path = endpoint.removeprefix("ipc://")
+    if path == endpoint or path.startswith("@") or not Path(path).exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        return
+    finally:
+        probe.close()
+    raise zmq.ZMQError(errno.EADDRINUSE)
 
 
 def _remove_stale_temporaries(exports: Path) -> None:
@@ -241,6 +263,7 @@ class Service:
         auth = None
         if self.curve_keys is not None:
             auth = self._setup_curve(router)
+        check_ipc_free(self.endpoint)
         router.bind(bind_address(self.endpoint))
         self.bound = router.getsockopt_string(zmq.LAST_ENDPOINT)
         replies = self._ctx.socket(zmq.PULL)

@@ -745,6 +745,42 @@ def test_a_retried_delete_gets_the_first_attempts_reply(tmp_path, service, astro
     assert not again["ok"] and again["error"]["code"] == errors.NOT_FOUND
 
 
+def test_a_second_service_on_an_ipc_endpoint_in_use_is_refused(tmp_path, service, astronaut_id):
+    """ZeroMQ binds an ipc:// path by replacing the socket file: a second service took the
+    endpoint from a running one, and left it unreachable when it stopped. It is refused
+    as a port in use is; the first keeps serving."""
+    import errno
+    import shutil
+
+    from inference_service.server import Service
+
+    shutil.copytree(service.store / astronaut_id, tmp_path / "store" / astronaut_id)
+    endpoint = f"ipc://{tmp_path}/splatface.sock"
+    first = Service(tmp_path / "store", endpoint=endpoint)
+    second = Service(tmp_path / "other", endpoint=endpoint)
+    ready = threading.Event()
+    serving = threading.Thread(target=first.serve, args=(lambda _: ready.set(),), daemon=True)
+    serving.start()
+    try:
+        assert ready.wait(30)
+        refused = []
+
+        def second_serves():
+            try:
+                second.serve()
+            except zmq.ZMQError as exc:
+                refused.append(exc.errno)
+
+        run_all([threading.Thread(target=second_serves, daemon=True)], timeout=30)
+        assert refused == [errno.EADDRINUSE], "a second service took the endpoint"
+        with Client(endpoint, timeout=10) as c:
+            assert [a["id"] for a in c.avatars()] == [astronaut_id]
+    finally:
+        second.stop()
+        first.stop()
+        serving.join(30)
+
+
 def test_an_empty_photo_is_a_bad_image(client):
     with pytest.raises(ProtocolError) as e:
         client.build(b"", name="empty", preset="fast")
