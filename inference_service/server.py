@@ -18,6 +18,7 @@ import contextlib
 import errno
 import itertools
 import logging
+import os
 import shutil
 import socket
 import threading
@@ -126,10 +127,15 @@ def _remove_stale_temporaries(exports: Path) -> None:
                 log.warning("removed %s, left by an interrupted export", tmp)
 
 
+#: A key file changed this lately (ns) is read at every handshake: file systems stamp
+#: mtimes at a clock tick, so a second change within the tick leaves the stat unchanged.
+KEY_SETTLED_NS = 1_000_000_000
+
+
 def check_server_keys(folder: Path) -> tuple[bytes, bytes]:
     """The service's (public, secret) keys from ``folder``, every authorized client's key
-    checked first: pyzmq's authenticator only logs a key file it cannot read, and then
-    lets no client in. ValueError naming what is missing or malformed."""
+    checked first: a key file the service cannot read is named at the start, where once
+    running it is only logged and skipped. ValueError naming what is missing or malformed."""
     clients = folder / "authorized_clients"
     if not (folder / "server.key_secret").is_file() or not clients.is_dir():
         raise ValueError(
@@ -144,6 +150,62 @@ def check_server_keys(folder: Path) -> tuple[bytes, bytes]:
         load_key_file(key)
     assert secret is not None
     return public, secret
+
+
+class AuthorizedClients:
+    """The ZAP credentials provider: lets in the public keys in ``folder/*.key`` as the
+    folder is at each handshake, so keys added or removed count from the next connection
+    without a restart. The folder is listed each time (cheap); a file is read again only
+    when its stat changes, or while it was changed too lately for its mtime to tell a
+    second change. One that cannot be read or holds no key is logged and skipped: raising
+    would end the authenticator's thread, and then no handshake is answered."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._files: dict[Path, tuple[tuple[int, int, int, int], bytes | None]] = {}
+        self._unreadable = False
+
+    def keys(self) -> set[bytes]:
+        """The public keys (Z85) the folder holds now."""
+        try:
+            with os.scandir(self.folder) as entries:
+                paths = [Path(e.path) for e in entries if e.name.endswith(".key")]
+        except OSError as exc:
+            if not self._unreadable:
+                log.error("cannot read %s, so no client is let in: %s", self.folder, exc)
+            self._unreadable, self._files = True, {}
+            return set()
+        self._unreadable = False
+        files = {}
+        now = time.time_ns()
+        for path in paths:
+            try:
+                st = path.stat()
+            except OSError:  # removed since the folder was listed
+                continue
+            stamp = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+            known = self._files.get(path)
+            same = known is not None and known[0] == stamp
+            if same and now - st.st_mtime_ns > KEY_SETTLED_NS:
+                files[path] = known
+                continue
+            try:
+                public: bytes | None = load_key_file(path)[0]
+            except ValueError as exc:
+                if not same:
+                    log.warning("skipping a client key: %s", exc)
+                public = None
+            files[path] = (stamp, public)
+        self._files = files
+        return {public for _, public in files.values() if public is not None}
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """pyzmq's ZAP hook: is ``key`` (Z85) authorized now?"""
+        try:
+            return key in self.keys()
+        except Exception:  # a key file must never stop the authenticator
+            log.exception("checking a client key against %s failed", self.folder)
+            return False
 
 
 #: Pixels (intrinsics) and metres (a camera's translation): past these a float32 camera
@@ -344,7 +406,10 @@ class Service:
         public, secret = self._server_keys
         auth = ThreadAuthenticator(self._ctx)
         auth.start()
-        auth.configure_curve(domain="*", location=str(self.curve_keys / "authorized_clients"))
+        auth.configure_curve_callback(
+            domain="*",
+            credentials_provider=AuthorizedClients(self.curve_keys / "authorized_clients"),
+        )
         router.curve_secretkey = secret
         router.curve_publickey = public
         router.curve_server = True

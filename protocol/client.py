@@ -62,7 +62,7 @@ def load_key_file(path: str | Path, secret: bool = False) -> tuple[bytes, bytes 
         public, secret_key = zmq.auth.load_certificate(path)
     except OSError as exc:
         raise ValueError(f"cannot read the key file {path}: {exc.strerror or exc}") from None
-    except ValueError:  # no key line in it
+    except (ValueError, IndexError):  # no key line in it, or one without "="
         public = secret_key = None
     for kind, key in [("public", public)] + ([("secret", secret_key)] if secret else []):
         try:

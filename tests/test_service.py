@@ -930,6 +930,41 @@ def test_curve_security(tmp_path):
         svc.stop()
 
 
+def test_authorized_clients_are_read_at_each_handshake(tmp_path):
+    """Keys added to or removed from authorized_clients/ count from the next connection,
+    without a restart: the refusal's own advice works, and a revoked key stops getting in."""
+    import zmq.auth
+
+    keys = tmp_path / "keys"
+    assert keys_cli(str(keys)).returncode == 0
+    _, laptop_secret = zmq.auth.create_certificates(tmp_path, "laptop")
+    first = CurveKeys.from_dir(keys)
+    public, secret = zmq.auth.load_certificate(laptop_secret)
+    laptop = CurveKeys(first.server_public, public, secret)
+    clients = keys / "authorized_clients"
+    svc = ServiceProcess(tmp_path / "store", extra=("--curve-keys", str(keys)))
+
+    def refused(curve: CurveKeys) -> bool:
+        with Client(svc.endpoint, timeout=5, retries=0, curve=curve) as c:
+            try:
+                assert_serving(c)
+            except ProtocolError as e:
+                assert e.code == errors.REFUSED and "authorized_clients/" in e.message
+                return True
+            return False
+
+    try:
+        assert refused(laptop) and not refused(first)
+        (clients / "laptop.key").write_bytes((tmp_path / "laptop.key").read_bytes())
+        (clients / "broken.key").write_text("public-key\n")  # logged and skipped
+        assert not refused(laptop)
+        (clients / "client.key").unlink()
+        assert refused(first) and not refused(laptop)
+    finally:
+        svc.stop()
+    assert "broken.key" in svc.log.read_text()
+
+
 def test_connections_dropped_for_a_moment_are_retried_not_refused():
     """A port that accepts and drops connections for 0.5 s, then a service: handshakes
     fail meanwhile, as when a connection drops mid-handshake, and the client waits it out."""
