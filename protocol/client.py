@@ -95,10 +95,11 @@ class CurveKeys:
         return cls(server_public, public, secret)
 
 
-#: Socket monitor events of the handshake. ZAP turning a key away is definite; other
-#: failures also follow a connection dropped mid-handshake, so only failures with none
-#: succeeding between, for ``_REFUSED_FOR`` seconds (libzmq reconnects every 100 ms) or
-#: through the last attempt, count as a refusal.
+#: Socket monitor events of the handshake. ZAP turning a key away is definite, and so is
+#: a keyed client meeting a service without keys (a mechanism mismatch, reported once:
+#: libzmq does not reconnect after it); other failures also follow a connection dropped
+#: mid-handshake, so only failures with none succeeding between, for ``_REFUSED_FOR``
+#: seconds (libzmq reconnects every 100 ms) or through the last attempt, count as a refusal.
 _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -107,6 +108,10 @@ _HANDSHAKE_EVENTS = (
 )
 _REFUSED_AFTER = 3
 _REFUSED_FOR = 1.5
+_WRONG_SERVER = (
+    "its CurveZMQ handshake fails: server.key is not the service's key, or the service runs "
+    "without keys"
+)
 
 
 class Client:
@@ -173,15 +178,17 @@ class Client:
 
     def _refusal(self, attempt_over: bool = False) -> str | None:
         """Why the service refuses this client, once the monitor has seen it do so: ZAP
-        turning its key away, or handshakes failing since the last one that succeeded,
-        again and again over ``_REFUSED_FOR`` seconds, or through the last attempt
-        (``attempt_over``: libzmq may stop reconnecting after a mismatch; earlier attempts
-        are retried, as a restarting service drops a connection mid-handshake too)."""
+        turning its key away, a service without keys (for a client with them), or
+        handshakes failing since the last one that succeeded, again and again over
+        ``_REFUSED_FOR`` seconds, or through the last attempt (``attempt_over``: libzmq may
+        stop reconnecting after a mismatch; earlier attempts are retried, as a restarting
+        service drops a connection mid-handshake too)."""
         from zmq.utils.monitor import recv_monitor_message
 
         keyed = self.curve is not None
         while self._monitor is not None and self._monitor.poll(0):
-            event = recv_monitor_message(self._monitor)["event"]
+            message = recv_monitor_message(self._monitor)
+            event = message["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._failures, self._failing_since = 0, None
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH and keyed:
@@ -189,6 +196,12 @@ class Client:
                     "it does not know this client's key: add client.key to its "
                     "authorized_clients/ folder"
                 )
+            elif (
+                event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                and message["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+                and keyed
+            ):
+                return _WRONG_SERVER
             else:
                 self._failures += 1
                 self._failed_last = time.monotonic()
@@ -205,10 +218,7 @@ class Client:
                 "--curve-keys; pass the folder holding server.key and client.key_secret "
                 "that 'splatface keys' wrote), or it is not a splatface service"
             )
-        return (
-            "its CurveZMQ handshake fails: server.key is not the service's key, or the "
-            "service runs without keys"
-        )
+        return _WRONG_SERVER
 
     def _reset(self) -> None:
         if self._sock is not None:

@@ -930,6 +930,21 @@ def test_curve_security(tmp_path):
         svc.stop()
 
 
+def test_curve_client_of_a_service_without_keys_is_refused_at_once(service, tmp_path):
+    """The mechanism mismatch is reported once per connection, and libzmq does not
+    reconnect after it: it is refused as a wrong server.key is, not after every attempt."""
+    keys = tmp_path / "keys"
+    assert keys_cli(str(keys)).returncode == 0
+    with Client(service.endpoint, timeout=3, retries=2, curve=CurveKeys.from_dir(keys)) as c:
+        t = time.monotonic()
+        with pytest.raises(ProtocolError) as e:
+            c.hello()
+        assert (
+            e.value.code == errors.REFUSED and "or the service runs without keys" in e.value.message
+        )
+        assert time.monotonic() - t < 2
+
+
 def test_authorized_clients_are_read_at_each_handshake(tmp_path):
     """Keys added to or removed from authorized_clients/ count from the next connection,
     without a restart: the refusal's own advice works, and a revoked key stops getting in."""
