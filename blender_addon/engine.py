@@ -21,6 +21,7 @@ from typing import Any
 
 import bpy
 import numpy as np
+from mathutils import Color
 
 from . import avatar, prefs, runtime
 from ._protocol import Client, ProtocolError
@@ -94,12 +95,24 @@ def render_views(render: bpy.types.RenderSettings) -> list[str]:
     return names or [""]
 
 
+def rec709_to_scene_linear() -> np.ndarray | None:
+    """The 3x3 matrix from linear Rec.709 (the service's colours) to Blender's
+    scene-linear working space (5.0's per-file one, or an OCIO config's scene_linear
+    role, e.g. ACEScg), or None where they are the same (the usual case, no work).
+    Blender's passes and world colours are in the working space; mathutils' conversion
+    is linear, so the unit vectors give its matrix."""
+    rows = [Color(v).from_rec709_linear_to_scene_linear() for v in np.eye(3)]
+    matrix = np.array(rows, np.float32).T
+    # 4.5's identity comes back through OCIO a few 1e-6 off
+    return None if np.abs(matrix - np.eye(3)).max() < 1e-5 else matrix
+
+
 def world_background(world: bpy.types.World | None) -> tuple[np.ndarray, bool]:
-    """The linear colour Blender's engines fill the frame with when Film > Transparent is
-    off, and whether it is exact: a world whose output takes a Background node with a
-    plain colour and strength (a new world's), the world's colour without nodes, black
-    without a world or a surface. A textured world (an HDRI, a sky) is not one colour:
-    its viewport colour stands in (False)."""
+    """The scene-linear colour Blender's engines fill the frame with when Film >
+    Transparent is off, and whether it is exact: a world whose output takes a Background
+    node with a plain colour and strength (a new world's), the world's colour without
+    nodes, black without a world or a surface. A textured world (an HDRI, a sky) is not
+    one colour: its viewport colour stands in (False)."""
     if world is None:
         return np.zeros(3, np.float32), True
     colour = np.array(world.color[:3], np.float32)
@@ -320,10 +333,11 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
                     "splatface draws the world as one colour (its viewport colour here): "
                     "composite the avatars over an environment with Film > Transparent",
                 )
+        matrix = rec709_to_scene_linear()
         for i, view in enumerate(render_views(depsgraph.scene.render)):
             if view:
                 self.active_view_set(view)
-            if not self._render_view(depsgraph, view, background, warn=i == 0):
+            if not self._render_view(depsgraph, view, background, matrix, warn=i == 0):
                 return
 
     def _render_view(
@@ -331,11 +345,13 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
         depsgraph: bpy.types.Depsgraph,
         view: str,
         background: np.ndarray | None,
+        matrix: np.ndarray | None = None,
         warn: bool = True,
     ) -> bool:
-        """Render ``view`` ("" where the scene has one) into its result, over the linear
-        colour ``background`` if one is given; False (and the render failed, with why)
-        where it could not."""
+        """Render ``view`` ("" where the scene has one) into its result, its colours taken
+        into the working space by ``matrix`` (see :func:`rec709_to_scene_linear`), over
+        the scene-linear colour ``background`` if one is given; False (and the render
+        failed, with why) where it could not."""
         timing = FrameTiming()
         t0 = time.perf_counter()
         try:
@@ -366,6 +382,8 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
             try:
                 runtime.start_if_down()
                 layer = render_layers(client, frames, camera, settings.timeout, wanted, sent.set)
+                if matrix is not None:  # before the world's colour, already scene-linear
+                    layer = layer.converted(matrix)
                 return layer if background is None else layer.over(background)
             finally:
                 sent.set()  # also when it failed before sending
@@ -489,8 +507,10 @@ class ViewportState:
         background = None
         if not scene.render.film_transparent:
             background = world_background(depsgraph.scene_eval.world)[0]
+        matrix = rec709_to_scene_linear()  # the display shader expects scene-linear
         parts = [camera.intrinsics, camera.world_to_camera, np.array([w, h, *clip], np.float64),
-                 np.zeros(0) if background is None else background]  # fmt: skip
+                 np.zeros(0) if background is None else background,
+                 np.zeros(0) if matrix is None else matrix]  # fmt: skip
         epoch = runtime.store_epoch
         parts.append(np.array([epoch]))
         for f in frames:
@@ -512,6 +532,8 @@ class ViewportState:
                 self.layers_epoch = epoch
             layer = render_layers(client, frames, camera, timeout, ("rgb", "alpha", "depth"),
                                   kept=self.layers)  # fmt: skip
+            if matrix is not None:
+                layer = layer.converted(matrix)
             if background is not None:
                 layer = layer.over(background)
             return np.concatenate([layer.rgb, layer.alpha[..., None]], axis=-1)  # bottom-up

@@ -409,6 +409,140 @@ def test_an_opaque_film_shows_the_world_behind_the_avatar(scene, avatar_id, dire
         bpy.data.worlds.remove(world)
 
 
+#: The working spaces a file's scene-linear colours may be in, as Blender names them.
+REC709, ACESCG = "Linear Rec.709", "ACEScg"
+COLOUR_SIZE = 64
+
+
+def _colour_scene(avatar_id: str) -> bpy.types.Scene:
+    """The avatar in front of the camera over :func:`flat_world`'s sky (its colour given
+    in linear Rec.709, so the same colour in any working space), Film > Transparent off,
+    the Standard view: what an 8-bit PNG of it shows depends on no working space."""
+    from mathutils import Color
+
+    scene = reset_scene(bpy)
+    import_avatar(bpy, avatar_id)
+    add_camera_from_opencv(bpy, scene, orbit((0, 0, 0), 0.9), FOV, COLOUR_SIZE)
+    scene.world = flat_world(bpy)
+    tint = scene.world.node_tree.nodes["Background"].inputs["Color"]
+    tint.default_value[:3] = Color(tint.default_value[:3]).from_rec709_linear_to_scene_linear()
+    scene.render.film_transparent = False
+    scene.view_settings.view_transform, scene.view_settings.look = "Standard", "None"
+    scene.view_settings.exposure, scene.view_settings.gamma = 0.0, 1.0
+    return scene
+
+
+def _render_png(scene: bpy.types.Scene, path: str) -> None:
+    """F12 written to an 8-bit PNG at ``path``."""
+    scene.render.filepath = path
+    assert bpy.ops.render.render(write_still=True) == {"FINISHED"}
+
+
+def _read_png(path: str) -> np.ndarray:
+    """A PNG's bytes [H, W, channels] (rows from the bottom)."""
+    img = bpy.data.images.load(path, check_existing=False)
+    (w, h), channels = img.size, img.channels
+    px = np.empty(w * h * channels, np.float32)
+    img.pixels.foreach_get(px)  # a byte image's own values, no colour conversion
+    bpy.data.images.remove(img)
+    return np.rint(px.reshape(h, w, channels) * 255)
+
+
+def _viewport_image(scene: bpy.types.Scene) -> np.ndarray:
+    """The Rendered viewport's image through the scene's camera, [H*W, 4] RGBA, rows
+    from the bottom (as Combined holds them)."""
+    from blender_addon import engine
+
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    cam = scene.camera.evaluated_get(depsgraph)
+    window = np.array(cam.calc_matrix_camera(depsgraph, x=COLOUR_SIZE, y=COLOUR_SIZE))
+    view = np.linalg.inv(np.array(cam.matrix_world))
+    state = engine.ViewportState()
+    assert state.request_view(view, window, COLOUR_SIZE, COLOUR_SIZE, depsgraph) is not None
+    settle()
+    assert state.error == "", state.error
+    return state.image.reshape(-1, 4)
+
+
+def _ocio_acescg_config(folder) -> str:
+    """Blender's own OCIO config with ACEScg as its scene_linear role (as a studio's
+    ACES config has it), written into ``folder``; its LUTs stay where Blender has them."""
+    source = bpy.utils.system_resource("DATAFILES", path="colormanagement")
+    text = open(os.path.join(source, "config.ocio")).read()
+    role, search = f"  scene_linear: {REC709}\n", 'search_path: "luts:filmic"\n'
+    assert role in text and search in text, "Blender's config changed: update this test"
+    text = text.replace(role, f"  scene_linear: {ACESCG}\n").replace(
+        search, f'search_path: "{source}/luts:{source}/filmic"\n'
+    )
+    path = os.path.join(folder, "config.ocio")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+@pytest.mark.parametrize("how", ["working-space", "ocio-config"])
+def test_renders_look_the_same_in_any_scene_linear_working_space(
+    scene, avatar_id, service_info, tmp_path, how
+):
+    """The service's colours are linear Rec.709; Combined (and the viewport) holds the
+    scene's working space (5.0's per-file one, or an OCIO config's scene_linear role).
+    Written as they came, the head's skin saved redder by up to 31 levels in an ACEScg
+    file, while Blender converts the world's colour behind it."""
+    from mathutils import Color
+
+    from blender_addon import engine
+
+    if how == "working-space" and not hasattr(bpy.data, "colorspace"):
+        pytest.skip("bpy 4.5 has no per-file working space (5.0 added it): ocio-config")
+    view = scene.view_settings
+    saved = (view.view_transform, view.look, view.exposure, view.gamma)
+    try:
+        _colour_scene(avatar_id)
+        _render_png(scene, str(tmp_path / "rec709.png"))
+        ref = _read_png(str(tmp_path / "rec709.png"))
+        combined = engine.last_render.passes["Combined"].reshape(-1, 4).copy()
+        assert (np.abs(ref - ref[0, 0]).max(-1) > 30).mean() > 0.2, "the head is not in view"
+        if how == "working-space":
+            assert bpy.data.colorspace.working_space == REC709
+            bpy.ops.wm.set_working_color_space(working_space=ACESCG, convert_colors=True)
+            _render_png(scene, str(tmp_path / "acescg.png"))
+            # Combined in ACEScg: Blender's own conversion of the Rec.709 render
+            want = [Color(c).from_rec709_linear_to_scene_linear() for c in combined[:, :3]]
+            acescg = engine.last_render.passes["Combined"].reshape(-1, 4)
+            assert np.abs(acescg[:, :3] - np.array(want)).max() < 1e-4
+            assert np.array_equal(acescg[:, 3], combined[:, 3])
+            # the viewport draws what the render writes (its shader expects scene-linear)
+            assert_close_renders(_viewport_image(scene), acescg, "viewport")
+        else:
+            code = (
+                "import sys, bpy, mathutils\n"
+                "from tests.blender_util import enable_addon\n"
+                "from tests.test_blender_compat import _colour_scene, _render_png\n"
+                "enable_addon(bpy, sys.argv[1])\n"
+                "_render_png(_colour_scene(sys.argv[2]), sys.argv[3])\n"
+                "red = mathutils.Color((1, 0, 0)).from_rec709_linear_to_scene_linear()\n"
+                "print('scene-linear red', *red)\n"
+            )
+            env = dict(os.environ, OCIO=_ocio_acescg_config(tmp_path))
+            repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            args = [sys.executable, "-c", code, service_info[0], avatar_id,
+                    str(tmp_path / "acescg.png")]  # fmt: skip
+            out = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True,
+                                 timeout=300)  # fmt: skip
+            assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+            red = [float(x) for x in out.stdout.split("scene-linear red")[1].split()]
+            assert red == pytest.approx([0.613, 0.070, 0.021], abs=1e-3), "OCIO was not read"
+        diff = np.abs(_read_png(str(tmp_path / "acescg.png")) - ref)
+        assert diff.max() <= 2, (how, diff.max(), np.argwhere(diff > 2)[:5])
+    finally:
+        if hasattr(bpy.data, "colorspace") and bpy.data.colorspace.working_space != REC709:
+            bpy.ops.wm.set_working_color_space(working_space=REC709, convert_colors=True)
+        view.view_transform, view.look, view.exposure, view.gamma = saved
+        if scene.world is not None:
+            world, scene.world = scene.world, None
+            bpy.data.worlds.remove(world)
+
+
 def test_a_holdout_avatar_renders_as_a_hole(scene, avatar_id):
     """The avatar's collection set to Holdout in the view layer, or the object's own
     Holdout: no colour and alpha 0, as Cycles renders a holdout."""

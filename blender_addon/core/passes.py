@@ -9,7 +9,7 @@ finite value where empty (the 1e10 Cycles and EEVEE write) and ``Normal`` in wor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -73,6 +73,12 @@ class Layer:
         held = self.alpha if self.held is None else self.alpha + self.held
         zero = np.zeros_like(self.alpha)
         return Layer(np.zeros_like(self.rgb), zero, self.depth, self.normal, self.bottom_up, held)
+
+    def converted(self, matrix: np.ndarray) -> Layer:
+        """This layer's colour through a 3x3 ``matrix`` (the service's linear Rec.709 to
+        the scene's working space): a linear map, so premultiplied colour converts as it
+        is and alpha stays."""
+        return replace(self, rgb=np.matmul(self.rgb, np.asarray(matrix, np.float32).T))
 
     def over(self, colour: np.ndarray) -> Layer:
         """This frame over an opaque background of linear ``colour`` ``[3]``, as Blender
