@@ -465,11 +465,19 @@ class Service:
             if op is None:  # refused while decoding: answer the id the caller waits on
                 op, req_id = request_op_and_id(body)
             return [*route, *self._error(op, req_id, exc)]
-        except Exception as exc:  # a bug: answer, log, keep serving
-            log.exception("internal error in %s", op)
-            err = ProtocolError(errors.INTERNAL, str(exc), remote_traceback=traceback.format_exc())
-            return [*route, *self._error(op, req_id, err)]
+        except Exception as exc:
+            return [*route, *self._error(op, req_id, self._unforeseen(op, exc))]
         return [*route, *self._ok(op, req_id, header, out)]
+
+    def _unforeseen(self, op: str | None, exc: Exception) -> ProtocolError:
+        """What an op's unforeseen exception answers. An OSError is the file system's (the
+        store's folder deleted or its mount gone while serving): ``storage``, naming the
+        store; anything else a bug: ``internal``, logged, and the service keeps serving."""
+        if isinstance(exc, OSError):
+            log.error("%s: the store %s failed: %s", op, self.store.root, exc)
+            return storage_error(exc, "cannot use the store", self.store.root)
+        log.exception("internal error in %s", op)
+        return ProtocolError(errors.INTERNAL, str(exc), remote_traceback=traceback.format_exc())
 
     @staticmethod
     def _ok(op, req_id, header: dict[str, Any], arrays=None) -> list[Any]:
@@ -510,9 +518,7 @@ class Service:
         except ProtocolError as exc:
             reply = self._error(op, req_id, exc)
         except Exception as exc:
-            log.exception("internal error in %s", op)
-            err = ProtocolError(errors.INTERNAL, str(exc), remote_traceback=traceback.format_exc())
-            reply = self._error(op, req_id, err)
+            reply = self._error(op, req_id, self._unforeseen(op, exc))
         finally:
             with self._pending_lock:
                 self._pending -= 1

@@ -296,6 +296,33 @@ def test_a_store_or_exports_folder_that_cannot_be_written_is_a_storage_error(
     assert len(reply["files"]) == 4 and all(Path(f).stat().st_size > 0 for f in reply["files"])
 
 
+def test_a_store_gone_while_serving_is_a_storage_error(tmp_path):
+    """The store's folder deleted (or its network mount dropped) while the service runs:
+    every op answers ``storage`` naming the store; they answered ``internal`` (a bug)."""
+    import shutil
+
+    from .test_store_ply_posing import tiny_avatar
+
+    Store(tmp_path / "store").save(tiny_avatar())
+    svc = ServiceProcess(tmp_path / "store")
+    try:
+        with svc.client(timeout=30) as c:
+            shutil.rmtree(tmp_path / "store")
+            for op, call in (("list", c.avatars), ("get", lambda: c.get("tiny")),
+                             ("export", lambda: c.export("tiny")),
+                             ("delete", lambda: c.delete("tiny"))):  # fmt: skip
+                with pytest.raises(ProtocolError) as e:
+                    call()
+                assert e.value.code == errors.STORAGE, (op, e.value)
+                assert e.value.message == (
+                    f"cannot use the store {svc.store.resolve()}: No such file or directory"
+                ), op
+            (tmp_path / "store").mkdir()  # back: served again
+            assert c.avatars() == []
+    finally:
+        svc.stop()
+
+
 def test_export_takes_a_whole_long_take_with_its_head_motion(client, astronaut_id):
     """A 2000-frame take: its curves and its head transforms alike (heads stopped at 1024)."""
     n = 2000
