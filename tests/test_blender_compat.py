@@ -433,7 +433,9 @@ def _colour_scene(avatar_id: str) -> bpy.types.Scene:
 
 
 def _render_png(scene: bpy.types.Scene, path: str) -> None:
-    """F12 written to an 8-bit PNG at ``path``."""
+    """F12 written to an 8-bit PNG at ``path`` (whatever format a test before set)."""
+    settings = scene.render.image_settings
+    settings.file_format, settings.color_mode, settings.color_depth = "PNG", "RGBA", "8"
     scene.render.filepath = path
     assert bpy.ops.render.render(write_still=True) == {"FINISHED"}
 
