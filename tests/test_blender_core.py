@@ -466,6 +466,23 @@ def test_endpoint_from_environment_overrides_preferences():
     assert is_loopback("tcp://127.0.0.1:1") and not is_loopback("tcp://farm:6000")
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "words"),
+    [("tcp://127.0.0.1", "needs a port"), ("tcp://:5555", "needs a host"),
+     ("tcp://127.0.0.1:5555/", "has '/' after its port"),
+     ("tcp://127.0.0.1:05555", "from 1 to 65535 without leading zeros"),
+     ("tcp://farm:70000", "from 1 to 65535"), ("127.0.0.1:5555", "must start with tcp://")],
+)  # fmt: skip
+def test_a_mistyped_endpoint_is_named_for_its_mistake(endpoint, words):
+    """A farm's SPLATFACE_ENDPOINT with a trailing '/' or a port with a leading zero was
+    refused as 'needs a port', which it has."""
+    with pytest.raises(ValueError) as e:
+        ConnectionSettings(endpoint=endpoint).client()
+    assert str(e.value).startswith(f"service endpoint {endpoint!r}") and words in str(e.value)
+    for fine in ("tcp://127.0.0.1:5555", "tcp://[::1]:5555", "tcp://farm.example:65535"):
+        ConnectionSettings(endpoint=fine).client().close()
+
+
 def test_a_service_is_started_only_on_this_machine_and_without_keys():
     assert is_loopback("tcp://[::1]:5555") and is_loopback("tcp://localhost:5555")
     assert not is_loopback("tcp://127.farm.example:5555")  # a host name, not 127.x

@@ -63,10 +63,30 @@ class ConnectionSettings:
         s = self.resolved()
         if not s.endpoint.startswith(("tcp://", "ipc://", "inproc://")):
             raise ValueError(f"service endpoint {s.endpoint!r} must start with tcp:// or ipc://")
-        if s.endpoint.startswith("tcp://") and not re.fullmatch(r"tcp://[^/]+:\d{1,5}", s.endpoint):
-            raise ValueError(f"service endpoint {s.endpoint!r} needs a port: tcp://HOST:PORT")
+        if s.endpoint.startswith("tcp://"):
+            check_tcp_endpoint(s.endpoint)
         curve = CurveKeys.from_dir(s.curve_keys) if s.curve_keys else None
         return Client(s.endpoint, timeout=s.timeout, retries=1, curve=curve)
+
+
+def check_tcp_endpoint(endpoint: str) -> None:
+    """ValueError saying what is wrong with a ``tcp://HOST:PORT`` endpoint: each mistake
+    was 'needs a port', also for one that has its port (``tcp://host:5555/``)."""
+    m = re.fullmatch(r"tcp://([^/]*?)(?::(\d+))?(/.*)?", endpoint)
+    if m is None or not m.group(1):
+        raise ValueError(f"service endpoint {endpoint!r} needs a host: tcp://HOST:PORT")
+    if m.group(2) is None:
+        raise ValueError(f"service endpoint {endpoint!r} needs a port: tcp://HOST:PORT")
+    if m.group(3) is not None:
+        raise ValueError(
+            f"service endpoint {endpoint!r} has {m.group(3)!r} after its port: tcp://HOST:PORT"
+        )
+    port = m.group(2)
+    if port.startswith("0") or not 1 <= int(port) <= 65535:
+        raise ValueError(
+            f"service endpoint {endpoint!r}: the port must be a number from 1 to 65535 "
+            "without leading zeros"
+        )
 
 
 @dataclass
