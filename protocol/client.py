@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 import time
 import uuid
@@ -41,6 +42,21 @@ def _curves_array(curves: Curves | None, curve_names: list[str] | None) -> np.nd
             raise ValueError("curve_names cannot be given with a curves file (it names its own)")
         return load_animation(curves).curves
     return np.asarray(curves, np.float32)
+
+
+def unresolved_host(endpoint: str) -> str | None:
+    """Why a ``tcp://`` endpoint's host name does not resolve, or None. ZeroMQ keeps
+    retrying such a host in silence, so a mistyped name looked like a service down."""
+    host = endpoint.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+    if not endpoint.startswith("tcp://") or host in ("", "*"):
+        return None
+    try:
+        socket.getaddrinfo(host, None)
+    except socket.gaierror as exc:
+        return f"its host {host!r} does not resolve ({exc.strerror or exc})"
+    except (OSError, UnicodeError):
+        return None
+    return None
 
 
 def allow_ipv6(sock: zmq.Socket, endpoint: str) -> None:
@@ -282,8 +298,11 @@ class Client:
         raise ProtocolError(
             errors.TIMEOUT,
             f"no reply to {op!r} from {self.endpoint} within {timeout:g} s "
-            f"({retries + 1} attempt(s)); is the service running, and not busy with longer "
-            "renders (two run at a time)?",
+            f"({retries + 1} attempt(s)); "
+            + (
+                unresolved_host(self.endpoint)
+                or "is the service running, and not busy with longer renders (two run at a time)?"
+            ),
         )
 
     # -- ops ------------------------------------------------------------------------

@@ -909,6 +909,16 @@ def test_sigterm_answers_every_request_it_took(tmp_path, astronaut_png):
     )
 
 
+def test_a_host_that_does_not_resolve_is_named_when_no_reply_comes():
+    """ZeroMQ retries a host name that does not resolve in silence: the timeout said 'is
+    the service running', and a farm's mistyped host name looked like a service down."""
+    with Client("tcp://splatface-nowhere.invalid:5555", timeout=0.5, retries=0) as c:
+        with pytest.raises(ProtocolError) as e:
+            c.hello()
+    assert e.value.code == errors.TIMEOUT
+    assert "its host 'splatface-nowhere.invalid' does not resolve" in e.value.message
+
+
 def test_client_recovers_when_the_service_restarts(tmp_path):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     svc = ServiceProcess(tmp_path / "store", endpoint)
