@@ -74,6 +74,8 @@ def load_key_file(path: str | Path, secret: bool = False) -> tuple[bytes, bytes 
     from zmq.utils import z85
 
     path = Path(path)
+    if not path.exists():  # pyzmq says "Invalid certificate file" of a file not there
+        raise ValueError(f"no key file {path} (run 'splatface keys DIR')")
     try:
         public, secret_key = zmq.auth.load_certificate(path)
     except OSError as exc:

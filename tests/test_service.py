@@ -1115,7 +1115,8 @@ def test_bad_curve_keys_are_refused_by_name(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 1 and "server.key" in r.stderr and "Traceback" not in r.stderr
-    assert "cannot read the key file" in json.loads(r.stdout.splitlines()[-1])["error"]["message"]
+    said = json.loads(r.stdout.splitlines()[-1])["error"]["message"]
+    assert said.endswith(f"no key file {public_only / 'server.key'} (run 'splatface keys DIR')")
 
 
 @pytest.mark.parametrize("endpoint", ["tcp://0.0.0.0:0", "tcp://*:0"])
