@@ -69,10 +69,13 @@ SHUTDOWN_QUIET_MS = 200
 SHUTDOWN_LINGER_MS = 2000
 CACHE_SIZE = 4
 POOL_OPS = ("get", "render", "export")
-#: Ops whose retry (the client resends a request under its id when a reply is late) gets
-#: the first attempt's reply: a retried delete answered not_found for the avatar it had
-#: just deleted. The last REMEMBERED replies are kept.
-ONCE_OPS = ("delete",)
+#: A delete resent under its id (the client retries a late reply) gets the first reply:
+#: it answered not_found for the avatar it had just deleted. A reply is remembered by
+#: (id, the avatar as named) for RETRY_SECONDS, and given only while that name finds no
+#: avatar: ids repeat across clients (SPEC asks them to differ only among requests in
+#: flight), and a name deleted and built again is another avatar to delete. The last
+#: REMEMBERED are kept.
+RETRY_SECONDS = 600.0
 REMEMBERED = 256
 
 
@@ -297,7 +300,8 @@ class Service:
         self._pending_lock = threading.Lock()
         self._cache: OrderedDict[str, Avatar] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self._answered: OrderedDict[tuple[str, str], list[Any]] = OrderedDict()  # ONCE_OPS' replies
+        #: per (request id, avatar as named), a delete's time and reply (_delete_once)
+        self._deleted: OrderedDict[tuple[str, str], tuple[float, list[Any]]] = OrderedDict()
         self._stop = threading.Event()
         self._ctx = zmq.Context()
         self._reply_addr = f"inproc://replies-{uuid.uuid4().hex}"
@@ -453,14 +457,9 @@ class Service:
             if op in POOL_OPS:
                 self._submit(route, op, req_id, fields, arrays, _connection(frames[0]))
                 return None
-            if op in ONCE_OPS and (op, req_id) in self._answered:
-                return [*route, *self._answered[op, req_id]]
+            if op == "delete":
+                return [*route, *self._delete_once(req_id, fields)]
             header, out = getattr(self, "_op_" + op)(fields, arrays)
-            if op in ONCE_OPS and req_id is not None:
-                self._answered[op, req_id] = reply = self._ok(op, req_id, header, out)
-                while len(self._answered) > REMEMBERED:
-                    self._answered.popitem(last=False)
-                return [*route, *reply]
         except ProtocolError as exc:
             if op is None:  # refused while decoding: answer the id the caller waits on
                 op, req_id = request_op_and_id(body)
@@ -468,6 +467,27 @@ class Service:
         except Exception as exc:
             return [*route, *self._error(op, req_id, self._unforeseen(op, exc))]
         return [*route, *self._ok(op, req_id, header, out)]
+
+    def _delete_once(self, req_id: str | None, fields: dict[str, Any]) -> list[Any]:
+        """A delete's reply; a retry of one already done gets its reply again (see
+        :data:`RETRY_SECONDS`)."""
+        key = (req_id, fields["avatar"])
+        first = self._deleted.get(key)
+        if first is not None and time.monotonic() - first[0] < RETRY_SECONDS:
+            try:
+                self.store.resolve(fields["avatar"])
+            except ProtocolError as exc:
+                if exc.code == errors.NOT_FOUND:
+                    return first[1]
+                raise
+        header, _ = self._op_delete(fields, {})
+        reply = self._ok("delete", req_id, header)
+        if req_id is not None:
+            self._deleted[key] = (time.monotonic(), reply)
+            self._deleted.move_to_end(key)
+            while len(self._deleted) > REMEMBERED:
+                self._deleted.popitem(last=False)
+        return reply
 
     def _unforeseen(self, op: str | None, exc: Exception) -> ProtocolError:
         """What an op's unforeseen exception answers. An OSError is the file system's (the

@@ -750,26 +750,36 @@ def test_an_avatar_deleted_while_it_loads_is_not_cached(tmp_path, service, astro
     assert astronaut_id not in svc._cache
 
 
-def test_a_retried_delete_gets_the_first_attempts_reply(tmp_path, service, astronaut_id):
+def test_a_retried_delete_gets_the_first_attempts_reply(tmp_path):
     """A client resends a request whose reply is late (Lazy Pirate), under its id: a
     retried delete answered not_found for the avatar it had just deleted. The retry gets
-    the first attempt's reply; a new request for the same avatar is not_found."""
-    import shutil
-
+    the first reply; the same id deleting another avatar, or a name built again, deletes
+    it (ids repeat across clients: a REQ client may send every request as '1')."""
     from inference_service.server import Service
 
-    shutil.copytree(service.store / astronaut_id, tmp_path / "store" / astronaut_id)
-    svc = Service(tmp_path / "store")
+    from .test_store_ply_posing import tiny_avatar
 
-    def delete(req_id: str) -> dict:
-        request = encode({"op": "delete", "id": req_id, "avatar": astronaut_id})
+    svc = Service(tmp_path / "store")
+    for avatar_id in ("aaaaaaaaaaa1", "aaaaaaaaaaa2"):
+        svc.store.save(tiny_avatar(avatar_id))
+
+    def delete(req_id: str, avatar: str) -> dict:
+        request = encode({"op": "delete", "id": req_id, "avatar": avatar})
         return decode(svc._dispatch([b"peer", *request])[1:], REPLY_LIMITS).header
 
-    first = delete("attempt-1")
-    assert first["ok"] and first["deleted"] == astronaut_id
-    assert delete("attempt-1") == first
-    again = delete("attempt-2")
+    first = delete("1", "aaaaaaaaaaa1")
+    assert first["ok"] and first["deleted"] == "aaaaaaaaaaa1"
+    assert delete("1", "aaaaaaaaaaa1") == first  # the retry
+    assert delete("1", "aaaaaaaaaaa2")["deleted"] == "aaaaaaaaaaa2"  # the same id reused
+    assert [a["id"] for a in svc.store.list()] == []
+    again = delete("2", "aaaaaaaaaaa1")
     assert not again["ok"] and again["error"]["code"] == errors.NOT_FOUND
+    # by name, then built again under it: the same request deletes the new avatar
+    svc.store.save(tiny_avatar("bbbbbbbbbbb1"))
+    assert delete("3", "tiny")["deleted"] == "bbbbbbbbbbb1"
+    svc.store.save(tiny_avatar("bbbbbbbbbbb2"))
+    assert delete("3", "tiny")["deleted"] == "bbbbbbbbbbb2"
+    assert delete("3", "tiny")["deleted"] == "bbbbbbbbbbb2"  # its retry
 
 
 def test_a_second_service_on_an_ipc_endpoint_in_use_is_refused(tmp_path, service, astronaut_id):
