@@ -474,7 +474,8 @@ class Client:
             **({} if near is None else {"near": float(near)}),
             **({} if far is None else {"far": float(far)}),
         }
-        for start in range(0, count, max(1, step)):
+        # an empty array goes as it is, in one request, for the service to name
+        for start in range(0, count, max(1, step)) if count else [0]:
             stop = min(count, start + max(1, step))
             arrays = {k: a[start:stop] if counts.get(k, 1) > 1 else a
                       for k, a in per_frame.items()}  # fmt: skip

@@ -156,6 +156,10 @@ def test_a_take_longer_than_a_request_renders_in_parts(client, astronaut_id):
     with pytest.raises(ProtocolError, match="curves has 10, head has 3") as e:
         client.render(astronaut_id, intr, w2c, 12, 12, curves=curves, head=heads[:3])
     assert e.value.code == errors.BAD_REQUEST
+    for empty in ({"curves": curves[:0]}, {"head": heads[:0]}):  # not an empty reply
+        with pytest.raises(ProtocolError, match=f"array '{next(iter(empty))}' is empty") as e:
+            client.render(astronaut_id, intr, w2c, 12, 12, **empty)
+        assert e.value.code == errors.BAD_REQUEST
 
 
 def test_export_ply_in_world_space(client, service, astronaut_id):
