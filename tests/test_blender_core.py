@@ -470,17 +470,18 @@ def test_endpoint_from_environment_overrides_preferences():
     ("endpoint", "words"),
     [("tcp://127.0.0.1", "needs a port"), ("tcp://:5555", "needs a host"),
      ("tcp://127.0.0.1:5555/", "has '/' after its port"),
-     ("tcp://127.0.0.1:05555", "from 1 to 65535 without leading zeros"),
+     ("tcp://*:5555", "how a service listens on every address"),
      ("tcp://farm:70000", "from 1 to 65535"), ("127.0.0.1:5555", "must start with tcp://")],
 )  # fmt: skip
 def test_a_mistyped_endpoint_is_named_for_its_mistake(endpoint, words):
-    """A farm's SPLATFACE_ENDPOINT with a trailing '/' or a port with a leading zero was
-    refused as 'needs a port', which it has."""
+    """A farm's SPLATFACE_ENDPOINT with a trailing '/', or a service's own bind address,
+    was refused as 'needs a port', which it has."""
     with pytest.raises(ValueError) as e:
         ConnectionSettings(endpoint=endpoint).client()
     assert str(e.value).startswith(f"service endpoint {endpoint!r}") and words in str(e.value)
-    for fine in ("tcp://127.0.0.1:5555", "tcp://[::1]:5555", "tcp://farm.example:65535"):
-        ConnectionSettings(endpoint=fine).client().close()
+    for fine in ("tcp://127.0.0.1:5555", "tcp://[::1]:5555", "tcp://farm.example:65535",
+                 "tcp://127.0.0.1:05555", " tcp://127.0.0.1:5555 "):  # fmt: skip
+        ConnectionSettings(endpoint=fine).client().close()  # a pasted space is stripped
 
 
 def test_a_service_is_started_only_on_this_machine_and_without_keys():

@@ -52,7 +52,7 @@ class ConnectionSettings:
     def resolved(self, environ: dict[str, str] | None = None) -> ConnectionSettings:
         """These settings with ``SPLATFACE_ENDPOINT``/``SPLATFACE_CURVE_KEYS`` applied."""
         env = os.environ if environ is None else environ
-        endpoint = env.get(ENDPOINT_ENV, "").strip() or self.endpoint
+        endpoint = env.get(ENDPOINT_ENV, "").strip() or self.endpoint.strip()
         keys = env.get(CURVE_KEYS_ENV, "").strip() or self.curve_keys
         return ConnectionSettings(
             endpoint, self.timeout, keys, self.auto_start, self.service_python, self.store
@@ -71,7 +71,8 @@ class ConnectionSettings:
 
 def check_tcp_endpoint(endpoint: str) -> None:
     """ValueError saying what is wrong with a ``tcp://HOST:PORT`` endpoint: each mistake
-    was 'needs a port', also for one that has its port (``tcp://host:5555/``)."""
+    was 'needs a port', also for one that has its port (``tcp://host:5555/``). A port
+    with leading zeros is fine, as ZeroMQ reads it."""
     m = re.fullmatch(r"tcp://([^/]*?)(?::(\d+))?(/.*)?", endpoint)
     if m is None or not m.group(1):
         raise ValueError(f"service endpoint {endpoint!r} needs a host: tcp://HOST:PORT")
@@ -81,11 +82,12 @@ def check_tcp_endpoint(endpoint: str) -> None:
         raise ValueError(
             f"service endpoint {endpoint!r} has {m.group(3)!r} after its port: tcp://HOST:PORT"
         )
-    port = m.group(2)
-    if port.startswith("0") or not 1 <= int(port) <= 65535:
+    if not 1 <= int(m.group(2)) <= 65535:
+        raise ValueError(f"service endpoint {endpoint!r}: the port must be from 1 to 65535")
+    if m.group(1) == "*":
         raise ValueError(
-            f"service endpoint {endpoint!r}: the port must be a number from 1 to 65535 "
-            "without leading zeros"
+            f"service endpoint {endpoint!r} is how a service listens on every address: "
+            "connect to its machine, tcp://HOST:PORT (tcp://127.0.0.1:PORT on this one)"
         )
 
 
