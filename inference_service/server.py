@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import threading
 import time
 import traceback
@@ -92,11 +93,14 @@ def check_ipc_free(endpoint: str) -> None:
     """``EADDRINUSE`` where an ``ipc://`` endpoint's socket file is another live service's.
     ZeroMQ binds a path by replacing the file there: a second service took the endpoint
     from a running one (its clients then saw another store), and when it stopped, the
-    first was left running where no client could reach it. A file that takes no
-    connection is stale, and replaced."""
+    first was left running where no client could reach it. A socket file that takes no
+    connection is stale, and replaced; ``EEXIST`` where the path is no socket (ZeroMQ
+    deleted a file the endpoint named by mistake)."""
     path = endpoint.removeprefix("ipc://")
-    if path == endpoint or path.startswith("@") or not Path(path).exists():
+    if path == endpoint or path.startswith("@") or not os.path.lexists(path):
         return
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise zmq.ZMQError(errno.EEXIST)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)

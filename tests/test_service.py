@@ -798,27 +798,37 @@ def test_a_second_service_on_an_ipc_endpoint_in_use_is_refused(tmp_path, service
     shutil.copytree(service.store / astronaut_id, tmp_path / "store" / astronaut_id)
     endpoint = f"ipc://{tmp_path}/splatface.sock"
     first = Service(tmp_path / "store", endpoint=endpoint)
-    second = Service(tmp_path / "other", endpoint=endpoint)
     ready = threading.Event()
     serving = threading.Thread(target=first.serve, args=(lambda _: ready.set(),), daemon=True)
     serving.start()
+    others = []
+
+    def refused(endpoint: str) -> list[int]:
+        """The errno a further service on ``endpoint`` is refused with ([]: it serves)."""
+        said = []
+        others.append(other := Service(tmp_path / "other", endpoint=endpoint))
+
+        def serve():
+            try:
+                other.serve()
+            except zmq.ZMQError as exc:
+                said.append(exc.errno)
+
+        run_all([threading.Thread(target=serve, daemon=True)], timeout=30)
+        return said
+
     try:
         assert ready.wait(30)
-        refused = []
-
-        def second_serves():
-            try:
-                second.serve()
-            except zmq.ZMQError as exc:
-                refused.append(exc.errno)
-
-        run_all([threading.Thread(target=second_serves, daemon=True)], timeout=30)
-        assert refused == [errno.EADDRINUSE], "a second service took the endpoint"
+        assert refused(endpoint) == [errno.EADDRINUSE], "a second service took the endpoint"
         with Client(endpoint, timeout=10) as c:
             assert [a["id"] for a in c.avatars()] == [astronaut_id]
+        # a path that is no socket (a file named by mistake) is refused, and kept
+        kept = tmp_path / "notes.txt"
+        kept.write_text("precious")
+        assert refused(f"ipc://{kept}") == [errno.EEXIST] and kept.read_text() == "precious"
     finally:
-        second.stop()
-        first.stop()
+        for running in (*others, first):
+            running.stop()
         serving.join(30)
 
 
