@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from inference_service.build import diffusion
 from inference_service.build.diffusion import EnhanceModels, ModelFolderError, check_models
@@ -168,12 +169,35 @@ BROKEN = {
         lambda m, c: (m / "unet" / "config.json").write_text("{"),
         "not readable JSON",
     ),
+    "truncated unet weights": (
+        lambda m, c: _truncate(m / "unet" / "diffusion_pytorch_model.safetensors", 1000),
+        "unet/diffusion_pytorch_model.safetensors are truncated (1000 bytes of",
+    ),
+    "controlnet weights cut in their length": (
+        lambda m, c: _truncate(c / "diffusion_pytorch_model.safetensors", 5),
+        "diffusion_pytorch_model.safetensors are truncated (5 bytes of",
+    ),
+    "controlnet weights with a garbled header": (
+        lambda m, c: _garble(c / "diffusion_pytorch_model.safetensors"),
+        "diffusion_pytorch_model.safetensors have no readable header",
+    ),
     "no controlnet config": (lambda m, c: _drop(c / "config.json"), "ControlNet"),
     "controlnet for another base model": (
         lambda m, c: (c / "config.json").write_text('{"cross_attention_dim": 768}'),
         "768",
     ),
 }
+
+
+def _truncate(path: Path, size: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def _garble(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.seek(8)
+        f.write(b"garbage!")
 
 
 @pytest.mark.parametrize("name", list(BROKEN))
@@ -185,6 +209,25 @@ def test_broken_folder_is_a_clear_error(tiny, tmp_path, name):
     breaks(model, controlnet)
     with pytest.raises(ModelFolderError, match=re.escape(words)):
         diffusion.load(EnhanceModels(model, controlnet))
+
+
+def test_weights_changed_on_disk_reload_and_never_reach_a_loaded_model(tiny, tmp_path):
+    """A weight file copied over a loaded one (a fine-tuned UNet) went unseen by the
+    cache, and the loaded model read the new bytes from its mapped file: a shorter file
+    killed the service (SIGBUS). The loaded weights are the process's own; a changed file
+    loads again."""
+    model = shutil.copytree(tiny.model, tmp_path / "model")
+    models = EnhanceModels(model, None)
+    pipe = diffusion.load(models)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    saved = weights.read_bytes()
+    with open(weights, "r+b") as f:  # the same size, other values: in place, as cp writes
+        f.seek(len(saved) - 64)
+        f.write(bytes(64))
+    for k, v in pipe.unet.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert diffusion.load(models) is not pipe  # rewritten: loaded again
 
 
 def test_folders_must_be_absolute_and_exist(tmp_path):

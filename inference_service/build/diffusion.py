@@ -84,12 +84,43 @@ def _read_config(path: Path, what: str) -> dict[str, Any]:
     return config
 
 
+def _check_weights(path: Path) -> None:
+    """A ``.safetensors`` file whose header reads and whose tensors all lie within it:
+    a truncated download or copy passed the folder check and failed the build at its
+    enhance stage, after its first stages ran (the header is read, not the weights)."""
+    try:
+        have = path.stat().st_size
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            text = f.read(min(size, 100 << 20))
+    except OSError as exc:
+        raise ModelFolderError(f"cannot read the weights {path}: {exc.strerror or exc}") from None
+    need = 8 + size
+    if have >= need:
+        try:
+            header = json.loads(text)
+            ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+            need += max(ends, default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise ModelFolderError(
+                f"the weights {path} have no readable header: fetch them again"
+            ) from None
+    if have < need:
+        raise ModelFolderError(
+            f"the weights {path} are truncated ({have} bytes of {need}): fetch or copy them again"
+        )
+
+
 def _variants(folder: Path, stem: str, what: str) -> set[str | None]:
-    """The weight variants present for ``stem`` (single file or sharded index)."""
+    """The weight variants present for ``stem`` (single file, checked, or sharded
+    index)."""
     found: set[str | None] = set()
     for variant in _VARIANTS:
         name = stem + (f".{variant}" if variant else "") + ".safetensors"
-        if (folder / name).is_file() or (folder / f"{name}.index.json").is_file():
+        if (folder / name).is_file():
+            _check_weights(folder / name)
+            found.add(variant)
+        elif (folder / f"{name}.index.json").is_file():
             found.add(variant)
     if not found:
         pickled = sorted(p.name for p in folder.glob("*.bin"))
@@ -198,11 +229,17 @@ _cache_lock = threading.Lock()
 
 
 def _stamp(models: EnhanceModels) -> tuple:
-    """Folders and their configs' modification times: replacing weights reloads them."""
+    """The folders' configs and weight files, with each one's modification time, size
+    and inode: replacing or rewriting any of them reloads the models (a weight file
+    copied over a loaded one went unseen, and the pipeline read the new bytes)."""
     paths = [models.model / "model_index.json", models.model / "unet" / "config.json"]
+    for part in _MODEL_PARTS:
+        paths += sorted((models.model / part).glob("*.safetensors*"))
     if models.controlnet is not None:
         paths.append(models.controlnet / "config.json")
-    return tuple((str(p), p.stat().st_mtime_ns) for p in paths)
+        paths += sorted(models.controlnet.glob("*.safetensors*"))
+    stats = [(str(p), p.stat()) for p in paths]
+    return tuple((name, st.st_mtime_ns, st.st_size, st.st_ino) for name, st in stats)
 
 
 def load(models: EnhanceModels, device: str | None = None) -> Any:
@@ -257,4 +294,19 @@ def _load(models: EnhanceModels, checked: _Checked, device: str, dtype: Any) -> 
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelFolderError(f"cannot load the enhance models {models.to_dict()}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    _own_memory(pipe)
+    return pipe
+
+
+def _own_memory(pipe: Any) -> None:
+    """Copy every weight the pipeline holds straight from its mapped file into memory of
+    its own: a weight file changed on disk while loaded (a ``cp`` of a fine-tuned UNet)
+    killed the service with SIGBUS, or fed the model the new file's bytes."""
+    import torch
+
+    for part in pipe.components.values():
+        if isinstance(part, torch.nn.Module):
+            with torch.no_grad():
+                for t in (*part.parameters(), *part.buffers()):
+                    t.data = t.data.clone()
