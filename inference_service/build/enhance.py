@@ -298,15 +298,17 @@ def build_stage(
     models: EnhanceModels | None,
     preset: str,
     progress: Callable[[str, float, str], None],
-    at: float,
+    span: tuple[float, float],
     seed: int = 0,
 ) -> Callable[[list[View]], list[View]]:
     """The stage as the builder calls it between pseudo-views and the COIN fit: views in,
-    views out, reporting as stage ``enhance`` at build fraction ``at`` (the painting's
-    own progress is in the messages); the identity when ``models`` is None."""
+    views out, reporting as stage ``enhance`` at build fractions across ``span``; the
+    identity when ``models`` is None."""
     if models is None:
         return lambda views: views
     settings = EnhanceSettings.for_preset(preset)
+    lo, hi = span
     return lambda views: enhance_views(
-        views, models, settings, seed, progress=lambda f, m: progress("enhance", at, m)
-    )
+        views, models, settings, seed,
+        progress=lambda f, m: progress("enhance", lo + (hi - lo) * f, m),
+    )  # fmt: skip
