@@ -462,7 +462,9 @@ class Client:
                 + ", ".join(f"{k} has {n}" for k, n in counts.items()),
             )
         count = many.pop() if many else 1
-        step = min(frames or RENDER_FRAMES, messages.frames_per_render(width, height, passes))
+        step = max(
+            1, min(frames or RENDER_FRAMES, messages.frames_per_render(width, height, passes))
+        )
         fields = {
             "avatar": avatar,
             "width": int(width),
@@ -475,8 +477,8 @@ class Client:
             **({} if far is None else {"far": float(far)}),
         }
         # an empty array goes as it is, in one request, for the service to name
-        for start in range(0, count, max(1, step)) if count else [0]:
-            stop = min(count, start + max(1, step))
+        for start in range(0, count, step) if count else [0]:
+            stop = min(count, start + step)
             arrays = {k: a[start:stop] if counts.get(k, 1) > 1 else a
                       for k, a in per_frame.items()}  # fmt: skip
             reply = self.request(

@@ -86,7 +86,7 @@ LID_SKIN_GROWTH = 1.5
 #: Build fractions of the enhance stage, and where the COIN fit starts without and with
 #: it: on a CPU the stage paints for minutes a view, and its bar stood still at 0.68.
 ENHANCE_SPAN = (0.68, 0.80)
-COIN_FROM = {False: 0.68, True: 0.80}
+COIN_FROM = {False: ENHANCE_SPAN[0], True: ENHANCE_SPAN[1]}
 COIN_TO = 0.94
 
 #: ``progress(stage, fraction, message)``; may raise to cancel the build.
