@@ -206,12 +206,13 @@ def check_models(models: EnhanceModels) -> _Checked:
     return _Checked(variant, cn_variant)
 
 
-def check_ready(models: EnhanceModels) -> None:
+def check_ready(models: EnhanceModels) -> _Checked:
     """What a service checks before accepting ``models``: the ``enhance`` extra is
-    installed and both folders are complete (:func:`check_models`)."""
+    installed and both folders are complete (:func:`check_models`, whose findings it
+    returns)."""
     if not has_diffusers():
         raise ModelFolderError(f"this service cannot run the enhance stage: {_INSTALL}")
-    check_models(models)
+    return check_models(models)
 
 
 def device_and_dtype(device: str | None = None) -> tuple[str, Any]:
@@ -247,8 +248,7 @@ def load(models: EnhanceModels, device: str | None = None) -> Any:
     :func:`device_and_dtype`): ``StableDiffusionControlNetInpaintPipeline`` with a
     ControlNet, ``StableDiffusionInpaintPipeline`` without. The last one loaded is kept,
     so builds after the first skip the load (seconds to a minute for real weights)."""
-    check_ready(models)
-    checked = check_models(models)
+    checked = check_ready(models)
     device, dtype = device_and_dtype(device)
     key = (_stamp(models), device, str(dtype))
     with _cache_lock:
@@ -300,13 +300,15 @@ def _load(models: EnhanceModels, checked: _Checked, device: str, dtype: Any) -> 
 
 
 def _own_memory(pipe: Any) -> None:
-    """Copy every weight the pipeline holds straight from its mapped file into memory of
-    its own: a weight file changed on disk while loaded (a ``cp`` of a fine-tuned UNet)
-    killed the service with SIGBUS, or fed the model the new file's bytes."""
+    """Copy every weight the pipeline holds in host memory out of its mapped file into
+    memory of its own: a weight file changed on disk while loaded (a ``cp`` of a
+    fine-tuned UNet) killed the service with SIGBUS, or fed the model the new file's
+    bytes. Weights moved to a GPU are copies already."""
     import torch
 
     for part in pipe.components.values():
         if isinstance(part, torch.nn.Module):
             with torch.no_grad():
                 for t in (*part.parameters(), *part.buffers()):
-                    t.data = t.data.clone()
+                    if t.device.type == "cpu":
+                        t.data = t.data.clone()
