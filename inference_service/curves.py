@@ -34,10 +34,11 @@ def save_curves_csv(
 
     Layout: ``Timecode,BlendShapeCount,`` the 52 shapes in PascalCase in Live Link Face's
     column order, then head and eye yaw/pitch/roll; timecodes ``HH:MM:SS:FF.mmm`` from
-    00:00:00:00.000 at ``fps``; BlendShapeCount 61. ``head_angles`` ``[F, 3]`` (HeadYaw,
+    00:00:00:00.000 at ``fps`` (a take under a second from the last frame of a second,
+    see ``save_livelink_csv``); BlendShapeCount 61. ``head_angles`` ``[F, 3]`` (HeadYaw,
     HeadPitch, HeadRoll, radians) are written when given, else 0, as are the eye angles.
     Weights are clamped to [0, 1]; NaN is an error. Returns the rate readers will play
-    the rows at, from the timecodes (another rate for a take under a second).
+    the rows at, from the timecodes (30 for a single row, which states no rate).
     """
     animation = Animation(curves=curves, fps=fps, head_angles=head_angles)
     return timecodes_rate(save_livelink_csv(path, animation))

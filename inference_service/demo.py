@@ -17,9 +17,7 @@ from .curves import save_curves_csv
 
 TURNTABLE_FRAMES = 12
 DEMO_FPS = 24.0  # frame rate of the animation preview and its curves.csv
-#: 1.5 s: a take's timecodes state its rate only once they pass a second (24 frames at
-#: 24 fps read back as 30 fps, Live Link Face's rate for takes under a second)
-DEMO_FRAMES = 36
+DEMO_FRAMES = 36  # 1.5 s
 NAME = "astronaut"
 
 

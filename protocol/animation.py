@@ -24,7 +24,8 @@ and ``AppleARKitFaceSupport`` in Unreal Engine, Faceit's and other public import
   seconds field changes within the file, the rate is the largest ``FF`` + 1, or the common
   rate (24, 25, 30, 48, 50, 60, 100, 120) up to 5 % above it (a recording that dropped the
   last frames of every second); in a take shorter than one second, Epic's rule (30, or 60
-  once ``FF`` reaches 30), so a file of ours under a second long reads at 30 or 60 fps.
+  once ``FF`` reaches 30). ``save_livelink_csv`` starts a take of ours that would not pass
+  a second at the last frame label of a second, so its labels wrap and read at its rate.
   Drop-frame timecodes (``;`` before ``FF`` on every row) read as 29.97 or 59.94 fps, their
   labels counted as SMPTE counts them. A take that runs past midnight (``23:59:59`` to
   ``00:00:00``) counts on into the next day. Files without timecodes have ``fps`` None.
@@ -713,8 +714,11 @@ def save_livelink_csv(
     ``animation`` may be an :class:`Animation` or curves ``[F, 52]``. Timecodes are the
     animation's own, or generated from 00:00:00:00.000 at ``fps`` (else the animation's
     fps, else 30) when it has none or ``fps`` is given, on the whole-number clock at or
-    above it (29.97 on a 30 clock, stepping ``1.001`` frames). Missing head or eye angles
-    are written as 0. Weights and angles with 6 decimals.
+    above it (29.97 on a 30 clock, stepping ``1.001`` frames). A generated take of two
+    rows or more that would not pass a second starts at the clock's last frame label of
+    a second instead (00:00:00:23.000 at 24 fps): the format states no rate, readers
+    infer it from where the labels wrap, and a take that never wraps read as 30 fps.
+    Missing head or eye angles are written as 0. Weights and angles with 6 decimals.
     """
     if not isinstance(animation, Animation):
         animation = Animation(curves=animation)
@@ -728,6 +732,11 @@ def save_livelink_csv(
         rate = float(fps or animation.fps or 30.0)
         clock = math.ceil(rate - 1e-9)
         timecodes = tuple(format_timecode(i / rate, clock) for i in range(frames))
+        if frames > 1 and timecodes[0][:8] == timecodes[-1][:8]:
+            # no wrap to read the rate from: start on the clock's last label, and the
+            # second row (1 / rate ≥ 1 / clock later) wraps into the next second
+            start = (clock - 1) / clock
+            timecodes = tuple(format_timecode(start + i / rate, clock) for i in range(frames))
     order = [_SHAPE_INDEX[n.lower()] for n in LLF_SHAPE_NAMES]
     head = animation.head_angles if animation.head_angles is not None else np.zeros((frames, 3))
     eyes = animation.eye_angles if animation.eye_angles is not None else np.zeros((frames, 2, 3))

@@ -75,6 +75,24 @@ def test_livelink_round_trip(tmp_path, fps):
     assert (tmp_path / "again.csv").read_text() == f.read_text()
 
 
+@pytest.mark.parametrize(
+    "rate", [24, 25, 30, 50, 60, 15, 48, 90, 100, 120, 30000 / 1001, 24000 / 1001, 12.5]
+)
+def test_our_takes_under_a_second_read_back_at_their_rate(tmp_path, rate):
+    # the timecodes state no rate: a take that never wraps at a second read as 30 fps
+    # (24 fps 25 % fast, 60 fps twice as slow), so ours start on a second's last label
+    f = tmp_path / "take.csv"
+    clock = math.ceil(rate)
+    for frames in (2, 6, clock - 1):
+        codes = save_livelink_csv(f, random_animation(frames, rate, seed=frames))
+        got = load_animation(f)
+        assert got.fps == clock and got.row_rate() == pytest.approx(rate, rel=1e-9)
+        np.testing.assert_allclose(got.row_times(), np.arange(frames) / rate, atol=2e-5)
+        assert got.fill_dropped()[1] == 0
+        assert codes[0] == f"00:00:00:{clock - 1:02d}.000" and codes[1].startswith("00:00:01:")
+    assert save_livelink_csv(f, np.zeros((1, 52)), fps=rate) == ("00:00:00:00.000",)
+
+
 def test_row_times_follow_the_timecodes_through_dropped_frames(tmp_path):
     rows = [i for i in range(130) if i % 60 not in (20, 21)]  # 60 fps, two dropped a second
     codes = tuple(format_timecode(3600 + i / 60, 60) for i in rows)
@@ -199,8 +217,9 @@ def test_written_layout_is_live_link_face(tmp_path):
     assert header.index("JawRight") + 1 == header.index("JawLeft")
     assert header.index("MouthRight") + 1 == header.index("MouthLeft")
     assert header[54:] == [*HEAD_COLUMNS, *EYE_COLUMNS]
+    # under a second: from a second's last frame, so the labels wrap and show the rate
     assert [line.split(",")[:2] for line in lines[1:]] == [
-        ["00:00:00:00.000", "61"], ["00:00:00:01.000", "61"], ["00:00:00:02.000", "61"]
+        ["00:00:00:59.000", "61"], ["00:00:01:00.000", "61"], ["00:00:01:01.000", "61"]
     ]  # fmt: skip
     assert all(len(line.split(",")) == 63 for line in lines)
     assert list(tmp_path.iterdir()) == [f]  # no temporary file left behind
