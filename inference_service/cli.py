@@ -580,14 +580,21 @@ def default_name(photo: Path) -> str:
     return stem[: messages.MAX_NAME].strip() or "avatar"
 
 
-def cmd_build(args: argparse.Namespace) -> int:
-    photo = Path(args.photo)
+def read_photo(command: str, photo: Path) -> bytes:
+    """The bytes of a photo file, refused here (code ``cli``) naming the file where it
+    cannot be read or is empty: the service's error would name no file."""
     try:
         data = photo.read_bytes()
     except OSError as exc:
-        raise SystemExit(f"splatface build: cannot read {photo}: {exc}") from None
+        raise SystemExit(f"splatface {command}: cannot read {photo}: {exc}") from None
     if not data:
-        raise SystemExit(f"splatface build: {photo} is empty (0 bytes)")
+        raise SystemExit(f"splatface {command}: {photo} is empty (0 bytes)")
+    return data
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    photo = Path(args.photo)
+    data = read_photo("build", photo)
     box = None
     if args.face_box:
         box = list(args.face_box)
@@ -912,10 +919,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .images import decode_image
 
-    try:
-        photo = decode_image(Path(args.photo).read_bytes())
-    except OSError as exc:
-        raise SystemExit(f"splatface eval: cannot read {args.photo}: {exc}") from None
+    path = Path(args.photo)
+    try:  # decoded here, not by the service: a file that is no image is the CLI's to refuse
+        photo = decode_image(read_photo("eval", path))
+    except ProtocolError as exc:
+        raise SystemExit(f"splatface eval: {path}: {exc.message}") from None
     with connect(args) as client:
         info = avatar_info(client, args.avatar)
         out = out_folder("eval", Path(args.out or f"eval-{info['id']}"))

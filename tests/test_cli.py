@@ -646,6 +646,25 @@ def test_eval_refuses_another_photo_and_a_file_for_a_folder(tmp_path, service, a
     assert not (tmp_path / "e1").exists()
 
 
+def test_eval_refuses_a_photo_file_that_is_no_image_itself(tmp_path, capsys):
+    """The CLI decodes eval's photo, so a file that is no image is its own error (``cli``,
+    naming the file), as build's unreadable or empty photo is; it was ``bad_image``,
+    naming no file. Refused before any service is asked (nothing listens there)."""
+    (tmp_path / "notes.txt").write_text("not a photo\n")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    cases = [("notes.txt", "notes.txt: not a readable image"),
+             ("empty.jpg", "empty.jpg is empty (0 bytes)"),
+             ("missing.jpg", "cannot read " + str(tmp_path / "missing.jpg"))]  # fmt: skip
+    for name, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(["eval", "0" * 12, "--photo", str(tmp_path / name), "--endpoint",
+                  "tcp://127.0.0.1:58101", "--out", str(tmp_path / "e"), "--json"])  # fmt: skip
+        assert message in str(exc.value.code)
+        error = json.loads(capsys.readouterr().out.splitlines()[-1])["error"]
+        assert error["code"] == "cli" and message in error["message"]
+    assert not (tmp_path / "e").exists()
+
+
 def test_eval_tells_floaters_from_a_soft_edge():
     """``stray`` counts every faint pixel more than 3 px outside the silhouette;
     ``floaters`` only those in blobs that do not touch it."""
