@@ -32,7 +32,7 @@ from protocol.animation import NTSC_FPS
 from protocol.camera import intrinsics_from_fov, orbit, outline_distance
 from protocol.launch import READY_PREFIX, wait_for_endpoint
 
-from .build.diffusion import EnhanceModels, ModelFolderError
+from .build.diffusion import EnhanceModels, ModelFolderError, comma_hint
 from .track import add_parser as add_track_parser
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
@@ -508,7 +508,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             enhance=EnhanceModels.parse(args.enhance) if args.enhance else None,
         )
     except ValueError as exc:
-        print(f"splatface serve: {exc}", file=sys.stderr)
+        folders = isinstance(exc, ModelFolderError) and args.enhance
+        hint = comma_hint(args.enhance) if folders else ""
+        print(f"splatface serve: {exc}{hint}", file=sys.stderr)
         return 2
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: service.stop())
@@ -601,10 +603,16 @@ def cmd_build(args: argparse.Namespace) -> int:
     enhance = enhance_folders(args.enhance)
     t0 = time.monotonic()
     with connect(args) as client:
-        job = client.build(
-            data, name=args.name or default_name(photo), preset=args.preset, face=args.face,
-            face_box=box, enhance=enhance,
-        )  # fmt: skip
+        try:
+            job = client.build(
+                data, name=args.name or default_name(photo), preset=args.preset,
+                face=args.face, face_box=box, enhance=enhance,
+            )  # fmt: skip
+        except ProtocolError as exc:
+            if exc.details.get("field") != "enhance" or not enhance:
+                raise
+            raise ProtocolError(exc.code, exc.message + comma_hint(args.enhance),
+                                exc.details) from None  # fmt: skip
         bar = Progress(1.0, "building", not args.json)
         try:
             st = client.wait(job, progress=lambda ev: bar.update_to(ev["fraction"], ev["message"]))
@@ -1114,8 +1122,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         metavar="MODEL_DIR[,CONTROLNET_DIR]",
         help="paint the parts of the head the photo never saw with local diffusion weights: "
         "a Stable Diffusion inpainting folder and optionally a depth ControlNet folder "
-        "(see the README; needs splatface[enhance]); 'none' turns off the service's own "
-        "(default: the service's choice)",
+        "(see the README; needs splatface[enhance]; a path holding a comma is taken whole "
+        "where it exists); 'none' turns off the service's own (default: the service's choice)",
     )
     common(sp)
     sp.set_defaults(func=cmd_build)

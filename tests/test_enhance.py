@@ -241,6 +241,33 @@ def test_folders_must_be_absolute_and_exist(tmp_path):
         EnhanceModels.parse("a,b,c")
 
 
+def test_a_folder_path_with_a_comma_is_taken_whole(tiny, tmp_path):
+    """``--enhance`` splits at commas: a folder whose path holds one is taken whole where
+    it exists, and a piece split out of a path that is no folder says so."""
+    model = shutil.copytree(tiny.model, tmp_path / "sd,v1")
+    cn = shutil.copytree(tiny.controlnet, tmp_path / "depth,x")
+    assert EnhanceModels.parse(str(model)) == EnhanceModels(model)
+    both = EnhanceModels.parse(f"{model},{cn}")
+    assert both == EnhanceModels(model, cn)
+    check_models(both)
+    plain = EnhanceModels(tiny.model, tiny.controlnet)
+    assert EnhanceModels.parse(f"{tiny.model},{tiny.controlnet}") == plain
+    assert diffusion.comma_hint(f"{tiny.model},{tiny.controlnet}") == ""
+    gone = f"{tmp_path}/gone,v1"
+    assert EnhanceModels.parse(gone) == EnhanceModels(tmp_path / "gone", Path("v1").absolute())
+    assert "split at its comma" in diffusion.comma_hint(gone)
+    with pytest.raises(ModelFolderError, match="path holds a comma"):
+        EnhanceModels.parse("a,b,c")
+    r = _splatface("serve", "--store", tmp_path / "s", "--endpoint", "tcp://127.0.0.1:58104",
+                   "--enhance", gone)  # fmt: skip
+    assert r.returncode == 2 and f"{tmp_path}/gone is not a folder" in r.stderr
+    assert f"was split at its comma into {tmp_path}/gone and" in r.stderr
+    (tmp_path / "empty,dir").mkdir()
+    r = _splatface("serve", "--store", tmp_path / "s", "--endpoint", "tcp://127.0.0.1:58104",
+                   "--enhance", tmp_path / "empty,dir")  # fmt: skip
+    assert r.returncode == 2 and f"{tmp_path}/empty,dir lacks model_index.json" in r.stderr
+
+
 # -- the option through the protocol, the CLI and the add-on's client ---------------------
 
 

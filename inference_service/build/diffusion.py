@@ -45,11 +45,19 @@ class EnhanceModels:
 
     @classmethod
     def parse(cls, text: str) -> EnhanceModels:
-        """``MODEL_DIR[,CONTROLNET_DIR]`` as the CLI takes it; paths made absolute."""
+        """``MODEL_DIR[,CONTROLNET_DIR]`` as the CLI takes it; paths made absolute. A
+        folder's path may hold a comma: where splitting at every comma leaves a piece
+        that is no folder here, the value whole, else split at one of its commas, is
+        taken where that names existing folders (``~/models/sd,v1`` whole)."""
         parts = [p.strip() for p in text.split(",")]
+        if not all(_is_dir(p) for p in parts):
+            commas = [i for i, c in enumerate(text) if c == ","]
+            ways = [[text.strip()]] + [[text[:i].strip(), text[i + 1 :].strip()] for i in commas]
+            parts = next((w for w in ways if all(_is_dir(p) for p in w)), parts)
         if not 1 <= len(parts) <= 2 or not all(parts):
             raise ModelFolderError(
-                f"--enhance takes MODEL_DIR or MODEL_DIR,CONTROLNET_DIR, got {text!r}"
+                f"--enhance takes MODEL_DIR or MODEL_DIR,CONTROLNET_DIR, got {text!r}; a "
+                "folder whose path holds a comma is taken whole where it exists"
             )
         model = Path(parts[0]).expanduser().absolute()
         controlnet = Path(parts[1]).expanduser().absolute() if len(parts) == 2 else None
@@ -61,6 +69,27 @@ class EnhanceModels:
         if self.controlnet is not None:
             out["controlnet"] = str(self.controlnet)
         return out
+
+
+def _is_dir(text: str) -> bool:
+    return bool(text) and Path(text).expanduser().is_dir()
+
+
+def comma_hint(text: str) -> str:
+    """What to add to an error about the folders of ``--enhance`` ``text``, where
+    :meth:`EnhanceModels.parse` split it at a comma into a piece that is no folder here:
+    the user may have meant one folder whose path holds the comma."""
+    try:
+        models = EnhanceModels.parse(text)
+    except ModelFolderError:
+        return ""
+    if models.controlnet is None or (models.model.is_dir() and models.controlnet.is_dir()):
+        return ""
+    return (
+        f" (--enhance {text!r} was split at its comma into {models.model} and "
+        f"{models.controlnet}; a folder whose path holds a comma is taken whole where it "
+        "exists on this machine)"
+    )
 
 
 def has_diffusers() -> bool:
