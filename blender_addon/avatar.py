@@ -92,6 +92,10 @@ def create_avatar(
         ob.splatface.role = role
         ob.splatface.center = center
 
+    marks = rest_marks(vertices)
+    proxy.splatface.rest_marks = marks.tolist()
+    proxy.splatface.rest_points = vertices[marks].astype(np.float64).ravel().tolist()
+
     proxy.shape_key_add(name="Basis", from_mix=False)
     flat = np.ascontiguousarray(vertices, np.float32)
     for i, shape in enumerate(shape_names):
@@ -101,6 +105,56 @@ def create_avatar(
         block.value = 0.0  # shape_key_add leaves new keys at 1
     mesh.shape_keys.name = f"{name}_arkit"
     return proxy, head
+
+
+#: Metres a landmark of the proxy's Basis may stray from the affine map of the others
+#: before the mesh counts as edited (the coordinates are float32: ~1e-7 m at a head).
+EDIT_TOLERANCE = 1e-5
+
+
+def rest_marks(vertices: np.ndarray) -> np.ndarray:
+    """int ``[8]``: vertices spread around the rest mesh (its extremes along the axes and
+    two diagonals), not all in a plane, so their positions fix an affine map."""
+    v = np.asarray(vertices, np.float64)
+    x, y, z = v.T
+    return np.array([x.argmin(), x.argmax(), y.argmin(), y.argmax(), z.argmin(), z.argmax(),
+                     (x + y + z).argmax(), (x - y + z).argmin()])  # fmt: skip
+
+
+def mesh_transform(proxy: bpy.types.Object) -> tuple[np.ndarray, str]:
+    """(``[4, 4]`` map from the avatar's rest mesh to the proxy's Basis as it is now,
+    what the render cannot follow or ""). Set Origin, Apply Rotation & Scale and the like
+    move the mesh inside its object, and the splats, posed by the object's matrix alone,
+    stayed behind: rendered at ``matrix_world @`` this map they go with it. An edit that
+    is no affine map of the whole mesh (sculpting, deleted vertices) is named, and the
+    splats keep the avatar's own shape."""
+    original = proxy.original
+    eye = np.eye(4)
+    marks = np.array(original.splatface.rest_marks, np.int64)
+    rest = np.array(original.splatface.rest_points, np.float64).reshape(-1, 3)
+    if not rest.any():  # a file from before the marks: nothing to compare with
+        return eye, ""
+    key = original.data.shape_keys
+    points = original.data.vertices if key is None else key.reference_key.data
+    if marks.max() >= len(points):
+        return eye, "edits to its mesh (vertices deleted)"
+    now = np.array([points[int(i)].co for i in marks], np.float64)
+    if np.abs(now - rest).max() <= EDIT_TOLERANCE:
+        return eye, ""
+    homogeneous = np.concatenate([rest, np.ones((len(rest), 1))], axis=1)
+    fitted, *_ = np.linalg.lstsq(homogeneous, now, rcond=None)
+    if np.abs(homogeneous @ fitted - now).max() > EDIT_TOLERANCE:
+        return eye, "edits to its mesh (the splats keep the avatar's shape)"
+    out = eye.copy()
+    out[:3] = fitted.T
+    return out, ""
+
+
+def modifiers_shown(proxy: bpy.types.Object, final_render: bool) -> list[str]:
+    """Names of the proxy's modifiers that show in a render (or the viewport): the
+    splats follow the shape keys and the object's transform, not a modifier's mesh."""
+    return [m.name for m in proxy.original.modifiers
+            if (m.show_render if final_render else m.show_viewport)]  # fmt: skip
 
 
 def proxies(objects: Any) -> list[bpy.types.Object]:
@@ -208,7 +262,9 @@ def gather(depsgraph: bpy.types.Depsgraph, final_render: bool) -> list[AvatarFra
     """Every visible avatar in ``depsgraph`` at its current frame, each instance of one
     (a collection instanced or linked into the shot) where the instance puts it."""
     out = []
-    warnings: dict[str, str] = {}  # per proxy, however many instances it has
+    # per proxy, however many instances it has: (rest-to-mesh map, warning); keyed by
+    # the full name, as a linked proxy may share a local one's name
+    seen: dict[str, tuple[np.ndarray, str]] = {}
     for inst in depsgraph.object_instances:
         ob = inst.object
         if not proxies([ob]) or not inst.show_self:
@@ -217,21 +273,35 @@ def gather(depsgraph: bpy.types.Depsgraph, final_render: bool) -> list[AvatarFra
         # and an animation render does not update the original's
         if final_render and ob.hide_render:
             continue
-        head = np.array(inst.matrix_world, np.float64)  # copied: the iterator reuses it
-        name = f"{inst.parent.name}/{ob.name}" if inst.is_instance else ob.name
+        if ob.name_full not in seen:
+            seen[ob.name_full] = proxy_state(ob, depsgraph, final_render)
+        to_mesh, warning = seen[ob.name_full]
+        # copied (the iterator reuses it)
+        head = np.array(inst.matrix_world, np.float64) @ to_mesh
+        name = f"{inst.parent.name_full}/{ob.name_full}" if inst.is_instance else ob.name_full
         # an instance is held out as its instancer is, whatever its source collection is
         owner = inst.parent if inst.is_instance else ob
         holdout = final_render and (
             owner.is_holdout or held_by_collection(owner.original, depsgraph.view_layer)
         )
         curves = evaluated_curves(ob, depsgraph)
-        if ob.name not in warnings:
-            ignored = ignored_settings(ob, depsgraph)
-            said = f"{ob.name}: the render ignores {', '.join(ignored)}"
-            warnings[ob.name] = said if ignored else ""
-        out.append(
-            AvatarFrame(
-                ob.splatface.avatar_id, curves, head, name, bool(holdout), warnings[ob.name]
-            )
-        )
+        out.append(AvatarFrame(ob.splatface.avatar_id, curves, head, name, bool(holdout), warning))
     return out
+
+
+def proxy_state(
+    ob: bpy.types.Object,
+    depsgraph: bpy.types.Depsgraph,
+    final_render: bool,
+    what: str = "render",
+) -> tuple[np.ndarray, str]:
+    """(``mesh_transform``'s map, a warning naming all the ``what`` (render, export)
+    cannot follow of ``ob`` or "")."""
+    to_mesh, edited = mesh_transform(ob)
+    ignored = ignored_settings(ob, depsgraph) + [edited] * bool(edited)
+    shown = modifiers_shown(ob, final_render)
+    if shown:
+        ignored.append(f"its modifiers {', '.join(shown)} (the splats follow the shape keys "
+                       "and the object's transform)")  # fmt: skip
+    said = f"{ob.name_full}: the {what} ignores {', '.join(ignored)}" if ignored else ""
+    return to_mesh, said

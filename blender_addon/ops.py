@@ -620,10 +620,12 @@ def export_frames(
     frame_end: int,
     frame_step: int = 1,
     sh_degree: int | None = None,
+    warnings: list[str] | None = None,
 ) -> list[str]:
     """Write ``.ply`` files (world space, posed as evaluated) or the bundle, all whole or
     none of them (a range that fails leaves none of its frames); returns paths.
-    ``sh_degree``: the files' SH degree (default: the avatar's own)."""
+    ``sh_degree``: the files' SH degree (default: the avatar's own). ``warnings`` gets
+    what the export could not follow (``avatar.proxy_state``), once each."""
     client = runtime.client()
     timeout = runtime.settings().timeout
     scene = bpy.context.scene
@@ -649,7 +651,10 @@ def export_frames(
             depsgraph = bpy.context.evaluated_depsgraph_get()
             ob = proxy.evaluated_get(depsgraph)
             curves = avatar.evaluated_curves(ob, depsgraph)
-            head = np.array(ob.matrix_world, np.float64)
+            to_mesh, warning = avatar.proxy_state(ob, depsgraph, True, "export")
+            if warning and warnings is not None and warning not in warnings:
+                warnings.append(warning)
+            head = np.array(ob.matrix_world, np.float64) @ to_mesh
             reply = client.export(avatar_id, curves=curves[None], head=head, timeout=timeout,
                                   sh_degree=sh_degree)  # fmt: skip
             target = out if mode == "CURRENT" else out.with_name(f"{out.stem}_{frame:04d}.ply")
@@ -718,6 +723,7 @@ class SPLATFACE_OT_export_ply(bpy.types.Operator, ExportHelper):
         path = _file_path(self, self.filepath)
         if path is None:
             return {"CANCELLED"}
+        warnings: list[str] = []
         try:
             files = export_frames(
                 proxy,
@@ -727,10 +733,13 @@ class SPLATFACE_OT_export_ply(bpy.types.Operator, ExportHelper):
                 self.frame_end,
                 self.frame_step,
                 3 if self.full_sh else None,
+                warnings,
             )
         except (ProtocolError, ValueError, OSError, zmq.ZMQError) as exc:
             self.report({"ERROR"}, f"export failed: {_error_text(exc)}")
             return {"CANCELLED"}
+        for warning in warnings:
+            self.report({"WARNING"}, warning)
         self.report({"INFO"}, f"wrote {len(files)} file(s), last {files[-1]}")
         return {"FINISHED"}
 

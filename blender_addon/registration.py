@@ -16,12 +16,18 @@ _classes = (
     *ui.classes,
 )
 
-# Panels that list the engines they support; ours is added so Output/View Layer show.
+# Panels that list the engines they support; ours is added so the settings the engine
+# follows show: output and format, Film > Transparent (Workbench's Film panel draws that
+# alone), Stereoscopy, an object's Visibility (holdout), the camera, the shape keys and
+# View Layer > Passes (whose Data child is ours: ``ui.SPLATFACE_PT_layer_passes_data``).
 _COMPAT_PANELS = (
     "RENDER_PT_format",
     "RENDER_PT_frame_range",
     "RENDER_PT_output",
     "RENDER_PT_color_management",
+    "RENDER_PT_opengl_film",
+    "RENDER_PT_stereoscopy",
+    "OBJECT_PT_visibility",
     "DATA_PT_camera",
     "DATA_PT_lens",
     "DATA_PT_camera_display",

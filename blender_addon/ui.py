@@ -108,4 +108,29 @@ class SPLATFACE_PT_main(bpy.types.Panel):
             layout.label(text="Set the render engine to splatface to render", icon="RENDER_STILL")
 
 
-classes = (SPLATFACE_UL_avatars, SPLATFACE_PT_main)
+class SPLATFACE_PT_layer_passes_data(bpy.types.Panel):
+    """View Layer > Passes > Data for the splatface engine: Blender's own Data panels
+    show only for their engines, which left the Passes panel empty."""
+
+    bl_idname = "SPLATFACE_PT_layer_passes_data"
+    bl_label = "Data"
+    bl_space_type = "PROPERTIES"
+    bl_region_type = "WINDOW"
+    bl_context = "view_layer"
+    bl_parent_id = "VIEWLAYER_PT_layer_passes"
+    COMPAT_ENGINES = {"SPLATFACE"}
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return context.engine in cls.COMPAT_ENGINES
+
+    def draw(self, context: bpy.types.Context) -> None:
+        layout = self.layout
+        layout.use_property_split = True
+        layout.use_property_decorate = False
+        col = layout.column()
+        col.prop(context.view_layer, "use_pass_z")
+        col.prop(context.view_layer, "use_pass_normal")
+
+
+classes = (SPLATFACE_UL_avatars, SPLATFACE_PT_main, SPLATFACE_PT_layer_passes_data)

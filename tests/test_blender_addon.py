@@ -569,6 +569,114 @@ def test_shape_key_settings_the_render_cannot_follow_are_named(scene, astronaut_
     assert frame.warning == f"{proxy.name}: the render ignores {said}"
 
 
+def test_the_splats_follow_the_proxy_mesh_moved_inside_its_object(scene, astronaut_id, tmp_path):
+    """Set Origin and Apply Rotation & Scale move the mesh inside its object and leave it
+    where it was in the world: the splats stay with it (they jumped by the origin's move,
+    or went back to the avatar's unscaled, unturned rest, without a word). An edit no
+    affine map explains and a modifier are named: the splats cannot follow those. The
+    ``.ply`` export, posed the same way, likewise."""
+    from blender_addon import avatar, ops
+
+    proxy = import_avatar(bpy, astronaut_id)
+    proxy.scale = (0.7, 0.7, 0.7)
+    proxy.rotation_euler.z = 0.4
+
+    def head() -> np.ndarray:
+        (frame,) = avatar.gather(bpy.context.evaluated_depsgraph_get(), final_render=True)
+        assert frame.warning == "", frame.warning
+        return frame.head
+
+    def exported(name: str) -> np.ndarray:
+        out = tmp_path / name
+        assert bpy.ops.splatface.export_ply(filepath=str(out)) == {"FINISHED"}
+        data = out.read_bytes()
+        end = data.index(b"end_header\n") + len(b"end_header\n")
+        columns = data[:end].count(b"property float")
+        return np.frombuffer(data[end:], "<f4").reshape(-1, columns)[:, :3]
+
+    placed, splats = head(), exported("placed.ply")
+    bpy.ops.object.select_all(action="DESELECT")
+    proxy.select_set(True)
+    bpy.context.view_layer.objects.active = proxy
+    scene.cursor.location = (0.05, -0.2, 0.1)
+    assert bpy.ops.object.origin_set(type="ORIGIN_CURSOR") == {"FINISHED"}
+    assert np.abs(np.array(proxy.matrix_world) - placed).max() > 0.01  # the object moved
+    assert np.allclose(head(), placed, atol=1e-5)
+    assert bpy.ops.object.transform_apply(location=True, rotation=True, scale=True) == {"FINISHED"}
+    assert np.allclose(head(), placed, atol=1e-5)
+    assert np.abs(exported("applied.ply") - splats).max() < 1e-5
+
+    basis = proxy.data.shape_keys.reference_key.data
+    basis[proxy.splatface.rest_marks[3]].co.z += 0.01  # one vertex pulled: a sculpt
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    (frame,) = avatar.gather(depsgraph, final_render=True)
+    assert frame.warning == (
+        f"{proxy.name}: the render ignores edits to its mesh (the splats keep the avatar's shape)"
+    )
+    basis[proxy.splatface.rest_marks[3]].co.z -= 0.01
+    bend = proxy.modifiers.new("Bend", "SIMPLE_DEFORM")
+    bend.show_viewport = False  # a render's warning counts what renders
+    (frame,) = avatar.gather(bpy.context.evaluated_depsgraph_get(), final_render=True)
+    assert frame.warning == (
+        f"{proxy.name}: the render ignores its modifiers Bend (the splats follow the shape "
+        "keys and the object's transform)"
+    )
+    assert avatar.gather(bpy.context.evaluated_depsgraph_get(), final_render=False)[0].warning == ""
+    warnings: list[str] = []
+    ops.export_frames(proxy, str(tmp_path / "bent.ply"), "CURRENT", 1, 1, warnings=warnings)
+    assert warnings == [frame.warning.replace("the render", "the export")]
+
+
+def test_a_linked_avatar_named_as_a_local_one_keeps_its_own_warning(scene, astronaut_id, tmp_path):
+    """Warnings were kept per object name: a proxy linked from another file and named as
+    a local one took the local one's (none), and the render said nothing of its own."""
+    from blender_addon import avatar
+
+    proxy = import_avatar(bpy, astronaut_id)
+    name = proxy.name
+    blocks = proxy.data.shape_keys.key_blocks
+    blocks["jawOpen"].name = "jawOpen_mine"
+    blocks["jawOpen_mine"].value = 0.7
+    library = tmp_path / "character.blend"
+    bpy.data.libraries.write(str(library), {proxy, proxy.parent})
+    bpy.data.objects.remove(proxy.parent)
+    bpy.data.objects.remove(proxy)
+    local = import_avatar(bpy, astronaut_id)
+    local.name = name
+    with bpy.data.libraries.load(str(library), link=True) as (_, into):
+        into.objects = [name]
+    (linked,) = into.objects
+    scene.collection.objects.link(linked)
+    frames = avatar.gather(bpy.context.evaluated_depsgraph_get(), final_render=True)
+    said = {f.name: f.warning for f in frames}
+    assert said == {
+        name: "",
+        linked.name_full: f"{linked.name_full}: the render ignores jawOpen_mine at 0.7 (not an "
+        "ARKit name; the proxy has no jawOpen)",
+    }
+
+
+def test_the_panels_of_the_settings_the_engine_follows_show_with_it(scene):
+    """Film > Transparent, Stereoscopy, an object's Visibility (holdout) and View Layer >
+    Passes > Data (Depth, Normal) showed for no panel with the splatface engine."""
+    ob = bpy.data.objects.new("thing", bpy.data.meshes.new("thing"))
+    scene.collection.objects.link(ob)
+    names = ("RENDER_PT_opengl_film", "RENDER_PT_stereoscopy", "OBJECT_PT_visibility",
+             "VIEWLAYER_PT_layer_passes", "SPLATFACE_PT_layer_passes_data")  # fmt: skip
+    for engine, shown in (("SPLATFACE", True), ("ANOTHER_ENGINE", False)):
+        ctx = types.SimpleNamespace(engine=engine, object=ob, scene=scene,
+                                    view_layer=scene.view_layers[0])  # fmt: skip
+        assert {n: bool(getattr(bpy.types, n).poll(ctx)) for n in names} == dict.fromkeys(
+            names, shown
+        )
+    panel = types.SimpleNamespace(layout=DrawnPanel())
+    props = []
+    panel.layout.prop = lambda data, prop, **kw: props.append(prop)
+    bpy.types.SPLATFACE_PT_layer_passes_data.draw(panel, types.SimpleNamespace(
+        view_layer=scene.view_layers[0]))  # fmt: skip
+    assert props == ["use_pass_z", "use_pass_normal"]
+
+
 def test_a_head_transform_the_splats_cannot_follow_fails_naming_the_avatar(scene, astronaut_id):
     proxy = import_avatar(bpy, astronaut_id)
     add_camera_from_opencv(bpy, scene, orbit(proxy.splatface.center, 0.9), FOV, 32)
