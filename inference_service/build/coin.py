@@ -185,13 +185,17 @@ def fit_coin(
                 torch.tensor(v.confidence, dtype=torch.float64)[..., None],
                 torch.tensor(v.alpha > 0.5, dtype=torch.float64)) for v in views]  # fmt: skip
 
-    def render(view: View, f: torch.Tensor):
+    def damped(f: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(means, scales, opacities, SH) whose gradients reach the parameters scaled by
+        ``f``: made once a step for all the views that share ``f``."""
         s, o = _damp(sh, f[:, None, None]), _damp(opacity_logits(), f * see_through)
         d, ls = _damp(offset, f), _damp(log_scale, f[:, None])
-        means = base + d[:, None] * normal
-        scales = torch.exp(ls) * stretch[:, None]
+        return base + d[:, None] * normal, torch.exp(ls) * stretch[:, None], torch.sigmoid(o), s
+
+    def render(view: View, params: tuple[torch.Tensor, ...]):
+        means, scales, opacities, s = params
         w, h = view.size
-        out = kernels.rasterize(means, quats, scales, torch.sigmoid(o), s, view.camera, w, h,
+        out = kernels.rasterize(means, quats, scales, opacities, s, view.camera, w, h,
                                 ("rgb", "alpha"), backend="cpu")  # fmt: skip
         return out.rgb, out.alpha
 
@@ -217,7 +221,7 @@ def fit_coin(
     turn = 0
     for it in range(schedule.iterations):
         opt.zero_grad()
-        rgb, _ = render(photo, photo_pull)
+        rgb, _ = render(photo, damped(photo_pull))
         data = l1(rgb, targets[0][0], targets[0][1])
         reg = (
             OFFSET_WEIGHT * ((offset - start_offset) ** 2).mean()
@@ -234,10 +238,11 @@ def fit_coin(
             clear_start = clear_start if clear_start is not None else clear_end
         side = torch.zeros((), dtype=torch.float64)
         count = min(schedule.views_per_step, len(pseudo))
+        shared = damped(pull) if count else ()
         for _ in range(count):
             k = turn % len(pseudo)
             turn += 1
-            rgb_k, alpha_k = render(pseudo[k], pull)
+            rgb_k, alpha_k = render(pseudo[k], shared)
             image, conf, inside = targets[k + 1]
             compensated = rgb_k @ comp[k, :, :3].T + alpha_k[..., None] * comp[k, :, 3]
             side = side + l1(compensated, image, conf)
