@@ -114,10 +114,11 @@ class CurveKeys:
 
 
 #: Socket monitor events of the handshake. ZAP turning a key away is definite, and so is
-#: a keyed client meeting a service without keys (a mechanism mismatch, reported once:
-#: libzmq does not reconnect after it); other failures also follow a connection dropped
-#: mid-handshake, so only failures with none succeeding between, for ``_REFUSED_FOR``
-#: seconds (libzmq reconnects every 100 ms) or through the last attempt, count as a refusal.
+#: a mechanism mismatch (a keyed client meeting a service without keys, or the reverse;
+#: reported once: libzmq does not reconnect after it); other failures also follow a
+#: connection dropped mid-handshake, so only failures with none succeeding between, for
+#: ``_REFUSED_FOR`` seconds (libzmq reconnects every 100 ms) or through the last attempt,
+#: count as a refusal.
 _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -126,6 +127,11 @@ _HANDSHAKE_EVENTS = (
 )
 _REFUSED_AFTER = 3
 _REFUSED_FOR = 1.5
+_NEEDS_KEYS = (
+    "its handshake fails: it needs CurveZMQ keys (a service started with --curve-keys; pass "
+    "the folder holding server.key and client.key_secret that 'splatface keys' wrote), or "
+    "it is not a splatface service"
+)
 _WRONG_SERVER = (
     "its CurveZMQ handshake fails: server.key is not the service's key, or the service runs "
     "without keys"
@@ -196,7 +202,7 @@ class Client:
 
     def _refusal(self, attempt_over: bool = False) -> str | None:
         """Why the service refuses this client, once the monitor has seen it do so: ZAP
-        turning its key away, a service without keys (for a client with them), or
+        turning its key away, a mechanism mismatch (keys on one side only), or
         handshakes failing since the last one that succeeded, again and again over
         ``_REFUSED_FOR`` seconds, or through the last attempt (``attempt_over``: libzmq may
         stop reconnecting after a mismatch; earlier attempts are retried, as a restarting
@@ -217,9 +223,8 @@ class Client:
             elif (
                 event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                 and message["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
-                and keyed
             ):
-                return _WRONG_SERVER
+                return _WRONG_SERVER if keyed else _NEEDS_KEYS
             else:
                 self._failures += 1
                 self._failed_last = time.monotonic()
@@ -230,13 +235,7 @@ class Client:
         span = self._failed_last - self._failing_since  # failures still coming, not one
         if not attempt_over and (self._failures < _REFUSED_AFTER or span < _REFUSED_FOR):
             return None
-        if not keyed:
-            return (
-                "its handshake fails: it needs CurveZMQ keys (a service started with "
-                "--curve-keys; pass the folder holding server.key and client.key_secret "
-                "that 'splatface keys' wrote), or it is not a splatface service"
-            )
-        return _WRONG_SERVER
+        return _WRONG_SERVER if keyed else _NEEDS_KEYS
 
     def _reset(self) -> None:
         if self._sock is not None:

@@ -993,17 +993,25 @@ def test_curve_security(tmp_path):
 
 def test_curve_client_of_a_service_without_keys_is_refused_at_once(service, tmp_path):
     """The mechanism mismatch is reported once per connection, and libzmq does not
-    reconnect after it: it is refused as a wrong server.key is, not after every attempt."""
+    reconnect after it: it is refused as a wrong server.key is, not after every attempt;
+    likewise a client without keys of a service with them (it waited out every attempt)."""
     keys = tmp_path / "keys"
     assert keys_cli(str(keys)).returncode == 0
-    with Client(service.endpoint, timeout=3, retries=2, curve=CurveKeys.from_dir(keys)) as c:
-        t = time.monotonic()
-        with pytest.raises(ProtocolError) as e:
-            c.hello()
-        assert (
-            e.value.code == errors.REFUSED and "or the service runs without keys" in e.value.message
-        )
-        assert time.monotonic() - t < 2
+    keyed = ServiceProcess(tmp_path / "store", extra=("--curve-keys", str(keys)))
+    cases = [
+        (service.endpoint, CurveKeys.from_dir(keys), "or the service runs without keys"),
+        (keyed.endpoint, None, "its handshake fails: it needs CurveZMQ keys"),
+    ]
+    try:
+        for endpoint, curve, why in cases:
+            with Client(endpoint, timeout=3, retries=2, curve=curve) as c:
+                t = time.monotonic()
+                with pytest.raises(ProtocolError) as e:
+                    c.hello()
+                assert e.value.code == errors.REFUSED and why in e.value.message
+                assert time.monotonic() - t < 2
+    finally:
+        keyed.stop()
 
 
 def test_authorized_clients_are_read_at_each_handshake(tmp_path):
