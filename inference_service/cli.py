@@ -633,6 +633,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         "seconds": round(time.monotonic() - t0, 2),
         "warnings": info.get("warnings", []),
         "same_name": namesakes,
+        "enhanced": bool(info.get("enhanced")),
     }
     emit(args, record, build_text(record))
     return 0
@@ -640,8 +641,9 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def build_text(record: dict[str, Any]) -> str:
     """What ``build`` prints without ``--json``: the avatar, then a line per warning."""
+    fill = ", the diffusion fill painting what the photo never saw" * record.get("enhanced", False)
     lines = [f"built avatar {record['avatar_id']} ({record['name']}): {record['gaussians']} "
-             f"Gaussians in {record['seconds']} s"]  # fmt: skip
+             f"Gaussians in {record['seconds']} s{fill}"]  # fmt: skip
     lines += [f"warning: {w['message']}" for w in record["warnings"]]
     if record.get("same_name", 1) > 1:  # a build adds an avatar; it never replaces one
         lines.append(
@@ -908,7 +910,7 @@ def cmd_avatars(args: argparse.Namespace) -> int:
         for a in avatars:
             print(
                 f"{a['id']}  {a['name']:<24} {a.get('gaussians', '?'):>7} Gaussians  "
-                f"{a.get('created', '')}"
+                f"{a.get('created', '')}{'  diffusion fill' * bool(a.get('enhanced'))}"
             )
     return 0
 

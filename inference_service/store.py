@@ -248,6 +248,8 @@ def bounding_sphere(avatar: Avatar) -> dict[str, Any]:
 
 
 def summary(meta: dict[str, Any]) -> dict[str, Any]:
+    """An avatar's entry in ``list`` (SPEC.md). ``enhanced``: whether the diffusion fill
+    painted what its photo never saw (only ``meta.json`` said so)."""
     keys = ("id", "name", "created", "preset", "gaussians", "center", "radius", "builder",
             "warnings")  # fmt: skip
-    return {k: meta[k] for k in keys if k in meta}
+    return {**{k: meta[k] for k in keys if k in meta}, "enhanced": bool(meta.get("enhance"))}

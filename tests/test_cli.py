@@ -84,6 +84,11 @@ def test_build_prints_each_warning_on_its_own_line():
         "with --name"
     )
     assert build_text({**record, "warnings": []}).count("\n") == 0
+    # whether the diffusion fill painted the unseen head (only meta.json said so)
+    assert build_text({**record, "warnings": [], "enhanced": True}) == (
+        "built avatar 0123456789ab (me): 9 Gaussians in 1.5 s, the diffusion fill painting "
+        "what the photo never saw"
+    )
 
 
 def test_a_preview_ffmpeg_cannot_finish_fails_and_keeps_the_old_one(tmp_path):

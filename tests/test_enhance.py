@@ -315,6 +315,7 @@ def test_a_build_runs_the_stage_between_the_pseudo_views_and_the_fit(tiny, astro
     64 px with 2 steps instead of the preset's 512 px, which would only time them)."""
     from inference_service.build import enhance
     from inference_service.build.builder import BuildOptions, build_avatar
+    from inference_service.store import summary
 
     monkeypatch.setattr(enhance.EnhanceSettings, "for_preset", classmethod(lambda c, p: FAST))
     events: list[tuple[str, float]] = []
@@ -331,4 +332,5 @@ def test_a_build_runs_the_stage_between_the_pseudo_views_and_the_fit(tiny, astro
     painting = [f for stage, f in events if stage == "enhance"]
     assert painting[0] < 0.70 and painting[-1] > 0.78
     assert avatar.meta["enhance"] == tiny.to_dict()
+    assert summary(avatar.meta)["enhanced"] is True  # as ``list`` (and the CLI) show it
     assert len(avatar.gaussians) > 10_000
