@@ -67,8 +67,12 @@ def private_service(store: Path, device: str = "auto") -> Iterator[str]:
            "--log-level", "warning"]  # fmt: skip
     store.mkdir(parents=True, exist_ok=True)
     log_path, log_file = _service_log(store)
+    # a session of its own: a terminal's Ctrl-C reaches this command alone, which cancels
+    # its work and then stops the service (signalled too, the service went before the
+    # cancel, which then waited out every attempt, 90 s, and blamed the service)
     with log_file:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True,
+                                start_new_session=True)  # fmt: skip
     try:
         endpoint = wait_ready(proc, timeout=120, log_path=log_path)
         yield endpoint
@@ -616,10 +620,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         bar = Progress(1.0, "building", not args.json)
         try:
             st = client.wait(job, progress=lambda ev: bar.update_to(ev["fraction"], ev["message"]))
-        except KeyboardInterrupt:  # the service would finish the build regardless
+        except KeyboardInterrupt as exc:  # the service would finish the build regardless
             bar.close()
-            say_cancelled(client, job)
-            raise
+            raise Interrupted(say_cancelled(client, job), getattr(exc, "status", 130)) from None
         finally:
             bar.close()
         avatar_id = st["avatar_id"]
@@ -747,20 +750,27 @@ def render_to_folder(
     return files
 
 
-def say_cancelled(client: Client, job: str) -> None:
-    """Cancel build ``job`` and say on stderr how it ended: cancelled, or, where Ctrl-C
-    came while it was saving (past its last check), the avatar it kept. A second Ctrl-C
-    stops the wait."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, SIGHUP) with what came of the command's work, for ``main`` to
+    report (on stderr, and as the ``--json`` error) and exit ``status``."""
+
+    def __init__(self, message: str = "stopped by Ctrl-C", status: int = 130) -> None:
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+def say_cancelled(client: Client, job: str) -> str:
+    """Cancel build ``job``; returns how it ended: cancelled, or, where Ctrl-C came while
+    it was saving (past its last check), the avatar it kept. A second Ctrl-C stops the
+    wait."""
     try:
         client.cancel(job)
         st = client.wait(job, timeout=CANCEL_WAIT)
     except ProtocolError as exc:  # cancelled; or it failed, or the service is gone
-        cancelled = exc.code == errors.CANCELLED
-        print(f"splatface: {'build cancelled' if cancelled else exc.message}", file=sys.stderr)
-        return
+        return "build cancelled" if exc.code == errors.CANCELLED else exc.message
     kept = st.get("avatar_id")
-    print(f"splatface: too late to cancel: the build was saving, and kept avatar {kept} "
-          f"(splatface rm {kept} removes it)", file=sys.stderr)  # fmt: skip
+    return (f"too late to cancel: the build was saving, and kept avatar {kept} "
+            f"(splatface rm {kept} removes it)")  # fmt: skip
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -933,12 +943,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:  # decoded here, not by the service: a file that is no image is the CLI's to refuse
         photo = decode_image(read_photo("eval", path))
     except ProtocolError as exc:
+        if exc.code != errors.BAD_IMAGE:  # too_large keeps its code, as from the service
+            raise ProtocolError(exc.code, f"{path}: {exc.message}", exc.details) from None
         raise SystemExit(f"splatface eval: {path}: {exc.message}") from None
     with connect(args) as client:
         info = avatar_info(client, args.avatar)
         out = out_folder("eval", Path(args.out or f"eval-{info['id']}"))
         try:
-            m = evaluate(client, info["id"], photo, out, size=args.size)
+            m = evaluate(client, info["id"], photo, out, size=args.size,
+                         timeout=args.timeout or RENDER_TIMEOUT)  # fmt: skip
         except ValueError as exc:
             raise SystemExit(f"splatface eval: {exc}") from None
     views = m["views"]
@@ -1258,11 +1271,21 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def _stop_on(signum: int, frame: Any) -> None:
+    """SIGTERM or SIGHUP (a closed terminal) stop a command as Ctrl-C does: its build is
+    cancelled and its private service, in a session of its own, stopped."""
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}", 128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = None if argv is None else [str(a) for a in argv]
     args = build_parser(argv).parse_args(argv)
     level = getattr(args, "log_level", "warning").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command != "serve":  # serve stops itself on these
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None:
+                signal.signal(sig, _stop_on)
     try:
         return args.func(args)
     except ProtocolError as exc:
@@ -1285,5 +1308,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(__name__).debug("%s failed", args.command, exc_info=True)
         where = f": {exc.filename}" if exc.filename else ""
         return refuse(args, f"{exc.strerror or exc}{where}", status=1)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:
+        message = getattr(exc, "message", "stopped by Ctrl-C")
+        status = getattr(exc, "status", 130)
+        if getattr(args, "json", False):
+            print_json_error(errors.CANCELLED, message)
+        print(f"splatface {args.command}: {message}", file=sys.stderr)
+        return status

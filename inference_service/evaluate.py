@@ -124,8 +124,9 @@ def _square_around(mask: np.ndarray) -> tuple[float, float, float] | None:
 
 
 def evaluate(client: Client, avatar_id: str, photo: np.ndarray, out: Path,
-             size: int = 384) -> dict[str, Any]:  # fmt: skip
-    """Render the views, measure, write ``contact_sheet.png`` and ``metrics.json``."""
+             size: int = 384, timeout: float = 600.0) -> dict[str, Any]:  # fmt: skip
+    """Render the views, measure, write ``contact_sheet.png`` and ``metrics.json``.
+    ``timeout``: seconds to wait for each render."""
     import json
 
     from skimage.metrics import structural_similarity
@@ -160,7 +161,7 @@ def evaluate(client: Client, avatar_id: str, photo: np.ndarray, out: Path,
         w, h = sw, sh
         photo = np.asarray(Image.fromarray(photo).resize((w, h), Image.Resampling.LANCZOS))
     r = client.render(avatar_id, intr, w2c, w, h, curves=_weights(meta)[None],
-                      passes=("rgb", "alpha"), timeout=600)  # fmt: skip
+                      passes=("rgb", "alpha"), timeout=timeout)  # fmt: skip
     rgb, alpha = r["rgb"][0], r["alpha"][0]
     # older avatars have no head box: the rendered head's own square
     head = tuple(box) if box is not None else _square_around(alpha > 0.5)
@@ -189,7 +190,7 @@ def evaluate(client: Client, avatar_id: str, photo: np.ndarray, out: Path,
     distance = framing_distance(float(info["radius"]), FOV, fill=0.9)
     for name, yaw, pitch in VIEWS:
         vi, vw = intrinsics_from_fov(size, size, FOV), orbit(info["center"], distance, yaw, pitch)
-        rv = client.render(avatar_id, vi, vw, size, size, passes=("rgb", "alpha"), timeout=600)
+        rv = client.render(avatar_id, vi, vw, size, size, passes=("rgb", "alpha"), timeout=timeout)
         img = _srgb8(rv["rgb"][0], rv["alpha"][0])
         stats = _silhouette_stats(rv["alpha"][0])
         if name in ("+30", "-30"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -18,6 +19,7 @@ from plyfile import PlyData
 
 from inference_service.cli import build_parser, build_text, frame_rate, linear_to_srgb8, main
 from inference_service.curves import load_curves, save_curves_csv
+from protocol import Client, ProtocolError
 from protocol.animation import load_animation
 from protocol.arkit import ARKIT_NAMES, index_of
 
@@ -353,25 +355,33 @@ def test_an_endpoint_zeromq_cannot_use_is_one_line_not_a_traceback():
         )
 
 
-def test_ctrl_c_during_a_build_cancels_it_on_the_service(tmp_path, astronaut_png):
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_during_a_build_cancels_it_on_the_service(tmp_path, astronaut_png, signal_name):
+    """Ctrl-C, and SIGTERM (a job scheduler, a closed terminal's SIGHUP likewise), cancel
+    the build on the service; SIGTERM left it running."""
     import signal
     import time
 
     from .conftest import ServiceProcess
 
+    signum = getattr(signal, signal_name)
     photo = tmp_path / "portrait.png"
     photo.write_bytes(astronaut_png)
     svc = ServiceProcess(tmp_path / "store")
     try:
         cmd = [sys.executable, "-m", "inference_service", "build", str(photo), "--endpoint",
-               svc.endpoint, "--preset", "default"]  # fmt: skip
+               svc.endpoint, "--preset", "default", "--json"]  # fmt: skip
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120
         while " started" not in svc.log.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 130
-        assert "splatface: build cancelled" in proc.stderr.read().decode()
+        proc.send_signal(signum)
+        assert proc.wait(timeout=60) == 128 + signum
+        assert "splatface build: build cancelled" in proc.stderr.read().decode()
+        # --json's last line on failure, here too (it printed nothing)
+        assert json.loads(proc.stdout.read().decode().splitlines()[-1]) == {
+            "error": {"code": "cancelled", "message": "build cancelled"}
+        }
         while "cancelled" not in svc.log.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert "cancelled" in svc.log.read_text()
@@ -388,11 +398,49 @@ def test_ctrl_c_too_late_to_cancel_names_the_avatar_kept(client, astronaut_png, 
 
     job = client.build(astronaut_png, name="late", preset="fast")
     kept = client.wait(job, timeout=300)["avatar_id"]
-    say_cancelled(client, job)  # the job ended as a cancel reached it: as if saving
-    err = capsys.readouterr().err
-    assert f"too late to cancel: the build was saving, and kept avatar {kept}" in err
-    assert f"splatface rm {kept} removes it" in err
+    said = say_cancelled(client, job)  # the job ended as a cancel reached it: as if saving
+    assert f"too late to cancel: the build was saving, and kept avatar {kept}" in said
+    assert f"splatface rm {kept} removes it" in said
     client.delete(kept)
+
+
+def test_ctrl_c_in_a_terminal_cancels_a_build_on_a_private_service(tmp_path, astronaut_png):
+    """A terminal's Ctrl-C signals the command's whole process group: the private service
+    went with it, and the cancel then waited out every attempt (90 s) and blamed the
+    service. Now the command cancels the build, stops its service, and says so."""
+    import signal
+    import time
+
+    photo, store = tmp_path / "portrait.png", tmp_path / "store"
+    photo.write_bytes(astronaut_png)
+    cmd = [sys.executable, "-m", "inference_service", "build", str(photo), "--store", str(store),
+           "--preset", "default", "--json"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
+    log, deadline = store / "service.log", time.monotonic() + 180
+    try:
+        # the build has begun once MediaPipe, which detects the face, logs its delegate
+        # (the service itself logs warnings only)
+        while not (log.is_file() and "XNNPACK" in log.read_text(errors="replace")):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal does
+        assert proc.wait(timeout=60) == 130
+        assert time.monotonic() - started < 30
+        assert "splatface build: build cancelled" in proc.stderr.read().decode()
+        assert json.loads(proc.stdout.read().decode().splitlines()[-1]) == {
+            "error": {"code": "cancelled", "message": "build cancelled"}
+        }
+        serving = []  # and the private service is gone
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError):  # a process that ended meanwhile
+                if str(store).encode() in cmdline.read_bytes():
+                    serving.append(cmdline)
+        assert serving == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_pass_files_sort_in_frame_order_past_frame_9999(tmp_path):
@@ -668,6 +716,25 @@ def test_eval_refuses_a_photo_file_that_is_no_image_itself(tmp_path, capsys):
         error = json.loads(capsys.readouterr().out.splitlines()[-1])["error"]
         assert error["code"] == "cli" and message in error["message"]
     assert not (tmp_path / "e").exists()
+
+
+def test_eval_keeps_too_large_and_waits_for_a_render_as_timeout_says(
+    tmp_path, capsys, service, astronaut_id, astronaut
+):
+    """A photo over the pixel limit keeps its ``too_large`` code (the CLI's own check made
+    it ``cli``); each render waits ``timeout`` (600 s whatever ``--timeout`` said)."""
+    from inference_service.evaluate import evaluate
+
+    huge = tmp_path / "huge.png"
+    Image.new("L", (9000, 9000)).save(huge)
+    assert main(["eval", "0" * 12, "--photo", str(huge), "--endpoint", "tcp://127.0.0.1:58102",
+                 "--json"]) == 1  # fmt: skip
+    error = json.loads(capsys.readouterr().out.splitlines()[-1])["error"]
+    assert error["code"] == "too_large" and str(huge) in error["message"]
+    with Client(service.endpoint) as client:  # its own timeout: the default 30 s
+        with pytest.raises(ProtocolError) as exc:
+            evaluate(client, astronaut_id, astronaut, tmp_path / "e", size=2048, timeout=0.3)
+    assert exc.value.code == "timeout" and "'render'" in exc.value.message
 
 
 def test_eval_tells_floaters_from_a_soft_edge():
