@@ -92,9 +92,7 @@ def create_avatar(
         ob.splatface.role = role
         ob.splatface.center = center
 
-    marks = rest_marks(vertices)
-    proxy.splatface.rest_marks = marks.tolist()
-    proxy.splatface.rest_points = vertices[marks].astype(np.float64).ravel().tolist()
+    mesh[REST_PROPERTY] = np.ascontiguousarray(vertices, np.float32).ravel()
 
     proxy.shape_key_add(name="Basis", from_mix=False)
     flat = np.ascontiguousarray(vertices, np.float32)
@@ -107,54 +105,70 @@ def create_avatar(
     return proxy, head
 
 
-#: Metres a landmark of the proxy's Basis may stray from the affine map of the others
-#: before the mesh counts as edited (the coordinates are float32: ~1e-7 m at a head).
+#: The avatar's rest mesh, float32 ``[V * 3]``, kept on the proxy's mesh (shared by its
+#: linked duplicates): what :func:`mesh_transform` compares the Basis with.
+REST_PROPERTY = "splatface_rest"
+#: Metres a vertex of the proxy's Basis may stray from an affine map of the rest mesh
+#: before the mesh counts as edited, plus a millionth of its coordinates' size (float32
+#: coordinates 300 m out are good to 3e-5 m).
 EDIT_TOLERANCE = 1e-5
-
-
-def rest_marks(vertices: np.ndarray) -> np.ndarray:
-    """int ``[8]``: vertices spread around the rest mesh (its extremes along the axes and
-    two diagonals), not all in a plane, so their positions fix an affine map."""
-    v = np.asarray(vertices, np.float64)
-    x, y, z = v.T
-    return np.array([x.argmin(), x.argmax(), y.argmin(), y.argmax(), z.argmin(), z.argmax(),
-                     (x + y + z).argmax(), (x - y + z).argmin()])  # fmt: skip
+#: Modifiers that leave the vertices where they are (normals, UVs, weights, topology).
+KEEPS_VERTICES = {"EDGE_SPLIT", "NORMAL_EDIT", "TRIANGULATE", "UV_PROJECT", "UV_WARP",
+                  "VERTEX_WEIGHT_EDIT", "VERTEX_WEIGHT_MIX", "VERTEX_WEIGHT_PROXIMITY",
+                  "WEIGHTED_NORMAL"}  # fmt: skip
 
 
 def mesh_transform(proxy: bpy.types.Object) -> tuple[np.ndarray, str]:
     """(``[4, 4]`` map from the avatar's rest mesh to the proxy's Basis as it is now,
     what the render cannot follow or ""). Set Origin, Apply Rotation & Scale and the like
     move the mesh inside its object, and the splats, posed by the object's matrix alone,
-    stayed behind: rendered at ``matrix_world @`` this map they go with it. An edit that
-    is no affine map of the whole mesh (sculpting, deleted vertices) is named, and the
-    splats keep the avatar's own shape."""
-    original = proxy.original
+    stayed behind: rendered at ``matrix_world @`` this map they go with it. A map the
+    service cannot pose a head by (a stretch, a mirror), vertices added or deleted, and
+    edits no map of the whole mesh explains (sculpting) are named instead, and the splats
+    keep the avatar's own shape and place."""
     eye = np.eye(4)
-    marks = np.array(original.splatface.rest_marks, np.int64)
-    rest = np.array(original.splatface.rest_points, np.float64).reshape(-1, 3)
-    if not rest.any():  # a file from before the marks: nothing to compare with
+    mesh = proxy.original.data
+    stored = mesh.get(REST_PROPERTY)
+    if stored is None:  # a proxy from before the rest mesh was kept: nothing to compare
         return eye, ""
-    key = original.data.shape_keys
-    points = original.data.vertices if key is None else key.reference_key.data
-    if marks.max() >= len(points):
-        return eye, "edits to its mesh (vertices deleted)"
-    now = np.array([points[int(i)].co for i in marks], np.float64)
-    if np.abs(now - rest).max() <= EDIT_TOLERANCE:
+    rest = np.asarray(stored, np.float64).reshape(-1, 3)
+    key = mesh.shape_keys
+    points = mesh.vertices if key is None else key.reference_key.data
+    if len(points) != len(rest):
+        return eye, "vertices added to or deleted from its mesh"
+    now = np.empty(3 * len(points), np.float32)
+    points.foreach_get("co", now)
+    now = now.reshape(-1, 3).astype(np.float64)
+    tolerance = EDIT_TOLERANCE + 1e-6 * float(np.abs(now).max(initial=0.0))
+    if np.abs(now - rest).max(initial=0.0) <= tolerance:
         return eye, ""
     homogeneous = np.concatenate([rest, np.ones((len(rest), 1))], axis=1)
     fitted, *_ = np.linalg.lstsq(homogeneous, now, rcond=None)
-    if np.abs(homogeneous @ fitted - now).max() > EDIT_TOLERANCE:
+    if np.abs(homogeneous @ fitted - now).max() > tolerance:
         return eye, "edits to its mesh (the splats keep the avatar's shape)"
-    out = eye.copy()
-    out[:3] = fitted.T
+    linear = fitted[:3].T
+    u, sigma, vt = np.linalg.svd(linear)
+    if np.linalg.det(linear) <= 0 or sigma.max() - sigma.min() > 1e-4 * sigma.mean():
+        return eye, "a stretch or mirror of its mesh (the splats keep the avatar's shape)"
+    out = eye.copy()  # the nearest rotation and uniform scale, which the service takes
+    out[:3, :3] = sigma.mean() * (u @ vt)
+    out[:3, 3] = (now - rest @ out[:3, :3].T).mean(axis=0)
     return out, ""
 
 
 def modifiers_shown(proxy: bpy.types.Object, final_render: bool) -> list[str]:
-    """Names of the proxy's modifiers that show in a render (or the viewport): the
-    splats follow the shape keys and the object's transform, not a modifier's mesh."""
-    return [m.name for m in proxy.original.modifiers
-            if (m.show_render if final_render else m.show_viewport)]  # fmt: skip
+    """Names of the proxy's modifiers that show in a render (or the viewport) and may
+    move its vertices: the splats follow the shape keys and the object's transform, not
+    a modifier's mesh. Shade Auto Smooth's node group only sets normals."""
+    return [
+        m.name
+        for m in proxy.original.modifiers
+        if (m.show_render if final_render else m.show_viewport)
+        and m.type not in KEEPS_VERTICES
+        and not (
+            m.type == "NODES" and m.node_group and m.node_group.name.startswith("Smooth by Angle")
+        )
+    ]
 
 
 def proxies(objects: Any) -> list[bpy.types.Object]:

@@ -18,10 +18,6 @@ class SPLATFACE_PG_object(bpy.types.PropertyGroup):
     avatar_name: bpy.props.StringProperty(name="Avatar name")
     role: bpy.props.EnumProperty(name="Role", items=ROLES, default="NONE")
     center: bpy.props.FloatVectorProperty(name="Head centre", size=3, subtype="TRANSLATION")
-    #: a proxy's landmarks of the avatar's rest mesh: vertex indices and their rest
-    #: positions (see ``avatar.mesh_transform``); zeros in files from before them
-    rest_marks: bpy.props.IntVectorProperty(name="Rest marks", size=8)
-    rest_points: bpy.props.FloatVectorProperty(name="Rest points", size=24)
 
 
 class SPLATFACE_PG_avatar_item(bpy.types.PropertyGroup):

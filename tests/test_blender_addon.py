@@ -575,6 +575,8 @@ def test_the_splats_follow_the_proxy_mesh_moved_inside_its_object(scene, astrona
     or went back to the avatar's unscaled, unturned rest, without a word). An edit no
     affine map explains and a modifier are named: the splats cannot follow those. The
     ``.ply`` export, posed the same way, likewise."""
+    import bmesh
+
     from blender_addon import avatar, ops
 
     proxy = import_avatar(bpy, astronaut_id)
@@ -605,15 +607,30 @@ def test_the_splats_follow_the_proxy_mesh_moved_inside_its_object(scene, astrona
     assert bpy.ops.object.transform_apply(location=True, rotation=True, scale=True) == {"FINISHED"}
     assert np.allclose(head(), placed, atol=1e-5)
     assert np.abs(exported("applied.ply") - splats).max() < 1e-5
+    scene.cursor.location = (300.0, 0.0, 0.0)  # far out, float32 rounds the mesh to 3e-5 m
+    assert bpy.ops.object.origin_set(type="ORIGIN_CURSOR") == {"FINISHED"}
+    assert np.allclose(head(), placed, atol=1e-4)
+
+    def said() -> str:
+        (frame,) = avatar.gather(bpy.context.evaluated_depsgraph_get(), final_render=True)
+        return frame.warning.removeprefix(f"{proxy.name}: the render ignores ")
 
     basis = proxy.data.shape_keys.reference_key.data
-    basis[proxy.splatface.rest_marks[3]].co.z += 0.01  # one vertex pulled: a sculpt
-    depsgraph = bpy.context.evaluated_depsgraph_get()
-    (frame,) = avatar.gather(depsgraph, final_render=True)
-    assert frame.warning == (
-        f"{proxy.name}: the render ignores edits to its mesh (the splats keep the avatar's shape)"
-    )
-    basis[proxy.splatface.rest_marks[3]].co.z -= 0.01
+    basis[100].co.z += 0.01  # one vertex pulled: a sculpt
+    assert said() == "edits to its mesh (the splats keep the avatar's shape)"
+    basis[100].co.z -= 0.01
+    # a stretch, which the service cannot pose a head by: named, and the render goes on
+    points = np.empty(3 * len(basis), np.float32)
+    basis.foreach_get("co", points)
+    basis.foreach_set("co", points * np.tile(np.float32([1, 1, 1.05]), len(basis)))
+    assert said() == "a stretch or mirror of its mesh (the splats keep the avatar's shape)"
+    assert np.allclose(avatar.gather(bpy.context.evaluated_depsgraph_get(), True)[0].head,
+                       np.array(proxy.matrix_world))  # fmt: skip
+    basis.foreach_set("co", points)
+    assert said() == ""
+    # Shade Auto Smooth's modifier sets normals only
+    assert bpy.ops.object.shade_auto_smooth() == {"FINISHED"}
+    assert said() == ""
     bend = proxy.modifiers.new("Bend", "SIMPLE_DEFORM")
     bend.show_viewport = False  # a render's warning counts what renders
     (frame,) = avatar.gather(bpy.context.evaluated_depsgraph_get(), final_render=True)
@@ -625,6 +642,12 @@ def test_the_splats_follow_the_proxy_mesh_moved_inside_its_object(scene, astrona
     warnings: list[str] = []
     ops.export_frames(proxy, str(tmp_path / "bent.ply"), "CURRENT", 1, 1, warnings=warnings)
     assert warnings == [frame.warning.replace("the render", "the export")]
+    bm = bmesh.new()  # ten vertices deleted
+    bm.from_mesh(proxy.data)
+    bmesh.ops.delete(bm, geom=list(bm.verts)[-10:], context="VERTS")
+    bm.to_mesh(proxy.data)
+    bm.free()
+    assert "vertices added to or deleted from its mesh" in said()
 
 
 def test_a_linked_avatar_named_as_a_local_one_keeps_its_own_warning(scene, astronaut_id, tmp_path):
