@@ -132,7 +132,8 @@ def connect(args: argparse.Namespace) -> Iterator[Client]:
         with Client(args.endpoint, timeout=args.timeout or REPLY_TIMEOUT, curve=curve) as c:
             yield c
         return
-    with private_service(Path(args.store or default_store()), args.device) as endpoint:
+    store = store_folder(args.command, Path(args.store or default_store()))
+    with private_service(store, args.device) as endpoint:
         with Client(endpoint, timeout=args.timeout or REPLY_TIMEOUT) as c:
             yield c
 
@@ -504,7 +505,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         service = Service(
-            store=args.store or default_store(),
+            store=store_folder("serve", Path(args.store or default_store())),
             endpoint=args.endpoint or DEFAULT_ENDPOINT,
             device=args.device,
             curve_keys=args.curve_keys,
@@ -1271,6 +1272,26 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def endpoint_error(endpoint: str | None, exc: zmq.ZMQError) -> str:
+    """What was wrong with an endpoint ZeroMQ refused: in use, not this machine's, or
+    not an endpoint at all."""
+    endpoint = endpoint or DEFAULT_ENDPOINT
+    if exc.errno == errno.EADDRINUSE:
+        return (f"{endpoint} is in use: another service or program listens there; stop it, "
+                "or give another port")  # fmt: skip
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{endpoint} names an address that is not this machine's"
+    return (f"ZeroMQ cannot use the endpoint {endpoint!r} ({exc.strerror}); give one such as "
+            f"{DEFAULT_ENDPOINT}")  # fmt: skip
+
+
+def store_folder(command: str, path: Path) -> Path:
+    """``path`` for ``--store``, or SystemExit where it is a file (it read 'File exists')."""
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"splatface {command}: --store {path} is a file, not a folder")
+    return path
+
+
 def _stop_on(signum: int, frame: Any) -> None:
     """SIGTERM or SIGHUP (a closed terminal) stop a command as Ctrl-C does: its build is
     cancelled and its private service, in a session of its own, stopped."""
@@ -1298,12 +1319,7 @@ def main(argv: list[str] | None = None) -> int:
             print_json_error("cli", exc.code)
         raise
     except zmq.ZMQError as exc:  # an endpoint ZeroMQ cannot use ("localhost:5555")
-        endpoint = getattr(args, "endpoint", None) or DEFAULT_ENDPOINT
-        message = (
-            f"ZeroMQ cannot use the endpoint {endpoint!r} ({exc.strerror}); give one such as "
-            f"{DEFAULT_ENDPOINT}"
-        )
-        return refuse(args, message, status=1)
+        return refuse(args, endpoint_error(getattr(args, "endpoint", None), exc), status=1)
     except OSError as exc:  # a file the command could not read or write: say which
         logging.getLogger(__name__).debug("%s failed", args.command, exc_info=True)
         where = f": {exc.filename}" if exc.filename else ""

@@ -391,6 +391,26 @@ def test_ctrl_c_during_a_build_cancels_it_on_the_service(tmp_path, astronaut_png
         svc.stop()
 
 
+def test_a_port_in_use_and_a_store_that_is_a_file_are_named_as_such(tmp_path):
+    """A port another program holds read as a malformed endpoint ('give one such as
+    tcp://127.0.0.1:5555'), a --store that is a file as 'File exists'."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        endpoint = f"tcp://127.0.0.1:{held.getsockname()[1]}"
+        r = run("serve", "--endpoint", endpoint, "--store", tmp_path / "store", check=False)
+    assert r.returncode == 1, r.stderr
+    assert f"splatface serve: {endpoint} is in use: another service or program listens" in r.stderr
+    (tmp_path / "file").write_text("")
+    said = f"--store {tmp_path / 'file'} is a file, not a folder"
+    r = run("serve", "--store", tmp_path / "file", "--endpoint", "tcp://127.0.0.1:0", check=False)
+    assert r.returncode == 1 and f"splatface serve: {said}" in r.stderr, r.stderr
+    r = run("avatars", "--store", tmp_path / "file", "--json", check=False)
+    assert r.returncode == 1 and said in last_json(r)["error"]["message"]
+
+
 def test_ctrl_c_too_late_to_cancel_names_the_avatar_kept(client, astronaut_png, capsys):
     """Ctrl-C while the service saves (past the build's last check) cannot stop it: the
     CLI said nothing and left the avatar behind unnamed."""
