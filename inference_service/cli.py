@@ -809,8 +809,9 @@ RENDER_FILES = ("rgb_*.png", "alpha_*.png", "depth_*.npy", "normal_*.npy", "prev
 
 def earlier_take(out: Path, patterns: tuple[str, ...], written: list[str], record: dict) -> str:
     """A note naming the files in ``out`` like the command's own (``patterns``) that it
-    did not write: an earlier, longer take's, which read as part of this one. Their
-    count goes into ``record`` as ``other_frames``; "" when there are none."""
+    did not write (an earlier, longer take's frames, which read as part of this one; an
+    earlier render's other passes). Their count goes into ``record`` as
+    ``other_frames``; "" when there are none."""
     mine = {Path(p).resolve() for p in written}
     found = {p for pattern in patterns for p in out.glob(pattern)}
     others = sorted(p for p in found if p.resolve() not in mine)
@@ -818,7 +819,7 @@ def earlier_take(out: Path, patterns: tuple[str, ...], written: list[str], recor
         return ""
     record["other_frames"] = len(others)
     return (f"\nnote: {out} also holds {len(others)} file(s) like these that this command did "
-            f"not write ({others[0].name} ...), from an earlier take")  # fmt: skip
+            f"not write ({others[0].name} ...), left by an earlier command")  # fmt: skip
 
 
 def cmd_export(args: argparse.Namespace) -> int:

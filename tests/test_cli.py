@@ -171,6 +171,12 @@ def test_render_with_curves_csv(tmp_path, service, astronaut_id):
     again = last_json(run("render", astronaut_id, "--endpoint", service.endpoint, "--size", 16,
                           "--passes", "normal", "--out", only, "--json"))  # fmt: skip
     assert again["other_frames"] == 3  # normal_0001, normal_0002, preview.mp4
+    # another pass of the same take is named as left there, not as an earlier take's
+    text = run("render", astronaut_id, "--endpoint", service.endpoint, "--curves", csv,
+               "--size", 16, "--passes", "alpha", "--out", only).stdout  # fmt: skip
+    assert "that this command did not write (normal_0000.npy ...), left by an earlier command" in (
+        text
+    )
 
 
 def test_render_live_link_face_take_with_head_motion_and_mp4(tmp_path, service, astronaut_id):
