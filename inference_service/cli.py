@@ -1140,7 +1140,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         help="paint the parts of the head the photo never saw with local diffusion weights: "
         "a Stable Diffusion inpainting folder and optionally a depth ControlNet folder "
         "(see the README; needs splatface[enhance]; a path holding a comma is taken whole "
-        "where it exists); 'none' turns off the service's own (default: the service's choice)",
+        "where it exists and its pieces are not both folders); 'none' turns off the "
+        "service's own (default: the service's choice)",
     )
     common(sp)
     sp.set_defaults(func=cmd_build)
