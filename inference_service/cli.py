@@ -1305,10 +1305,28 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     level = getattr(args, "log_level", "warning").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command != "serve":  # serve stops itself on these
-        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-            if sig is not None:
-                signal.signal(sig, _stop_on)
+    with _stopping_on_signals(args.command != "serve"):  # serve stops itself on these
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _stopping_on_signals(wanted: bool) -> Iterator[None]:
+    """SIGTERM and SIGHUP handled by :func:`_stop_on` for the command, as they were
+    after it (``main`` called in a script or a test leaves no handler behind)."""
+    signals = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = (
+        {sig: signal.signal(sig, _stop_on) for sig in signals} if wanted and main_thread else {}
+    )
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, its failures reported as the README's error contract says."""
     try:
         return args.func(args)
     except ProtocolError as exc:

@@ -763,6 +763,18 @@ def test_eval_keeps_too_large_and_waits_for_a_render_as_timeout_says(
     assert exc.value.code == "timeout" and "'render'" in exc.value.message
 
 
+def test_main_in_a_script_leaves_its_signal_handlers_as_they_were(tmp_path):
+    """main() handles SIGTERM and SIGHUP while a command runs (they stop it as Ctrl-C
+    does); a script or test calling it keeps its own handlers afterwards."""
+    import signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    with pytest.raises(SystemExit):
+        main(["eval", "0" * 12, "--photo", str(tmp_path / "missing.jpg"), "--endpoint",
+              "tcp://127.0.0.1:58103"])  # fmt: skip
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
 def test_eval_tells_floaters_from_a_soft_edge():
     """``stray`` counts every faint pixel more than 3 px outside the silhouette;
     ``floaters`` only those in blobs that do not touch it."""
