@@ -607,6 +607,7 @@ class Service:
                 "max_image_bytes": messages.MAX_IMAGE_BYTES,
                 "shape_names": list(ARKIT_NAMES),
                 "enhance": {"available": has_diffusers(), "default": self.enhance is not None},
+                "fields": messages.request_fields(),
             },
         }, None
 

@@ -169,6 +169,9 @@ class Client:
         self._failures = 0  # handshakes failed since the last that succeeded
         self._failing_since: float | None = None  # monotonic time of the first of them
         self._failed_last = 0.0  # and of the last
+        # what ``hello`` said of the service's request fields, and its version: asked
+        # once a connection, where a request uses a field older services drop
+        self._service_fields: tuple[dict[str, list[str]], str] | None = None
         self._lock = threading.RLock()
 
     # -- plumbing -----------------------------------------------------------------
@@ -238,6 +241,7 @@ class Client:
         return _WRONG_SERVER if keyed else _NEEDS_KEYS
 
     def _reset(self) -> None:
+        self._service_fields = None  # a service started again may be another version
         if self._sock is not None:
             self._close_monitor(self._sock)
             self._sock.close(linger=0)
@@ -268,6 +272,7 @@ class Client:
         another thread may then start work of its own without delaying the send)."""
         timeout = self.timeout if timeout is None else timeout
         retries = self.retries if retries is None else retries
+        self._check_fields(op, fields or {}, timeout)
         req_id = uuid.uuid4().hex
         header = {"protocol": PROTOCOL_VERSION, "op": op, "id": req_id}
         header.update({k: v for k, v in (fields or {}).items() if v is not None})
@@ -305,6 +310,30 @@ class Client:
                 or "is the service running, and not busy with longer renders (two run at a time)?"
             ),
         )
+
+    def _check_fields(self, op: str, fields: Mapping[str, Any], timeout: float) -> None:
+        """Refuse to send a field the service would drop unseen (an older service): its
+        answer would ignore what was asked (a ``.ply`` without the SH degree asked for).
+        Only fields newer than services' reports of theirs cost a ``hello``, once."""
+        spec = messages.OPS.get(op)
+        newer = messages.UNREPORTED_FIELDS.get(op, ())
+        asked = [name for name in newer if spec is not None and
+                 fields.get(name) not in (None, spec.fields[name].default)]  # fmt: skip
+        if not asked:
+            return
+        if self._service_fields is None:
+            hello = self.request("hello", {"client": "protocol.Client"}, timeout=timeout).header
+            reported = hello.get("capabilities", {}).get("fields")
+            self._service_fields = (reported or {}, hello.get("service_version", "?"))
+        known, version = self._service_fields
+        for name in asked:
+            if name not in known.get(op, ()):
+                raise ProtocolError(
+                    errors.UNSUPPORTED_VERSION,
+                    f"the service at {self.endpoint} (splatface {version}) does not take "
+                    f"{op}'s {name!r}, and would answer as if it had not been asked: it is "
+                    "older than this client; update it",
+                )
 
     # -- ops ------------------------------------------------------------------------
 

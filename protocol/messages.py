@@ -206,6 +206,19 @@ def _check_scalar(name: str, kind: str, value: Any, spec: Field) -> Any:
     raise AssertionError(kind)
 
 
+def request_fields() -> dict[str, list[str]]:
+    """Every op's request fields, as ``hello`` reports them (``capabilities.fields``): a
+    service drops fields it does not know, so a client asks before it relies on one."""
+    return {op: sorted(spec.fields) for op, spec in OPS.items()}
+
+
+#: Fields added after services began to report theirs (``hello``'s
+#: ``capabilities.fields``): a service that does not report them does not know them
+#: (``export``'s ``sh_degree`` is the first; such a service wrote no ``f_rest_*`` for it,
+#: and said nothing). Every other field dates from before.
+UNREPORTED_FIELDS = {"export": ("sh_degree",)}
+
+
 def _bad(message: str) -> ProtocolError:
     return ProtocolError(errors.BAD_REQUEST, message)
 

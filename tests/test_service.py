@@ -1159,3 +1159,47 @@ def test_non_loopback_needs_curve_keys(tmp_path, endpoint):
          "--store", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 2 and "--curve-keys" in r.stderr
+
+
+def test_a_field_an_older_service_would_drop_is_not_sent_to_it(client, astronaut_id):
+    """A service drops request fields it does not know: an older one answered an export
+    at ``sh_degree`` 3 with a ``.ply`` of none, and said nothing. Services now report their
+    fields in ``hello``; the client refuses, before sending, a field the service does not
+    report. Here an older service is stood in for by a socket answering ``hello`` as
+    they did (no ``fields``), and anything else with a ``.ply`` of no ``f_rest``."""
+    from protocol.codec import REQUEST_LIMITS, decode, encode
+
+    assert "sh_degree" in client.hello()["capabilities"]["fields"]["export"]
+    assert len(client.export(astronaut_id, sh_degree=3).arrays["file"]) > 0  # this service
+
+    ctx = zmq.Context.instance()
+    older = ctx.socket(zmq.ROUTER)
+    port = older.bind_to_random_port("tcp://127.0.0.1")
+    asked: list[str] = []
+
+    def answer() -> None:
+        while older.poll(3000):
+            route, *frames = older.recv_multipart()
+            request = decode(frames, REQUEST_LIMITS).header
+            asked.append(request["op"])
+            if request["op"] == "hello":
+                reply = {"service": "splatface", "service_version": "0.1.0",
+                         "capabilities": {"ops": ["hello", "export"]}}  # fmt: skip
+            else:
+                reply = {"format": "ply"}
+            older.send_multipart([route, *encode({"id": request["id"], "ok": True, **reply})])
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    try:
+        with Client(f"tcp://127.0.0.1:{port}", timeout=5) as c:
+            c.export(astronaut_id)  # no field it lacks: sent as ever, no hello
+            with pytest.raises(ProtocolError) as e:
+                c.export(astronaut_id, sh_degree=3)
+        assert e.value.code == errors.UNSUPPORTED_VERSION
+        assert "does not take export's 'sh_degree'" in e.value.message
+        assert "older than this client; update it" in e.value.message
+    finally:
+        thread.join()
+        older.close(linger=0)
+    assert asked == ["export", "hello"]  # the export at degree 3 never went
