@@ -16,7 +16,10 @@ from protocol.arkit import NUM_SHAPES
 if TYPE_CHECKING:
     from .build.texture import Texture
 
-FORMAT_VERSION = 1
+#: The avatar files' format: 2 since ``appear`` holds negative factors (Gaussians that
+#: fade out as their triangles stretch), which version 1's readers refuse or misread.
+#: Stores read every version up to this one and refuse a newer one by name.
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)

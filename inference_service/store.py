@@ -125,6 +125,13 @@ class Store:
 
     def load(self, avatar_id: str) -> Avatar:
         meta = self.meta(avatar_id)
+        version = 1 if meta.get("format_version") is None else meta["format_version"]
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ProtocolError(
+                errors.UNSUPPORTED_VERSION,
+                f"avatar {avatar_id} was written by a newer splatface (format {version}; this "
+                f"service reads up to {FORMAT_VERSION}): update the service",
+            )
         path = self._dir(avatar_id) / "avatar.npz"
         try:
             data = path.read_bytes()

@@ -354,4 +354,21 @@ def test_meta_json_is_plain_json(tmp_path):
     av = tiny_avatar()
     store.save(av)
     meta = json.loads((tmp_path / av.id / "meta.json").read_text())
-    assert meta["format_version"] == 1 and len(meta["sha256"]) == 64
+    assert meta["format_version"] == 2 and len(meta["sha256"]) == 64
+
+
+def test_an_avatar_of_a_newer_format_is_refused_by_name_and_older_ones_load(tmp_path):
+    """The format's version was written and never read: a newer splatface's avatar
+    would have been read as this one's. Older ones (and those with no version) load."""
+    store = Store(tmp_path)
+    store.save(tiny_avatar())
+    path = tmp_path / tiny_avatar().id / "meta.json"
+    meta = json.loads(path.read_text())
+    for version in (1, None):
+        path.write_text(json.dumps({**meta, "format_version": version}))
+        assert store.load(tiny_avatar().id).id == tiny_avatar().id
+    path.write_text(json.dumps({**meta, "format_version": 3}))
+    with pytest.raises(ProtocolError) as e:
+        store.load(tiny_avatar().id)
+    assert e.value.code == errors.UNSUPPORTED_VERSION
+    assert "written by a newer splatface (format 3; this service reads up to 2)" in e.value.message
