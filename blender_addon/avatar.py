@@ -118,6 +118,31 @@ KEEPS_VERTICES = {"EDGE_SPLIT", "NORMAL_EDIT", "TRIANGULATE", "UV_PROJECT", "UV_
                   "WEIGHTED_NORMAL"}  # fmt: skip
 
 
+#: Rest meshes fetched from the service, by avatar id (an id's avatar never changes),
+#: for proxies an older add-on added without :data:`REST_PROPERTY`.
+fetched_rest: dict[str, np.ndarray] = {}
+
+
+def fetch_rest(client: Any, objects: Any, timeout: float) -> None:
+    """Fetch into :data:`fetched_rest` the rest mesh of each proxy among ``objects`` that
+    lacks one (added by an older add-on, whose Set Origin and Apply moved the splats off
+    the mesh unseen). A service that cannot answer leaves them unchecked: the render's
+    own request then says why."""
+    wanted = {
+        ob.original.splatface.avatar_id
+        for ob in proxies(objects)
+        if REST_PROPERTY not in ob.original.data
+        and ob.original.splatface.avatar_id not in fetched_rest
+    }
+    for avatar_id in wanted:
+        try:
+            reply = client.request("get", {"avatar": avatar_id, "mesh": True, "rig": False},
+                                   timeout=min(timeout, 10.0), retries=0)  # fmt: skip
+        except Exception:  # noqa: BLE001 (unchecked, as before; the render says why)
+            continue
+        fetched_rest[avatar_id] = np.ascontiguousarray(reply.arrays["vertices"], np.float32)
+
+
 def mesh_transform(proxy: bpy.types.Object) -> tuple[np.ndarray, str]:
     """(``[4, 4]`` map from the avatar's rest mesh to the proxy's Basis as it is now,
     what the render cannot follow or ""). Set Origin, Apply Rotation & Scale and the like
@@ -129,7 +154,9 @@ def mesh_transform(proxy: bpy.types.Object) -> tuple[np.ndarray, str]:
     eye = np.eye(4)
     mesh = proxy.original.data
     stored = mesh.get(REST_PROPERTY)
-    if stored is None:  # a proxy from before the rest mesh was kept: nothing to compare
+    if stored is None:  # added by an older add-on: the service's copy, where fetched
+        stored = fetched_rest.get(proxy.original.splatface.avatar_id)
+    if stored is None:
         return eye, ""
     rest = np.asarray(stored, np.float64).reshape(-1, 3)
     key = mesh.shape_keys

@@ -361,9 +361,11 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
                 self if view else None,
                 (self.resolution_x, self.resolution_y),
             )
-            frames = avatar.gather(depsgraph, final_render=True)
             settings = prefs.connection_settings().resolved()
             client = runtime.client()
+            shown = [inst.object for inst in depsgraph.object_instances]
+            avatar.fetch_rest(client, shown, settings.timeout)
+            frames = avatar.gather(depsgraph, final_render=True)
         except (ValueError, OSError) as exc:
             self._fail(str(exc))
             return False

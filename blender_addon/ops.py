@@ -636,6 +636,7 @@ def export_frames(
         target = out.with_suffix(".zip")
         atomic_write(target, data.tobytes())
         return [str(target)]
+    avatar.fetch_rest(client, [proxy], timeout)
     if mode == "CURRENT":
         frames = [scene.frame_current]
     else:

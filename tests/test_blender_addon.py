@@ -650,6 +650,38 @@ def test_the_splats_follow_the_proxy_mesh_moved_inside_its_object(scene, astrona
     assert "vertices added to or deleted from its mesh" in said()
 
 
+def test_a_proxy_an_older_add_on_added_follows_its_mesh_from_the_services_copy(
+    scene, astronaut_id, tmp_path
+):
+    """A proxy from before the add-on kept the rest mesh on it: renders and exports fetch
+    the avatar's rest mesh from the service (once an avatar), so Set Origin moves the
+    splats with the mesh there too; they stayed behind, unseen."""
+    from blender_addon import avatar, ops
+
+    proxy = import_avatar(bpy, astronaut_id)
+    del proxy.data[avatar.REST_PROPERTY]  # as an older add-on left it
+    avatar.fetched_rest.pop(astronaut_id, None)
+
+    def head() -> np.ndarray:
+        return avatar.gather(bpy.context.evaluated_depsgraph_get(), final_render=True)[0].head
+
+    placed = head()
+    bpy.ops.object.select_all(action="DESELECT")
+    proxy.select_set(True)
+    bpy.context.view_layer.objects.active = proxy
+    scene.cursor.location = (0.05, -0.2, 0.1)
+    assert bpy.ops.object.origin_set(type="ORIGIN_CURSOR") == {"FINISHED"}
+    assert not np.allclose(head(), placed, atol=1e-3)  # unchecked: off the mesh
+    add_camera_from_opencv(bpy, scene, orbit(proxy.splatface.center, 0.9), FOV, 32)
+    scene.render.filepath = str(tmp_path / "frame")
+    bpy.ops.render.render(write_still=True)  # a render fetches the service's copy
+    assert astronaut_id in avatar.fetched_rest
+    assert np.allclose(head(), placed, atol=1e-5)
+    avatar.fetched_rest.clear()
+    ops.export_frames(proxy, str(tmp_path / "head.ply"), "CURRENT", 1, 1)  # an export too
+    assert np.allclose(head(), placed, atol=1e-5)
+
+
 def test_a_linked_avatar_named_as_a_local_one_keeps_its_own_warning(scene, astronaut_id, tmp_path):
     """Warnings were kept per object name: a proxy linked from another file and named as
     a local one took the local one's (none), and the render said nothing of its own."""
