@@ -464,13 +464,16 @@ class Service:
             if op == "delete":
                 return [*route, *self._delete_once(req_id, fields)]
             header, out = getattr(self, "_op_" + op)(fields, arrays)
+            # encoded here, inside the try: a value msgpack cannot hold (an integer past
+            # 64 bits in a meta.json edited by hand) failed outside it and stopped the
+            # service
+            return [*route, *self._ok(op, req_id, header, out)]
         except ProtocolError as exc:
             if op is None:  # refused while decoding: answer the id the caller waits on
                 op, req_id = request_op_and_id(body)
             return [*route, *self._error(op, req_id, exc)]
         except Exception as exc:
             return [*route, *self._error(op, req_id, self._unforeseen(op, exc))]
-        return [*route, *self._ok(op, req_id, header, out)]
 
     def _delete_once(self, req_id: str | None, fields: dict[str, Any]) -> list[Any]:
         """A delete's reply; a retry of one already done gets its reply again (see

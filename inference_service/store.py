@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,7 @@ class Store:
     def meta(self, avatar_id: str) -> dict[str, Any]:
         path = self._dir(avatar_id) / "meta.json"
         try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
+            meta = json.loads(read_regular(path, META_BYTES).decode("utf-8"))
         except FileNotFoundError:
             raise ProtocolError(errors.NOT_FOUND, f"no avatar {avatar_id!r}") from None
         except (OSError, ValueError) as exc:
@@ -134,7 +135,7 @@ class Store:
             )
         path = self._dir(avatar_id) / "avatar.npz"
         try:
-            data = path.read_bytes()
+            data = read_regular(path, AVATAR_BYTES)
             if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
                 raise ValueError("checksum mismatch")
             import io
@@ -209,20 +210,43 @@ class Store:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+#: Largest files a store reads (a meta.json is a few KB, an avatar's arrays tens of MB):
+#: past them an avatar is damaged, not read whole into memory.
+META_BYTES = 1 << 20
+AVATAR_BYTES = 1 << 30
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``limit`` bytes; ValueError for
+    anything else. A FIFO put in a store hung ``list`` (and every client behind it), and
+    a link to /dev/zero was read until memory ran out."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{path.name} is not a regular file")
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path.name} is over {limit} bytes")
+    return data
+
+
 def _summary_types(meta: dict[str, Any]) -> bool:
     """Whether what :func:`summary` serves has the types clients rely on (a meta.json
     edited by hand with a text for ``center`` crashed the CLI framing its camera)."""
 
-    def number(v: Any) -> bool:
-        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    def number(v: Any) -> bool:  # one msgpack can send: an integer within 64 bits
+        if isinstance(v, int) and not isinstance(v, bool):
+            return -(1 << 63) <= v < 1 << 63
+        return isinstance(v, float) and math.isfinite(v)
 
     center, warnings = meta.get("center", [0, 0, 0]), meta.get("warnings", [])
     return (
         isinstance(center, list) and len(center) == 3 and all(number(c) for c in center)
         and number(meta.get("radius", 0.0))
-        and isinstance(meta.get("gaussians", 0), int)
+        and isinstance(meta.get("gaussians", 0), int) and number(meta.get("gaussians", 0))
+        and all(isinstance(meta.get(k, ""), str) for k in ("preset", "builder"))
         and isinstance(warnings, list)
-        and all(isinstance(w, dict) and isinstance(w.get("message"), str) for w in warnings)
+        and all(isinstance(w, dict) and isinstance(w.get("message"), str)
+                and isinstance(w.get("code", ""), str) for w in warnings)
     )  # fmt: skip
 
 

@@ -135,6 +135,48 @@ def test_damaged_avatars_are_skipped_and_refused(tmp_path):
         store.resolve("nobody")
 
 
+def test_odd_files_in_a_store_are_damaged_avatars_not_a_hang_or_a_crash(tmp_path):
+    """A hand-edited meta.json with a number msgpack cannot hold stopped the service at
+    the next list; a FIFO for a meta.json hung list (and every client behind it); a link
+    to /dev/zero was read until memory ran out. Each is a damaged avatar now."""
+    import os
+    import threading
+
+    store = Store(tmp_path)
+    good = tiny_avatar("aaaaaaaaaaaa")
+    store.save(good)
+    summary = json.loads((tmp_path / good.id / "meta.json").read_text())
+    for damaged, wrong in (("111111111111", {"gaussians": 10**20}),
+                           ("111111111112", {"radius": -(10**30)}),
+                           ("111111111113", {"center": [0, 0, 2**64]}),
+                           ("111111111114", {"preset": 10**20}),
+                           ("111111111115", {"warnings": [{"code": 10**20, "message": ""}]}),
+                           ):  # fmt: skip
+        (tmp_path / damaged).mkdir()
+        (tmp_path / damaged / "meta.json").write_text(
+            json.dumps({**summary, "id": damaged, **wrong})
+        )
+        with pytest.raises(ProtocolError, match="damaged meta.json"):
+            store.meta(damaged)
+    (tmp_path / "222222222222").mkdir()
+    os.mkfifo(tmp_path / "222222222222" / "meta.json")
+    (tmp_path / "333333333333").mkdir()
+    os.symlink("/dev/zero", tmp_path / "333333333333" / "meta.json")
+    listed: list = []
+    lister = threading.Thread(target=lambda: listed.append(store.list()), daemon=True)
+    lister.start()
+    lister.join(timeout=20)
+    assert listed and [m["id"] for m in listed[0]] == [good.id]
+    for damaged in ("222222222222", "333333333333"):
+        with pytest.raises(ProtocolError, match="is damaged: meta.json is not a regular file"):
+            store.meta(damaged)
+    npz = tmp_path / good.id / "avatar.npz"
+    npz.unlink()
+    os.symlink("/dev/zero", npz)
+    with pytest.raises(ProtocolError, match="avatar.npz is not a regular file"):
+        store.load(good.id)
+
+
 def test_an_avatar_deleted_while_it_loads_is_not_found_not_damaged(tmp_path):
     class Racing(Store):
         def meta(self, avatar_id):
