@@ -814,7 +814,7 @@ class Service:
         # a folder of this request's own: two exports of one avatar at once must not
         # write each other's frames under the names their replies list
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        folder = self.exports / avatar.id / stamp
+        folder = self._export_folder(avatar.id) / stamp
         written = []
         try:
             for i in frames:
@@ -828,6 +828,21 @@ class Service:
             raise
         return {"format": "ply", "folder": str(folder), "files": written}, None
 
+    def _export_folder(self, avatar_id: str) -> Path:
+        """``<exports>/<avatar id>``, refused where it is a symbolic link: a link planted
+        in a shared exports folder had the service write (as its own user) wherever it
+        pointed. The exports folder itself may be a link; the service makes what lies
+        below it."""
+        folder = self.exports / avatar_id
+        if folder.is_symlink():
+            raise ProtocolError(
+                errors.STORAGE,
+                f"{folder} is a symbolic link: the service writes exports only into folders "
+                "of its own there; remove the link",
+                {"path": str(folder)},
+            )
+        return folder
+
     def _export_bundle(self, avatar, fields):
         """The rigged bundle (docs/rigged-bundle.md): a zip in the reply or the service's
         export folder; curves and frames do not apply (it is the rig itself)."""
@@ -836,8 +851,10 @@ class Service:
         data = bundle_zip(avatar)
         if fields["to"] == "reply":
             return {"format": "bundle", "bytes": len(data)}, {"file": np.frombuffer(data, np.uint8)}
-        path = self.exports / avatar.id / f"{avatar.id}-rig.zip"
+        path = self._export_folder(avatar.id) / f"{avatar.id}-rig.zip"
         try:
+            if path.is_symlink():  # replaced, never written through (see _export_folder)
+                path.unlink()
             atomic_write(path, data)
         except OSError as exc:
             raise storage_error(exc, "cannot write the bundle into", path.parent) from exc

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import msgpack
@@ -1203,3 +1204,40 @@ def test_a_field_an_older_service_would_drop_is_not_sent_to_it(client, astronaut
         thread.join()
         older.close(linger=0)
     assert asked == ["export", "hello"]  # the export at degree 3 never went
+
+
+def test_the_service_writes_no_export_through_a_link_planted_in_its_exports(
+    tmp_path, service, astronaut_id
+):
+    """A link in a shared exports folder had the service write, as its own user, where it
+    pointed: over a file (the bundle's name linked to it), or into a folder elsewhere
+    (the avatar's folder a link). The first is replaced by the file, the second refused."""
+    import shutil
+
+    from .conftest import ServiceProcess
+
+    shutil.copytree(service.store / astronaut_id, tmp_path / "store" / astronaut_id)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim.txt"
+    victim.write_text("keep me")
+    mine = tmp_path / "store" / "exports" / astronaut_id
+    mine.mkdir(parents=True)
+    (mine / f"{astronaut_id}-rig.zip").symlink_to(victim)
+    svc = ServiceProcess(tmp_path / "store")
+    try:
+        with svc.client() as c:
+            (path,) = c.export(astronaut_id, format="bundle", to="folder").header["files"]
+            assert victim.read_text() == "keep me"
+            assert not Path(path).is_symlink() and zipfile.is_zipfile(path)
+            shutil.rmtree(mine)
+            mine.symlink_to(outside, target_is_directory=True)
+            with pytest.raises(ProtocolError) as e:
+                c.export(astronaut_id, frames=(0, 1), to="folder")
+            assert (
+                e.value.code == errors.STORAGE and f"{mine} is a symbolic link" in e.value.message
+            )
+            assert sorted(p.name for p in outside.iterdir()) == ["victim.txt"]
+            c.hello()  # and it serves on
+    finally:
+        svc.stop()
