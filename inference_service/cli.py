@@ -913,9 +913,12 @@ def export_bundle(args: argparse.Namespace) -> int:
 
 def cmd_avatars(args: argparse.Namespace) -> int:
     with connect(args) as client:
-        avatars = client.avatars()
+        listed = client.request("list").header
+    avatars, damaged = listed["avatars"], listed.get("damaged", [])
+    for entry in damaged:  # left out of the list: say so, rather than lose them unseen
+        print(f"splatface avatars: damaged, not listed: {entry['message']}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"avatars": avatars}))
+        print(json.dumps({"avatars": avatars, "damaged": damaged}))
     elif not avatars:
         print("no avatars yet: splatface build PHOTO")
     else:

@@ -652,7 +652,8 @@ class Service:
         return {"job": job.id, "state": job.state}, None
 
     def _op_list(self, fields, arrays):
-        return {"avatars": self.store.list(), "jobs": self.jobs.active()}, None
+        avatars, damaged = self.store.listing()
+        return {"avatars": avatars, "jobs": self.jobs.active(), "damaged": damaged}, None
 
     def _op_delete(self, fields, arrays):
         avatar_id = self.store.resolve(fields["avatar"])

@@ -151,10 +151,15 @@ class Store:
             ) from None
 
     def list(self) -> list[dict[str, Any]]:
-        """Summaries of every valid avatar, oldest first; damaged ones are logged. A meta
-        unchanged since the last listing (same file, size and time) is not read again:
-        saves replace it by a rename, so any change is a new file."""
-        out, known = [], {}
+        """Summaries of every valid avatar, oldest first; damaged ones are logged."""
+        return self.listing()[0]
+
+    def listing(self) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+        """(summaries of every valid avatar, oldest first; ``{id, message}`` of each
+        damaged one, which are logged too). A meta unchanged since the last listing (same
+        file, size and time) is not read again: saves replace it by a rename, so any
+        change is a new file."""
+        out, known, damaged = [], {}, []
         with os.scandir(self.root) as found:
             ids = sorted(e.name for e in found if ID_RE.match(e.name) and e.is_dir())
         for avatar_id in ids:
@@ -170,15 +175,18 @@ class Store:
                 if not (d / "avatar.npz").is_file():
                     raise ProtocolError(errors.INTERNAL, f"avatar {avatar_id} has no avatar.npz")
             except OSError as exc:  # deleted meanwhile, or its meta unreadable
-                log.warning("avatar %s: %s", avatar_id, exc)
+                if d.is_dir():
+                    log.warning("avatar %s: %s", avatar_id, exc)
+                    damaged.append({"id": avatar_id, "message": f"avatar {avatar_id}: {exc}"})
                 continue
             except ProtocolError as exc:
                 log.warning("%s", exc.message)
+                damaged.append({"id": avatar_id, "message": exc.message})
                 continue
             known[avatar_id] = (stamp, entry)
             out.append(dict(entry))
         self._summaries = known
-        return sorted(out, key=lambda m: m.get("created", ""))
+        return sorted(out, key=lambda m: m.get("created", "")), damaged
 
     def resolve(self, ref: str) -> str:
         """An avatar id from an id or a unique name."""

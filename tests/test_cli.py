@@ -397,6 +397,16 @@ def test_ctrl_c_during_a_build_cancels_it_on_the_service(tmp_path, astronaut_png
         svc.stop()
 
 
+def test_avatars_names_the_damaged_ones_it_leaves_out(tmp_path):
+    store = tmp_path / "store"
+    (store / "0123456789ab").mkdir(parents=True)
+    (store / "0123456789ab" / "meta.json").write_text("{not json")
+    r = run("avatars", "--store", store, "--json")
+    (damaged,) = last_json(r)["damaged"]
+    assert damaged["id"] == "0123456789ab" and "is damaged" in damaged["message"]
+    assert "splatface avatars: damaged, not listed: avatar 0123456789ab is damaged" in r.stderr
+
+
 def test_a_port_in_use_and_a_store_that_is_a_file_are_named_as_such(tmp_path):
     """A port another program holds read as a malformed endpoint ('give one such as
     tcp://127.0.0.1:5555'), a --store that is a file as 'File exists'."""

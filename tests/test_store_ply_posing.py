@@ -129,6 +129,14 @@ def test_damaged_avatars_are_skipped_and_refused(tmp_path):
         with pytest.raises(ProtocolError, match="damaged meta.json"):
             store.meta(damaged)
     assert [m["id"] for m in store.list()] == ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]
+    # named as damaged, which the listing left out in silence (only the log said so)
+    listed, damaged = store.listing()
+    assert [m["id"] for m in listed] == ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]
+    said = {d["id"]: d["message"] for d in damaged}
+    assert set(said) == {"cccccccccccc", "dddddddddddd", "eeeeeeeeeeee", "ffffffffffff",
+                         "999999999999", "777777777777", "777777777778", "777777777779",
+                         "77777777777a"}  # fmt: skip
+    assert "has no avatar.npz" in said["999999999999"] and "meta.json" in said["cccccccccccc"]
     with pytest.raises(ProtocolError, match="2 avatars are named 'tiny'"):  # past the damaged
         store.resolve("tiny")
     with pytest.raises(ProtocolError, match="no avatar with id or name 'nobody'"):
