@@ -983,14 +983,20 @@ def test_curve_security(tmp_path):
         ]
         for curve, why in cases:
             # refused in the handshake, and said so: not "is the service running?"
-            with Client(svc.endpoint, timeout=3, retries=0, curve=curve) as c:
-                t = time.monotonic()
-                with pytest.raises(ProtocolError) as e:
-                    c.hello()
-                assert e.value.code == errors.REFUSED and why in e.value.message
-                assert time.monotonic() - t < 5
+            assert_refused(svc.endpoint, curve, why, retries=0, within=5)
     finally:
         svc.stop()
+
+
+def assert_refused(endpoint: str, curve, why: str, retries: int, within: float) -> None:
+    """A ``hello`` at ``endpoint`` with ``curve`` keys is ``refused`` for ``why`` within
+    ``within`` seconds (attempts of 3 s each)."""
+    with Client(endpoint, timeout=3, retries=retries, curve=curve) as c:
+        t = time.monotonic()
+        with pytest.raises(ProtocolError) as e:
+            c.hello()
+        assert e.value.code == errors.REFUSED and why in e.value.message
+        assert time.monotonic() - t < within
 
 
 def test_curve_client_of_a_service_without_keys_is_refused_at_once(service, tmp_path):
@@ -1006,12 +1012,7 @@ def test_curve_client_of_a_service_without_keys_is_refused_at_once(service, tmp_
     ]
     try:
         for endpoint, curve, why in cases:
-            with Client(endpoint, timeout=3, retries=2, curve=curve) as c:
-                t = time.monotonic()
-                with pytest.raises(ProtocolError) as e:
-                    c.hello()
-                assert e.value.code == errors.REFUSED and why in e.value.message
-                assert time.monotonic() - t < 2
+            assert_refused(endpoint, curve, why, retries=2, within=2)
     finally:
         keyed.stop()
 
