@@ -618,14 +618,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                 raise
             raise ProtocolError(exc.code, exc.message + comma_hint(args.enhance),
                                 exc.details) from None  # fmt: skip
-        bar = Progress(1.0, "building", not args.json)
-        try:
-            st = client.wait(job, progress=lambda ev: bar.update_to(ev["fraction"], ev["message"]))
-        except KeyboardInterrupt as exc:  # the service would finish the build regardless
-            bar.close()
-            raise Interrupted(say_cancelled(client, job), getattr(exc, "status", 130)) from None
-        finally:
-            bar.close()
+        st = wait_for_build(client, job, not args.json)
         avatar_id = st["avatar_id"]
         info = avatar_info(client, avatar_id)
         namesakes = sum(a["name"] == info["name"] for a in client.avatars())
@@ -758,6 +751,20 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, message: str = "stopped by Ctrl-C", status: int = 130) -> None:
         super().__init__(message)
         self.message, self.status = message, status
+
+
+def wait_for_build(client: Client, job: str, show: bool) -> dict[str, Any]:
+    """Build ``job``'s final status, with a progress bar where ``show``; Ctrl-C (SIGTERM,
+    SIGHUP) cancels it on the service, which would finish it regardless, and raises
+    :class:`Interrupted` saying how it ended."""
+    bar = Progress(1.0, "building", show)
+    try:
+        return client.wait(job, progress=lambda ev: bar.update_to(ev["fraction"], ev["message"]))
+    except KeyboardInterrupt as exc:
+        bar.close()
+        raise Interrupted(say_cancelled(client, job), getattr(exc, "status", 130)) from None
+    finally:
+        bar.close()
 
 
 def say_cancelled(client: Client, job: str) -> str:
@@ -1291,7 +1298,11 @@ def endpoint_error(endpoint: str | None, exc: zmq.ZMQError) -> str:
 
 
 def store_folder(command: str, path: Path) -> Path:
-    """``path`` for ``--store``, or SystemExit where it is a file (it read 'File exists')."""
+    """``path`` for ``--store``, or SystemExit where it is a file or a link to nothing (it
+    read 'File exists')."""
+    if path.is_symlink() and not path.exists():
+        raise SystemExit(f"splatface {command}: --store {path} is a link to "
+                         f"{os.readlink(path)}, which does not exist")  # fmt: skip
     if path.exists() and not path.is_dir():
         raise SystemExit(f"splatface {command}: --store {path} is a file, not a folder")
     return path

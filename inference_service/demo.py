@@ -12,7 +12,7 @@ from protocol import Client
 from protocol.arkit import index_of
 from protocol.files import atomic_write
 
-from .cli import Mp4Writer, Progress, orbit_camera, render_to_folder, save_png
+from .cli import Mp4Writer, orbit_camera, render_to_folder, save_png, wait_for_build
 from .curves import save_curves_csv
 
 TURNTABLE_FRAMES = 12
@@ -73,11 +73,7 @@ def run_demo(
     atomic_write(photo_path, buf.getvalue())
 
     job = client.build(buf.getvalue(), name=NAME, preset=preset)
-    bar = Progress(1.0, "building", show)
-    try:
-        status = client.wait(job, progress=lambda ev: bar.update_to(ev["fraction"], ev["message"]))
-    finally:
-        bar.close()
+    status = wait_for_build(client, job, show)
     avatar_id = status["avatar_id"]
     if replace:
         for earlier in client.avatars():

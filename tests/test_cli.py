@@ -361,10 +361,14 @@ def test_an_endpoint_zeromq_cannot_use_is_one_line_not_a_traceback():
         )
 
 
-@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
-def test_ctrl_c_during_a_build_cancels_it_on_the_service(tmp_path, astronaut_png, signal_name):
+@pytest.mark.parametrize(
+    ("command", "signal_name"), [("build", "SIGINT"), ("build", "SIGTERM"), ("demo", "SIGINT")]
+)
+def test_ctrl_c_during_a_build_cancels_it_on_the_service(
+    tmp_path, astronaut_png, command, signal_name
+):
     """Ctrl-C, and SIGTERM (a job scheduler, a closed terminal's SIGHUP likewise), cancel
-    the build on the service; SIGTERM left it running."""
+    the build on the service; SIGTERM left it running, and so did Ctrl-C in demo."""
     import signal
     import time
 
@@ -375,15 +379,19 @@ def test_ctrl_c_during_a_build_cancels_it_on_the_service(tmp_path, astronaut_png
     photo.write_bytes(astronaut_png)
     svc = ServiceProcess(tmp_path / "store")
     try:
-        cmd = [sys.executable, "-m", "inference_service", "build", str(photo), "--endpoint",
+        first = [str(photo)] if command == "build" else ["--out", str(tmp_path / "demo")]
+        cmd = [sys.executable, "-m", "inference_service", command, *first, "--endpoint",
                svc.endpoint, "--preset", "default", "--json"]  # fmt: skip
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120
         while " started" not in svc.log.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
+        # the job starts as its reply goes out: a signal before the command has its id
+        # stops the command and cannot cancel a job it does not know
+        time.sleep(1.0)
         proc.send_signal(signum)
         assert proc.wait(timeout=60) == 128 + signum
-        assert "splatface build: build cancelled" in proc.stderr.read().decode()
+        assert f"splatface {command}: build cancelled" in proc.stderr.read().decode()
         # --json's last line on failure, here too (it printed nothing)
         assert json.loads(proc.stdout.read().decode().splitlines()[-1]) == {
             "error": {"code": "cancelled", "message": "build cancelled"}
@@ -425,6 +433,12 @@ def test_a_port_in_use_and_a_store_that_is_a_file_are_named_as_such(tmp_path):
     assert r.returncode == 1 and f"splatface serve: {said}" in r.stderr, r.stderr
     r = run("avatars", "--store", tmp_path / "file", "--json", check=False)
     assert r.returncode == 1 and said in last_json(r)["error"]["message"]
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")  # a link to nothing
+    r = run("avatars", "--store", tmp_path / "gone", check=False)
+    assert r.returncode == 1, r.stderr
+    assert f"--store {tmp_path / 'gone'} is a link to {tmp_path / 'nowhere'}, which does not" in (
+        r.stderr
+    )
 
 
 def test_ctrl_c_too_late_to_cancel_names_the_avatar_kept(client, astronaut_png, capsys):
