@@ -122,17 +122,17 @@ class Store:
             or not _summary_types(meta)
         ):
             raise ProtocolError(errors.INTERNAL, f"avatar {avatar_id} has a damaged meta.json")
-        return meta
-
-    def load(self, avatar_id: str) -> Avatar:
-        meta = self.meta(avatar_id)
         version = 1 if meta.get("format_version") is None else meta["format_version"]
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or version > FORMAT_VERSION:  # list: not offered
             raise ProtocolError(
                 errors.UNSUPPORTED_VERSION,
                 f"avatar {avatar_id} was written by a newer splatface (format {version}; this "
                 f"service reads up to {FORMAT_VERSION}): update the service",
             )
+        return meta
+
+    def load(self, avatar_id: str) -> Avatar:
+        meta = self.meta(avatar_id)
         path = self._dir(avatar_id) / "avatar.npz"
         try:
             data = read_regular(path, AVATAR_BYTES)

@@ -422,3 +422,5 @@ def test_an_avatar_of_a_newer_format_is_refused_by_name_and_older_ones_load(tmp_
         store.load(tiny_avatar().id)
     assert e.value.code == errors.UNSUPPORTED_VERSION
     assert "written by a newer splatface (format 3; this service reads up to 2)" in e.value.message
+    listed, damaged = store.listing()  # not offered as one a client could load
+    assert listed == [] and "written by a newer splatface" in damaged[0]["message"]
