@@ -11,6 +11,8 @@ count.
 
 from __future__ import annotations
 
+import hashlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,6 +123,11 @@ KEEPS_VERTICES = {"EDGE_SPLIT", "NORMAL_EDIT", "TRIANGULATE", "UV_PROJECT", "UV_
 #: Rest meshes fetched from the service, by avatar id (an id's avatar never changes),
 #: for proxies an older add-on added without :data:`REST_PROPERTY`.
 fetched_rest: dict[str, np.ndarray] = {}
+#: When fetching an avatar's rest mesh last failed (monotonic seconds): a service that is
+#: down is not asked again for :data:`FETCH_RETRY` seconds, so every frame of a render
+#: does not wait for it twice (the fetch, then the render's own request).
+fetch_failed: dict[str, float] = {}
+FETCH_RETRY = 60.0
 
 
 def fetch_rest(client: Any, objects: Any, timeout: float) -> None:
@@ -128,19 +135,27 @@ def fetch_rest(client: Any, objects: Any, timeout: float) -> None:
     lacks one (added by an older add-on, whose Set Origin and Apply moved the splats off
     the mesh unseen). A service that cannot answer leaves them unchecked: the render's
     own request then says why."""
+    now = time.monotonic()
     wanted = {
         ob.original.splatface.avatar_id
         for ob in proxies(objects)
         if REST_PROPERTY not in ob.original.data
         and ob.original.splatface.avatar_id not in fetched_rest
+        and now - fetch_failed.get(ob.original.splatface.avatar_id, -FETCH_RETRY) >= FETCH_RETRY
     }
-    for avatar_id in wanted:
+    for avatar_id in sorted(wanted):
         try:
             reply = client.request("get", {"avatar": avatar_id, "mesh": True, "rig": False},
                                    timeout=min(timeout, 10.0), retries=0)  # fmt: skip
         except Exception:  # noqa: BLE001 (unchecked, as before; the render says why)
-            continue
+            fetch_failed.update(dict.fromkeys(wanted, now))  # the others would wait too
+            return
         fetched_rest[avatar_id] = np.ascontiguousarray(reply.arrays["vertices"], np.float32)
+
+
+#: :func:`mesh_transform`'s answers by (mesh, its Basis's digest, rest mesh): the
+#: viewport asks on every update, and a moved mesh's fit takes milliseconds.
+_transforms: dict[tuple, tuple[np.ndarray, str]] = {}
 
 
 def mesh_transform(proxy: bpy.types.Object) -> tuple[np.ndarray, str]:
@@ -151,24 +166,54 @@ def mesh_transform(proxy: bpy.types.Object) -> tuple[np.ndarray, str]:
     service cannot pose a head by (a stretch, a mirror), vertices added or deleted, and
     edits no map of the whole mesh explains (sculpting) are named instead, and the splats
     keep the avatar's own shape and place."""
-    eye = np.eye(4)
     mesh = proxy.original.data
     stored = mesh.get(REST_PROPERTY)
     if stored is None:  # added by an older add-on: the service's copy, where fetched
         stored = fetched_rest.get(proxy.original.splatface.avatar_id)
     if stored is None:
-        return eye, ""
-    rest = np.asarray(stored, np.float64).reshape(-1, 3)
+        return np.eye(4), ""
+    rest = np.asarray(stored, np.float32).reshape(-1)
+    if 3 * len(mesh.vertices) != len(rest):
+        return np.eye(4), "vertices added to or deleted from its mesh"
+    now = _basis(mesh)
+    digest = (mesh.as_pointer(), hashlib.blake2b(now, digest_size=16).digest(),
+              hashlib.blake2b(rest, digest_size=16).digest())  # fmt: skip
+    if digest not in _transforms:
+        if len(_transforms) > 256:
+            _transforms.clear()
+        _transforms[digest] = _fit_transform(rest.reshape(-1, 3), now.reshape(-1, 3))
+    to_mesh, warning = _transforms[digest]
+    return to_mesh.copy(), warning
+
+
+def _basis(mesh: bpy.types.Mesh) -> np.ndarray:
+    """float32 ``[V * 3]``: the mesh's Basis shape key (its vertices without keys). Read
+    from the vertex positions, which Blender keeps equal to the Basis (0.1 ms where the
+    key's own points take 3.6, every viewport update), unless points sampled across the
+    Basis differ (a script that wrote the key alone): then from the key."""
+    now = np.empty(3 * len(mesh.vertices), np.float32)
+    mesh.attributes["position"].data.foreach_get("vector", now)
     key = mesh.shape_keys
-    points = mesh.vertices if key is None else key.reference_key.data
-    if len(points) != len(rest):
-        return eye, "vertices added to or deleted from its mesh"
+    if key is None:
+        return now
+    points = key.reference_key.data
+    step = max(1, len(points) // 64)
+    if len(points) == len(mesh.vertices) and all(
+        tuple(points[i].co) == tuple(now[3 * i : 3 * i + 3]) for i in range(0, len(points), step)
+    ):
+        return now
     now = np.empty(3 * len(points), np.float32)
     points.foreach_get("co", now)
-    now = now.reshape(-1, 3).astype(np.float64)
-    tolerance = EDIT_TOLERANCE + 1e-6 * float(np.abs(now).max(initial=0.0))
-    if np.abs(now - rest).max(initial=0.0) <= tolerance:
+    return now
+
+
+def _fit_transform(rest32: np.ndarray, now32: np.ndarray) -> tuple[np.ndarray, str]:
+    """:func:`mesh_transform`'s answer for a rest mesh and a Basis, ``[V, 3]`` each."""
+    eye = np.eye(4)
+    tolerance = EDIT_TOLERANCE + 1e-6 * float(np.abs(now32).max(initial=0.0))
+    if float(np.abs(now32 - rest32).max(initial=0.0)) <= tolerance:
         return eye, ""
+    rest, now = rest32.astype(np.float64), now32.astype(np.float64)
     homogeneous = np.concatenate([rest, np.ones((len(rest), 1))], axis=1)
     fitted, *_ = np.linalg.lstsq(homogeneous, now, rcond=None)
     if np.abs(homogeneous @ fitted - now).max() > tolerance:

@@ -616,9 +616,11 @@ def test_the_splats_follow_the_proxy_mesh_moved_inside_its_object(scene, astrona
         return frame.warning.removeprefix(f"{proxy.name}: the render ignores ")
 
     basis = proxy.data.shape_keys.reference_key.data
-    basis[100].co.z += 0.01  # one vertex pulled: a sculpt
+    for points in (basis, proxy.data.vertices):  # as Edit Mode leaves them: both moved
+        points[100].co.z += 0.01  # one vertex pulled: a sculpt
     assert said() == "edits to its mesh (the splats keep the avatar's shape)"
-    basis[100].co.z -= 0.01
+    for points in (basis, proxy.data.vertices):
+        points[100].co.z -= 0.01
     # a stretch, which the service cannot pose a head by: named, and the render goes on
     points = np.empty(3 * len(basis), np.float32)
     basis.foreach_get("co", points)
@@ -680,6 +682,17 @@ def test_a_proxy_an_older_add_on_added_follows_its_mesh_from_the_services_copy(
     avatar.fetched_rest.clear()
     ops.export_frames(proxy, str(tmp_path / "head.ply"), "CURRENT", 1, 1)  # an export too
     assert np.allclose(head(), placed, atol=1e-5)
+    # a service that does not answer is not asked again for a while: every frame of a
+    # render waited for it twice, the fetch and then the render's own request
+    avatar.fetched_rest.clear()
+    with Client("tcp://127.0.0.1:1", timeout=0.5) as down:
+        waited = []
+        for _ in range(2):
+            t = time.monotonic()
+            avatar.fetch_rest(down, [proxy], 0.5)
+            waited.append(time.monotonic() - t)
+    assert waited[0] >= 0.4 and waited[1] < 0.05 and astronaut_id in avatar.fetch_failed
+    avatar.fetch_failed.clear()
 
 
 def test_a_linked_avatar_named_as_a_local_one_keeps_its_own_warning(scene, astronaut_id, tmp_path):
