@@ -67,7 +67,7 @@ def test_a_store_the_private_service_cannot_log_into_still_serves(tmp_path):
     r = subprocess.run([sys.executable, "-m", "inference_service", "avatars", "--store",
                         str(store), "--json"], cwd=REPO, capture_output=True, text=True,
                        timeout=600, env={**os.environ, "TMPDIR": str(temp)})  # fmt: skip
-    assert r.returncode == 0 and last_json(r) == {"avatars": []}, r.stderr
+    assert r.returncode == 0 and last_json(r) == {"avatars": [], "damaged": []}, r.stderr
     assert [p.name for p in temp.iterdir()] == [f"splatface-service{os.getuid()}.log"]
 
 
