@@ -761,7 +761,7 @@ def wait_for_build(client: Client, job: str, show: bool) -> dict[str, Any]:
     try:
         return client.wait(job, progress=lambda ev: bar.update_to(ev["fraction"], ev["message"]))
     except KeyboardInterrupt as exc:
-        bar.close()
+        bar.close()  # before the cancel's wait, which may take a while
         raise Interrupted(say_cancelled(client, job), getattr(exc, "status", 130)) from None
     finally:
         bar.close()
