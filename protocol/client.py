@@ -314,9 +314,10 @@ class Client:
     def _check_fields(self, op: str, fields: Mapping[str, Any], timeout: float) -> None:
         """Refuse to send a field the service would drop unseen (an older service): its
         answer would ignore what was asked (a ``.ply`` without the SH degree asked for).
-        Only fields newer than services' reports of theirs cost a ``hello``, once."""
+        Only :data:`protocol.messages.CHECKED_FIELDS` are checked, at the cost of a
+        ``hello`` once a connection."""
         spec = messages.OPS.get(op)
-        newer = messages.UNREPORTED_FIELDS.get(op, ())
+        newer = messages.CHECKED_FIELDS.get(op, ())
         asked = [name for name in newer if spec is not None and
                  fields.get(name) not in (None, spec.fields[name].default)]  # fmt: skip
         if not asked:

@@ -212,11 +212,12 @@ def request_fields() -> dict[str, list[str]]:
     return {op: sorted(spec.fields) for op, spec in OPS.items()}
 
 
-#: Fields added after services began to report theirs (``hello``'s
-#: ``capabilities.fields``): a service that does not report them does not know them
-#: (``export``'s ``sh_degree`` is the first; such a service wrote no ``f_rest_*`` for it,
-#: and said nothing). Every other field dates from before.
-UNREPORTED_FIELDS = {"export": ("sh_degree",)}
+#: Fields some services in use do not take: a client checks ``hello``'s
+#: ``capabilities.fields`` before it sends one, and a service that reports no fields
+#: (any from before the report) is taken not to take them. ``export``'s ``sh_degree``
+#: came after the first sessions (such a service wrote no ``f_rest_*`` for it, and said
+#: nothing); every other field dates from them. A field added from now on belongs here.
+CHECKED_FIELDS = {"export": ("sh_degree",)}
 
 
 def _bad(message: str) -> ProtocolError:
