@@ -344,13 +344,19 @@ def ignored_settings(ob: bpy.types.Object, depsgraph: bpy.types.Depsgraph) -> li
     return out
 
 
-def gather(depsgraph: bpy.types.Depsgraph, final_render: bool) -> list[AvatarFrame]:
+def gather(
+    depsgraph: bpy.types.Depsgraph,
+    final_render: bool,
+    client: Any = None,
+    timeout: float = 10.0,
+) -> list[AvatarFrame]:
     """Every visible avatar in ``depsgraph`` at its current frame, each instance of one
-    (a collection instanced or linked into the shot) where the instance puts it."""
-    out = []
-    # per proxy, however many instances it has: (rest-to-mesh map, warning); keyed by
-    # the full name, as a linked proxy may share a local one's name
-    seen: dict[str, tuple[np.ndarray, str]] = {}
+    (a collection instanced or linked into the shot) where the instance puts it. With a
+    ``client``, the rest meshes of proxies an older add-on added are fetched first
+    (:func:`fetch_rest`), in the same pass over the instances."""
+    # (the original proxy, head-to-world, name, holdout, curves) per instance: what the
+    # iterator hands over is only sure to be valid until it moves on
+    shown = []
     for inst in depsgraph.object_instances:
         ob = inst.object
         if not proxies([ob]) or not inst.show_self:
@@ -359,19 +365,26 @@ def gather(depsgraph: bpy.types.Depsgraph, final_render: bool) -> list[AvatarFra
         # and an animation render does not update the original's
         if final_render and ob.hide_render:
             continue
-        if ob.name_full not in seen:
-            seen[ob.name_full] = proxy_state(ob, depsgraph, final_render)
-        to_mesh, warning = seen[ob.name_full]
-        # copied (the iterator reuses it)
-        head = np.array(inst.matrix_world, np.float64) @ to_mesh
+        head = np.array(inst.matrix_world, np.float64)  # copied: the iterator reuses it
         name = f"{inst.parent.name_full}/{ob.name_full}" if inst.is_instance else ob.name_full
         # an instance is held out as its instancer is, whatever its source collection is
         owner = inst.parent if inst.is_instance else ob
         holdout = final_render and (
             owner.is_holdout or held_by_collection(owner.original, depsgraph.view_layer)
         )
-        curves = evaluated_curves(ob, depsgraph)
-        out.append(AvatarFrame(ob.splatface.avatar_id, curves, head, name, bool(holdout), warning))
+        shown.append((ob.original, head, name, bool(holdout), evaluated_curves(ob, depsgraph)))
+    if client is not None:
+        fetch_rest(client, [ob for ob, *_ in shown], timeout)
+    # per proxy, however many instances it has: (rest-to-mesh map, warning); keyed by
+    # the full name, as a linked proxy may share a local one's name
+    states: dict[str, tuple[np.ndarray, str]] = {}
+    out = []
+    for ob, head, name, holdout, curves in shown:
+        if ob.name_full not in states:
+            states[ob.name_full] = proxy_state(ob, depsgraph, final_render)
+        to_mesh, warning = states[ob.name_full]
+        out.append(AvatarFrame(ob.splatface.avatar_id, curves, head @ to_mesh, name, holdout,
+                               warning))  # fmt: skip
     return out
 
 

@@ -363,9 +363,7 @@ class SPLATFACE_RenderEngine(bpy.types.RenderEngine):
             )
             settings = prefs.connection_settings().resolved()
             client = runtime.client()
-            shown = [inst.object for inst in depsgraph.object_instances]
-            avatar.fetch_rest(client, shown, settings.timeout)
-            frames = avatar.gather(depsgraph, final_render=True)
+            frames = avatar.gather(depsgraph, True, client, settings.timeout)
         except (ValueError, OSError) as exc:
             self._fail(str(exc))
             return False
