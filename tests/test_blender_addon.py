@@ -569,6 +569,16 @@ def test_shape_key_settings_the_render_cannot_follow_are_named(scene, astronaut_
     assert frame.warning == f"{proxy.name}: the render ignores {said}"
 
 
+def set_origin(scene, ob, location) -> None:
+    """Object > Set Origin > Origin to 3D Cursor on ``ob`` alone (selected and active
+    after it), the cursor at ``location``: the mesh moves inside its object."""
+    bpy.ops.object.select_all(action="DESELECT")
+    ob.select_set(True)
+    bpy.context.view_layer.objects.active = ob
+    scene.cursor.location = location
+    assert bpy.ops.object.origin_set(type="ORIGIN_CURSOR") == {"FINISHED"}
+
+
 def test_the_splats_follow_the_proxy_mesh_moved_inside_its_object(scene, astronaut_id, tmp_path):
     """Set Origin and Apply Rotation & Scale move the mesh inside its object and leave it
     where it was in the world: the splats stay with it (they jumped by the origin's move,
@@ -597,18 +607,13 @@ def test_the_splats_follow_the_proxy_mesh_moved_inside_its_object(scene, astrona
         return np.frombuffer(data[end:], "<f4").reshape(-1, columns)[:, :3]
 
     placed, splats = head(), exported("placed.ply")
-    bpy.ops.object.select_all(action="DESELECT")
-    proxy.select_set(True)
-    bpy.context.view_layer.objects.active = proxy
-    scene.cursor.location = (0.05, -0.2, 0.1)
-    assert bpy.ops.object.origin_set(type="ORIGIN_CURSOR") == {"FINISHED"}
+    set_origin(scene, proxy, (0.05, -0.2, 0.1))
     assert np.abs(np.array(proxy.matrix_world) - placed).max() > 0.01  # the object moved
     assert np.allclose(head(), placed, atol=1e-5)
     assert bpy.ops.object.transform_apply(location=True, rotation=True, scale=True) == {"FINISHED"}
     assert np.allclose(head(), placed, atol=1e-5)
     assert np.abs(exported("applied.ply") - splats).max() < 1e-5
-    scene.cursor.location = (300.0, 0.0, 0.0)  # far out, float32 rounds the mesh to 3e-5 m
-    assert bpy.ops.object.origin_set(type="ORIGIN_CURSOR") == {"FINISHED"}
+    set_origin(scene, proxy, (300.0, 0.0, 0.0))  # far out: float32 rounds the mesh to 3e-5 m
     assert np.allclose(head(), placed, atol=1e-4)
 
     def said() -> str:
@@ -668,11 +673,7 @@ def test_a_proxy_an_older_add_on_added_follows_its_mesh_from_the_services_copy(
         return avatar.gather(bpy.context.evaluated_depsgraph_get(), final_render=True)[0].head
 
     placed = head()
-    bpy.ops.object.select_all(action="DESELECT")
-    proxy.select_set(True)
-    bpy.context.view_layer.objects.active = proxy
-    scene.cursor.location = (0.05, -0.2, 0.1)
-    assert bpy.ops.object.origin_set(type="ORIGIN_CURSOR") == {"FINISHED"}
+    set_origin(scene, proxy, (0.05, -0.2, 0.1))
     assert not np.allclose(head(), placed, atol=1e-3)  # unchecked: off the mesh
     add_camera_from_opencv(bpy, scene, orbit(proxy.splatface.center, 0.9), FOV, 32)
     scene.render.filepath = str(tmp_path / "frame")
