@@ -176,12 +176,15 @@ def mesh_transform(proxy: bpy.types.Object) -> tuple[np.ndarray, str]:
     if 3 * len(mesh.vertices) != len(rest):
         return np.eye(4), "vertices added to or deleted from its mesh"
     now = _basis(mesh)
+    tolerance = EDIT_TOLERANCE + 1e-6 * float(np.abs(now).max(initial=0.0))
+    if float(np.abs(now - rest).max(initial=0.0)) <= tolerance:  # at rest: nothing to fit
+        return np.eye(4), ""
     digest = (mesh.as_pointer(), hashlib.blake2b(now, digest_size=16).digest(),
               hashlib.blake2b(rest, digest_size=16).digest())  # fmt: skip
     if digest not in _transforms:
         if len(_transforms) > 256:
             _transforms.clear()
-        _transforms[digest] = _fit_transform(rest.reshape(-1, 3), now.reshape(-1, 3))
+        _transforms[digest] = _fit_transform(rest.reshape(-1, 3), now.reshape(-1, 3), tolerance)
     to_mesh, warning = _transforms[digest]
     return to_mesh.copy(), warning
 
@@ -207,12 +210,12 @@ def _basis(mesh: bpy.types.Mesh) -> np.ndarray:
     return now
 
 
-def _fit_transform(rest32: np.ndarray, now32: np.ndarray) -> tuple[np.ndarray, str]:
-    """:func:`mesh_transform`'s answer for a rest mesh and a Basis, ``[V, 3]`` each."""
+def _fit_transform(
+    rest32: np.ndarray, now32: np.ndarray, tolerance: float
+) -> tuple[np.ndarray, str]:
+    """:func:`mesh_transform`'s answer for a rest mesh and a Basis that moved from it,
+    ``[V, 3]`` each; ``tolerance`` in metres, as there."""
     eye = np.eye(4)
-    tolerance = EDIT_TOLERANCE + 1e-6 * float(np.abs(now32).max(initial=0.0))
-    if float(np.abs(now32 - rest32).max(initial=0.0)) <= tolerance:
-        return eye, ""
     rest, now = rest32.astype(np.float64), now32.astype(np.float64)
     homogeneous = np.concatenate([rest, np.ones((len(rest), 1))], axis=1)
     fitted, *_ = np.linalg.lstsq(homogeneous, now, rcond=None)
