@@ -316,10 +316,11 @@ class Client:
         answer would ignore what was asked (a ``.ply`` without the SH degree asked for).
         Only :data:`protocol.messages.CHECKED_FIELDS` are checked, at the cost of a
         ``hello`` once a connection."""
-        spec = messages.OPS.get(op)
-        newer = messages.CHECKED_FIELDS.get(op, ())
-        asked = [name for name in newer if spec is not None and
-                 fields.get(name) not in (None, spec.fields[name].default)]  # fmt: skip
+        checked = messages.CHECKED_FIELDS.get(op, ())
+        defaults = {name: messages.OPS[op].fields[name].default for name in checked}
+        asked = [
+            name for name, default in defaults.items() if fields.get(name) not in (None, default)
+        ]
         if not asked:
             return
         if self._service_fields is None:
