@@ -288,3 +288,34 @@ def test_statue_builds_in_its_own_stone_colour(portrait):
         head = out["alpha"][0] > 0.9
         sat = np.asarray(Image.fromarray(img).convert("HSV"))[..., 1][head] / 255
         assert head.sum() > 2000 and np.percentile(sat, 95) < limit, (yaw, sat.mean())
+
+
+def test_a_long_search_for_small_faces_reports_and_stops_when_cancelled():
+    """A photo 400,000 px wide is searched in hundreds of squares for small faces; its
+    build heard nothing meanwhile, so a cancel waited for the whole search (a 4,000,000
+    px one: 3 minutes). The search reports, and a build's progress stops it there."""
+    heard = []
+
+    def progress(stage, fraction, message):
+        heard.append((stage, fraction, message))
+        if "squares" in message:
+            raise ProtocolError(errors.CANCELLED, "the build was cancelled")
+
+    strip = np.full((64, 400_000, 3), 128, np.uint8)
+    with pytest.raises(ProtocolError) as e:
+        build_avatar(encode_png(strip), BuildOptions(preset="fast"), "0123456789ab", progress)
+    assert e.value.code == errors.CANCELLED
+    stage, fraction, message = heard[-1]
+    assert stage == "detect" and 0.1 <= fraction < 0.3
+    assert "searching squares of 781 px" in message
+
+
+def test_squares_a_face_could_not_fill_are_not_searched():
+    """A face is no larger than the photo's short side: in squares over 20 times that it
+    would be too small for the detectors, so a 16 px strip needs no square search."""
+    heard = []
+    assert (
+        detect_faces(np.full((16, 200_000, 3), 128, np.uint8), progress=lambda *a: heard.append(a))
+        == []
+    )
+    assert heard == []

@@ -136,7 +136,11 @@ def build_avatar(
     h, w = photo.shape[:2]
 
     progress("detect", 0.10, f"looking for faces in the {w}x{h} photo")
-    faces = detect.detect_faces(photo, near=options.face_box)
+    faces = detect.detect_faces(
+        photo,
+        near=options.face_box,
+        progress=lambda f, message: progress("detect", 0.10 + 0.15 * f, message),
+    )
     on_faces([f.to_dict() for f in faces])
     progress("landmarks", 0.30, f"{len(faces)} face(s) found; finding landmarks")
     face, landmarks = detect.locate_face(photo, faces, options.face, options.face_box)
