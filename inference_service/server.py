@@ -9,7 +9,9 @@ A client that goes away (killed, or closing its socket after its own timeout) ta
 pool work with it: the socket's monitor reports the connection's file descriptor closed,
 and the renders and exports that came over it stop at their next frame. Otherwise two
 such clients held both pool threads, and every other render waited for their frames.
-Builds are jobs, polled by id, and carry on.
+Builds are jobs, polled by id, and carry on. A client that stays but stops reading is
+bounded instead: replies leave through an :class:`~.outbox.Outbox`, which holds a few
+hundred MiB a client and answers ``busy`` past that.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from .build.diffusion import EnhanceModels, ModelFolderError, check_ready, has_d
 from .export.bundle import bundle_zip
 from .export.ply import frame_file_name, ply_bytes, write_ply
 from .jobs import JobManager
+from .outbox import SEND_HWM, Outbox
 from .posing import pose, split_transform
 from .render import frame_count, render_frames
 from .store import STALE_SECONDS, Store, storage_error, summary
@@ -68,6 +71,8 @@ MAX_PENDING = 64
 #: socket then has this long to hand them over.
 SHUTDOWN_QUIET_MS = 200
 SHUTDOWN_LINGER_MS = 2000
+#: how often the loop offers held replies again (see outbox.py) while it holds any
+OUTBOX_TICK_MS = 10
 CACHE_SIZE = 4
 POOL_OPS = ("get", "render", "export")
 #: A delete resent under its id (the client retries a late reply) gets the first reply:
@@ -328,7 +333,10 @@ class Service:
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, 1 << 30)
-        router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        # a full client queue raises (the outbox holds the reply) instead of blocking
+        # the loop; a client gone raises too, and its reply is dropped as before
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.SNDHWM, SEND_HWM)
         allow_ipv6(router, self.endpoint)
         auth = None
         if self.curve_keys is not None:
@@ -343,20 +351,22 @@ class Service:
         poller.register(router, zmq.POLLIN)
         poller.register(replies, zmq.POLLIN)
         poller.register(closed, zmq.POLLIN)
+        outbox = Outbox(router)
         log.info("listening on %s (device %s, store %s)", self.bound, self.device, self.store.root)
         threading.Thread(target=self._warmup, daemon=True).start()
         if ready is not None:
             ready(self.bound)
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(200))
+                events = dict(poller.poll(OUTBOX_TICK_MS if outbox.pending() else 200))
+                outbox.flush()
                 if replies in events:
                     while True:
                         try:
                             frames = replies.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        router.send_multipart(frames, copy=False)
+                        outbox.send(frames)
                 self._connections_closed(closed)
                 if router in events:
                     for _ in range(100):
@@ -372,7 +382,7 @@ class Service:
                         self._connections_closed(closed)
                         reply = self._dispatch(frames)
                         if reply is not None:
-                            router.send_multipart(reply, copy=False)
+                            outbox.send(reply)
         finally:
             log.info("stopping")
             self._stop.set()  # also when the loop ended by an exception
@@ -381,7 +391,12 @@ class Service:
             # (see _work), running ones at their next check
             self._pool.shutdown(wait=True)
             while replies.poll(SHUTDOWN_QUIET_MS):
-                router.send_multipart(replies.recv_multipart(copy=False), copy=False)
+                outbox.send(replies.recv_multipart(copy=False))
+            # replies still held wait for their clients until the linger is over
+            deadline = time.monotonic() + SHUTDOWN_LINGER_MS / 1000
+            while outbox.pending() and time.monotonic() < deadline:
+                time.sleep(OUTBOX_TICK_MS / 1000)
+                outbox.flush()
             for push in self._pushes:  # pool threads are done with them
                 push.close(0)
             router.disable_monitor()

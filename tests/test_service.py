@@ -21,13 +21,14 @@ import zmq
 from PIL import Image
 from plyfile import PlyData
 
+from inference_service.outbox import BACKLOG_BYTES
 from inference_service.posing import pose
 from inference_service.render import render_frames
 from inference_service.store import Store
 from protocol import Client, CurveKeys, ProtocolError, errors, messages
 from protocol.arkit import index_of
 from protocol.camera import framing_distance, intrinsics_from_fov, orbit
-from protocol.codec import REPLY_LIMITS, decode, encode
+from protocol.codec import PROTOCOL_VERSION, REPLY_LIMITS, decode, encode
 
 from .conftest import REPO, ServiceProcess, encode_png
 
@@ -535,6 +536,44 @@ def test_a_client_on_the_descriptor_of_one_that_went_away_is_answered(
 
     run_all([threading.Thread(target=work) for _ in range(4)], 600)
     assert lost == []
+
+
+def test_replies_a_client_does_not_read_are_bounded(service, client, astronaut_id):
+    """A client that asks and stops reading (frozen, or a script that never receives)
+    had the service hold every reply: ten renders of 256 MiB held it at 3 GB. Past
+    ``BACKLOG_BYTES`` its replies are ``busy`` errors; others are answered."""
+    size = sum(a.nbytes for a in client.get(astronaut_id).arrays.values())
+    count = BACKLOG_BYTES // size + 12
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVHWM, 1)  # holds little itself: the rest stays with the service
+    s.setsockopt(zmq.RCVBUF, 64 << 10)
+    s.connect(service.endpoint)
+    try:
+        for i in range(count):
+            header = {"protocol": PROTOCOL_VERSION, "op": "get", "id": f"g{i}"}
+            s.send_multipart(encode({**header, "avatar": astronaut_id}))
+        deadline = time.monotonic() + 120
+        while "has not read" not in service.log.read_text():
+            assert time.monotonic() < deadline, "the service never stopped holding replies"
+            assert_serving(client)
+            time.sleep(0.2)
+        assert_serving(client)
+        got = []
+        while len(got) < count:
+            assert s.poll(30_000), f"{len(got)} of {count} replies came"
+            got.append(decode(s.recv_multipart(), REPLY_LIMITS))
+    finally:
+        s.close()
+    # pool work ends in any order; what a client holds goes out in the order it came
+    assert sorted(m.header["id"] for m in got) == sorted(f"g{i}" for i in range(count))
+    kept = sum(m.header["ok"] for m in got)
+    assert BACKLOG_BYTES // size <= kept < count
+    assert all(m.header["ok"] for m in got[:kept])
+    assert all(m.arrays["vertices"].shape == got[0].arrays["vertices"].shape for m in got[:kept])
+    for m in got[kept:]:
+        assert m.header["error"]["code"] == errors.BUSY
+        assert "has not read" in m.header["error"]["message"]
 
 
 def test_cancel_queued_and_running(client, astronaut_png):
