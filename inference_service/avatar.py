@@ -5,6 +5,7 @@ Canonical head frame everywhere: metres, +Z up, face towards -Y, subject's left 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,23 @@ if TYPE_CHECKING:
 #: fade out as their triangles stretch), which version 1's readers refuse or misread.
 #: Stores read every version up to this one and refuse a newer one by name.
 FORMAT_VERSION = 2
+
+#: How far barycentric coordinates may stray past [0, 1], and their sums from 1: float32
+#: rounding, not a Gaussian moved off its triangle.
+BARY_TOLERANCE = 1e-3
+
+#: The dtype kind each stored array must have (``"iu"`` integers, ``"f"`` floats), checked
+#: before any cast: triangle ids edited into floats passed every check and failed at the
+#: first render as an internal error (the texture's uint8 images check their own).
+ARRAY_KINDS = {
+    "vertices": "f", "triangles": "iu", "shape_deltas": "f", "photo_intrinsics": "f",
+    "photo_world_to_camera": "f", "vertex_part": "iu", "g_triangle": "iu", "g_bary": "f",
+    "g_offset": "f", "g_rotation": "f", "g_log_scale": "f", "g_opacity_logit": "f",
+    "g_sh": "f", "g_appear": "f", "tex_uvs": "f", "tex_triangle_uvs": "iu",
+}  # fmt: skip
+_KIND_NAMES = {"iu": "integers", "f": "floats"}
+#: ``g_sh``'s ``[K, 3]`` per Gaussian: K = (degree + 1)^2 for the degrees 0..3 kernels draw.
+SH_SHAPES = ((1, 3), (4, 3), (9, 3), (16, 3))
 
 
 @dataclass(frozen=True)
@@ -168,10 +186,18 @@ class Avatar:
         return float(np.linalg.norm(self.vertices - self.center, axis=1).max())
 
     def to_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays as stored (``shape_deltas`` as float16)."""
+        out = self._named_arrays()
+        out["shape_deltas"] = self.shape_deltas.astype(np.float16)
+        return out
+
+    def _named_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays under their stored names, as held (no copies: validation reads them
+        on every load, and casting the rig to float16 was half its time)."""
         out = {
             "vertices": self.vertices,
             "triangles": self.triangles,
-            "shape_deltas": self.shape_deltas.astype(np.float16),
+            "shape_deltas": self.shape_deltas,
             "photo_intrinsics": self.photo_intrinsics,
             "photo_world_to_camera": self.photo_world_to_camera,
         }
@@ -189,17 +215,21 @@ class Avatar:
         cls, id: str, name: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]
     ) -> Avatar:
         """Build and validate; raises ``ValueError`` naming what is inconsistent."""
+        problem = _kind_problem(arrays)
+        if problem is not None:  # before the casts below hide it
+            raise ValueError(f"invalid avatar {id}: {problem}")
         try:
             optional = {"appear"}  # absent from avatars stored before it existed
             g = BoundGaussians(**{
                 f.name: arrays.get("g_" + f.name) if f.name in optional else arrays["g_" + f.name]
                 for f in fields(BoundGaussians)
             })  # fmt: skip
+            g = dataclasses.replace(g, triangle=_int32(id, "g_triangle", g.triangle))
             av = cls(
                 id=id,
                 name=name,
                 vertices=arrays["vertices"].astype(np.float32),
-                triangles=arrays["triangles"].astype(np.int32),
+                triangles=_int32(id, "triangles", arrays["triangles"]),
                 shape_deltas=arrays["shape_deltas"].astype(np.float32),
                 gaussians=g,
                 photo_intrinsics=arrays["photo_intrinsics"].astype(np.float64),
@@ -214,35 +244,108 @@ class Avatar:
         return av
 
     def validate(self) -> None:
+        """Raise ``ValueError`` naming the first array that is wrong, and how: an avatar
+        file edited by hand (and checksummed again) is refused as damaged when loaded,
+        not at its first render as an internal error."""
+        problem = self._problem()
+        if problem is not None:
+            raise ValueError(f"invalid avatar {self.id}: {problem}")
+
+    def _problem(self) -> str | None:
+        """What :meth:`validate` refuses, or None. In order: dtypes, shapes, NaN, ranges,
+        each check relying on those before it. Vectorised: it runs on every load."""
+        arrays = self._named_arrays()
+        problem = _kind_problem(arrays)
+        if problem is not None:
+            return problem
         v, t, g = self.vertices, self.triangles, self.gaussians
-        n = len(g.triangle)
-        checks = [
-            (v.ndim == 2 and v.shape[1] == 3, "vertices must be [V, 3]"),
-            (t.ndim == 2 and t.shape[1] == 3, "triangles must be [T, 3]"),
-            (t.size > 0 and t.min() >= 0 and t.max() < len(v), "triangle index out of range"),
-            (self.shape_deltas.shape == (NUM_SHAPES, *v.shape), "shape_deltas must be [52, V, 3]"),
-            (n > 0, "no Gaussians"),
-            (g.triangle.min() >= 0 and g.triangle.max() < len(t), "Gaussian triangle out of range"),
-            (g.bary.shape == (n, 3) and g.offset.shape == (n,), "bad bary/offset shape"),
-            (g.rotation.shape == (n, 4) and g.log_scale.shape == (n, 3), "bad rotation/scale"),
-            (g.opacity_logit.shape == (n,), "bad opacity shape"),
-            (
-                g.appear.shape == (n,) and bool(np.all((g.appear == 0) | (np.abs(g.appear) > 1))),
-                "appear must be [N], each 0, above 1 or below -1",
-            ),
-            (g.sh.ndim == 3 and g.sh.shape[0] == n and g.sh.shape[2] == 3, "bad SH shape"),
-            (self.photo_intrinsics.shape == (4,), "bad photo intrinsics"),
-            (self.photo_world_to_camera.shape == (4, 4), "bad photo camera"),
-            (self.vertex_part is None or self.vertex_part.shape == (len(v),), "bad vertex_part"),
-        ]
-        problem = None if self.texture is None else self.texture.validate(len(t))
-        checks.append((problem is None, str(problem)))
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"invalid avatar {self.id}: {message}")
-        for name, arr in self.to_arrays().items():
+        for name, arr, symbol in (("vertices", v, "V"), ("triangles", t, "T")):
+            if arr.ndim != 2 or arr.shape[1] != 3 or len(arr) == 0:
+                return f"{name} must be shaped [{symbol}, 3] with {symbol} > 0, not {_dims(arr)}"
+        if g.triangle.ndim != 1:
+            return f"g_triangle must be shaped [N], not {_dims(g.triangle)}"
+        if len(g.triangle) == 0:
+            return "no Gaussians (g_triangle is empty)"
+        nv, nt, n = len(v), len(t), len(g.triangle)
+        shapes = {
+            "shape_deltas": ("[52, V, 3]", (NUM_SHAPES, nv, 3)),
+            "photo_intrinsics": ("[4]", (4,)),
+            "photo_world_to_camera": ("[4, 4]", (4, 4)),
+            "vertex_part": ("[V]", (nv,)),
+            "g_bary": ("[N, 3]", (n, 3)),
+            "g_offset": ("[N]", (n,)),
+            "g_rotation": ("[N, 4]", (n, 4)),
+            "g_log_scale": ("[N, 3]", (n, 3)),
+            "g_opacity_logit": ("[N]", (n,)),
+            "g_appear": ("[N]", (n,)),
+        }
+        for name, (symbolic, shape) in shapes.items():
+            arr = arrays.get(name)
+            if arr is not None and arr.shape != shape:
+                wanted = symbolic if symbolic == str(list(shape)) else f"{symbolic} = {list(shape)}"
+                return f"{name} must be shaped {wanted}, not {_dims(arr)}"
+        if g.sh.ndim != 3 or g.sh.shape[0] != n or g.sh.shape[1:] not in SH_SHAPES:
+            return (
+                f"g_sh must be shaped [N, K, 3] = [{n}, K, 3], K = (degree + 1)^2 for a "
+                f"degree in 0..3, not {_dims(g.sh)}"
+            )
+        if self.texture is not None:
+            problem = self.texture.validate(nt)
+            if problem is not None:
+                return problem
+        for name, arr in arrays.items():
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-                raise ValueError(f"invalid avatar {self.id}: {name} has NaN or inf")
+                return f"{name} has NaN or inf"
+        for name, ids, bound in (("triangles", t, nv), ("g_triangle", g.triangle, nt)):
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= bound:
+                what = "vertex" if name == "triangles" else "Gaussian triangle"
+                return f"{name}: {what} out of range (ids in [0, {bound}), found {lo} to {hi})"
+        lo, hi = float(g.bary.min()), float(g.bary.max())
+        off = float(np.abs(g.bary.sum(axis=1, dtype=np.float64) - 1).max())
+        if lo < -BARY_TOLERANCE or hi > 1 + BARY_TOLERANCE or off > BARY_TOLERANCE:
+            return (
+                f"g_bary: barycentric coordinates out of range (each in [0, 1], each row "
+                f"summing to 1, within {BARY_TOLERANCE:g}; found {lo:.4g} to {hi:.4g}, "
+                f"sums off by up to {off:.4g})"
+            )
+        length2 = np.einsum("nk,nk->n", g.rotation, g.rotation, dtype=np.float64)
+        if not (length2 > 0).all():
+            zero = int(np.count_nonzero(length2 == 0))
+            return (
+                f"g_rotation: {zero} of {n} quaternions are zero (each (w, x, y, z) must have "
+                "a length: readers normalise it)"
+            )
+        if not np.all((g.appear == 0) | (np.abs(g.appear) > 1)):
+            return "g_appear must be, for each Gaussian, 0, above 1 or below -1"
+        return None
+
+
+def _kind_problem(arrays: dict[str, np.ndarray]) -> str | None:
+    """The first array of :data:`ARRAY_KINDS` stored as another dtype kind, or None."""
+    for name, kind in ARRAY_KINDS.items():
+        arr = arrays.get(name)
+        if arr is not None and arr.dtype.kind not in kind:
+            return f"{name} must hold {_KIND_NAMES[kind]}, not {arr.dtype}"
+    return None
+
+
+def _int32(avatar_id: str, name: str, ids: np.ndarray) -> np.ndarray:
+    """``ids`` as int32, refusing values past int32, which the cast would wrap into ids
+    that look valid."""
+    if not np.can_cast(ids.dtype, np.int32) and ids.size:
+        info = np.iinfo(np.int32)
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < info.min or hi > info.max:
+            raise ValueError(
+                f"invalid avatar {avatar_id}: {name} holds ids past int32 ({lo} to {hi})"
+            )
+    return ids.astype(np.int32, copy=False)
+
+
+def _dims(arr: np.ndarray) -> str:
+    """A shape as the messages write them: ``[16700, 3]``."""
+    return str(list(arr.shape))
 
 
 def _texture(arrays: dict[str, np.ndarray]) -> Texture | None:

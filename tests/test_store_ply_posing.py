@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 
@@ -197,6 +198,97 @@ def test_an_avatar_deleted_while_it_loads_is_not_found_not_damaged(tmp_path):
     with pytest.raises(ProtocolError) as e:
         store.load("0123456789ab")
     assert e.value.code == errors.NOT_FOUND
+
+
+def rewrite_npz(folder, arrays=None, data=None) -> None:
+    """Replace an avatar's ``avatar.npz`` by ``arrays`` (or the bytes ``data``) and
+    checksum it again in its meta.json, as someone editing the file by hand would."""
+    if data is None:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        data = buf.getvalue()
+    (folder / "avatar.npz").write_bytes(data)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["sha256"] = hashlib.sha256(data).hexdigest()
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+#: Hand edits that passed the checksum and every check, failing only at the first render
+#: as an ``internal`` error (or refused naming nothing): each change to a tiny avatar's
+#: arrays, and what its refusal says.
+HAND_EDITS = {
+    "float triangle ids": (
+        lambda a: {"g_triangle": a["g_triangle"].astype(np.float32)},
+        "g_triangle must hold integers, not float32",
+    ),
+    "zero quaternions": (
+        lambda a: {"g_rotation": np.zeros_like(a["g_rotation"])},
+        "g_rotation: 5 of 5 quaternions are zero",
+    ),
+    "float rotations": (
+        lambda a: {"g_rotation": a["g_rotation"].astype(np.int32)},
+        "g_rotation must hold floats, not int32",
+    ),
+    "bary of a wrong shape": (
+        lambda a: {"g_bary": a["g_bary"][:, :2]},
+        "g_bary must be shaped [N, 3] = [5, 3], not [5, 2]",
+    ),
+    "triangle ids as a column": (
+        lambda a: {"g_triangle": a["g_triangle"][:, None]},
+        "g_triangle must be shaped [N], not [5, 1]",
+    ),
+    "SH of no degree": (
+        lambda a: {"g_sh": np.zeros((5, 2, 3), np.float32)},
+        "g_sh must be shaped [N, K, 3] = [5, K, 3], K = (degree + 1)^2",
+    ),
+    "no Gaussians": (
+        lambda a: {k: v[:0] for k, v in a.items() if k.startswith("g_")},
+        "no Gaussians (g_triangle is empty)",
+    ),
+    "NaN positions": (
+        lambda a: {"vertices": np.where(np.arange(4)[:, None] == 1, np.nan, a["vertices"])},
+        "vertices has NaN or inf",
+    ),
+    "triangle ids out of range": (
+        lambda a: {"g_triangle": a["g_triangle"] + 2},
+        "g_triangle: Gaussian triangle out of range (ids in [0, 2), found 2 to 3)",
+    ),
+    "bary out of range": (
+        lambda a: {"g_bary": a["g_bary"] * 3},
+        "g_bary: barycentric coordinates out of range (each in [0, 1], each row summing to 1",
+    ),
+    "float mesh triangles": (
+        lambda a: {"triangles": a["triangles"] + 0.5},
+        "triangles must hold integers, not float64",
+    ),
+    "mesh ids past int32": (  # cast to int32, they wrapped into ids in range
+        lambda a: {"triangles": a["triangles"].astype(np.int64) + 2**32},
+        "triangles holds ids past int32 (4294967296 to 4294967299)",
+    ),
+    "float vertex parts": (
+        lambda a: {"vertex_part": np.zeros(4, np.float32)},
+        "vertex_part must hold integers, not float32",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", HAND_EDITS)
+def test_arrays_edited_by_hand_are_refused_as_damaged_when_loaded(tmp_path, edit):
+    """Each is refused by load, as the damaged avatar it is, naming the array and what it
+    must be."""
+    store = Store(tmp_path)
+    good, bad = tiny_avatar("aaaaaaaaaaaa"), tiny_avatar("bbbbbbbbbbbb")
+    store.save(good)
+    store.save(bad)
+    change, said = HAND_EDITS[edit]
+    arrays = bad.to_arrays()
+    rewrite_npz(tmp_path / bad.id, {**arrays, **change(arrays)})
+    with pytest.raises(ProtocolError) as e:
+        store.load(bad.id)
+    assert e.value.code == errors.INTERNAL and e.value.remote_traceback is None
+    assert e.value.message.startswith(f"avatar {bad.id} is damaged and cannot be loaded: ")
+    assert said in e.value.message
+    assert store.load(good.id).id == good.id
 
 
 def test_unfinished_saves_are_removed_on_start(tmp_path):
