@@ -138,11 +138,8 @@ class Store:
             data = read_regular(path, AVATAR_BYTES)
             if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
                 raise ValueError("checksum mismatch")
-            import io
-
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-            return Avatar.from_arrays(avatar_id, str(meta.get("name", "")), arrays, meta)
+            name = str(meta.get("name", ""))
+            return Avatar.from_arrays(avatar_id, name, read_npz(data, path.name), meta)
         except (OSError, ValueError) as exc:
             if isinstance(exc, FileNotFoundError) and not self._dir(avatar_id).exists():
                 raise ProtocolError(errors.NOT_FOUND, f"no avatar {avatar_id!r}") from None
@@ -235,6 +232,23 @@ def read_regular(path: Path, limit: int) -> bytes:
     if len(data) > limit:
         raise ValueError(f"{path.name} is over {limit} bytes")
     return data
+
+
+def read_npz(data: bytes, name: str) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file's bytes; ValueError where they are none (a truncated
+    copy answered zipfile's bare "File is not a zip file" as an internal error)."""
+    import io
+    import zipfile
+    import zlib
+
+    try:
+        z = np.load(io.BytesIO(data), allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an archive of them")
+        with z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ValueError(f"{name} is truncated or not an .npz archive ({exc})") from None
 
 
 def _summary_types(meta: dict[str, Any]) -> bool:

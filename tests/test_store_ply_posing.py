@@ -272,17 +272,23 @@ HAND_EDITS = {
 }
 
 
-@pytest.mark.parametrize("edit", HAND_EDITS)
+@pytest.mark.parametrize("edit", [*HAND_EDITS, "truncated"])
 def test_arrays_edited_by_hand_are_refused_as_damaged_when_loaded(tmp_path, edit):
     """Each is refused by load, as the damaged avatar it is, naming the array and what it
-    must be."""
+    must be; a truncated file (checksummed as truncated) says so rather than zipfile's
+    bare "File is not a zip file", which reached clients as an internal error."""
     store = Store(tmp_path)
     good, bad = tiny_avatar("aaaaaaaaaaaa"), tiny_avatar("bbbbbbbbbbbb")
     store.save(good)
     store.save(bad)
-    change, said = HAND_EDITS[edit]
-    arrays = bad.to_arrays()
-    rewrite_npz(tmp_path / bad.id, {**arrays, **change(arrays)})
+    if edit == "truncated":
+        data = (tmp_path / bad.id / "avatar.npz").read_bytes()
+        rewrite_npz(tmp_path / bad.id, data=data[: len(data) // 2])
+        said = "avatar.npz is truncated or not an .npz archive (File is not a zip file)"
+    else:
+        change, said = HAND_EDITS[edit]
+        arrays = bad.to_arrays()
+        rewrite_npz(tmp_path / bad.id, {**arrays, **change(arrays)})
     with pytest.raises(ProtocolError) as e:
         store.load(bad.id)
     assert e.value.code == errors.INTERNAL and e.value.remote_traceback is None
