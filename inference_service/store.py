@@ -46,6 +46,10 @@ class Store:
         #: so every request naming an avatar by name) reads only the metas that changed
         #: (2,000 avatars: 39 ms against 145 ms, ``benchmarks/protocol.py``)
         self._summaries: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+        #: per avatar id whose arrays failed to load, its files' stamps then (:func:`_stamps`),
+        #: its name and why: listings name it as damaged until a file changes (they read no
+        #: avatar.npz; one edited by hand was listed as valid, then failed at each use)
+        self._unloadable: dict[str, tuple[tuple[tuple[int, int, int], ...], str, str]] = {}
         for stale in self.root.glob(".tmp-*"):
             if _untouched_for(stale) > STALE_SECONDS:
                 log.warning("removing unfinished avatar %s left by an interrupted save", stale.name)
@@ -132,6 +136,9 @@ class Store:
         return meta
 
     def load(self, avatar_id: str) -> Avatar:
+        """The avatar, its arrays validated; a damaged one raises ``internal`` saying so
+        (and is named by listings from then on)."""
+        stamps = _stamps(self._dir(avatar_id))  # of the files read here, taken before
         meta = self.meta(avatar_id)
         path = self._dir(avatar_id) / "avatar.npz"
         try:
@@ -143,9 +150,10 @@ class Store:
         except (OSError, ValueError) as exc:
             if isinstance(exc, FileNotFoundError) and not self._dir(avatar_id).exists():
                 raise ProtocolError(errors.NOT_FOUND, f"no avatar {avatar_id!r}") from None
-            raise ProtocolError(
-                errors.INTERNAL, f"avatar {avatar_id} is damaged and cannot be loaded: {exc}"
-            ) from None
+            message = f"avatar {avatar_id} is damaged and cannot be loaded: {exc}"
+            if stamps is not None:
+                self._unloadable[avatar_id] = (stamps, str(meta.get("name", "")), message)
+            raise ProtocolError(errors.INTERNAL, message) from None
 
     def list(self) -> list[dict[str, Any]]:
         """Summaries of every valid avatar, oldest first; damaged ones are logged."""
@@ -171,6 +179,11 @@ class Store:
                     entry = summary(self.meta(avatar_id))
                 if not (d / "avatar.npz").is_file():
                     raise ProtocolError(errors.INTERNAL, f"avatar {avatar_id} has no avatar.npz")
+                unloadable = self._unloadable.get(avatar_id)
+                if unloadable is not None:
+                    if unloadable[0] == _stamps(d):
+                        raise ProtocolError(errors.INTERNAL, unloadable[2])
+                    self._unloadable.pop(avatar_id, None)  # changed since: try it again
             except OSError as exc:  # deleted meanwhile, or its meta unreadable
                 if d.is_dir():
                     log.warning("avatar %s: %s", avatar_id, exc)
@@ -190,6 +203,8 @@ class Store:
         if ID_RE.match(ref) and (self.root / ref).is_dir():
             return ref
         matches = [m["id"] for m in self.list() if m["name"] == ref]
+        if not matches:  # one found damaged when loaded: its load says so, not not_found
+            matches = [i for i, (_, name, _) in list(self._unloadable.items()) if name == ref]
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
@@ -212,6 +227,7 @@ class Store:
         except OSError as exc:
             raise storage_error(exc, f"cannot delete avatar {avatar_id} from", self.root) from exc
         fsync_dir(self.root)
+        self._unloadable.pop(avatar_id, None)
         shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -249,6 +265,16 @@ def read_npz(data: bytes, name: str) -> dict[str, np.ndarray]:
             return {k: z[k] for k in z.files}
     except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise ValueError(f"{name} is truncated or not an .npz archive ({exc})") from None
+
+
+def _stamps(folder: Path) -> tuple[tuple[int, int, int], ...] | None:
+    """(inode, size, mtime) of an avatar's meta.json and avatar.npz, or None where one
+    cannot be read: a file replaced (a new inode) or rewritten has a new stamp."""
+    try:
+        found = [os.stat(folder / f) for f in ("meta.json", "avatar.npz")]
+    except OSError:
+        return None
+    return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in found)
 
 
 def _summary_types(meta: dict[str, Any]) -> bool:

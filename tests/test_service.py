@@ -330,6 +330,44 @@ def test_a_store_gone_while_serving_is_a_storage_error(tmp_path):
         svc.stop()
 
 
+def test_a_damaged_avatar_is_answered_as_damaged_and_the_service_keeps_serving(tmp_path):
+    """An avatar.npz edited by hand (triangle ids as floats) and checksummed again: ``get``
+    served it, ``render`` and ``export`` failed as a bug (``internal`` with a traceback).
+    Each answers the damaged-avatar error now, naming what is wrong; ``list`` names it
+    among the damaged; the service serves the other avatar on."""
+    from .test_store_ply_posing import rewrite_npz, tiny_avatar
+
+    store = Store(tmp_path / "store")
+    store.save(tiny_avatar("aaaaaaaaaaaa"))
+    bad = tiny_avatar("bbbbbbbbbbbb")
+    store.save(bad)
+    arrays = bad.to_arrays()
+    rewrite_npz(store.root / bad.id, {**arrays, "g_triangle": arrays["g_triangle"] + 0.0})
+    said = (
+        f"avatar {bad.id} is damaged and cannot be loaded: invalid avatar {bad.id}: "
+        "g_triangle must hold integers, not float64"
+    )
+    svc = ServiceProcess(store.root)
+    try:
+        with svc.client(timeout=30) as c:
+            for op, call in (("get", lambda: c.get(bad.id)),
+                             ("render", lambda: c.render(bad.id, np.float32([8, 8, 4, 4]),
+                                                         np.eye(4), 8, 8)),
+                             ("export", lambda: c.export(bad.id)),
+                             ("bundle", lambda: c.export(bad.id, format="bundle"))):  # fmt: skip
+                with pytest.raises(ProtocolError) as e:
+                    call()
+                assert e.value.code == errors.INTERNAL, (op, e.value)
+                assert e.value.message == said and e.value.remote_traceback is None, op
+            listed = c.request("list").header
+            assert [a["id"] for a in listed["avatars"]] == ["aaaaaaaaaaaa"]
+            assert listed["damaged"] == [{"id": bad.id, "message": said}]
+            assert c.get("aaaaaaaaaaaa").header["avatar"]["id"] == "aaaaaaaaaaaa"
+            assert_serving(c)
+    finally:
+        svc.stop()
+
+
 def test_export_takes_a_whole_long_take_with_its_head_motion(client, astronaut_id):
     """A 2000-frame take: its curves and its head transforms alike (heads stopped at 1024)."""
     n = 2000

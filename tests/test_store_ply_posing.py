@@ -129,15 +129,18 @@ def test_damaged_avatars_are_skipped_and_refused(tmp_path):
         (tmp_path / damaged / "meta.json").write_text(text)
         with pytest.raises(ProtocolError, match="damaged meta.json"):
             store.meta(damaged)
-    assert [m["id"] for m in store.list()] == ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]
-    # named as damaged, which the listing left out in silence (only the log said so)
+    assert [m["id"] for m in store.list()] == ["aaaaaaaaaaaa"]
+    # named as damaged, which the listing left out in silence (only the log said so); the
+    # one whose load failed too, from then on (listings read no avatar.npz)
     listed, damaged = store.listing()
-    assert [m["id"] for m in listed] == ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]
+    assert [m["id"] for m in listed] == ["aaaaaaaaaaaa"]
     said = {d["id"]: d["message"] for d in damaged}
-    assert set(said) == {"cccccccccccc", "dddddddddddd", "eeeeeeeeeeee", "ffffffffffff",
-                         "999999999999", "777777777777", "777777777778", "777777777779",
-                         "77777777777a"}  # fmt: skip
+    assert set(said) == {"bbbbbbbbbbbb", "cccccccccccc", "dddddddddddd", "eeeeeeeeeeee",
+                         "ffffffffffff", "999999999999", "777777777777", "777777777778",
+                         "777777777779", "77777777777a"}  # fmt: skip
     assert "has no avatar.npz" in said["999999999999"] and "meta.json" in said["cccccccccccc"]
+    assert said["bbbbbbbbbbbb"].endswith("is damaged and cannot be loaded: checksum mismatch")
+    store.save(tiny_avatar("aaaaaaaaaaab"))
     with pytest.raises(ProtocolError, match="2 avatars are named 'tiny'"):  # past the damaged
         store.resolve("tiny")
     with pytest.raises(ProtocolError, match="no avatar with id or name 'nobody'"):
@@ -295,6 +298,35 @@ def test_arrays_edited_by_hand_are_refused_as_damaged_when_loaded(tmp_path, edit
     assert e.value.message.startswith(f"avatar {bad.id} is damaged and cannot be loaded: ")
     assert said in e.value.message
     assert store.load(good.id).id == good.id
+
+
+def test_an_avatar_found_damaged_when_loaded_is_listed_as_damaged(tmp_path):
+    """Listings read no avatar.npz (a listing resolves every name): one edited by hand
+    stayed listed as valid however often its loads failed. From its first failed load it
+    is named among the damaged, its name still finds it (to be refused saying why, not
+    ``not_found``), and once its files change it is offered again."""
+    store = Store(tmp_path)
+    bad = dataclasses.replace(tiny_avatar("bbbbbbbbbbbb"), name="edited")
+    store.save(tiny_avatar("aaaaaaaaaaaa"))
+    store.save(bad)
+    arrays = bad.to_arrays()
+    rewrite_npz(tmp_path / bad.id, {**arrays, "g_triangle": arrays["g_triangle"] + 0.0})
+    with pytest.raises(ProtocolError, match="g_triangle must hold integers"):
+        store.load(store.resolve("edited"))
+    listed, damaged = store.listing()
+    assert [m["id"] for m in listed] == ["aaaaaaaaaaaa"]
+    assert [d["id"] for d in damaged] == [bad.id]
+    assert damaged[0]["message"] == (
+        f"avatar {bad.id} is damaged and cannot be loaded: invalid avatar {bad.id}: "
+        "g_triangle must hold integers, not float64"
+    )
+    assert store.resolve("edited") == bad.id
+    with pytest.raises(ProtocolError) as e:
+        store.load(store.resolve("edited"))
+    assert e.value.code == errors.INTERNAL and "is damaged" in e.value.message
+    rewrite_npz(tmp_path / bad.id, arrays)  # put right
+    assert [m["id"] for m in store.list()] == ["aaaaaaaaaaaa", bad.id]
+    assert store.load(store.resolve("edited")).name == "edited"
 
 
 def test_unfinished_saves_are_removed_on_start(tmp_path):
