@@ -151,7 +151,8 @@ class Store:
             if isinstance(exc, FileNotFoundError) and not self._dir(avatar_id).exists():
                 raise ProtocolError(errors.NOT_FOUND, f"no avatar {avatar_id!r}") from None
             message = f"avatar {avatar_id} is damaged and cannot be loaded: {exc}"
-            if stamps is not None:
+            # what the files hold, not a read that failed (a mount dropped for a moment)
+            if stamps is not None and isinstance(exc, ValueError):
                 self._unloadable[avatar_id] = (stamps, str(meta.get("name", "")), message)
             raise ProtocolError(errors.INTERNAL, message) from None
 

@@ -329,6 +329,31 @@ def test_an_avatar_found_damaged_when_loaded_is_listed_as_damaged(tmp_path):
     assert store.load(store.resolve("edited")).name == "edited"
 
 
+def test_an_avatar_whose_read_failed_is_not_remembered_as_damaged(tmp_path, monkeypatch):
+    """A read that fails (an I/O error, a mount dropped for a moment) says nothing of what
+    the files hold: the avatar stays listed, and loads once reads work again."""
+    import errno
+
+    import inference_service.store as store_module
+
+    store = Store(tmp_path)
+    store.save(tiny_avatar("aaaaaaaaaaaa"))
+    read = store_module.read_regular
+
+    def failing(path, limit):
+        if path.name == "avatar.npz":
+            raise OSError(errno.EIO, "Input/output error")
+        return read(path, limit)
+
+    monkeypatch.setattr(store_module, "read_regular", failing)
+    with pytest.raises(ProtocolError, match="Input/output error"):
+        store.load("aaaaaaaaaaaa")
+    monkeypatch.undo()
+    listed, damaged = store.listing()
+    assert ([m["id"] for m in listed], damaged) == (["aaaaaaaaaaaa"], [])
+    assert store.load("aaaaaaaaaaaa").id == "aaaaaaaaaaaa"
+
+
 def test_unfinished_saves_are_removed_on_start(tmp_path):
     import os
     import time
