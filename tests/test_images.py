@@ -50,6 +50,26 @@ def test_grayscale_and_16bit_become_grey_rgb():
     assert np.abs(out16[..., 0].astype(int) - g).max() <= 1
 
 
+def test_a_large_16bit_grey_photo_decodes_without_float_copies_of_it_whole():
+    """An 8944 px square 16-bit grey PNG (172 KiB) peaked at 2.45 GB: it was scaled to 8
+    bits in float64 copies of the whole photo. Scaled in strips, the peak is about the
+    16-bit pixels and the RGB result, and the values are those of the whole-photo sum."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    g16 = rng.integers(0, 65536, (1500, 1400), dtype=np.uint16)
+    data = save(Image.fromarray(g16), "PNG")
+    tracemalloc.start()
+    try:
+        out = decode_image(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    expected = np.clip(g16.astype(np.float64) / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(out, np.repeat(expected[..., None], 3, axis=2))
+    assert peak < g16.nbytes + out.nbytes + 2 * g16.size + (8 << 20), peak / 2**20
+
+
 @pytest.mark.parametrize("maxval", [1000, 65535])
 def test_dark_16bit_pgm_stays_dark(maxval):
     # Pillow opens a 16-bit PGM in mode I; values all under 256 are still 16-bit, not 8
