@@ -294,10 +294,11 @@ def parse_timecode(text: str) -> tuple[int, int, int, float]:
     m = _TIMECODE.match(str(text))
     if not m:
         raise ValueError(f"timecode {text!r} is not HH:MM:SS:FF.mmm")
-    hours, minutes, seconds, frame = (int(g) for g in m.groups()[:4])
+    hours, mins, secs, frame, sub = m.groups()  # unpacked, not looped: it runs once a row
+    minutes, seconds = int(mins), int(secs)
     if minutes >= 60 or seconds >= 60:
         raise ValueError(f"timecode {text!r} has minutes or seconds over 59")
-    return hours, minutes, seconds, frame + (float("0" + m.group(5)) if m.group(5) else 0.0)
+    return int(hours), minutes, seconds, int(frame) + (float("0" + sub) if sub else 0.0)
 
 
 def timecode_seconds(text: str, fps: float) -> float:
