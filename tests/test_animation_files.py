@@ -14,6 +14,7 @@ from protocol import (
     ARKIT_NAMES,
     LLF_COLUMNS,
     Animation,
+    animation,
     format_timecode,
     head_rotation,
     load_animation,
@@ -619,3 +620,83 @@ def test_blank_lines_and_trailing_empty_rows_are_not_frames(tmp_path):
     f.write_text("jawOpen,eyeBlinkLeft\n0.1,0.2\n   \n0.3,0.4\n,\n")
     curves = load_animation(f).curves
     assert curves.shape == (2, 52) and curves[1, index_of("jawOpen")] == pytest.approx(0.3)
+
+
+# -- the one-pass reader ------------------------------------------------------------------
+
+
+def _one_pass(path: Path) -> tuple[animation._Table | None, list[str], str]:
+    """The table the one-pass reader makes of a file (None where it declines), and the
+    file's lines and delimiter."""
+    lines, plain = animation._read_lines(path)
+    delimiter = animation._delimiter(lines)
+    return (animation._plain_table(lines, delimiter) if plain else None), lines, delimiter
+
+
+def _variant(text: str, variant: str) -> str:
+    lines = text.splitlines()
+    if variant == "crlf":
+        return "\r\n".join(lines) + "\r\n"
+    if variant == "bom":
+        return "\ufeff" + text
+    if variant == "semicolons":
+        return text.replace(",", ";")
+    if variant == "trailing commas":
+        return "\n".join(line + "," for line in lines) + "\n"
+    if variant == "spaced cells":
+        return text.replace(",", " ,\t")
+    if variant == "blank lines around":
+        return "\n \n,,\n" + text + "\n,,\n\n"
+    if variant == "untracked rows":  # count 0, the values left in (the first row's too)
+        for i in (1, 5, 6):
+            lines[i] = lines[i].replace(",61,", ",0,")
+        return "\n".join(lines) + "\n"
+    if variant == "frame column":
+        return "\n".join(
+            ["Frame," + lines[0]] + [f"{100 + i},{s}" for i, s in enumerate(lines[1:])]
+        )
+    return text
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["as written", "crlf", "bom", "semicolons", "trailing commas", "spaced cells",
+     "blank lines around", "untracked rows", "frame column"],
+)  # fmt: skip
+def test_the_one_pass_reader_reads_as_the_row_by_row_reader(tmp_path, variant):
+    # Large takes are parsed by numpy in one pass; where it takes a file, its table must
+    # be the row-by-row reader's to the bit (an untracked row's values are never read).
+    f = tmp_path / "take.csv"
+    save_livelink_csv(f, random_animation(40, None, seed=3), fps=30)
+    f.write_bytes(_variant(f.read_text(), variant).encode())
+    fast, lines, delimiter = _one_pass(f)
+    assert fast is not None, "the one-pass reader declined the file"
+    slow = animation._row_table(animation._read_rows(lines, delimiter))
+    assert fast.columns == slow.columns and list(fast.lines) == list(slow.lines)
+    assert fast.timecodes == slow.timecodes and fast.parsed == slow.parsed
+    np.testing.assert_array_equal(fast.untracked, slow.untracked)
+    tracked = ~slow.untracked
+    assert fast.values[tracked].tobytes() == slow.values[tracked].tobytes()
+    assert load_animation(f).curves.tobytes() == animation._animation(slow).curves.tobytes()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '"jawOpen",mouthLeft\n0.1,0.2\n',  # quotes: csv.reader's cells are not the split line
+        "jawOpen,time\n0.5,\u00e9\n",  # not ASCII
+        "jawOpen\n0_5\n",  # float() reads it as 5
+        "jawOpen,mouthLeft\n0.1,0.2\n\n0.3,0.4\n",  # a blank line between frames
+        "jawOpen,mouthLeft\n0.1,0.2\n0.3,0.4,0.5\n",  # a row too long
+        "jawOpen\nnan\n",
+        "frame,jawOpen\n0,0.1\n2,0.2\n",
+        "Timecode,BlendShapeCount,jawOpen\n00:00:00:00,0\n00:00:00:01,61,0.5\n",  # cut short
+        "Timecode,BlendShapeCount,jawOpen\n00:00:00:00,0,\n00:00:00:01,61,0.5\n",  # left empty
+        "Timecode,BlendShapeCount,jawOpen\n00:00:00:00,-1,0.5\n",
+        "Timecode,jawOpen\n00:00:61:00,0.5\n",
+    ],
+)
+def test_the_one_pass_reader_leaves_odd_files_to_the_row_by_row_reader(tmp_path, text):
+    f = tmp_path / "odd.csv"
+    f.write_bytes(text.encode())
+    assert _one_pass(f)[0] is None
