@@ -683,11 +683,13 @@ def test_the_one_pass_reader_reads_as_the_row_by_row_reader(tmp_path, variant):
 @pytest.mark.parametrize(
     "text",
     [
-        '"jawOpen",mouthLeft\n0.1,0.2\n',  # quotes: csv.reader's cells are not the split line
+        # quotes: csv.reader's cells are not the line split at the delimiter (2 cells, not 3)
+        'jawOpen,time,timestamp\n0.5,"a,b"\n',
         "jawOpen,time\n0.5,\u00e9\n",  # not ASCII
         "jawOpen\n0_5\n",  # float() reads it as 5
-        "jawOpen,mouthLeft\n0.1,0.2\n\n0.3,0.4\n",  # a blank line between frames
+        "jawOpen\n0.1\n\n0.2\n",  # a blank line between frames: numpy skips it
         "jawOpen,mouthLeft\n0.1,0.2\n0.3,0.4,0.5\n",  # a row too long
+        "jawOpen,time\n0.1,0\n0.2\n",  # too short, though numpy finds every number
         "jawOpen\nnan\n",
         "frame,jawOpen\n0,0.1\n2,0.2\n",
         "Timecode,BlendShapeCount,jawOpen\n00:00:00:00,0\n00:00:00:01,61,0.5\n",  # cut short
