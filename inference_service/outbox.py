@@ -9,7 +9,7 @@ counts once) and the :class:`Outbox` the rest, in order, until the client reads.
 client's waiting replies reach :data:`BACKLOG_BYTES`, each further reply to it is
 replaced by a small ``busy`` error with the same id, so the client learns what became
 of it when it reads again, and the service's memory stays bounded by a few replies a
-client.
+client. Past :data:`MAX_HELD` held replies a client's further ones are dropped.
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ SEND_HWM = 1
 #: replies the outbox holds for one client before it answers ``busy`` instead; one reply
 #: is always held whatever its size (a render may be up to 1 GiB)
 BACKLOG_BYTES = 256 << 20
+#: replies held for one client at most, ``busy`` ones included: past this they are
+#: dropped unsent, as ZeroMQ's own queue (a thousand) dropped them before (a client
+#: that sent 100,000 requests and read none grew the held list without end)
+MAX_HELD = 1000
+#: what a held reply costs beyond its frames (the list, the tuple, the frame objects)
+ENTRY_BYTES = 512
 
 
 def _nbytes(frames: list[Any]) -> int:
@@ -79,6 +85,9 @@ class Outbox:
         self._limit = limit
         self._held: dict[bytes, deque[tuple[list[Any], int]]] = {}
         self._bytes: dict[bytes, int] = {}
+        #: per client over its budget since its held replies last drained: replies
+        #: answered busy, and dropped past MAX_HELD (logged once, when it drains)
+        self._over: dict[bytes, list[int]] = {}
 
     def pending(self) -> bool:
         return bool(self._held)
@@ -91,16 +100,22 @@ class Outbox:
         queue = self._held.get(peer)
         if queue is None and self._try(frames):
             return
-        size, held = _nbytes(frames), self._bytes.get(peer, 0)
+        size, held = _nbytes(frames) + ENTRY_BYTES, self._bytes.get(peer, 0)
         if queue and held + size > self._limit:
-            log.warning(
-                "a client has not read %.0f MiB of replies; a %.0f MiB reply to it is "
-                "answered busy instead",
-                held / 2**20,
-                size / 2**20,
-            )
+            over = self._over.get(peer)
+            if over is None:
+                over = self._over[peer] = [0, 0]
+                log.warning(
+                    "a client has not read %.0f MiB of replies; its replies are answered "
+                    "busy until it reads",
+                    held / 2**20,
+                )
+            if len(queue) >= MAX_HELD:
+                over[1] += 1
+                return
+            over[0] += 1
             frames = unread_error(frames, held)
-            size = _nbytes(frames)
+            size = _nbytes(frames) + ENTRY_BYTES
         if queue is None:
             queue = self._held[peer] = deque()
         queue.append((frames, size))
@@ -113,15 +128,31 @@ class Outbox:
                 self._bytes[peer] -= queue.popleft()[1]
             if not queue:
                 del self._held[peer], self._bytes[peer]
+                busy, dropped = self._over.pop(peer, (0, 0))
+                if busy or dropped:
+                    log.warning(
+                        "a client that did not read its replies was answered busy %d "
+                        "times, and %d replies to it were dropped",
+                        busy,
+                        dropped,
+                    )
 
     def _try(self, frames: list[Any]) -> bool:
         """Whether ``frames`` left: sent, or dropped because the client is gone (as a
         ROUTER drops them without ``ROUTER_MANDATORY``); False if its queue is full."""
-        try:
-            self._router.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            return False
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
-        return True
+        for attempt in range(2):
+            try:
+                self._router.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                return True
+            except zmq.Again:
+                if attempt:
+                    return False
+                # a send reads the socket's commands only now and then, so a client that
+                # has read its last reply may still look full (a reply in two waited a
+                # tick, 10 ms): reading the socket's events reads them now
+                self._router.getsockopt(zmq.EVENTS)
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    raise
+                return True
+        return False

@@ -401,7 +401,10 @@ class Service:
                 push.close(0)
             router.disable_monitor()
             closed.close(0)
-            router.close(SHUTDOWN_LINGER_MS)  # let the last replies leave
+            # let the last replies leave, in what is left of the linger (a frozen client's
+            # full queue would take all of it again)
+            left = max(SHUTDOWN_QUIET_MS / 1000, deadline - time.monotonic())
+            router.close(int(left * 1000))
             replies.close(0)
             if auth is not None:
                 auth.stop()

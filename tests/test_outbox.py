@@ -140,3 +140,42 @@ def test_replies_to_a_client_gone_are_dropped(pair):
         router.poll(0)
         outbox.flush()
         time.sleep(0.01)
+
+
+def test_a_client_that_read_its_last_reply_gets_the_next_at_once(pair):
+    """A client that has read its last reply has room for the next, but a send reads the
+    socket's news of that only now and then: one reply in ten waited for the loop's next
+    tick. A request-reply client must never wait on the loop."""
+    router, dealer, route = pair
+    outbox = Outbox(router)
+    for i in range(300):
+        outbox.send(reply(route, i, 64))
+        assert dealer.poll(2000), f"reply {i} was held for a client with room for it"
+        assert decode(dealer.recv_multipart(), REPLY_LIMITS).header["id"] == f"r{i}"
+    assert not outbox.pending()
+
+
+def test_a_client_that_never_reads_is_held_a_bounded_count_of_replies(pair, monkeypatch, caplog):
+    """Past the budget every reply was held as a busy one, so a client that sent 100,000
+    small requests and read none grew the held list without end, logging each."""
+    import inference_service.outbox as outbox_module
+
+    monkeypatch.setattr(outbox_module, "MAX_HELD", 40)
+    router, dealer, route = pair
+    outbox = Outbox(router, limit=4 * MIB)
+    most = offer(outbox, route, count=400, size=MIB)
+    assert most <= 4 * MIB + MIB + 40 * 4096
+    got = []
+    while True:  # until nothing more comes
+        outbox.flush()
+        if not dealer.poll(500):
+            break
+        got.append(decode(dealer.recv_multipart(), REPLY_LIMITS))
+    # the held ones, and the few that were on their way before the client's queue filled
+    assert 40 <= len(got) <= 40 + 4
+    kept = sum(m.header["ok"] for m in got)
+    assert 0 < kept < len(got) and all(not m.header["ok"] for m in got[kept:])
+    assert not outbox.pending()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2, warnings  # once over, once drained
+    assert "dropped" in warnings[1]
