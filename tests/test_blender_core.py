@@ -503,6 +503,26 @@ def test_unreachable_service_times_out_with_a_clear_error():
     assert info.value.code == "timeout" and time.monotonic() - t0 < 3
 
 
+def test_a_build_cancelled_after_it_failed_ends_cancelled(client, astronaut_png):
+    """A build of a face the photo lacks, cancelled at once, failed (bad_request) where the
+    failure reached the service before the cancel did: the user asked it to stop, and was
+    shown an error."""
+    cancel = threading.Event()
+
+    def on_status(st: dict) -> None:
+        if not cancel.is_set():  # the failure comes first, then the cancel
+            while client.status(st["job"])["state"] != "failed":
+                time.sleep(0.05)
+            cancel.set()
+
+    with pytest.raises(ProtocolError) as info:
+        run_build(client, astronaut_png, preset="fast", face=5, on_status=on_status, cancel=cancel)
+    assert info.value.code == "cancelled"
+    with pytest.raises(ProtocolError) as info:  # not cancelled: the failure, as it is
+        run_build(client, astronaut_png, preset="fast", face=5)
+    assert info.value.code == "bad_request" and "face 5" in info.value.message
+
+
 @pytest.mark.slow
 def test_run_build_reports_progress_and_cancels(client, astronaut_png):
     statuses: list[dict] = []

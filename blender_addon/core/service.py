@@ -170,7 +170,10 @@ def run_build(
     a service that stops answering fails the status poll anyway). ``enhance``: diffusion weight
     folders as the protocol's build option (None: the service's choice). Returns the final
     status when done; raises :class:`ProtocolError` (``cancelled``, ``no_face``,
-    ``timeout``, ``bad_request`` for an unusable ``enhance`` folder...).
+    ``timeout``, ``bad_request`` for an unusable ``enhance`` folder...). A build cancelled
+    here that failed before the cancel reached the service raises ``cancelled`` too: the
+    user asked it to stop (a build of a face the photo lacks, cancelled at once, was
+    reported failed when the failure came first).
     """
     job = client.build(image, name=name, preset=preset, face=face, enhance=enhance)
     since = 0
@@ -187,6 +190,8 @@ def run_build(
         if st["state"] == "done":
             return st
         if st["state"] in ("failed", "cancelled"):
+            if asked_cancel:  # it failed before the cancel reached it: asked for, no error
+                raise ProtocolError(errors.CANCELLED, "the build was cancelled")
             raise ProtocolError.from_dict(st.get("error"))
         if deadline is not None and time.monotonic() > deadline:
             client.cancel(job)
