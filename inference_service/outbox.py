@@ -43,15 +43,15 @@ def _nbytes(frames: list[Any]) -> int:
     return sum(memoryview(f).nbytes for f in frames)
 
 
-def _envelope(frames: list[Any]) -> int:
-    """How many leading frames route a reply: the client's identity, and the empty frame
-    a REQ socket puts behind it (a reply's header is never empty)."""
+def route_length(frames: list[Any]) -> int:
+    """How many leading frames of a request or reply route it: the client's identity, and
+    the empty frame a REQ socket puts behind it (a header is never empty)."""
     return 2 if len(frames) > 2 and not memoryview(frames[1]).nbytes else 1
 
 
 def unread_error(frames: list[Any], held: int) -> list[Any]:
     """The ``busy`` reply that stands in for ``frames``: same route, op and id."""
-    route = frames[: _envelope(frames)]
+    route = frames[: route_length(frames)]
     try:
         header = msgpack.unpackb(memoryview(frames[len(route)]), raw=False)
     except Exception:  # every reply's header is ours; keep serving whatever it holds

@@ -60,7 +60,7 @@ from .build.diffusion import EnhanceModels, ModelFolderError, check_ready, has_d
 from .export.bundle import bundle_zip
 from .export.ply import frame_file_name, ply_bytes, write_ply
 from .jobs import JobManager
-from .outbox import SEND_HWM, Outbox
+from .outbox import SEND_HWM, Outbox, route_length
 from .posing import pose, split_transform
 from .render import frame_count, render_frames
 from .store import STALE_SECONDS, Store, storage_error, summary
@@ -444,9 +444,8 @@ class Service:
     # -- dispatch -------------------------------------------------------------------
 
     def _dispatch(self, frames: list[Any]) -> list[Any] | None:
-        # a DEALER's frames follow its identity; a REQ socket puts an empty frame between,
-        # and takes its reply only behind one
-        envelope = 2 if len(frames) > 2 and not memoryview(frames[1]).nbytes else 1
+        # a REQ socket takes its reply only behind the empty frame it put in its request
+        envelope = route_length(frames)
         route, body = frames[:envelope], frames[envelope:]
         op, req_id = None, None
         try:
