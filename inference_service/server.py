@@ -392,6 +392,7 @@ class Service:
             self._pool.shutdown(wait=True)
             while replies.poll(SHUTDOWN_QUIET_MS):
                 outbox.send(replies.recv_multipart(copy=False))
+            self._refuse_unread(router, outbox)
             # replies still held wait for their clients until the linger is over
             deadline = time.monotonic() + SHUTDOWN_LINGER_MS / 1000
             while outbox.pending() and time.monotonic() < deadline:
@@ -409,6 +410,19 @@ class Service:
             if auth is not None:
                 auth.stop()
             self._ctx.term()
+
+    def _refuse_unread(self, router: zmq.Socket, outbox: Outbox) -> None:
+        """Answer ``cancelled`` to the requests that came in after the loop's last read:
+        they were left unanswered, and their clients waited out their timeouts."""
+        stopping = ProtocolError(errors.CANCELLED, "the service is shutting down")
+        while True:
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            envelope = route_length(frames)
+            op, req_id = request_op_and_id(frames[envelope:])
+            outbox.send([*frames[:envelope], *self._error(op, req_id, stopping)])
 
     def _connections_closed(self, monitor: zmq.Socket) -> None:
         """Stop the pool work of every connection the monitor reports closed."""
