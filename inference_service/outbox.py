@@ -23,6 +23,7 @@ import zmq
 
 from protocol import errors
 from protocol.codec import PROTOCOL_VERSION, encode
+from protocol.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,22 @@ def unread_error(frames: list[Any], held: int) -> list[Any]:
         f"service dropped this {op or 'reply'} instead of holding more (read replies as "
         "they come, or ask for less at a time)"
     )
-    body = {"protocol": PROTOCOL_VERSION, "op": op, "id": req_id, "ok": False}
-    body["error"] = {"code": errors.BUSY, "message": message, "details": {"unread_bytes": held}}
-    return [*route, *encode(body)]
+    busy = ProtocolError(errors.BUSY, message, {"unread_bytes": held})
+    return [*route, *error_reply(op, req_id, busy)]
+
+
+def error_reply(op: Any, req_id: Any, exc: ProtocolError) -> list[Any]:
+    """The frames of an error reply to ``op`` (None where it is not a string) and
+    ``req_id``: the service's, and the outbox's in place of a reply it drops."""
+    return encode(
+        {
+            "protocol": PROTOCOL_VERSION,
+            "op": op if isinstance(op, str) else None,
+            "id": req_id,
+            "ok": False,
+            "error": exc.to_dict(),
+        }
+    )
 
 
 class Outbox:

@@ -60,7 +60,7 @@ from .build.diffusion import EnhanceModels, ModelFolderError, check_ready, has_d
 from .export.bundle import bundle_zip
 from .export.ply import frame_file_name, ply_bytes, write_ply
 from .jobs import JobManager
-from .outbox import SEND_HWM, Outbox, route_length
+from .outbox import SEND_HWM, Outbox, error_reply, route_length
 from .posing import pose, split_transform
 from .render import frame_count, render_frames
 from .store import STALE_SECONDS, Store, storage_error, summary
@@ -545,15 +545,7 @@ class Service:
 
     @staticmethod
     def _error(op, req_id, exc: ProtocolError) -> list[Any]:
-        return encode(
-            {
-                "protocol": PROTOCOL_VERSION,
-                "op": op if isinstance(op, str) else None,
-                "id": req_id,
-                "ok": False,
-                "error": exc.to_dict(),
-            }
-        )
+        return error_reply(op, req_id, exc)
 
     def _submit(self, route, op, req_id, fields, arrays, connection: int | None) -> None:
         gone = threading.Event()
