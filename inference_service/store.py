@@ -171,8 +171,7 @@ class Store:
         for avatar_id in ids:
             d = self.root / avatar_id
             try:
-                st = os.stat(d / "meta.json")
-                stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+                stamp = _stamp(d / "meta.json")
                 cached = self._summaries.get(avatar_id)
                 if cached is not None and cached[0] == stamp:
                     entry = cached[1]
@@ -269,13 +268,19 @@ def read_npz(data: bytes, name: str) -> dict[str, np.ndarray]:
 
 
 def _stamps(folder: Path) -> tuple[tuple[int, int, int], ...] | None:
-    """(inode, size, mtime) of an avatar's meta.json and avatar.npz, or None where one
-    cannot be read: a file replaced (a new inode) or rewritten has a new stamp."""
+    """:func:`_stamp` of an avatar's meta.json and avatar.npz, or None where one cannot
+    be read."""
     try:
-        found = [os.stat(folder / f) for f in ("meta.json", "avatar.npz")]
+        return tuple(_stamp(folder / f) for f in ("meta.json", "avatar.npz"))
     except OSError:
         return None
-    return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in found)
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    """A file's (inode, size, mtime): a file replaced (a new inode) or rewritten has a new
+    one."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _summary_types(meta: dict[str, Any]) -> bool:
